@@ -1,0 +1,218 @@
+"""Every setting of a run, with its default and a one-line doc, in typed dataclasses.
+
+YAML files in configs/ hold values only; `key.sub=value` arguments override them. `load_config` merges the
+three through OmegaConf's structured configs, so an unknown key or a wrong type fails at load time with the
+key named, and returns plain dataclasses: code never sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class ShapesWorldConfig:
+    """The procedurally generated demo world (illume.data.shapes)."""
+
+    seed: int = 0
+    """Seed of the generator; the same seed gives the same images, questions and splits."""
+    image_size: int = 96
+    """Side of the square images in pixels."""
+    num_train_scenes: int = 400
+    """Scenes whose questions form the ILLUME train split."""
+    num_val_scenes: int = 100
+    """Scenes whose questions form the val split."""
+    num_test_scenes: int = 100
+    """Scenes whose questions form the test split."""
+    num_pretrain_scenes: int = 3000
+    """Scenes used only for pre-training the demo model (captions and answers)."""
+    questions_per_scene: int = 1
+    """Questions asked about each train/val/test scene."""
+    max_objects: int = 3
+    """Most shapes in one scene (at least 1); at most 3, one per column."""
+
+
+@dataclass
+class DataConfig:
+    """Which examples the run uses."""
+
+    kind: Literal["shapes", "vqax", "vqax_nle", "jsonl"] = "shapes"
+    """Dataset: the built-in shapes world, VQA-X (ILLUME's column JSON or e-ViL/NLX-GPT JSON), or JSONL."""
+    shapes: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
+    """Settings of the shapes world (kind=shapes)."""
+    train_path: str | None = None
+    """Train annotations file (file-based kinds)."""
+    val_path: str | None = None
+    """Val annotations file (file-based kinds)."""
+    test_path: str | None = None
+    """Test annotations file (file-based kinds); optional."""
+    image_dir: str | None = None
+    """Folder the images are read from (COCO folder for VQA-X)."""
+    max_train_examples: int | None = None
+    """Use only the first N train examples (None: all)."""
+    max_val_examples: int | None = None
+    """Use only the first N val examples (None: all)."""
+
+
+@dataclass
+class VisionConfig:
+    """CLIP modified-ResNet image encoder. RN50x16: layers [6, 8, 18, 8], width 96, 384 px."""
+
+    layers: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    """Bottleneck blocks per stage."""
+    width: int = 16
+    """Stem width; the output has width * 32 features per token."""
+    image_size: int = 96
+    """Input side in pixels; the prefix has (image_size / 32)^2 tokens (96 px: a 3 x 3 grid)."""
+
+
+@dataclass
+class LMConfig:
+    """The causal LM inside MAGMA, built from a config (GPT-J class)."""
+
+    hidden_size: int = 128
+    """Model width (GPT-J-6B: 4096)."""
+    num_layers: int = 4
+    """Decoder blocks (GPT-J-6B: 28)."""
+    num_heads: int = 4
+    """Attention heads (GPT-J-6B: 16)."""
+    rotary_dim: int = 16
+    """Dimensions per head with rotary position embedding (GPT-J-6B: 64)."""
+    max_positions: int = 128
+    """Longest sequence, image prefix included."""
+
+
+@dataclass
+class AdapterConfig:
+    """MAGMA's bottleneck adapters; a downsample factor of 0 means no adapter at that place."""
+
+    attention_downsample: int = 4
+    """Factor d / bottleneck of the adapter after attention (ILLUME/MAGMA v2: 8)."""
+    mlp_downsample: int = 4
+    """Factor of the adapter after the MLP (MAGMA v1: 4, v2: 8)."""
+
+
+@dataclass
+class ModelConfig:
+    """The VLM: our MAGMA (a saved one, or the demo model pre-trained by our code)."""
+
+    kind: Literal["magma"] = "magma"
+    """Backend: our MAGMA implementation."""
+    path: str | None = None
+    """Directory of a saved model (save_pretrained + tokenizer); None: the cached demo base model."""
+    cache_dir: str = ".cache/illume"
+    """Where the pre-trained demo base model is cached (keyed by a hash of its settings)."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Image encoder sizes (demo model)."""
+    lm: LMConfig = field(default_factory=LMConfig)
+    """Language model sizes (demo model)."""
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    """Adapter places and sizes (demo model)."""
+    prefix_dropout: float = 0.1
+    """Dropout on the projected image prefix."""
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-training of the demo base model on shapes-world captions and answers (never rationales)."""
+
+    num_steps: int = 1200
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Rows per step."""
+    learning_rate: float = 2e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    caption_fraction: float = 0.5
+    """Share of rows that are captions; the rest are question/answer rows and generic text."""
+    generic_fraction: float = 0.1
+    """Share of rows that are generic text-only `X, seeing that Y` sentences, never about an image."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+
+
+@dataclass
+class SampleConfig:
+    """Sampling the answer and K candidate rationales per example."""
+
+    temperatures: list[float] = field(default_factory=lambda: [0.3, 0.8])
+    """Temperatures; `samples_per_temperature` rationales are drawn at each (the paper: 5 x [0.3, 0.8])."""
+    samples_per_temperature: int = 5
+    """Draws per temperature; K = len(temperatures) * samples_per_temperature."""
+    max_new_tokens: int = 24
+    """Longest rationale in tokens (the paper: 100 with GPT-J's tokenizer)."""
+    answer_max_new_tokens: int = 6
+    """Longest answer in tokens."""
+    batch_size: int = 32
+    """Examples per batch (each expands to K rows)."""
+    seed: int = 0
+    """Base seed; each example's stream is derived from it, the round and the example id."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: where it writes and every component's settings."""
+
+    name: str = "demo"
+    """Run name; the run directory is output_dir/name."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 0
+    """Global seed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Merge defaults, a YAML file and `key.sub=value` overrides into a `RunConfig`.
+
+    Raises:
+        ConfigError: naming the file and the key for an unknown key, a wrong type or a malformed override.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    where = str(path) if path is not None else "defaults"
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, type(schema)):
+                raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+            layers.append(loaded)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        if overrides:
+            where = f"{where} + overrides {list(overrides)}"
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"{where}: key '{key}': {reason}" if key else f"{where}: {reason}") from error
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (the first thing a run writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -1,0 +1,29 @@
+"""Loading a split of the configured dataset (the shapes world or an annotation file)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from illume.config import DataConfig
+from illume.data.records import Example
+
+SPLITS = ("train", "val", "test")
+
+
+def load_split(cfg: DataConfig, split: str) -> list[Example]:
+    """The examples of `split` ("train", "val" or "test"), truncated to the configured maximum."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if cfg.kind == "shapes":
+        from illume.data.shapes import ShapesWorld
+
+        examples = ShapesWorld(**asdict(cfg.shapes)).examples(split)
+    else:
+        from illume.data.loaders import load_examples_from_file
+
+        path = getattr(cfg, f"{split}_path")
+        if path is None:
+            raise ValueError(f"data.{split}_path is not set (data.kind={cfg.kind} reads its splits from files)")
+        examples = load_examples_from_file(path, cfg.kind, cfg.image_dir, split_name=split)
+    limit = {"train": cfg.max_train_examples, "val": cfg.max_val_examples}.get(split)
+    return examples[:limit] if limit is not None else examples

@@ -1,0 +1,88 @@
+"""The records every stage passes along: examples in, candidate rationales out.
+
+Plain dataclasses, so that the sampler, the critics, the feedback store and the exports agree on one shape
+without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+
+@dataclass
+class Example:
+    """One visual question with its answer(s) and reference explanations.
+
+    `image` is either a path (loaded lazily by `load_image`) or an in-memory PIL image (the shapes world).
+    """
+
+    id: str
+    """Stable identifier, unique within a dataset (used as the key in the feedback store)."""
+    image: Path | Image.Image
+    """Image file path, or the image itself."""
+    question: str
+    """The question, as asked."""
+    answers: list[str]
+    """Ground-truth answers; the first one is the canonical answer put into training prompts."""
+    explanations: list[str] = field(default_factory=list)
+    """Reference explanations (0..n) stating the visual evidence for the answer."""
+    question_type: str = ""
+    """Optional category (e.g. colour, count) for per-type reports."""
+    source: str = ""
+    """Where the example came from, e.g. `val.json:17`, for error messages."""
+
+    @property
+    def answer(self) -> str:
+        """The canonical answer (the first one)."""
+        return self.answers[0]
+
+
+def load_image(example: Example) -> Image.Image:
+    """Return the example's image as RGB, with an error naming the file and row when it cannot be read."""
+    if isinstance(example.image, Image.Image):
+        return example.image.convert("RGB")
+    path = Path(example.image)
+    where = f" (row {example.source})" if example.source else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}{where}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises several types for corrupt files
+        raise ValueError(f"cannot read image {path}{where}: {error}") from error
+
+
+@dataclass
+class Candidate:
+    """One sampled rationale for an example."""
+
+    text: str
+    """The rationale, without the prompt and without the end-of-sequence token."""
+    temperature: float
+    """Sampling temperature it was drawn at."""
+    seed: int
+    """Seed of the example's random stream; with `sample_idx` it reproduces this candidate."""
+    sample_idx: int
+    """Row of the example's K draws (0..K-1) this candidate came from."""
+    logprob: float
+    """Sum of the token log-probabilities (at temperature 1) of the rationale and its end token."""
+
+
+@dataclass
+class CandidateSet:
+    """What the sampler produced for one example: the answer in the prompt and its distinct rationales."""
+
+    example_id: str
+    answer: str
+    """The answer used in the prompt: the reference on train, the model's own near-greedy answer on val/test."""
+    predicted_answer: str
+    """The model's own near-greedy answer (equal to `answer` on val/test)."""
+    prompt: str
+    """The text prompt the rationales continue (without the image tokens)."""
+    seed: int
+    """Seed of this example's random stream."""
+    candidates: list[Candidate]
+    """Distinct rationales, in the order they were drawn; duplicates dropped."""

@@ -1,0 +1,61 @@
+"""How good are a model's answers and rationales: the numbers every round and the baseline report.
+
+- `explanation_scores`: one greedy rationale per example for the model's own answer, scored against the
+  references with BLEU-4, METEOR, ROUGE-L and CIDEr (pycocoevalcap), plus VQA answer accuracy.
+- `rationale_pass_rate`: the share of examples where at least one sampled candidate reaches a ROUGE-L
+  threshold against any reference, the simulated critic's acceptance rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from illume.config import SampleConfig
+from illume.data.records import CandidateSet, Example
+from illume.metrics.answer_accuracy import answer_accuracy
+from illume.metrics.caption_scores import caption_scores, rouge_l_per_item
+from illume.models.vlm import VLM
+from illume.sampling import sample
+
+
+def best_rouge_l(candidate_sets: Sequence[CandidateSet], examples: Sequence[Example]) -> list[list[float]]:
+    """For every candidate, its highest ROUGE-L against any single reference of its example."""
+    by_id = {e.id: e for e in examples}
+    predictions, references, owners = [], [], []
+    for set_idx, cs in enumerate(candidate_sets):
+        refs = by_id[cs.example_id].explanations
+        for cand_idx, cand in enumerate(cs.candidates):
+            for ref in refs:
+                predictions.append(cand.text)
+                references.append([ref])
+                owners.append((set_idx, cand_idx))
+    scores = [[0.0] * len(cs.candidates) for cs in candidate_sets]
+    for (set_idx, cand_idx), score in zip(owners, rouge_l_per_item(predictions, references) if predictions else []):
+        scores[set_idx][cand_idx] = max(scores[set_idx][cand_idx], score)
+    return scores
+
+
+def rationale_pass_rate(candidate_sets: Sequence[CandidateSet], examples: Sequence[Example],
+                        threshold: float = 0.7) -> float:
+    """Share of examples with at least one candidate whose ROUGE-L against a reference is >= threshold."""
+    if not candidate_sets:
+        return 0.0
+    scores = best_rouge_l(candidate_sets, examples)
+    return sum(any(s >= threshold for s in per_set) for per_set in scores) / len(candidate_sets)
+
+
+def explanation_scores(vlm: VLM, examples: Sequence[Example], sample_cfg: SampleConfig,
+                       progress: bool = True) -> dict[str, float]:
+    """Answer accuracy and explanation metrics of greedy rationales for the model's own answers.
+
+    Returns:
+        answer_accuracy, bleu_4, meteor (absent without Java), rouge_l, cider, all in [0, 1] except CIDEr.
+    """
+    greedy = replace(sample_cfg, temperatures=[0.0], samples_per_temperature=1)
+    sets = sample(vlm, examples, greedy, use_reference_answer=False, progress=progress)
+    predictions = [cs.candidates[0].text if cs.candidates else "" for cs in sets]
+    scores = caption_scores(predictions, [e.explanations for e in examples])
+    result = answer_accuracy([cs.predicted_answer for cs in sets], [e.answers for e in examples])
+    result.update({k: v for k, v in scores.items() if k in ("bleu_4", "meteor", "rouge_l", "cider") and v is not None})
+    return result

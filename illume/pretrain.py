@@ -1,0 +1,143 @@
+"""Pre-training the demo's base model on shapes-world captions and answers, and caching it.
+
+The demo needs what MAGMA brings to VQA-X: a VLM that describes images and answers questions but was never
+taught rationales in the `, seeing that` format. So the model sees captions (image -> plain clauses stating
+the facts), question/answer rows (`Q: ... A: answer`, loss on the answer) and a few generic text-only
+"X, seeing that Y" sentences that are never about an image. Whatever rationales it then writes for an
+ILLUME prompt are latent ability, imperfect, as the paper's round 0 is.
+
+All weights train here (the ILLUME loop later trains adapters only). The result is cached under
+`model.cache_dir` keyed by a hash of every setting that changes it, so the demo pre-trains once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import GPTJConfig, Trainer, TrainingArguments
+
+from illume.collate import collate_rows
+from illume.config import ModelConfig, PretrainConfig, RunConfig
+from illume.data.shapes import ShapesWorld, generic_sentences, make_caption, make_question, render, vocabulary
+from illume.models.magma import MagmaConfig, MagmaForCausalLM
+from illume.models.vlm import MagmaVLM
+from illume.models.word_tokenizer import IMAGE_TOKEN, build_word_tokenizer
+
+# Bump when the pre-training data or recipe changes in a way the config hash cannot see.
+PRETRAIN_RECIPE_VERSION = 1
+
+
+def build_demo_vlm(model_cfg: ModelConfig, seed: int = 0) -> MagmaVLM:
+    """A randomly initialised MAGMA-architecture model with a tiny GPT-J and the shapes-world tokenizer."""
+    tokenizer = build_word_tokenizer(vocabulary())
+    lm = model_cfg.lm
+    text_config = GPTJConfig(
+        vocab_size=len(tokenizer), n_positions=lm.max_positions, n_embd=lm.hidden_size, n_layer=lm.num_layers,
+        n_head=lm.num_heads, rotary_dim=lm.rotary_dim, activation_function="gelu",
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = MagmaConfig(
+        text_config=text_config.to_dict(), image_size=model_cfg.vision.image_size,
+        vision_layers=list(model_cfg.vision.layers), vision_width=model_cfg.vision.width,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), prefix_dropout=model_cfg.prefix_dropout,
+        adapter_attention_downsample=model_cfg.adapters.attention_downsample,
+        adapter_mlp_downsample=model_cfg.adapters.mlp_downsample,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return MagmaVLM(MagmaForCausalLM(config).eval(), tokenizer)
+
+
+def demo_model_dir(cfg: RunConfig) -> Path:
+    """Cache folder of the demo base model for these settings."""
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("path", "cache_dir")}
+    world = cfg.data.shapes
+    relevant = {
+        "model": model, "pretrain": asdict(cfg.pretrain), "version": PRETRAIN_RECIPE_VERSION,
+        "world": {"seed": world.seed, "image_size": world.image_size, "max_objects": world.max_objects,
+                  "num_pretrain_scenes": world.num_pretrain_scenes},
+    }
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.model.cache_dir) / f"demo-base-{digest}"
+
+
+class PretrainRows(Dataset):
+    """Row i of the pre-training stream, generated on demand and deterministic in (seed, i)."""
+
+    def __init__(self, vlm: MagmaVLM, world: ShapesWorld, cfg: PretrainConfig):
+        self.vlm, self.world, self.cfg = vlm, world, cfg
+        self.scenes = [world.scene("pretrain", i) for i in range(world.num_pretrain_scenes)]
+        self.pixel_values = vlm.pixel_values([render(s, world.image_size) for s in self.scenes])
+        self.generic = generic_sentences()
+
+    def __len__(self) -> int:
+        return self.cfg.num_steps * self.cfg.batch_size
+
+    def __getitem__(self, index: int) -> dict:
+        rng = random.Random(f"{self.cfg.seed}/pretrain-row/{index}")
+        eos = self.vlm.eos_token_id
+        kind = rng.random()
+        if kind < self.cfg.generic_fraction:  # text only, loss everywhere
+            ids = self.vlm.text_ids(rng.choice(self.generic)) + [eos]
+            return {"input_ids": ids, "labels": ids, "pixel_values": None}
+        scene_idx = rng.randrange(len(self.scenes))
+        scene = self.scenes[scene_idx]
+        if kind < self.cfg.generic_fraction + self.cfg.caption_fraction:  # image -> caption
+            prompt = self.vlm.prompt_ids("")
+            target = self.vlm.text_ids(make_caption(scene, rng)) + [eos]
+        else:  # image + question -> answer, the prompt format ILLUME extends with ", seeing that"
+            _, question, answer, _ = make_question(scene, rng)
+            prompt = self.vlm.prompt_ids(f"Q: {question} A:")
+            target = self.vlm.text_ids(answer) + [eos]
+        return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target,
+                "pixel_values": self.pixel_values[scene_idx]}
+
+
+def pretrain_demo_model(cfg: RunConfig, out_dir: Path | None = None) -> Path:
+    """Pre-train the demo base model and save it (model + tokenizer + report) to `out_dir`.
+
+    Returns:
+        The folder the model was saved to (the cache folder by default).
+    """
+    out_dir = Path(out_dir) if out_dir is not None else demo_model_dir(cfg)
+    pcfg = cfg.pretrain
+    world = ShapesWorld(**asdict(cfg.data.shapes))
+    vlm = build_demo_vlm(cfg.model, seed=pcfg.seed)
+    vlm.model.set_trainable(everything=True)
+    rows = PretrainRows(vlm, world, pcfg)
+    work_dir = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    args = TrainingArguments(
+        output_dir=str(work_dir / "trainer"), max_steps=pcfg.num_steps, per_device_train_batch_size=pcfg.batch_size,
+        learning_rate=pcfg.learning_rate, weight_decay=pcfg.weight_decay, warmup_steps=pcfg.warmup_steps,
+        lr_scheduler_type="cosine", logging_steps=max(1, pcfg.num_steps // 20), save_strategy="no",
+        report_to="none", use_cpu=not torch.cuda.is_available(), seed=pcfg.seed, data_seed=pcfg.seed,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+    )
+    trainer = Trainer(model=vlm.model, args=args, train_dataset=rows,
+                      data_collator=partial(collate_rows, pad_token_id=vlm.pad_token_id))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    vlm.model.eval()
+    vlm.save(work_dir)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    report = {"seconds": round(seconds, 1), "num_steps": pcfg.num_steps, "losses": losses,
+              "num_parameters": sum(p.numel() for p in vlm.model.parameters())}
+    (work_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(work_dir / "trainer", ignore_errors=True)
+    # Publish atomically: a crash mid-training never leaves a half-written cache that looks complete.
+    shutil.rmtree(out_dir, ignore_errors=True)
+    work_dir.rename(out_dir)
+    return out_dir

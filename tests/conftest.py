@@ -1,0 +1,43 @@
+"""Shared fixtures: seeds, tiny models built from configs, the path to ../shared when it is there."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_VQAX_VAL = REPO.parent / "shared" / "data" / "vqax" / "val.json"
+
+# A 2-layer, width-32 LM and a width-8 encoder: big enough to exercise every code path, fast on CPU.
+TINY_MODEL = [
+    "model.vision.width=8", "model.lm.hidden_size=32", "model.lm.num_layers=2", "model.lm.num_heads=2",
+    "model.lm.rotary_dim=8",
+]
+TINY_DATA = [
+    "data.shapes.num_pretrain_scenes=40", "data.shapes.num_train_scenes=12", "data.shapes.num_val_scenes=8",
+    "data.shapes.num_test_scenes=4", "pretrain.num_steps=20", "pretrain.batch_size=8",
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """Overrides for a fast run writing only under tmp_path."""
+    return TINY_MODEL + TINY_DATA + [f"model.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def tiny_vlm():
+    """A randomly initialised tiny MAGMA with the shapes-world tokenizer, in eval mode."""
+    from illume.config import load_config
+    from illume.pretrain import build_demo_vlm
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY_MODEL)
+    return build_demo_vlm(cfg.model, seed=0)

@@ -1,0 +1,59 @@
+"""Pre-training the demo base model: only captions and answers, loss goes down, cached once."""
+
+import json
+
+import pytest
+
+from illume.config import load_config
+from illume.data.shapes import ShapesWorld
+from illume.models import loading
+from illume.pretrain import PretrainRows, build_demo_vlm, demo_model_dir, pretrain_demo_model
+from tests.conftest import REPO, tiny_overrides
+
+
+def test_pretraining_rows_never_contain_image_rationales(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path))
+    vlm = build_demo_vlm(cfg.model)
+    rows = PretrainRows(vlm, ShapesWorld(num_pretrain_scenes=cfg.data.shapes.num_pretrain_scenes), cfg.pretrain)
+    kinds = {"caption": 0, "answer": 0, "generic": 0}
+    for i in range(300):
+        row = rows[i]
+        text = vlm.tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+        target = vlm.tokenizer.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
+        if row["pixel_values"] is None:
+            kinds["generic"] += 1
+            assert "seeing that" in text
+        else:
+            assert "seeing" not in text  # an image row never shows the rationale format
+            assert row["input_ids"][: vlm.model.config.num_image_tokens] == [vlm.image_token_id] * 9
+            kinds["answer" if text.startswith("q :") else "caption"] += 1
+            if text.startswith("q :"):
+                assert text.endswith(target) and len(target.split()) == 1  # loss on the answer only
+    assert all(count > 0 for count in kinds.values()), kinds
+
+
+def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path) + ["pretrain.num_steps=40"])
+    directory = pretrain_demo_model(cfg)
+    assert directory == demo_model_dir(cfg)
+    report = json.loads((directory / "pretrain_report.json").read_text())
+    assert report["losses"][-1] < report["losses"][0] * 0.8
+    assert not directory.with_name(directory.name + ".partial").exists()
+    vlm = loading.load_vlm(cfg)
+    assert vlm.model.config.num_image_tokens == 9  # 96 px -> a 3 x 3 grid
+
+
+def test_load_vlm_pretrains_once_then_uses_the_cache(tmp_path, monkeypatch):
+    cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path) + ["pretrain.num_steps=2"])
+    loading.load_vlm(cfg)  # pre-trains: nothing cached yet
+
+    def fail(*args, **kwargs):
+        raise AssertionError("pre-trained again although a cached model exists")
+
+    monkeypatch.setattr("illume.pretrain.pretrain_demo_model", fail)
+    loading.load_vlm(cfg)
+    # A setting that changes the model changes the cache key.
+    other = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path) + ["pretrain.num_steps=3"])
+    assert demo_model_dir(other) != demo_model_dir(cfg)
+    with pytest.raises(AssertionError, match="pre-trained again"):
+        loading.load_vlm(other)
