@@ -56,7 +56,9 @@ def build_demo_vlm(model_cfg: ModelConfig, seed: int = 0) -> MagmaVLM:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return MagmaVLM(MagmaForCausalLM(config).eval(), tokenizer)
+    model = MagmaForCausalLM(config).eval()
+    model.set_trainable(adapters=True)
+    return MagmaVLM(model, tokenizer)
 
 
 def demo_model_dir(cfg: RunConfig) -> Path:

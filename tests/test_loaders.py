@@ -24,6 +24,7 @@ ASSETS = Path(__file__).parent / "assets" / "loaders"
 COCO = ASSETS / "coco"
 COLUMNS = ASSETS / "vqax_columns.json"
 NLE = ASSETS / "vqax_nle.json"
+EVIL = ASSETS / "vqax_evil.json"
 JSONL = ASSETS / "examples.jsonl"
 # ILLUME's val split, kept outside the repository (see ../shared/data/vqax/README.md).
 SHARED_VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vqax" / "val.json"
@@ -51,6 +52,16 @@ def nle_copy(tmp_path: Path, edit: Any = None, name: str = "nle.json") -> Path:
         edit(data)
     path = tmp_path / name
     path.write_text(json.dumps(data))
+    return path
+
+
+def evil_copy(tmp_path: Path, edit: Any = None, name: str = "evil.json") -> Path:
+    """Write the e-ViL fixture, changed by `edit(records)`, to tmp_path and return its path."""
+    records = json.loads(EVIL.read_text())
+    if edit is not None:
+        edit(records)
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
     return path
 
 
@@ -242,17 +253,91 @@ def test_vqax_nle_duplicate_question_id(tmp_path):
         load_vqax_nle(path)
 
 
-def test_vqax_nle_rejects_evil_list_layout(tmp_path):
-    path = tmp_path / "evil.json"
-    path.write_text(json.dumps([{"question_id": 1, "img_id": "COCO_val2014_000000000042", "sent": "Why?"}]))
-    with pytest.raises(ValueError, match=message("evil.json", "got a list", "e-ViL")):
-        load_vqax_nle(path)
-
-
 def test_vqax_nle_invalid_json(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"1": {"question": "Why?",}}')
     with pytest.raises(ValueError, match=message("broken.json", "invalid JSON at line 1")):
+        load_vqax_nle(path)
+
+
+# --- VQA-X, e-ViL's layout (read by load_vqax_nle) --------------------------------------------------------
+
+
+def test_vqax_evil_fixture():
+    examples = load_vqax_nle(EVIL, COCO)
+
+    assert [e.id for e in examples] == ["262148000", "7001", "99002"]
+    assert [e.source for e in examples] == ["vqax_evil.json:0", "vqax_evil.json:1", "vqax_evil.json:2"]
+    first, tie, last = examples
+    assert first.question == "What color is the square?"
+    # Highest score first, whatever the order in the file.
+    assert first.answers == ["red", "dark red", "maroon"] and first.answer == "red"
+    assert first.explanations == ["The square in the middle is red.", "The shape is filled with red."]
+    assert first.question_type == "what color is the"
+    assert first.image == COCO / "COCO_val2014_000000000042.jpg"
+    # yes and sure tie at 1: the first in the file wins; the blank explanation is dropped.
+    assert tie.answers == ["yes", "sure", "no"]
+    assert tie.explanations == ["A square is drawn in the middle."]
+    assert tie.question_type == ""
+    # COCO_train2014_... is absent; the plain 2017 name exists.
+    assert tie.image == COCO / "000000000007.jpg"
+    assert load_image(tie).size == (16, 16)
+    assert last.answers == ["1"]
+    assert last.image == COCO / "COCO_val2014_000000000099.jpg"  # missing: the first candidate
+
+
+def test_vqax_evil_coco_folders_and_no_image_dir(tmp_path):
+    image = tmp_path / "train2014" / "COCO_train2014_000000000007.jpg"
+    image.parent.mkdir()
+    shutil.copy(COCO / "COCO_val2014_000000000042.jpg", image)
+
+    assert load_vqax_nle(EVIL, tmp_path)[1].image == image
+    assert load_vqax_nle(EVIL)[0].image == UNSET_IMAGE_DIR / "COCO_val2014_000000000042.jpg"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("sent", None, "missing field 'sent'"),
+        ("sent", " ", "field 'sent' is empty"),
+        ("img_id", None, "missing field 'img_id'"),
+        ("question_id", "q7001", "field 'question_id' must be a non-negative integer"),
+        ("label", None, "missing field 'label'"),
+        ("label", ["yes"], "field 'label' must be an object"),
+        ("label", {"yes": "high"}, "field 'label'['yes'] must be a number"),
+        ("label", {}, "field 'label' holds no non-empty answer"),
+        ("explanation", None, "missing field 'explanation'"),
+        ("explanation", [], "field 'explanation' is empty"),
+        ("explanation", "A square.", "field 'explanation' must be a list of strings"),
+    ],
+)
+def test_vqax_evil_malformed_record(tmp_path, field, value, expected):
+    def edit(records: list[dict[str, Any]]) -> None:
+        if value is None:
+            del records[1][field]
+        else:
+            records[1][field] = value
+
+    with pytest.raises(ValueError, match=message("evil.json", "row 1", expected)):
+        load_vqax_nle(evil_copy(tmp_path, edit))
+
+
+def test_vqax_evil_record_not_an_object(tmp_path):
+    path = evil_copy(tmp_path, lambda records: records.append(["not", "a", "record"]))
+    with pytest.raises(ValueError, match=message("evil.json", "row 3", "expected an object, got list")):
+        load_vqax_nle(path)
+
+
+def test_vqax_evil_duplicate_question_ids_name_both_rows(tmp_path):
+    path = evil_copy(tmp_path, lambda records: records[2].__setitem__("question_id", 262148000))
+    with pytest.raises(ValueError, match=message("evil.json", "duplicate id '262148000'", "row 0", "row 2")):
+        load_vqax_nle(path)
+
+
+def test_vqax_nle_rejects_other_top_level(tmp_path):
+    path = tmp_path / "scalar.json"
+    path.write_text('"VQA-X"')
+    with pytest.raises(ValueError, match=message("scalar.json", "NLX-GPT", "e-ViL", "got str")):
         load_vqax_nle(path)
 
 
@@ -336,6 +421,7 @@ def test_jsonl_duplicate_ids_name_both_lines(tmp_path):
     [
         (COLUMNS, "vqax", COCO, ["42000", "7001", "99002"]),
         (NLE, "vqax_nle", COCO, ["262148000", "7001"]),
+        (EVIL, "vqax_nle", COCO, ["262148000", "7001", "99002"]),
         (JSONL, "jsonl", None, ["sq-1", "3", "4"]),
     ],
 )

@@ -137,3 +137,10 @@ def test_model_class_is_a_pretrained_model_with_generation():
     from transformers import GenerationMixin, PreTrainedModel
 
     assert issubclass(MagmaForCausalLM, PreTrainedModel) and issubclass(MagmaForCausalLM, GenerationMixin)
+
+
+def test_a_loaded_model_trains_adapters_only_by_default(tiny_vlm, tmp_path):
+    tiny_vlm.save(tmp_path / "m")
+    for vlm in (tiny_vlm, MagmaVLM.load(tmp_path / "m")):
+        trainable = [n for n, p in vlm.model.named_parameters() if p.requires_grad]
+        assert trainable and all(".adapter." in n for n in trainable)

@@ -33,7 +33,8 @@ def test_pretraining_rows_never_contain_image_rationales(tmp_path):
 
 
 def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
-    cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path) + ["pretrain.num_steps=40"])
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      tiny_overrides(tmp_path) + ["pretrain.num_steps=40", "pretrain.warmup_steps=4"])
     directory = pretrain_demo_model(cfg)
     assert directory == demo_model_dir(cfg)
     report = json.loads((directory / "pretrain_report.json").read_text())

@@ -65,5 +65,5 @@ def test_images_show_the_objects():
     world = ShapesWorld(num_val_scenes=5)
     for index in range(5):
         scene = world.scene("val", index)
-        pixels = set(render(scene).getdata())
+        pixels = {color for _, color in render(scene).getcolors(maxcolors=1 << 16)}
         assert {COLORS[o.color] for o in scene.objects} <= pixels

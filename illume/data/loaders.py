@@ -1,20 +1,23 @@
 """Read visual-question data sets from disk into `Example` records.
 
-Three layouts are supported, plus a dispatcher (`load_examples_from_file`):
+Four layouts are read by three loaders, plus a dispatcher (`load_examples_from_file`):
 
 * `load_vqax_columns`: VQA-X as ILLUME ships it (pandas `DataFrame.to_json()` column orient).
-* `load_vqax_nle`: VQA-X as NLX-GPT ships it (one object per question id).
+* `load_vqax_nle`: VQA-X as NLX-GPT ships it (one object per question id) or as e-ViL ships it (a list of
+  records); the JSON's top level tells which.
 * `load_jsonl`: a generic JSON-lines file, for data sets of our own.
 
-Every example gets `source = "<file name>:<row key>"` (the row key is the column-JSON row, the question id, or
-the JSONL line number), and every error names the file, the row and the field, so a bad row can be found and
-fixed by hand. Images are not opened while loading unless `check_images=True`: `Example.image` is a path and
-`records.load_image` reads it later, naming the file and row if it is missing or corrupt.
+Every example gets `source = "<file name>:<row key>"` (the row key is the column-JSON row, NLX-GPT's question
+id, e-ViL's 0-based list index, or the JSONL line number), and every error names the file, the row and the
+field, so a bad row can be found and fixed by hand. Images are not opened while loading unless
+`check_images=True`: `Example.image` is a path and `records.load_image` reads it later, naming the file and
+row if it is missing or corrupt.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -125,11 +128,16 @@ def load_vqax_nle(
     *,
     check_images: bool = False,
 ) -> list[Example]:
-    """Load VQA-X in NLX-GPT's layout (`nle_data/VQA-X/vqaX_{train,val,test}.json`).
+    """Load VQA-X in NLX-GPT's layout or in e-ViL's, whichever the file holds.
 
-    The file is one object keyed by question id (a string), each value holding "question", "answers" (the ten
-    VQA v2 annotator answers, `{"answer", "answer_confidence", "answer_id"}`), "image_id" (a string),
-    "image_name" (`COCO_val2014_000000262148.jpg`) and "explanation" (a list of strings).
+    * NLX-GPT (`nle_data/VQA-X/vqaX_{train,val,test}.json`): one object keyed by question id (a string), each
+      value holding "question", "answers" (the ten VQA v2 annotator answers, `{"answer", "answer_confidence",
+      "answer_id"}`), "image_id" (a string), "image_name" (`COCO_val2014_000000262148.jpg`) and "explanation"
+      (a list of strings). Rows are named by question id.
+    * e-ViL (Kayser et al., 2021, read by its `eViL_data.py`): a LXMERT-style list of records with
+      "question_id", "img_id" (`COCO_val2014_000000262148`, no extension), "sent" (the question), "label"
+      (`{answer: score}`), "explanation" (a non-empty list of strings) and optionally "question_type" and
+      "answer_type" (which has no field in `Example`). Rows are named by their 0-based index in the list.
 
     Differences between the variants of VQA-X that are about:
 
@@ -138,14 +146,14 @@ def load_vqax_nle(
     * NLX-GPT picks its canonical answer by majority vote after the VQA evaluation normalisation (punctuation,
       number words to digits, articles dropped). Here the vote is over the answers as written (stripped), so
       in rare cases ("two" vs "2") the canonical answer differs from NLX-GPT's.
+    * e-ViL's canonical answer is the label with the highest score. VQA soft scores saturate at 1, so two
+      answers can tie at the top where a majority vote would not; the first in the file then wins.
     * NLX-GPT's val split (1,459 questions) is the standard VQA-X val split, which ILLUME divides into its val
       (729) and test (730) files; NLX-GPT's test split (1,968) is the standard VQA-X test split.
-    * e-ViL (Kayser et al., 2021) ships VQA-X as a LXMERT-style list of records ("question_id", "img_id"
-      without extension, "sent" for the question, "label" as {answer: score}, "explanation"); that layout is
-      not read here and is rejected with an error saying so.
 
-    Images are `image_dir/image_name`, or `image_dir/{train2014,val2014}/image_name` as NLX-GPT arranges them
-    (chosen from the name), or the plain 2017 name `image_dir/000000262148.jpg`; the first that exists is used.
+    Images are `image_dir/<name>`, or `image_dir/{train2014,val2014}/<name>` as NLX-GPT arranges them (chosen
+    from the name), or the plain 2017 name `image_dir/000000262148.jpg`; the first that exists is used. The
+    name is "image_name" (NLX-GPT) or "img_id" + ".jpg" (e-ViL).
 
     Args:
         path: The JSON file.
@@ -153,42 +161,25 @@ def load_vqax_nle(
         check_images: Open every image now, so a missing or corrupt one fails at load time.
 
     Returns:
-        One example per question, in file order: id is the question id; answers holds the most frequent
-        answer first (ties: the first seen), then the other distinct answers by decreasing frequency.
+        One example per question, in file order; id is the question id. NLX-GPT: answers holds the most
+        frequent answer first (ties: the first seen), then the other distinct answers by decreasing frequency.
+        e-ViL: answers are the labels by decreasing score (ties: file order).
 
     Raises:
-        ValueError: Invalid JSON, a different layout, a malformed entry, or a question id given twice.
+        ValueError: Invalid JSON, another layout, a malformed entry, or a question id given twice.
     """
     path = Path(path)
     data = _read_json(path)
-    if isinstance(data, list):
-        raise ValueError(
-            f"{path}: expected NLX-GPT's object keyed by question id, got a list (e-ViL/LXMERT layout with "
-            "'sent', 'img_id' and 'label'? that layout is not supported)"
-        )
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object keyed by question id, got {type(data).__name__}")
     folder = Path(image_dir) if image_dir is not None else None
-
-    rows = []
-    for key, entry in data.items():
-        where = f"{path}, row {key}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
-        image_name = _text(entry, "image_name", where)
-        split = "train2014" if "train" in image_name else "val2014"
-        candidates = [image_name, f"{split}/{image_name}"]
-        if entry.get("image_id") is not None:
-            candidates.append(f"{_integer(entry, 'image_id', where):012d}.jpg")
-        example = Example(
-            id=str(key),
-            image=_find_image(folder, candidates),
-            question=_text(entry, "question", where),
-            answers=_vote(entry, where),
-            explanations=_texts(entry, "explanation", where),
-            source=f"{path.name}:{key}",
+    if isinstance(data, dict):
+        rows = [_nlx_gpt_row(path, str(key), entry, folder) for key, entry in data.items()]
+    elif isinstance(data, list):
+        rows = [_evil_row(path, index, record, folder) for index, record in enumerate(data)]
+    else:
+        raise ValueError(
+            f"{path}: expected NLX-GPT's object keyed by question id or e-ViL's list of records, "
+            f"got {type(data).__name__}"
         )
-        rows.append((f"row {key}", example))
     return _finish(path, rows, check_images)
 
 
@@ -344,6 +335,51 @@ def _finish(path: Path, rows: Iterable[tuple[str, Example]], check_images: bool)
     return examples
 
 
+def _nlx_gpt_row(path: Path, key: str, entry: Any, folder: Path | None) -> tuple[str, Example]:
+    """One entry of NLX-GPT's VQA-X object, as ("row <question id>", example)."""
+    where = f"{path}, row {key}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+    image_name = _text(entry, "image_name", where)
+    image_id = _integer(entry, "image_id", where) if entry.get("image_id") is not None else None
+    example = Example(
+        id=key,
+        image=_find_image(folder, _coco_candidates(image_name, image_id)),
+        question=_text(entry, "question", where),
+        answers=_vote(entry, where),
+        explanations=_texts(entry, "explanation", where),
+        source=f"{path.name}:{key}",
+    )
+    return f"row {key}", example
+
+
+def _evil_row(path: Path, index: int, record: Any, folder: Path | None) -> tuple[str, Example]:
+    """One record of e-ViL's VQA-X list, as ("row <index>", example)."""
+    where = f"{path}, row {index}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+    img_id = _text(record, "img_id", where)
+    digits = img_id.rpartition("_")[2]  # COCO_val2014_000000262148 -> 000000262148
+    image_id = int(digits) if digits.isascii() and digits.isdigit() else None
+    example = Example(
+        id=str(_integer(record, "question_id", where)),
+        image=_find_image(folder, _coco_candidates(f"{img_id}.jpg", image_id)),
+        question=_text(record, "sent", where),
+        answers=_ranked(record, "label", where),
+        explanations=_texts(record, "explanation", where, required=True),
+        question_type=_text(record, "question_type", where, required=False),
+        source=f"{path.name}:{index}",
+    )
+    return f"row {index}", example
+
+
+def _coco_candidates(image_name: str, image_id: int | None) -> list[str]:
+    """A COCO 2014 file name as is, then in the 2014 folder it names, then the plain 2017 name (if known)."""
+    split = "train2014" if "train" in image_name else "val2014"
+    candidates = [image_name, f"{split}/{image_name}"]
+    return candidates + [f"{image_id:012d}.jpg"] if image_id is not None else candidates
+
+
 def _find_image(folder: Path | None, candidates: Sequence[str]) -> Path:
     """The first candidate file that exists under `folder`, else the first candidate (to fail when loaded)."""
     if folder is None:
@@ -369,14 +405,19 @@ def _text(record: Mapping[str, Any], field: str, where: str, *, required: bool =
     return value
 
 
-def _texts(record: Mapping[str, Any], field: str, where: str) -> list[str]:
-    """An optional list-of-strings field, stripped, empty entries dropped."""
+def _texts(record: Mapping[str, Any], field: str, where: str, *, required: bool = False) -> list[str]:
+    """A list-of-strings field, stripped, empty entries dropped; a required one must keep at least one."""
     value = record.get(field)
     if value is None:
+        if required:
+            raise ValueError(f"{where}: missing field {field!r}")
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValueError(f"{where}: field {field!r} must be a list of strings, got {value!r}")
-    return [item.strip() for item in value if item.strip()]
+    texts = [item.strip() for item in value if item.strip()]
+    if required and not texts:
+        raise ValueError(f"{where}: field {field!r} is empty")
+    return texts
 
 
 def _merge(record: Mapping[str, Any], one: str, many: str, where: str, *, required: bool) -> list[str]:
@@ -433,3 +474,20 @@ def _vote(entry: Mapping[str, Any], where: str) -> list[str]:
     counts = Counter(texts)
     # sorted() is stable and dict.fromkeys keeps first-seen order, so equal counts stay in that order.
     return sorted(dict.fromkeys(texts), key=lambda text: -counts[text])
+
+
+def _ranked(record: Mapping[str, Any], field: str, where: str) -> list[str]:
+    """The answers of an `{answer: score}` field, highest score first; ties keep file order."""
+    label = record.get(field)
+    if label is None:
+        raise ValueError(f"{where}: missing field {field!r}")
+    if not isinstance(label, dict):
+        raise ValueError(f"{where}: field {field!r} must be an object {{answer: score}}, got {label!r}")
+    for answer, score in label.items():
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"{where}: field {field!r}[{answer!r}] must be a number, got {score!r}")
+    scored = [(answer.strip(), score) for answer, score in label.items() if answer.strip()]
+    if not scored:
+        raise ValueError(f"{where}: field {field!r} holds no non-empty answer")
+    # sorted() is stable, so equal scores stay in file order; dict.fromkeys drops repeats after stripping.
+    return list(dict.fromkeys(answer for answer, _ in sorted(scored, key=lambda item: -item[1])))

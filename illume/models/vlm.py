@@ -94,5 +94,6 @@ class MagmaVLM:
             raise FileNotFoundError(f"no saved model in {directory} (config.json missing)")
         register_magma()
         model = MagmaForCausalLM.from_pretrained(directory, use_safetensors=True).to(device).eval()
+        model.set_trainable(adapters=True)  # ILLUME's default: adapters train, everything else is frozen
         tokenizer = AutoTokenizer.from_pretrained(directory)
         return cls(model, tokenizer)
