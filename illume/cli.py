@@ -1,5 +1,6 @@
 """The `illume` command.
 
+    illume run configs/demo.yaml [key=value ...]      run (or continue) the ILLUME rounds
     illume pretrain configs/demo.yaml                 pre-train (and cache) the demo base model
     illume baseline configs/demo.yaml [key=value ...] how well the base model answers and rationalises
 
@@ -22,6 +23,13 @@ def _load(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config, args.overrides)
     save_config(cfg, cfg.run_dir / "config.yaml")
     return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from illume.loop import run
+
+    run(_load(args))
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    add("run", cmd_run, "run the ILLUME loop; running it again continues where it stopped")
     add("pretrain", cmd_pretrain, "pre-train and cache the demo base model").add_argument(
         "--force", action="store_true", help="pre-train even if a cached model exists")
     add("baseline", cmd_baseline, "answer accuracy and rationale quality of the base model").add_argument(
@@ -104,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `illume` console script; `argv` lets tests call it in-process."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from illume.data.datasets import DatasetError
+
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except DatasetError as error:
+        print(f"data error: {error}", file=sys.stderr)
         return 2
 
 

@@ -162,6 +162,68 @@ class SampleConfig:
 
 
 @dataclass
+class CriticConfig:
+    """Who judges the candidates. `simulated` stands in for people in the paper's experiments."""
+
+    kind: Literal["simulated"] = "simulated"
+    """Critic: `simulated` accepts a candidate whose metric against any reference reaches the threshold."""
+    metric: Literal["rouge_l", "bleu_1", "bleu_2", "bleu_3", "bleu_4"] = "rouge_l"
+    """Per-candidate metric of the simulated critic (pycocoevalcap's, on its tokenisation)."""
+    threshold: float = 0.7
+    """Accept when the metric against any single reference is >= this (the paper: ROUGE-L >= 0.7)."""
+
+
+@dataclass
+class TrainConfig:
+    """Selection fine-tuning on the accepted rationales (adapters only, HF Trainer)."""
+
+    num_epochs: int = 3
+    """Epochs per round; the epoch with the best val score is kept (the paper: 5)."""
+    batch_size: int = 32
+    """Rows per device per step."""
+    gradient_accumulation_steps: int = 1
+    """Steps accumulated per optimizer update."""
+    learning_rate: float = 1e-3
+    """Constant AdamW learning rate (the paper: 1.12e-3 at batch 256)."""
+    weight_decay: float = 0.2
+    """AdamW weight decay (the paper: 0.2)."""
+    adam_beta2: float = 0.99
+    """AdamW beta2 (the paper: betas (0.9, 0.99))."""
+    rationale_weight: float | None = None
+    """w in loss = answer CE + w * rationale CE; None: #answer-only rows / #rationale rows, as the paper."""
+    num_answer_only_rows: int | None = None
+    """Answer-only rows for examples without an accepted rationale; None: one for each such example."""
+    train_prefix: bool = False
+    """Also train the image prefix projection (MAGMA's `image_prefix.proj`/`ln`)."""
+    select_metric: Literal["cider", "rouge_l", "bleu_4", "meteor", "answer_accuracy"] = "cider"
+    """Val score that picks the best epoch (and detects a plateau)."""
+    deepspeed: str | None = None
+    """Path of a DeepSpeed JSON config; set it to train with ZeRO (e.g. configs/deepspeed/zero2.json)."""
+    bf16: bool = False
+    """bfloat16 mixed precision (GPUs)."""
+    fp16: bool = False
+    """float16 mixed precision (GPUs; the paper trained in fp16)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 0
+    """Seed of data order and dropout."""
+
+
+@dataclass
+class LoopConfig:
+    """When the ILLUME loop stops."""
+
+    num_rounds: int = 4
+    """Most rounds (sample -> critique -> tune -> evaluate)."""
+    stop_when_nothing_new: bool = True
+    """Stop after a round whose critique accepted no rationale that was not in the training set already."""
+    patience: int | None = None
+    """Stop when the val `train.select_metric` has not improved for this many rounds (None: never)."""
+    min_improvement: float = 0.0
+    """Smallest rise of the val score that counts as an improvement."""
+
+
+@dataclass
 class RunConfig:
     """A whole run: where it writes and every component's settings."""
 
@@ -175,6 +237,11 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    store_url: str | None = None
+    """SQLAlchemy URL of the feedback store; None: a SQLite file feedback.db in the run directory."""
 
     @property
     def run_dir(self) -> Path:

@@ -12,28 +12,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from illume.config import SampleConfig
+from illume.critics import candidate_scores
 from illume.data.records import CandidateSet, Example
 from illume.metrics.answer_accuracy import answer_accuracy
-from illume.metrics.caption_scores import caption_scores, rouge_l_per_item
+from illume.metrics.caption_scores import caption_scores
 from illume.models.vlm import VLM
 from illume.sampling import sample
-
-
-def best_rouge_l(candidate_sets: Sequence[CandidateSet], examples: Sequence[Example]) -> list[list[float]]:
-    """For every candidate, its highest ROUGE-L against any single reference of its example."""
-    by_id = {e.id: e for e in examples}
-    predictions, references, owners = [], [], []
-    for set_idx, cs in enumerate(candidate_sets):
-        refs = by_id[cs.example_id].explanations
-        for cand_idx, cand in enumerate(cs.candidates):
-            for ref in refs:
-                predictions.append(cand.text)
-                references.append([ref])
-                owners.append((set_idx, cand_idx))
-    scores = [[0.0] * len(cs.candidates) for cs in candidate_sets]
-    for (set_idx, cand_idx), score in zip(owners, rouge_l_per_item(predictions, references) if predictions else []):
-        scores[set_idx][cand_idx] = max(scores[set_idx][cand_idx], score)
-    return scores
 
 
 def rationale_pass_rate(candidate_sets: Sequence[CandidateSet], examples: Sequence[Example],
@@ -41,7 +25,7 @@ def rationale_pass_rate(candidate_sets: Sequence[CandidateSet], examples: Sequen
     """Share of examples with at least one candidate whose ROUGE-L against a reference is >= threshold."""
     if not candidate_sets:
         return 0.0
-    scores = best_rouge_l(candidate_sets, examples)
+    scores = candidate_scores(candidate_sets, {e.id: e for e in examples}, "rouge_l")
     return sum(any(s >= threshold for s in per_set) for per_set in scores) / len(candidate_sets)
 
 

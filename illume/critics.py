@@ -1,0 +1,73 @@
+"""Critics: who decides which candidate rationales are acceptable.
+
+A critic reviews candidate sets and returns one `Review` per item: the candidates it accepts (zero, one or
+several) or "none fits". The simulated critic stands in for people, as in the paper's experiments: it accepts
+a candidate whose score against any single reference explanation reaches a threshold (ROUGE-L >= 0.7).
+People (the annotation page), the reward model and the hybrid critic come in as further kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from illume.config import CriticConfig
+from illume.data.records import CandidateSet, Example
+from illume.metrics.caption_scores import caption_scores, rouge_l_per_item
+
+
+@dataclass
+class Review:
+    """One critic's verdict on one item (an example's candidate set in a round)."""
+
+    example_id: str
+    accepted: list[int]
+    """Indices into the candidate set's `candidates` that are accepted."""
+    none_fit: bool
+    """True when no candidate is acceptable."""
+    seconds: float | None = None
+    """Time the critic spent (people only)."""
+
+
+def candidate_scores(candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example],
+                     metric: str = "rouge_l") -> list[list[float]]:
+    """For every candidate, its best score against any single reference of its example."""
+    predictions, references, owners = [], [], []
+    for set_idx, cs in enumerate(candidate_sets):
+        for cand_idx, cand in enumerate(cs.candidates):
+            for ref in examples_by_id[cs.example_id].explanations:
+                predictions.append(cand.text)
+                references.append([ref])
+                owners.append((set_idx, cand_idx))
+    scores = [[0.0] * len(cs.candidates) for cs in candidate_sets]
+    if not predictions:
+        return scores
+    if metric == "rouge_l":
+        flat = rouge_l_per_item(predictions, references)
+    else:
+        flat = caption_scores(predictions, references, per_example=True)["per_example"][metric]
+    for (set_idx, cand_idx), score in zip(owners, flat):
+        scores[set_idx][cand_idx] = max(scores[set_idx][cand_idx], score)
+    return scores
+
+
+class SimulatedCritic:
+    """Accepts a candidate when its metric against any reference explanation is >= the threshold."""
+
+    def __init__(self, cfg: CriticConfig):
+        self.cfg = cfg
+        self.annotator = f"simulated:{cfg.metric}>={cfg.threshold:g}"
+
+    def review(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
+        missing = [cs.example_id for cs in candidate_sets if not examples_by_id[cs.example_id].explanations]
+        if missing:
+            raise ValueError(f"the simulated critic needs reference explanations; {len(missing)} examples have "
+                             f"none, e.g. {missing[:3]}")
+        reviews = []
+        for cs, scores in zip(candidate_sets, candidate_scores(candidate_sets, examples_by_id, self.cfg.metric)):
+            accepted = [i for i, score in enumerate(scores) if score >= self.cfg.threshold]
+            reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
+        return reviews
+
+
+CRITICS = {"simulated": SimulatedCritic}

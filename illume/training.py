@@ -1,0 +1,211 @@
+"""Selection fine-tuning: tune the adapters on every rationale accepted so far (ILLUME's step 3).
+
+Assumptions, up front:
+- The training set is rebuilt each round from the store: every accepted rationale of every round so far
+  (deduplicated per example and text) as `Q: q A: a, seeing that r<eos>` rows with loss on the rationale, plus
+  answer-only rows `Q: q A: a<eos>` (loss on the answer) for examples that have no accepted rationale.
+- loss = answer CE + w * rationale CE, summed over rows: each row's mean token CE is weighted by 1 (answer rows)
+  or w (rationale rows), w = #answer-only rows / #rationale rows unless configured (the paper's choice: both
+  kinds weigh the same in total however few rationales were accepted).
+- Only the adapters train (optionally the prefix projection); each round continues from the weights the
+  previous round kept. After every epoch the model is scored on val, and the best epoch's weights are kept
+  (saved as `adapters.safetensors` in the round folder, and loaded back into the model at the end).
+- A DeepSpeed JSON path (`train.deepspeed`) switches ZeRO on through the HF Trainer; ZeRO-2 keeps full weights
+  on every rank, so the per-epoch evaluation runs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from illume.collate import collate_rows
+from illume.config import SampleConfig, TrainConfig
+from illume.data.records import Example, load_image
+from illume.evaluation import explanation_scores
+from illume.models.vlm import VLM
+from illume.models.weights import load_trainable_weights, save_trainable_weights
+from illume.sampling import ANSWER_PROMPT, rationale_prompt
+
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+@dataclass
+class TrainingRow:
+    """One row of the selection-SFT set, as text (written to the round's manifest)."""
+
+    example_id: str
+    kind: str
+    """"rationale" (loss on the rationale) or "answer" (loss on the answer)."""
+    prompt: str
+    target: str
+    weight: float
+
+
+def build_training_set(accepted: Sequence[tuple[str, str]], examples: Sequence[Example],
+                       num_answer_only_rows: int | None = None, rationale_weight: float | None = None,
+                       seed: int = 0) -> list[TrainingRow]:
+    """Rows for selection-SFT from the accepted (example id, rationale) pairs.
+
+    Args:
+        accepted: Every accepted rationale so far, possibly with repeats (deduplicated here).
+        examples: The train examples (the answer in the prompt is each example's reference answer).
+        num_answer_only_rows: How many examples without an accepted rationale get an answer-only row (drawn
+            at random with `seed`); None: all of them.
+        rationale_weight: w; None: #answer-only rows / #rationale rows (1 when there are no answer rows).
+    """
+    by_id = {e.id: e for e in examples}
+    unknown = sorted({example_id for example_id, _ in accepted} - set(by_id))
+    if unknown:
+        raise KeyError(f"{len(unknown)} accepted rationales belong to examples not in the train split, "
+                       f"e.g. {unknown[:3]}")
+    pairs = list(dict.fromkeys((example_id, text.strip()) for example_id, text in accepted))
+    with_rationale = {example_id for example_id, _ in pairs}
+    without = [e for e in examples if e.id not in with_rationale]
+    if num_answer_only_rows is not None and num_answer_only_rows < len(without):
+        without = random.Random(seed).sample(without, num_answer_only_rows)
+    if rationale_weight is None:
+        rationale_weight = len(without) / len(pairs) if pairs and without else 1.0
+    rows = [TrainingRow(example_id, "rationale", rationale_prompt(by_id[example_id].question,
+                                                                  by_id[example_id].answer),
+                        text, rationale_weight) for example_id, text in pairs]
+    rows += [TrainingRow(e.id, "answer", ANSWER_PROMPT.format(question=e.question), e.answer, 1.0)
+             for e in without]
+    return rows
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of weight x (mean next-token CE over the row's targets), divided by the number of rows.
+
+    Args:
+        logits: (B, T, V); labels: (B, T) with -100 where there is no target; row_weights: (B,).
+    """
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
+                                 reduction="none")  # (B, T - 1)
+    mask = (shift_labels != -100).float()
+    row_loss = (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (row_loss * row_weights.to(row_loss.dtype)).sum() / len(row_loss)
+
+
+class RowWeightedTrainer(Trainer):
+    """HF Trainer whose loss is `weighted_lm_loss` (rows carry their weight in the batch)."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels, row_weights = inputs.pop("labels"), inputs.pop("row_weights")
+        outputs = model(**inputs)
+        loss = weighted_lm_loss(outputs.logits, labels, row_weights)
+        return (loss, outputs) if return_outputs else loss
+
+
+class TrainingRowsDataset(torch.utils.data.Dataset):
+    """Token ids, labels, weights and pixels of the rows; each image is preprocessed once."""
+
+    def __init__(self, vlm: VLM, rows: Sequence[TrainingRow], examples_by_id: dict[str, Example]):
+        self.items = []
+        pixels: dict[str, torch.Tensor] = {}
+        for row in rows:
+            if row.example_id not in pixels:
+                pixels[row.example_id] = vlm.pixel_values([load_image(examples_by_id[row.example_id])])[0]
+            prompt = vlm.prompt_ids(row.prompt)
+            target = vlm.text_ids(" " + row.target) + [vlm.eos_token_id]
+            self.items.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target,
+                               "pixel_values": pixels[row.example_id], "weight": row.weight})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def _collate(rows: list[dict], pad_token_id: int) -> dict:
+    batch = collate_rows(rows, pad_token_id)
+    batch["row_weights"] = torch.tensor([row["weight"] for row in rows], dtype=torch.float32)
+    return batch
+
+
+class KeepBestEpoch(TrainerCallback):
+    """After each epoch: score on val; when it is the best so far, save the trainable weights."""
+
+    def __init__(self, vlm: VLM, val: Sequence[Example], sample_cfg: SampleConfig, metric: str, round_dir: Path):
+        self.vlm, self.val, self.sample_cfg, self.metric, self.round_dir = vlm, val, sample_cfg, metric, round_dir
+        self.epochs: list[dict] = []
+        self.best: dict | None = None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        scores = explanation_scores(self.vlm, self.val, self.sample_cfg, progress=False)
+        scores["epoch"] = round(state.epoch)
+        self.epochs.append(scores)
+        if self.best is None or scores[self.metric] > self.best[self.metric]:
+            self.best = scores
+            if args.process_index == 0:
+                save_trainable_weights(self.vlm.model, self.round_dir / ADAPTERS_FILE)
+        self.vlm.model.train()
+        return control
+
+
+def _check_zero_stage(deepspeed_config: str | None) -> None:
+    # ZeRO-3 partitions the weights: the per-epoch evaluation and the adapter checkpoint would need to gather
+    # them first, which is not written yet. Fail early rather than save empty tensors.
+    if deepspeed_config is None:
+        return
+    stage = json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by selection-SFT yet; "
+                                  "use ZeRO-2 (configs/deepspeed/zero2.json)")
+
+
+def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example], val: Sequence[Example],
+              cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path) -> dict:
+    """Selection-SFT on `rows`; leaves the best epoch's weights in `vlm.model` and in `round_dir`.
+
+    Returns:
+        {"best": val scores of the kept epoch, "epochs": val scores per epoch, "num_rows": ..., "losses": ...}
+    """
+    if not rows:
+        raise ValueError("the training set is empty: no accepted rationale and no answer-only row")
+    _check_zero_stage(cfg.deepspeed)
+    round_dir.mkdir(parents=True, exist_ok=True)
+    vlm.model.set_trainable(adapters=True, prefix=cfg.train_prefix)
+    dataset = TrainingRowsDataset(vlm, rows, {e.id: e for e in examples})
+    keep_best = KeepBestEpoch(vlm, val, sample_cfg, cfg.select_metric, round_dir)
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(round_dir / "trainer"), num_train_epochs=cfg.num_epochs,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_beta1=0.9,
+        adam_beta2=cfg.adam_beta2, lr_scheduler_type="constant", warmup_steps=0, save_strategy="no",
+        logging_steps=10, report_to="none", use_cpu=use_cpu, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=cfg.bf16, fp16=cfg.fp16, activation_checkpointing=cfg.gradient_checkpointing,
+        deepspeed=cfg.deepspeed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+    )
+    trainer = RowWeightedTrainer(model=vlm.model, args=args, train_dataset=dataset,
+                                 data_collator=partial(_collate, pad_token_id=vlm.pad_token_id),
+                                 callbacks=[keep_best])
+    trainer.train()
+    vlm.model.eval()
+    load_trainable_weights(vlm.model, round_dir / ADAPTERS_FILE)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result = {"best": keep_best.best, "epochs": keep_best.epochs, "num_rows": len(rows), "losses": losses}
+    (round_dir / "training.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def write_manifest(rows: Sequence[TrainingRow], path: Path) -> None:
+    """The training set of a round as JSONL (what was trained on, for audits and exports)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(asdict(row)) + "\n")

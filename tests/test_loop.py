@@ -1,0 +1,87 @@
+"""The ILLUME loop end to end on a tiny model: rounds, results, resuming after kill -9 without loss or duplicates."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from illume.cli import main
+from illume.store import FeedbackStore
+from tests.conftest import REPO, tiny_overrides
+
+# The random tiny model's rationales score low: a threshold of 0.1 still selects, and lets rounds train.
+LOOP = ["critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_epochs=2", "train.batch_size=8",
+        "sample.samples_per_temperature=2", "sample.max_new_tokens=6"]
+
+
+def _config(tmp_path, name, rounds):
+    return [str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), *LOOP, f"name={name}",
+            f"loop.num_rounds={rounds}"]
+
+
+def _judgments(run_dir):
+    store = FeedbackStore(run_dir / "feedback.db")
+    rows = [(r["round_idx"], r["example_id"], r["annotator"], r["text"], r["accepted"], r["none_fit"])
+            for r in store.judgments_table()]
+    return sorted(rows)
+
+
+def test_run_completes_two_rounds(tmp_path):
+    assert main(["run", *_config(tmp_path, "e2e", 2)]) == 0
+    run_dir = tmp_path / "runs" / "e2e"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results] == ["base", 0, 1]
+    for r in results[1:]:
+        assert r["trained"] and r["judgments"] > 0 and {"bleu_4", "rouge_l", "cider"} <= set(r["val"])
+    assert results[2]["judgments"] == 2 * 12  # one simulated judgment per train question per round
+    for round_idx in (0, 1):
+        folder = run_dir / f"round_{round_idx:02d}"
+        for name in ("adapters.safetensors", "metrics.json", "training_set.jsonl", "training.json"):
+            assert (folder / name).is_file(), folder / name
+    assert (run_dir / "config.yaml").is_file()
+    # Running the finished run again changes nothing.
+    before = _judgments(run_dir)
+    assert main(["run", *_config(tmp_path, "e2e", 2)]) == 0
+    assert _judgments(run_dir) == before
+
+
+def test_kill_during_training_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    main(["pretrain", *_config(tmp_path, "warm", 3)])  # cache the base model for both runs
+    assert main(["run", *_config(tmp_path, "clean", 3)]) == 0
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "illume.cli", "run", *_config(tmp_path, "killed", 3)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    try:
+        for line in process.stdout:
+            if "round 1: training on" in line:
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    run_dir = tmp_path / "runs" / "killed"
+    if (run_dir / "round_01" / "metrics.json").exists():
+        pytest.fail("the kill came after round 1 finished; the test did not interrupt training")
+    assert (run_dir / "round_01" / "training_set.jsonl").is_file()  # it was training
+
+    assert main(["run", *_config(tmp_path, "killed", 3)]) == 0
+    clean, resumed = _judgments(tmp_path / "runs" / "clean"), _judgments(run_dir)
+    assert resumed == clean
+    keys = [(r, e, a, t) for r, e, a, t, _, _ in resumed]
+    assert len(keys) == len(set(keys))  # no judgment twice
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results] == ["base", 0, 1, 2]
+
+
+def test_malformed_dataset_fails_with_file_and_row_named(tmp_path, capsys):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"image": "a.png", "question": "q?", "answer": "yes"}\n{"image": "b.png", "answer": "no"}\n')
+    code = main(["run", *_config(tmp_path, "bad", 1), "data.kind=jsonl", f"data.train_path={bad}",
+                 f"data.val_path={bad}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl" in err and "line 2" in err and "question" in err
