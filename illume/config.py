@@ -165,12 +165,40 @@ class SampleConfig:
 class CriticConfig:
     """Who judges the candidates. `simulated` stands in for people in the paper's experiments."""
 
-    kind: Literal["simulated"] = "simulated"
-    """Critic: `simulated` accepts a candidate whose metric against any reference reaches the threshold."""
+    kind: Literal["simulated", "human"] = "simulated"
+    """Critic: `simulated` accepts a candidate whose metric against any reference reaches the threshold;
+    `human`: people judge in the annotation page (or the terminal) and the loop waits for them."""
+    ui: Literal["web", "terminal"] = "web"
+    """Human critic only: the annotation page (`illume annotate`) or a prompt in this terminal."""
+    wait: bool = True
+    """Human critic, web: wait until the round is judged (True) or exit and continue on the next run (False)."""
+    poll_seconds: float = 5.0
+    """Human critic, web: how often the waiting loop checks the store."""
+    annotator: str | None = None
+    """Human critic, terminal: the person's name (asked once when not set)."""
     metric: Literal["rouge_l", "bleu_1", "bleu_2", "bleu_3", "bleu_4"] = "rouge_l"
     """Per-candidate metric of the simulated critic (pycocoevalcap's, on its tokenisation)."""
     threshold: float = 0.7
     """Accept when the metric against any single reference is >= this (the paper: ROUGE-L >= 0.7)."""
+
+
+@dataclass
+class AnnotateConfig:
+    """The annotation page people critique in (`illume annotate`)."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; anything but loopback requires an access token."""
+    port: int = 8765
+    """TCP port of the page."""
+    annotations_per_item: int = 1
+    """Judgments wanted per item, each by a different person."""
+    lease_seconds: float = 300.0
+    """An item handed to a browser that went away returns to the pool after this many seconds."""
+    guidelines: str = (
+        "Tick every rationale that explains the answer with what is visible in the image. "
+        "If none does, choose 'none fits'."
+    )
+    """Guidelines shown on the page."""
 
 
 @dataclass
@@ -238,6 +266,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     store_url: str | None = None

@@ -8,7 +8,8 @@ People (the annotation page), the reward model and the hybrid critic come in as 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from illume.config import CriticConfig
@@ -70,4 +71,43 @@ class SimulatedCritic:
         return reviews
 
 
-CRITICS = {"simulated": SimulatedCritic}
+class TerminalCritic:
+    """A person judging in the terminal (for work over SSH): the image path, the question, the answer and the
+    numbered candidates; they type the numbers they accept, or 0 for none."""
+
+    def __init__(self, cfg: CriticConfig, ask: Callable[[str], str] | None = None, console=None):
+        from rich.console import Console
+        from rich.prompt import Prompt
+
+        self.console = console or Console()
+        self.ask = ask or (lambda prompt: Prompt.ask(prompt, console=self.console))
+        self.annotator = cfg.annotator or self.ask("Your name (recorded with your judgments)").strip()
+        if not self.annotator:
+            raise ValueError("an annotator name is needed to record judgments")
+
+    def review_one(self, cs: CandidateSet, example: Example, image_path: str | None = None) -> Review:
+        from rich.markup import escape
+
+        self.console.rule(f"item {escape(cs.example_id)}")
+        if image_path:
+            self.console.print(f"image: {escape(str(image_path))}")
+        # escape(): model-generated text is shown as text, never interpreted as rich markup.
+        self.console.print(f"Q: {escape(example.question)}\nA: {escape(cs.answer)}")
+        for i, cand in enumerate(cs.candidates, start=1):
+            self.console.print(f"  [bold]{i}[/bold]  {escape(cand.text)}")
+        start = time.monotonic()
+        while True:
+            reply = self.ask("Accepted numbers (e.g. 1 3), or 0 for none fits").replace(",", " ").split()
+            try:
+                numbers = sorted({int(x) for x in reply})
+            except ValueError:
+                self.console.print("type numbers separated by spaces")
+                continue
+            if numbers == [0]:
+                return Review(cs.example_id, [], True, time.monotonic() - start)
+            if numbers and all(1 <= n <= len(cs.candidates) for n in numbers):
+                return Review(cs.example_id, [n - 1 for n in numbers], False, time.monotonic() - start)
+            self.console.print(f"numbers must be 1..{len(cs.candidates)}, or 0 alone")
+
+
+CRITICS = {"simulated": SimulatedCritic, "terminal": TerminalCritic}

@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -83,7 +84,8 @@ def run(cfg: RunConfig) -> list[dict]:
     vlm = load_vlm(cfg)
     train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     train_by_id = {e.id: e for e in train}
-    critic = CRITICS[cfg.critic.kind](cfg.critic)
+    critic = _make_critic(cfg)
+    image_refs = save_images(run_dir, train)
 
     base_path = run_dir / "base_metrics.json"
     if not base_path.is_file():
@@ -100,7 +102,10 @@ def run(cfg: RunConfig) -> list[dict]:
             if metrics.get("trained"):
                 load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE)
         else:
-            metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console)
+            metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
+                                 image_refs)
+            if metrics is None:  # people have not finished judging and the config says not to wait
+                break
             _write_json(metrics_path, metrics)
             store.set_round_metrics(round_idx, metrics)
         results.append(metrics)
@@ -121,17 +126,69 @@ def run(cfg: RunConfig) -> list[dict]:
     return results
 
 
-def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console) -> dict:
-    start = time.perf_counter()
-    # 1. Sample (skipped when this round's candidates are already stored).
-    if not store.is_sampled(round_idx):
-        console.print(f"[bold]round {round_idx}[/bold]: sampling {len(train)} train questions")
-        sets = sample(vlm, train, cfg.sample, round_idx=round_idx, use_reference_answer=True)
-        store.add_candidate_sets(round_idx, "train", sets)
-        store.mark_sampled(round_idx)
-    sets = {cs.example_id: cs for cs in store.candidate_sets(round_idx, "train")}
-    # 2. Critique the items this critic has not judged yet.
+def _make_critic(cfg: RunConfig):
+    if cfg.critic.kind == "simulated":
+        return CRITICS["simulated"](cfg.critic)
+    if cfg.critic.ui == "terminal":
+        return CRITICS["terminal"](cfg.critic)
+    return None  # people judge in the annotation page; the loop waits on the store
+
+
+def save_images(run_dir: Path, examples) -> dict[str, str]:
+    """Image references the annotation page and exports can serve: in-memory images are written once to
+    run_dir/images/<id>.png (relative refs); file images keep their absolute path."""
+    refs = {}
+    for example in examples:
+        if isinstance(example.image, Image.Image):
+            path = run_dir / "images" / f"{example.id}.png"
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                example.image.save(path)
+            refs[example.id] = str(path.relative_to(run_dir))
+        else:
+            refs[example.id] = str(Path(example.image).resolve())
+    return refs
+
+
+def _round_is_judged(counts: dict, wanted: int) -> bool:
+    return counts["judged_items"] == counts["items"] and counts["judgments"] >= wanted * counts["items"]
+
+
+def _wait_for_people(cfg: RunConfig, store: FeedbackStore, round_idx: int, console: Console) -> bool:
+    """Block until every item of the round has its judgments (True), or return False when not waiting."""
+    wanted = cfg.annotate.annotations_per_item
+    counts = store.judgment_counts(round_idx)
+    if _round_is_judged(counts, wanted):
+        return True
+    console.print(f"round {round_idx}: {counts['items']} items wait for {wanted} judgment(s) each "
+                  f"({counts['judgments']} so far). People judge them in the annotation page:\n"
+                  f"    illume annotate {cfg.run_dir}")
+    if not cfg.critic.wait:
+        console.print("critic.wait=false: stopping here; run the same command again to continue")
+        return False
+    with tqdm(total=wanted * counts["items"], initial=counts["judgments"], desc="waiting for judgments") as bar:
+        while not _round_is_judged(counts, wanted):
+            time.sleep(cfg.critic.poll_seconds)
+            counts = store.judgment_counts(round_idx)
+            bar.update(counts["judgments"] - bar.n)
+    return True
+
+
+def _critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, run_dir, console) -> bool:
+    """Get this round's judgments into the store; False when the run should stop and wait for people."""
+    if critic is None:
+        return _wait_for_people(cfg, store, round_idx, console)
     todo = [sets[example_id] for example_id in store.unjudged_items(round_idx, critic.annotator, "train")]
+    if isinstance(critic, CRITICS["terminal"]):
+        for cs in tqdm(todo, desc=f"critique ({critic.annotator})", unit="item", disable=not todo):
+            image = image_refs.get(cs.example_id)
+            if image and not Path(image).is_absolute():
+                image = str(run_dir / image)
+            review = critic.review_one(cs, train_by_id[cs.example_id], image)
+            # Stored one by one: a person's work is never lost to a crash or Ctrl-C.
+            store.add_judgment(round_idx, cs.example_id, critic.annotator,
+                               [cs.candidates[i].text for i in review.accepted], review.none_fit, review.seconds)
+        return True
     # In chunks, each stored in its own transaction: a kill loses at most the chunk under way.
     for start in tqdm(range(0, len(todo), CRITIQUE_CHUNK), desc=f"critique ({critic.annotator})", unit="chunk",
                       disable=not todo):
@@ -139,6 +196,22 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
         store.add_judgments(round_idx, [
             (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, r.seconds)
             for r in reviews], critic.annotator, "train")
+    return True
+
+
+def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
+               image_refs) -> dict | None:
+    start = time.perf_counter()
+    # 1. Sample (skipped when this round's candidates are already stored).
+    if not store.is_sampled(round_idx):
+        console.print(f"[bold]round {round_idx}[/bold]: sampling {len(train)} train questions")
+        sets = sample(vlm, train, cfg.sample, round_idx=round_idx, use_reference_answer=True)
+        store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs)
+        store.mark_sampled(round_idx)
+    sets = {cs.example_id: cs for cs in store.candidate_sets(round_idx, "train")}
+    # 2. Critique: the items this critic has not judged yet, or wait for people.
+    if not _critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, cfg.run_dir, console):
+        return None
     counts = store.judgment_counts(round_idx)
     accepted_before = {(e, t) for e, t, _ in store.accepted_rationales(round_idx - 1)} if round_idx else set()
     accepted = [(e, t) for e, t, _ in store.accepted_rationales(round_idx)]

@@ -85,3 +85,39 @@ def test_malformed_dataset_fails_with_file_and_row_named(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "train.jsonl" in err and "line 2" in err and "question" in err
+
+
+def test_human_web_critic_stops_waiting_then_continues_from_the_store(tmp_path, capsys):
+    args = ["run", *_config(tmp_path, "people", 2), "critic.kind=human", "critic.wait=false"]
+    assert main(args) == 0
+    assert "illume annotate" in capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "people"
+    assert not (run_dir / "round_00" / "metrics.json").exists()
+    store = FeedbackStore(run_dir / "feedback.db")
+    sets = store.candidate_sets(0)
+    assert len(sets) == 12 and all((run_dir / "images" / f"{cs.example_id}.png").is_file() for cs in sets)
+    for cs in sets:  # a person accepts the first candidate of every item
+        assert store.add_judgment(0, cs.example_id, "alice", [cs.candidates[0].text])
+    assert main(args) == 0  # trains round 0, samples round 1, stops to wait again
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results] == ["base", 0]
+    assert results[1]["train_rationales"] == 12 and results[1]["trained"]
+    assert store.is_sampled(1) and store.judgment_counts(1)["judgments"] == 0
+
+
+def test_terminal_critic_records_each_answer(tmp_path, monkeypatch):
+    replies = iter(["x", "9", "1 2"] + ["0"] * 20)  # two bad replies first, re-asked; then 1 and 2; then none
+    monkeypatch.setattr("rich.prompt.Prompt.ask", lambda *a, **k: next(replies))
+    args = ["run", *_config(tmp_path, "ssh", 1), "critic.kind=human", "critic.ui=terminal", "critic.annotator=bob",
+            "sample.samples_per_temperature=3"]
+    assert main(args) == 0
+    store = FeedbackStore(tmp_path / "runs" / "ssh" / "feedback.db")
+    rows = store.judgments_table()
+    assert {r["annotator"] for r in rows} == {"bob"}
+    first = min((r for r in rows), key=lambda r: r["created_at"])["example_id"]
+    accepted_first = sorted(r["text"] for r in rows if r["example_id"] == first and r["accepted"])
+    shown_first = store.candidate_sets(0)[[cs.example_id for cs in store.candidate_sets(0)].index(first)]
+    assert accepted_first == sorted(c.text for c in shown_first.candidates[:2])
+    others = [r for r in rows if r["example_id"] != first]
+    assert others and all(r["none_fit"] and not r["accepted"] for r in others)
+    assert all(r["seconds"] is not None for r in rows)

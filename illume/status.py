@@ -1,0 +1,93 @@
+"""`illume status RUN_DIR`: progress per round, work per person, and agreement between people."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from illume.store import FeedbackStore
+
+
+def krippendorff_alpha_nominal(units: Iterable[list[int]]) -> float | None:
+    """Krippendorff's alpha for nominal values (here: accept 1 / reject 0), one list of values per unit.
+
+    Units with fewer than two values carry no agreement information and are skipped (Krippendorff 2011,
+    "Computing Krippendorff's Alpha-Reliability", Sec. C). Returns None when nothing is pairable or when every
+    value is the same (the expected disagreement is 0 and alpha is undefined).
+    """
+    coincidences: dict[tuple[int, int], float] = defaultdict(float)
+    for values in units:
+        m = len(values)
+        if m < 2:
+            continue
+        for i, a in enumerate(values):
+            for j, b in enumerate(values):
+                if i != j:
+                    coincidences[a, b] += 1 / (m - 1)
+    totals: dict[int, float] = defaultdict(float)
+    for (a, _), count in coincidences.items():
+        totals[a] += count
+    n = sum(totals.values())
+    if n <= 1:
+        return None
+    observed = sum(count for (a, b), count in coincidences.items() if a != b) / n
+    expected = sum(totals[a] * totals[b] for a in totals for b in totals if a != b) / (n * (n - 1))
+    if expected == 0:
+        return None
+    return 1 - observed / expected
+
+
+def summarize(store: FeedbackStore) -> dict:
+    """Per-round and per-person figures, and accept-decision agreement per round (where items overlap)."""
+    rows = store.judgments_table()
+    rounds = {}
+    for round_idx in store.rounds():
+        counts = store.judgment_counts(round_idx)
+        decisions: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for row in rows:
+            if row["round_idx"] == round_idx:
+                decisions[row["example_id"], row["candidate_id"]].append(int(row["accepted"]))
+        overlap = any(len(values) > 1 for values in decisions.values())
+        rounds[round_idx] = {**counts, "status": store.round_status(round_idx),
+                             "alpha": krippendorff_alpha_nominal(decisions.values()) if overlap else None}
+    people: dict[str, dict] = defaultdict(lambda: {"judgments": set(), "seconds": {}})
+    for row in rows:
+        person = people[row["annotator"]]
+        key = (row["round_idx"], row["example_id"])
+        person["judgments"].add(key)
+        if row["seconds"] is not None:
+            person["seconds"][key] = row["seconds"]
+    per_person = {
+        name: {"judgments": len(p["judgments"]), "total_seconds": sum(p["seconds"].values()),
+               "median_seconds": statistics.median(p["seconds"].values()) if p["seconds"] else None}
+        for name, p in people.items()
+    }
+    return {"rounds": rounds, "people": per_person}
+
+
+def print_status(store: FeedbackStore, console: Console | None = None) -> dict:
+    console = console or Console(width=max(Console().width, 100))
+    summary = summarize(store)
+    table = Table(title="Rounds")
+    for column in ("round", "items", "judged", "judgments", "with accepted", "sampled", "trained", "alpha"):
+        table.add_column(column, justify="right")
+    for round_idx, r in summary["rounds"].items():
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:.2f}"
+        table.add_row(str(round_idx), str(r["items"]), str(r["judged_items"]), str(r["judgments"]),
+                      str(r["items_with_accepted"]), "yes" if r["status"]["sampled_at"] else "no",
+                      "yes" if r["status"]["trained_at"] or r["status"]["metrics"] else "no", alpha)
+    console.print(table)
+    people = Table(title="People (and critics)")
+    for column in ("annotator", "judgments", "median s / item", "total time"):
+        people.add_column(column, justify="right")
+    for name, p in sorted(summary["people"].items()):
+        median = "-" if p["median_seconds"] is None else f"{p['median_seconds']:.1f}"
+        total = f"{p['total_seconds'] / 60:.1f} min" if p["total_seconds"] else "-"
+        people.add_row(name, str(p["judgments"]), median, total)
+    console.print(people)
+    console.print("alpha: Krippendorff's alpha of accept decisions on items judged by several people")
+    return summary

@@ -1,0 +1,41 @@
+"""`illume status`: agreement statistics and per-person figures."""
+
+import pytest
+
+from illume.data.records import Candidate, CandidateSet
+from illume.status import krippendorff_alpha_nominal, summarize
+from illume.store import FeedbackStore
+
+
+def test_alpha_matches_krippendorffs_worked_example():
+    """Krippendorff (2011), 'Computing Krippendorff's Alpha-Reliability', binary data, two observers:
+    A = 0100000010, B = 1110010000 gives alpha = 0.095."""
+    a = [0, 1, 0, 0, 0, 0, 0, 0, 1, 0]
+    b = [1, 1, 1, 0, 0, 1, 0, 0, 0, 0]
+    assert krippendorff_alpha_nominal([[x, y] for x, y in zip(a, b)]) == pytest.approx(0.095, abs=5e-4)
+
+
+def test_alpha_edge_cases():
+    assert krippendorff_alpha_nominal([[1, 1], [0, 0], [1, 1, 1]]) == pytest.approx(1.0)
+    assert krippendorff_alpha_nominal([[1, 0], [0, 1]]) < 0  # systematic disagreement
+    assert krippendorff_alpha_nominal([[1], [0]]) is None  # nothing pairable
+    assert krippendorff_alpha_nominal([[1, 1], [1, 1]]) is None  # no variation: undefined
+
+
+def test_summary_counts_people_and_agreement(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    sets = [CandidateSet(f"ex{i}", "red", "red", "Q: q A: red, seeing that", 7,
+                         [Candidate("the circle is red", 0.3, 7, 0, -1.0), Candidate("a square", 0.8, 7, 1, -2.0)])
+            for i in range(3)]
+    store.add_candidate_sets(0, "train", sets)
+    for i in range(3):
+        store.add_judgment(0, f"ex{i}", "ann", ["the circle is red"], seconds=2.0 + i)
+        store.add_judgment(0, f"ex{i}", "bob", ["the circle is red"] if i < 2 else [], none_fit=i == 2, seconds=4.0)
+    summary = summarize(store)
+    r0 = summary["rounds"][0]
+    assert (r0["items"], r0["judged_items"], r0["judgments"]) == (3, 3, 6)
+    # units: 3 items x 2 candidates; ann and bob disagree only on ex2's first candidate
+    expected = krippendorff_alpha_nominal([[1, 1], [0, 0], [1, 1], [0, 0], [1, 0], [0, 0]])
+    assert r0["alpha"] == pytest.approx(expected)
+    assert summary["people"]["ann"] == {"judgments": 3, "total_seconds": 9.0, "median_seconds": 3.0}
+    assert summary["people"]["bob"]["judgments"] == 3
