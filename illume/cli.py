@@ -3,9 +3,15 @@
     illume run configs/demo.yaml [key=value ...]      run (or continue) the ILLUME rounds
     illume pretrain configs/demo.yaml                 pre-train (and cache) the demo base model
     illume baseline configs/demo.yaml [key=value ...] how well the base model answers and rationalises
+    illume annotate runs/demo [--host H --port P --token T --round N]
+                                                      serve the annotation page over a run's feedback store
+    illume status runs/demo                           progress per round, work per person, agreement
+    illume export runs/demo --format sft|dpo|kto|jsonl  the feedback as TRL-format datasets
 
-Every command takes a config file and `key.sub=value` overrides, and writes the resolved config into the run
-directory (output_dir/name) before anything else.
+Every command but `annotate` takes a config file and `key.sub=value` overrides, and writes the resolved config
+into the run directory (output_dir/name) before anything else. `annotate` reads RUN_DIR/config.yaml (its
+`annotate` settings and `store_url`) or takes a store URL; it binds 127.0.0.1 unless --host says otherwise,
+and then needs an access token (--token, or one is generated and printed).
 """
 
 from __future__ import annotations
@@ -13,10 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
+import socket
 import sys
 import time
+from pathlib import Path
 
-from illume.config import ConfigError, RunConfig, load_config, save_config
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from illume.config import AnnotateConfig, ConfigError, RunConfig, load_config, save_config
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
@@ -89,6 +101,99 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from illume.exports import ExportError, export
+
+    try:
+        result = export(args.run_dir, args.format, args.out, round_idx=args.round, upto_round=args.upto_round,
+                        split=args.split, min_accepts=args.min_accepts, as_jsonl=args.as_jsonl,
+                        conversational=args.conversational, images=not args.no_images)
+    except ExportError as error:
+        print(f"export error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {result.num_rows} {result.format} rows -> {result.path}")
+    return 0
+
+
+def _add_export_parser(commands) -> None:
+    from illume.exports import FORMATS, SPLIT_CHOICES
+
+    sub = commands.add_parser("export", help="export the run's feedback: TRL datasets (sft, dpo, kto) or JSONL",
+                              description="Rows and verdict rules: see the illume.exports module doc.")
+    sub.add_argument("run_dir", help="run directory (its config.yaml and feedback.db)")
+    sub.add_argument("--format", required=True, choices=FORMATS, help="sft | dpo | kto | jsonl (every decision)")
+    sub.add_argument("--out", help="dataset folder, or .jsonl file (default: RUN_DIR/exports/FORMAT[.jsonl])")
+    rounds = sub.add_mutually_exclusive_group()
+    rounds.add_argument("--round", type=int, help="only this round's items")
+    rounds.add_argument("--upto-round", type=int, help="only rounds <= N")
+    sub.add_argument("--split", default="train", choices=SPLIT_CHOICES, help="items' split (default: train)")
+    sub.add_argument("--min-accepts", type=int, default=1,
+                     help="judgments that must accept a candidate for it to count as accepted (default 1)")
+    sub.add_argument("--as-jsonl", action="store_true", help="write sft/dpo/kto as JSONL (images as paths)")
+    sub.add_argument("--conversational", action="store_true",
+                     help="TRL conversational format (user/assistant messages) for chat VLMs")
+    sub.add_argument("--no-images", action="store_true", help="text only: no images column")
+    sub.set_defaults(handler=cmd_export)
+
+
+def _annotate_target(target: str) -> tuple[Path | None, str | Path, AnnotateConfig]:
+    """(run_dir, store URL or path, annotate settings) for `illume annotate TARGET`."""
+    if "://" in target:
+        return None, target, AnnotateConfig()
+    path = Path(target)
+    if path.is_dir():
+        run_dir, store = path, path / "feedback.db"
+    elif path.is_file():
+        run_dir, store = path.parent, path
+    else:
+        raise ConfigError(f"{target} is neither a run directory, a feedback store file nor a store URL")
+    cfg = AnnotateConfig()
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        raw = OmegaConf.load(config_path)
+        try:
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AnnotateConfig),
+                                                      raw.get("annotate") or {}))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{config_path}: annotate: {str(error).splitlines()[0]}") from error
+        if path.is_dir() and raw.get("store_url"):
+            store = raw.get("store_url")
+    if isinstance(store, Path) and not store.is_file():
+        raise ConfigError(f"no feedback store at {store}: start the run first (`illume run ...`)")
+    return run_dir, store, cfg
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from illume.annotate import server
+    from illume.store import FeedbackStore
+
+    run_dir, store_url, cfg = _annotate_target(args.target)
+    host = args.host or cfg.host
+    port = args.port if args.port is not None else cfg.port
+    token = args.token
+    if not server.is_loopback(host) and not token:
+        token = secrets.token_urlsafe(24)
+        print(f"--host {host} is reachable from other machines: generated an access token: {token}")
+    store = FeedbackStore(store_url)
+    app = server.create_app(store, run_dir, cfg, token=token, round_idx=args.round)
+    shown_host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+    url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")
+    print(f"annotation page for {store.url} ({cfg.annotations_per_item} judgment(s) per item): {url}")
+    print("stop with Ctrl+C; judgments are saved as they are submitted")
+    server.serve(app, host, port, log_level="warning")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from illume.status import print_status
+    from illume.store import FeedbackStore
+
+    _, store_url, _ = _annotate_target(args.target)
+    print_status(FeedbackStore(store_url))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="illume", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="pre-train even if a cached model exists")
     add("baseline", cmd_baseline, "answer accuracy and rationale quality of the base model").add_argument(
         "--threshold", type=float, default=0.7, help="ROUGE-L a rationale needs to count as acceptable")
+
+    annotate = commands.add_parser("annotate", help="serve the annotation page people critique in")
+    annotate.add_argument("target", metavar="RUN_DIR_OR_STORE_URL",
+                          help="run directory (reads its config.yaml and feedback.db) or a store URL")
+    annotate.add_argument("--host", default=None,
+                          help="interface to bind (default: annotate.host, 127.0.0.1)")
+    annotate.add_argument("--port", type=int, default=None, help="TCP port (default: annotate.port)")
+    annotate.add_argument("--token", default=None,
+                          help="access token; generated and printed when --host is not loopback")
+    annotate.add_argument("--round", type=int, default=None,
+                          help="round to judge (default: the latest one that still needs judgments)")
+    annotate.set_defaults(handler=cmd_annotate)
+    status = commands.add_parser("status", help="progress per round, judgments and time per person, agreement")
+    status.add_argument("target", metavar="RUN_DIR_OR_STORE_URL", help="run directory or a store URL")
+    status.set_defaults(handler=cmd_status)
+    _add_export_parser(commands)
     return parser
 
 

@@ -108,6 +108,8 @@ def run(cfg: RunConfig) -> list[dict]:
                 break
             _write_json(metrics_path, metrics)
             store.set_round_metrics(round_idx, metrics)
+            if metrics["trained"]:
+                store.mark_trained(round_idx)
         results.append(metrics)
         _write_json(run_dir / "results.json", results)
         console.print(results_table(results))
@@ -150,27 +152,24 @@ def save_images(run_dir: Path, examples) -> dict[str, str]:
     return refs
 
 
-def _round_is_judged(counts: dict, wanted: int) -> bool:
-    return counts["judged_items"] == counts["items"] and counts["judgments"] >= wanted * counts["items"]
-
-
 def _wait_for_people(cfg: RunConfig, store: FeedbackStore, round_idx: int, console: Console) -> bool:
     """Block until every item of the round has its judgments (True), or return False when not waiting."""
     wanted = cfg.annotate.annotations_per_item
-    counts = store.judgment_counts(round_idx)
-    if _round_is_judged(counts, wanted):
+    progress = store.annotation_progress(round_idx, wanted)
+    if progress["complete_items"] == progress["items"]:
         return True
-    console.print(f"round {round_idx}: {counts['items']} items wait for {wanted} judgment(s) each "
-                  f"({counts['judgments']} so far). People judge them in the annotation page:\n"
-                  f"    illume annotate {cfg.run_dir}")
+    console.print(f"round {round_idx}: {progress['items']} items wait for {wanted} judgment(s) each "
+                  f"({progress['counted_judgments']} of {progress['needed_judgments']} so far). "
+                  f"People judge them in the annotation page:\n    illume annotate {cfg.run_dir}")
     if not cfg.critic.wait:
         console.print("critic.wait=false: stopping here; run the same command again to continue")
         return False
-    with tqdm(total=wanted * counts["items"], initial=counts["judgments"], desc="waiting for judgments") as bar:
-        while not _round_is_judged(counts, wanted):
+    with tqdm(total=progress["needed_judgments"], initial=progress["counted_judgments"],
+              desc="waiting for judgments") as bar:
+        while progress["complete_items"] < progress["items"]:
             time.sleep(cfg.critic.poll_seconds)
-            counts = store.judgment_counts(round_idx)
-            bar.update(counts["judgments"] - bar.n)
+            progress = store.annotation_progress(round_idx, wanted)
+            bar.update(progress["counted_judgments"] - bar.n)
     return True
 
 

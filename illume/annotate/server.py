@@ -1,0 +1,369 @@
+"""The annotation web app: people critique candidate rationales in a page, the feedback store keeps it.
+
+    illume annotate runs/demo                      # the usual way (see illume/cli.py)
+    python -m illume.annotate.server --store runs/demo/feedback.db --run-dir runs/demo --port 8765
+
+A JSON API and one static page (static/: plain JS, no build step). Assumptions, up front:
+- The store is the only state: leases, judgments and the order candidates were shown in are written to it,
+  so the server can be killed (-9) and restarted at any time. A judgment is answered 200 only after its
+  transaction committed; a repeated submission (same `client_token`, or an item the annotator already
+  judged) is answered 200 with `duplicate: true` and stored once.
+- Items are handed out so that each gets `annotations_per_item` judgments, each by a different person: an
+  item handed to a page is leased to that annotator for `lease_seconds` (the page renews the lease while
+  it shows the item) and goes back to the pool when the lease expires.
+- Model-generated text is data: the API returns it as JSON strings and the page renders it with
+  `textContent` only. Images are served from the item's own `image_ref` (inside RUN_DIR/images, or an
+  absolute path the loop recorded) and never from a path the client sends.
+- With a token, every /api route and the page need it (`Authorization: Bearer ...` or `?token=...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import secrets
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
+
+from illume.config import AnnotateConfig
+from illume.store import FeedbackStore, JudgmentConflict
+
+STATIC_DIR = Path(__file__).parent / "static"
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+               ".webp": "image/webp", ".bmp": "image/bmp"}
+"""The only files the image route serves, by suffix."""
+SPLIT = "train"
+"""People judge the train candidates (val/test candidates are for evaluation)."""
+
+AnnotatorName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255,
+                                                 pattern=r"^[^\x00-\x1f\x7f]+$")]
+CandidateIds = Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(max_length=1000)]
+RowId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class NextRequest(BaseModel):
+    """POST /api/next."""
+
+    model_config = ConfigDict(extra="forbid")
+    annotator: AnnotatorName
+
+
+class LeaseRequest(BaseModel):
+    """POST /api/lease: the page still shows this item (a heartbeat)."""
+
+    model_config = ConfigDict(extra="forbid")
+    annotator: AnnotatorName
+    item_id: Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+
+
+class JudgmentRequest(BaseModel):
+    """POST and PUT /api/judgment."""
+
+    model_config = ConfigDict(extra="forbid")
+    annotator: AnnotatorName
+    item_id: Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
+    accepted: CandidateIds = []
+    """Ids of the accepted candidates."""
+    none_fit: StrictBool = False
+    """The explicit "none of them fits"."""
+    seconds: Annotated[float, Field(ge=0, le=7 * 24 * 3600)] | None = None
+    """Time spent on the item (on a PUT: time spent revising, added to the recorded time)."""
+    client_token: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    """The page's id for this submission (one per item shown): a repeat is stored once."""
+    shown_order: CandidateIds | None = None
+    """The item's candidate ids in the order shown; default: the order the server handed out."""
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> JudgmentRequest:
+        if self.none_fit and self.accepted:
+            raise ValueError("none_fit=true together with accepted candidates: choose one or the other")
+        if not self.none_fit and not self.accepted:
+            raise ValueError("nothing chosen: accept at least one candidate or send none_fit=true")
+        if len(set(self.accepted)) != len(self.accepted):
+            raise ValueError("a candidate is listed twice in accepted")
+        if self.seconds is not None and not math.isfinite(self.seconds):
+            raise ValueError("seconds must be a finite number")
+        return self
+
+
+def create_app(
+    store: FeedbackStore,
+    run_dir: Path | None,
+    cfg: AnnotateConfig,
+    token: str | None = None,
+    round_idx: int | None = None,
+    *,
+    clock: Callable[[], datetime] | None = None,
+) -> FastAPI:
+    """The annotation app over a feedback store.
+
+    Args:
+        store: Where items are read from and leases and judgments written to.
+        run_dir: The run directory; relative `image_ref`s are looked up in run_dir/images. None: only
+            absolute image paths are served.
+        cfg: Annotations per item, lease time and guidelines.
+        token: Access token every /api route and the page require; None: open (loopback only).
+        round_idx: The round to judge; None: the latest round with items that still need judgments,
+            looked up on every request (the page moves on to a new round when the loop adds one).
+        clock: Current UTC time for leases (tests); default: the system clock.
+
+    Returns:
+        The FastAPI app; serve it with `serve` or uvicorn.
+    """
+    app = FastAPI(title="illume annotate", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    per_item = cfg.annotations_per_item
+    images_dir = (run_dir / "images").resolve() if run_dir is not None else None
+
+    def now() -> datetime | None:
+        return clock() if clock is not None else None
+
+    def require_token(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else request.query_params.get("token", "")
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "this page needs its access token: open the URL that `illume annotate` "
+                                     "printed (it ends in ?token=...)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def current_round() -> int | None:
+        return round_idx if round_idx is not None else store.open_round(per_item, SPLIT)
+
+    def progress(round_: int | None, annotator: str) -> dict[str, Any] | None:
+        if round_ is None:
+            return None
+        counts = store.annotation_progress(round_, per_item, annotator, SPLIT)
+        return {
+            "mine": {"judged": counts["mine"], "total": counts["items"]},
+            "everyone": {"judged": counts["counted_judgments"], "total": counts["needed_judgments"]},
+            "round": {"judged": counts["complete_items"], "total": counts["items"]},
+        }
+
+    def load_item(item_id: int) -> dict[str, Any]:
+        item = store.item(item_id)
+        other_round = round_idx is not None and item is not None and item["round_idx"] != round_idx
+        if item is None or item["split"] != SPLIT or other_round:
+            raise HTTPException(404, f"item {item_id} is not in this annotation round")
+        return item
+
+    def item_view(item: dict[str, Any], order: list[int] | None) -> dict[str, Any]:
+        texts = dict(item["candidates"])
+        if not order or sorted(order) != sorted(texts):
+            order = list(texts)
+        return {
+            "item_id": item["item_id"], "example_id": item["example_id"], "round_idx": item["round_idx"],
+            "question": _question_of(item["prompt"], item["answer"]), "answer": item["answer"],
+            "image_url": f"/api/image/{item['item_id']}" if item["image_ref"] else None,
+            "candidates": [{"id": candidate_id, "text": texts[candidate_id]} for candidate_id in order],
+        }
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+
+    @api.get("/config")
+    def get_config() -> dict[str, Any]:
+        return {"guidelines": cfg.guidelines, "annotations_per_item": per_item,
+                "lease_seconds": cfg.lease_seconds, "round_idx": current_round()}
+
+    @api.post("/next")
+    def next_item(body: NextRequest) -> dict[str, Any]:
+        round_ = current_round()
+        if round_ is None:
+            return {"round_idx": None, "item": None, "progress": None,
+                    "message": "No candidates in the store yet: waiting for the loop to sample a round."}
+        lease = store.lease_item(round_, body.annotator, per_item, cfg.lease_seconds, SPLIT, now=now())
+        if lease is None:
+            counts = progress(round_, body.annotator)
+            done = counts["round"]["judged"] == counts["round"]["total"]
+            message = (f"Round {round_} is fully judged. Thank you! Waiting for the next round."
+                       if done else f"Nothing left for you in round {round_} right now (the rest is held by "
+                                    "others or already judged by you); checking again shortly.")
+            return {"round_idx": round_, "item": None, "progress": counts, "message": message}
+        item = store.item(lease.item_id)
+        return {"round_idx": round_, "item": {**item_view(item, lease.shown_order),
+                                               "lease_expires_at": lease.expires_at.isoformat()},
+                "progress": progress(round_, body.annotator), "message": None}
+
+    @api.post("/lease")
+    def renew_lease(body: LeaseRequest) -> dict[str, Any]:
+        load_item(body.item_id)
+        lease = store.renew_lease(body.item_id, body.annotator, per_item, cfg.lease_seconds, now=now())
+        return {"held": lease is not None,
+                "lease_expires_at": lease.expires_at.isoformat() if lease is not None else None}
+
+    def write_judgment(body: JudgmentRequest, replace: bool) -> dict[str, Any]:
+        item = load_item(body.item_id)
+        try:
+            if replace:
+                stored = store.replace_judgment(
+                    body.item_id, body.annotator, body.accepted, body.none_fit, body.seconds,
+                    body.client_token, body.shown_order, now=now())
+            else:
+                stored = store.submit_judgment(
+                    body.item_id, body.annotator, body.accepted, body.none_fit, body.seconds,
+                    body.client_token, body.shown_order, per_item, now=now())
+        except KeyError as error:
+            raise HTTPException(404, error.args[0] if error.args else str(error)) from error
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from error
+        except JudgmentConflict as error:
+            raise HTTPException(409, str(error)) from error
+        # Reached only after the store's transaction committed: an acknowledged judgment is on disk.
+        return {"ok": True, "duplicate": not stored, "item_id": body.item_id,
+                "progress": progress(item["round_idx"], body.annotator)}
+
+    @api.post("/judgment")
+    def post_judgment(body: JudgmentRequest) -> dict[str, Any]:
+        return write_judgment(body, replace=False)
+
+    @api.put("/judgment")
+    def put_judgment(body: JudgmentRequest) -> dict[str, Any]:
+        return write_judgment(body, replace=True)
+
+    @api.get("/history")
+    def history(annotator: Annotated[AnnotatorName, Query()],
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        round_ = current_round()
+        if round_ is None:
+            return {"round_idx": None, "items": []}
+        items = []
+        for judgment in store.judgments_by(round_, annotator, SPLIT)[:limit]:
+            view = item_view(store.item(judgment["item_id"]), judgment["shown_order"])
+            items.append({**view, "accepted": judgment["accepted"], "none_fit": judgment["none_fit"],
+                          "seconds": judgment["seconds"], "judged_at": judgment["created_at"].isoformat(),
+                          "updated_at": judgment["updated_at"] and judgment["updated_at"].isoformat()})
+        return {"round_idx": round_, "items": items}
+
+    @api.get("/image/{item_id:int}")  # digits only: nothing else reaches the handler
+    def image(item_id: RowId) -> FileResponse:
+        item = load_item(item_id)
+        path = _image_path(item["image_ref"], images_dir)
+        if path is None:
+            raise HTTPException(404, f"item {item_id} has no image this server may serve")
+        return FileResponse(path, media_type=IMAGE_TYPES[path.suffix.lower()],
+                            headers={"Cache-Control": "private, max-age=3600",
+                                     "X-Content-Type-Options": "nosniff"})
+
+    app.include_router(api)
+
+    @app.get("/", include_in_schema=False, dependencies=[Depends(require_token)])
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache", **_PAGE_HEADERS})
+
+    # The script and the style sheet hold no data, so they need no token.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+_PAGE_HEADERS = {
+    # Defence in depth beside textContent: no inline scripts, nothing from elsewhere.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                               "script-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with one readable reason (`detail`) and the field errors (`errors`), never echoing the input."""
+    errors = []
+    for e in error.errors():
+        where = ".".join(str(part) for part in e.get("loc", ()) if part not in ("body", "query", "path"))
+        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        errors.append({"field": where or None, "message": message})
+    detail = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
+    return JSONResponse({"detail": detail or "malformed request", "errors": errors}, status_code=422)
+
+
+_QUESTION = re.compile(r"^\s*Q:\s*(?P<question>.*?)\s+A:\s", re.DOTALL)
+
+
+def _question_of(prompt: str, answer: str) -> str:
+    """The question inside a rationale prompt `Q: {question} A: {answer}, seeing that` (the whole prompt if
+    it has another shape)."""
+    suffix = f" A: {answer}, seeing that"
+    if prompt.startswith("Q: ") and prompt.endswith(suffix):
+        return prompt[3:-len(suffix)].strip()
+    match = _QUESTION.match(prompt)
+    return match.group("question").strip() if match else prompt
+
+
+def _image_path(image_ref: str | None, images_dir: Path | None) -> Path | None:
+    """The file to serve for an item's `image_ref`, or None if it may not be served.
+
+    A relative ref is looked up as run_dir/REF and as run_dir/images/REF and must resolve (links followed)
+    inside run_dir/images; an absolute path is served as the loop recorded it. Either way only existing
+    files with an image suffix; URLs and anything else are refused.
+    """
+    if not image_ref or "\x00" in image_ref or "://" in image_ref:
+        return None
+    ref = Path(image_ref)
+    if ref.is_absolute():
+        places = [ref]
+    elif images_dir is not None:
+        places = [images_dir.parent / ref, images_dir / ref]
+    else:
+        return None
+    for place in places:
+        try:
+            path = place.resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        inside = ref.is_absolute() or path.is_relative_to(images_dir)
+        if inside and path.is_file() and path.suffix.lower() in IMAGE_TYPES:
+            return path
+    return None
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+    """Serve the app with uvicorn (one process; the store handles concurrent requests)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m illume.annotate.server`: serve a store without a run config (tests, scripts)."""
+    parser = argparse.ArgumentParser(description="Serve the annotation page over a feedback store.")
+    parser.add_argument("--store", required=True, help="SQLAlchemy URL or SQLite file of the feedback store")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="run directory (images are in RUN_DIR/images)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=AnnotateConfig.port)
+    parser.add_argument("--token", default=None, help="access token (required with a non-loopback --host)")
+    parser.add_argument("--round", type=int, default=None, dest="round_idx")
+    parser.add_argument("--annotations-per-item", type=int, default=AnnotateConfig.annotations_per_item)
+    parser.add_argument("--lease-seconds", type=float, default=AnnotateConfig.lease_seconds)
+    args = parser.parse_args(argv)
+    if not is_loopback(args.host) and not args.token:
+        parser.error("a non-loopback --host needs --token")
+    cfg = AnnotateConfig(host=args.host, port=args.port, annotations_per_item=args.annotations_per_item,
+                         lease_seconds=args.lease_seconds)
+    store = FeedbackStore(args.store)
+    serve(create_app(store, args.run_dir, cfg, args.token, args.round_idx), args.host, args.port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,667 @@
+"""Exports of a run's feedback store: TRL-format datasets (SFT, DPO, KTO) and a flat JSONL of every decision.
+
+    illume export RUN_DIR --format sft|dpo|kto|jsonl [--out PATH] [--round N | --upto-round N]
+                  [--split train|val|test|all] [--min-accepts K] [--as-jsonl] [--conversational] [--no-images]
+
+What the rows are (every row also has `images`, `example_id`, `round_idx`, `annotators`, `created_at`):
+
+- `sft`  {prompt, completion}: one row per distinct accepted rationale of an example, completion =
+  " " + rationale (the prompt ends with "seeing that"). The same set `FeedbackStore.accepted_rationales`
+  gives the loop's fine-tuning.
+- `dpo`  {prompt, chosen, rejected}: every (accepted, rejected) pair of candidates of the same item
+  (an item = one example in one round: its candidates were judged side by side), deduplicated.
+- `kto`  {prompt, completion, label}: one row per distinct judged rationale, label True = accepted.
+- `jsonl`: one flat object per decision (judgment x candidate shown) with everything the store holds.
+
+Verdicts when several judgments saw a candidate (K = `min_accepts`, default 1):
+- In an item, a candidate is *accepted* if at least K judgments accepted it, *rejected* if it was shown and
+  no judgment accepted it, and *contested* otherwise (0 < accepts < K; impossible with K = 1).
+- A rationale (example, prompt, text) is accepted if it was accepted in any item (any round), the loop's
+  rule; otherwise rejected only if it was rejected everywhere it was shown, else contested.
+- Contested rationales are left out of every format: they are neither SFT targets, nor DPO rejections,
+  nor KTO rows. A DPO pair is (candidate accepted in the item, candidate whose rationale is rejected) of one
+  item, so every `chosen` is an SFT row / KTO True row and every `rejected` is a KTO False row.
+- "None fits" judgments reject every candidate they saw.
+
+`annotators` and `created_at` are parallel lists, oldest first: the judgments behind the row (SFT and
+KTO True: those that accepted it; KTO False: those that rejected it; DPO: those of the item, which saw
+both candidates), with the time of each judgment as an ISO-8601 UTC string.
+
+Images: `images` holds one image per row, TRL's vision format (a list of images). In a saved dataset it is a
+`Sequence(Image())` column, so `load_from_disk` gives PIL images; `save_to_disk` embeds the image bytes, so the
+export does not depend on the run's image files. In JSONL files it is a list of absolute paths. An item's
+image is its stored `image_ref` (a path, relative to the run directory unless absolute); items stored without
+one take the image of the example in the run's dataset (config.yaml, e.g. the in-memory shapes world; those
+are written as PNG files beside a JSONL export). `--no-images` exports text only (no `images` column).
+
+`--conversational` writes TRL's conversational format instead of plain text: prompt = [{"role": "user",
+"content": prompt}], completions = [{"role": "assistant", "content": rationale}]; TRL then puts the image
+placeholder into the user turn, which chat VLMs (LLaVA, Qwen2-VL, SmolVLM: the `hf` backend) need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import null, select
+from sqlalchemy.engine import make_url
+
+from illume.store import CandidateRow, DecisionRow, FeedbackStore, ItemRow, JudgmentRow
+
+FORMATS = ("sft", "dpo", "kto", "jsonl")
+DATASET_FORMATS = ("sft", "dpo", "kto")
+SPLIT_CHOICES = ("train", "val", "test", "all")
+
+ACCEPTED, REJECTED, CONTESTED = "accepted", "rejected", "contested"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made: no store, nothing judged, no pairs, an unreadable image, ..."""
+
+
+# Columns a newer store has (an older one gives None): when a judgment was revised, the shuffled position.
+_UPDATED_AT = getattr(JudgmentRow, "updated_at", null())
+_POSITION_SHOWN = getattr(DecisionRow, "position_shown", null())
+
+# -------------------------------------------------------------------- what the store holds
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    id: int
+    text: str
+    temperature: float
+    seed: int
+    sample_idx: int
+    logprob: float
+    position: int
+
+
+@dataclass(frozen=True)
+class JudgmentInfo:
+    id: int
+    annotator: str
+    none_fit: bool
+    seconds: float | None
+    created_at: datetime
+    client_token: str | None
+    decisions: dict[int, bool] = field(hash=False, compare=False)
+    """Candidate id -> accepted, for every candidate shown."""
+    updated_at: datetime | None = None
+    """When the annotator last revised the judgment; None if never (or not recorded)."""
+    positions_shown: dict[int, int | None] = field(default_factory=dict, hash=False, compare=False)
+    """Candidate id -> its place in the (shuffled) list the annotator saw, when recorded."""
+
+
+@dataclass
+class JudgedItem:
+    """One example in one round and split, with its candidates and every judgment of it."""
+
+    round_idx: int
+    split: str
+    example_id: str
+    prompt: str
+    answer: str
+    predicted_answer: str
+    seed: int
+    image_ref: str | None
+    candidates: list[CandidateInfo]
+    judgments: list[JudgmentInfo]
+
+    def accepting(self, candidate_id: int) -> list[JudgmentInfo]:
+        return [j for j in self.judgments if j.decisions.get(candidate_id) is True]
+
+    def rejecting(self, candidate_id: int) -> list[JudgmentInfo]:
+        return [j for j in self.judgments if j.decisions.get(candidate_id) is False]
+
+    def verdict(self, candidate_id: int, min_accepts: int = 1) -> str | None:
+        """ACCEPTED, REJECTED or CONTESTED in this item (see the module doc); None if never shown."""
+        accepts, rejects = len(self.accepting(candidate_id)), len(self.rejecting(candidate_id))
+        if accepts >= min_accepts:
+            return ACCEPTED
+        if accepts == 0:
+            return REJECTED if rejects else None
+        return CONTESTED
+
+
+def read_feedback(
+    store: FeedbackStore,
+    split: str | None = "train",
+    round_idx: int | None = None,
+    upto_round: int | None = None,
+) -> list[JudgedItem]:
+    """Every judged item of the store (items nobody judged are left out), in round and insertion order.
+
+    Args:
+        store: The feedback store.
+        split: Only this split's items; None: all splits.
+        round_idx: Only this round.
+        upto_round: Only rounds <= upto_round.
+    """
+    where = []
+    if split is not None:
+        where.append(ItemRow.split == split)
+    if round_idx is not None:
+        where.append(ItemRow.round_idx == round_idx)
+    if upto_round is not None:
+        where.append(ItemRow.round_idx <= upto_round)
+    judged = select(JudgmentRow.id).where(JudgmentRow.item_id == ItemRow.id).exists()
+    # The store has no public per-item read with image refs and candidate details; read its tables
+    # through its own (read-only) session factory.
+    with store._read() as session:
+        items = session.execute(
+            select(ItemRow.id, ItemRow.round_idx, ItemRow.split, ItemRow.example_id, ItemRow.prompt,
+                   ItemRow.answer, ItemRow.predicted_answer, ItemRow.seed, ItemRow.image_ref)
+            .where(judged, *where).order_by(ItemRow.round_idx, ItemRow.id)
+        ).all()
+        candidates: dict[int, list[CandidateInfo]] = {}
+        for row in session.execute(
+            select(CandidateRow.item_id, CandidateRow.id, CandidateRow.text, CandidateRow.temperature,
+                   CandidateRow.seed, CandidateRow.sample_idx, CandidateRow.logprob, CandidateRow.position)
+            .join(ItemRow, ItemRow.id == CandidateRow.item_id)
+            .where(judged, *where).order_by(CandidateRow.item_id, CandidateRow.position)
+        ):
+            candidates.setdefault(row.item_id, []).append(CandidateInfo(
+                id=row.id, text=row.text, temperature=row.temperature, seed=row.seed,
+                sample_idx=row.sample_idx, logprob=row.logprob, position=row.position,
+            ))
+        decisions: dict[int, dict[int, bool]] = {}
+        positions: dict[int, dict[int, int | None]] = {}
+        for judgment_id, candidate_id, accepted, position in session.execute(
+            select(DecisionRow.judgment_id, DecisionRow.candidate_id, DecisionRow.accepted, _POSITION_SHOWN)
+            .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id)
+            .join(ItemRow, ItemRow.id == JudgmentRow.item_id).where(*where)
+        ):
+            decisions.setdefault(judgment_id, {})[candidate_id] = bool(accepted)
+            positions.setdefault(judgment_id, {})[candidate_id] = position
+        judgments: dict[int, list[JudgmentInfo]] = {}
+        for row in session.execute(
+            select(JudgmentRow.item_id, JudgmentRow.id, JudgmentRow.annotator, JudgmentRow.none_fit,
+                   JudgmentRow.seconds, JudgmentRow.created_at, JudgmentRow.client_token,
+                   _UPDATED_AT.label("updated_at"))
+            .join(ItemRow, ItemRow.id == JudgmentRow.item_id).where(*where).order_by(JudgmentRow.id)
+        ):
+            judgments.setdefault(row.item_id, []).append(JudgmentInfo(
+                id=row.id, annotator=row.annotator, none_fit=bool(row.none_fit), seconds=row.seconds,
+                created_at=row.created_at, client_token=row.client_token,
+                decisions=decisions.get(row.id, {}), updated_at=row.updated_at,
+                positions_shown=positions.get(row.id, {}),
+            ))
+    return [
+        JudgedItem(round_idx=r.round_idx, split=r.split, example_id=r.example_id, prompt=r.prompt,
+                   answer=r.answer, predicted_answer=r.predicted_answer, seed=r.seed, image_ref=r.image_ref,
+                   candidates=candidates.get(r.id, []), judgments=judgments.get(r.id, []))
+        for r in items
+    ]
+
+
+# -------------------------------------------------------------------- rows
+
+ImagesOf = Callable[[JudgedItem], list[Any]]
+"""An item -> the value of its rows' `images` column."""
+
+_Key = tuple[str, str, str, str]  # (split, example_id, prompt, text): one rationale of one example
+
+
+def _key(item: JudgedItem, text: str) -> _Key:
+    return (item.split, item.example_id, item.prompt, text)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def _provenance(judgments: Iterable[JudgmentInfo]) -> dict[str, list[str]]:
+    """Parallel `annotators` / `created_at` lists of distinct judgments, oldest first."""
+    unique = sorted({j.id: j for j in judgments}.values(), key=lambda j: (j.created_at, j.id))
+    return {"annotators": [j.annotator for j in unique], "created_at": [_iso(j.created_at) for j in unique]}
+
+
+class _Rationales:
+    """Verdicts and judgments of every rationale (example, prompt, text) over all its items."""
+
+    def __init__(self, items: list[JudgedItem], min_accepts: int) -> None:
+        if min_accepts < 1:
+            raise ExportError(f"min_accepts must be >= 1, got {min_accepts}")
+        self.min_accepts = min_accepts
+        self.order: dict[_Key, tuple[JudgedItem, CandidateInfo]] = {}  # first occurrence
+        self.first_accepted: dict[_Key, JudgedItem] = {}
+        self.verdicts: dict[_Key, set[str]] = {}
+        self.accepting: dict[_Key, list[JudgmentInfo]] = {}
+        self.rejecting: dict[_Key, list[JudgmentInfo]] = {}
+        for item in items:
+            for candidate in item.candidates:
+                verdict = item.verdict(candidate.id, min_accepts)
+                if verdict is None:
+                    continue
+                key = _key(item, candidate.text)
+                self.order.setdefault(key, (item, candidate))
+                self.verdicts.setdefault(key, set()).add(verdict)
+                self.accepting.setdefault(key, []).extend(item.accepting(candidate.id))
+                self.rejecting.setdefault(key, []).extend(item.rejecting(candidate.id))
+                if verdict == ACCEPTED:
+                    self.first_accepted.setdefault(key, item)
+
+    def status(self, key: _Key) -> str:
+        verdicts = self.verdicts[key]
+        if ACCEPTED in verdicts:
+            return ACCEPTED
+        return CONTESTED if CONTESTED in verdicts else REJECTED
+
+
+def _text(value: str, role: str, conversational: bool) -> Any:
+    """A prompt (role "user") or completion (role "assistant") in TRL's standard or conversational form."""
+    if conversational:
+        return [{"role": role, "content": value}]
+    return value if role == "user" else " " + value
+
+
+def _meta(item: JudgedItem, images_of: ImagesOf | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"example_id": item.example_id, "round_idx": item.round_idx}
+    if images_of is not None:
+        meta["images"] = images_of(item)
+    return meta
+
+
+def sft_rows(
+    items: list[JudgedItem], min_accepts: int = 1, images_of: ImagesOf | None = None,
+    conversational: bool = False,
+) -> list[dict[str, Any]]:
+    """{prompt, completion}: one row per accepted rationale, in first-occurrence order (see module doc)."""
+    rationales = _Rationales(items, min_accepts)
+    rows = []
+    for key, (_, candidate) in rationales.order.items():
+        if rationales.status(key) != ACCEPTED:
+            continue
+        item = rationales.first_accepted[key]
+        rows.append({
+            "prompt": _text(item.prompt, "user", conversational),
+            "completion": _text(candidate.text, "assistant", conversational),
+            **_meta(item, images_of), **_provenance(rationales.accepting[key]),
+        })
+    return rows
+
+
+def kto_rows(
+    items: list[JudgedItem], min_accepts: int = 1, images_of: ImagesOf | None = None,
+    conversational: bool = False,
+) -> list[dict[str, Any]]:
+    """{prompt, completion, label}: one row per judged rationale that is not contested (see module doc)."""
+    rationales = _Rationales(items, min_accepts)
+    rows = []
+    for key, (first_item, candidate) in rationales.order.items():
+        status = rationales.status(key)
+        if status == CONTESTED:
+            continue
+        label = status == ACCEPTED
+        item = rationales.first_accepted[key] if label else first_item
+        judgments = rationales.accepting[key] if label else rationales.rejecting[key]
+        rows.append({
+            "prompt": _text(item.prompt, "user", conversational),
+            "completion": _text(candidate.text, "assistant", conversational),
+            "label": label,
+            **_meta(item, images_of), **_provenance(judgments),
+        })
+    return rows
+
+
+def dpo_rows(
+    items: list[JudgedItem], min_accepts: int = 1, images_of: ImagesOf | None = None,
+    conversational: bool = False,
+) -> list[dict[str, Any]]:
+    """{prompt, chosen, rejected}: every (accepted, rejected) candidate pair of one item, deduplicated.
+
+    Pairs repeated in several rounds (same example, prompt and texts) are one row with the first round and
+    the judgments of all of them.
+    """
+    rationales = _Rationales(items, min_accepts)
+    pairs: dict[tuple[_Key, str], tuple[JudgedItem, str, str, list[JudgmentInfo]]] = {}
+    for item in items:
+        chosen = [c for c in item.candidates if item.verdict(c.id, min_accepts) == ACCEPTED]
+        rejected = [c for c in item.candidates
+                    if item.verdict(c.id, min_accepts) == REJECTED
+                    and rationales.status(_key(item, c.text)) == REJECTED]
+        for good in chosen:
+            for bad in rejected:
+                key = (_key(item, good.text), bad.text)
+                if key not in pairs:
+                    pairs[key] = (item, good.text, bad.text, [])
+                pairs[key][3].extend(item.judgments)
+    return [
+        {
+            "prompt": _text(item.prompt, "user", conversational),
+            "chosen": _text(good, "assistant", conversational),
+            "rejected": _text(bad, "assistant", conversational),
+            **_meta(item, images_of), **_provenance(judgments),
+        }
+        for item, good, bad, judgments in pairs.values()
+    ]
+
+
+def judgment_rows(items: list[JudgedItem], images_of: ImagesOf | None = None) -> list[dict[str, Any]]:
+    """One flat row per decision (judgment x candidate shown); a judgment of an item without candidates
+    gives one row with the candidate fields None."""
+    rows = []
+    for item in items:
+        item_fields = {
+            "round_idx": item.round_idx, "split": item.split, "example_id": item.example_id,
+            "prompt": item.prompt, "answer": item.answer, "predicted_answer": item.predicted_answer,
+            "item_seed": item.seed, "image_ref": item.image_ref,
+        }
+        if images_of is not None:
+            item_fields["images"] = images_of(item)
+        for judgment in item.judgments:
+            judgment_fields = {
+                "judgment_id": judgment.id, "annotator": judgment.annotator, "none_fit": judgment.none_fit,
+                "seconds": judgment.seconds, "created_at": _iso(judgment.created_at),
+                "updated_at": _iso(judgment.updated_at) if judgment.updated_at else None,
+                "client_token": judgment.client_token,
+            }
+            shown = [c for c in item.candidates if c.id in judgment.decisions]
+            for candidate in shown or [None]:
+                candidate_fields = {
+                    "candidate_id": None, "position": None, "text": None, "temperature": None, "seed": None,
+                    "sample_idx": None, "logprob": None, "position_shown": None, "accepted": None,
+                }
+                if candidate is not None:
+                    candidate_fields = {
+                        "candidate_id": candidate.id, "position": candidate.position, "text": candidate.text,
+                        "temperature": candidate.temperature, "seed": candidate.seed,
+                        "sample_idx": candidate.sample_idx, "logprob": candidate.logprob,
+                        "position_shown": judgment.positions_shown.get(candidate.id),
+                        "accepted": judgment.decisions[candidate.id],
+                    }
+                rows.append({**item_fields, **candidate_fields, **judgment_fields})
+    return rows
+
+
+# -------------------------------------------------------------------- images
+
+
+class ImageResolver:
+    """An item's image: its `image_ref` (relative to the run directory) or its example's in-memory image.
+
+    Args:
+        run_dir: Where relative image refs point, and whose config.yaml gives the dataset for items stored
+            without an image ref (loaded only if such an item is met).
+        as_paths: Give absolute path strings (JSONL); in-memory images are then written as PNG files
+            into `image_dir`. Otherwise give what a `datasets.Image` feature encodes (a path string, or
+            {"bytes": PNG, "path": None}).
+        image_dir: Where in-memory images are written when `as_paths`.
+    """
+
+    def __init__(self, run_dir: Path, as_paths: bool = False, image_dir: Path | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.as_paths = as_paths
+        self.image_dir = image_dir
+        self._examples: dict[tuple[str, str], Any] = {}
+        self._loaded_splits: set[str] = set()
+        self._cache: dict[tuple[str, str, str | None], Any] = {}
+
+    def __call__(self, item: JudgedItem) -> list[Any]:
+        key = (item.split, item.example_id, item.image_ref)
+        if key not in self._cache:
+            self._cache[key] = self._resolve(item)
+        return [self._cache[key]]
+
+    def _where(self, item: JudgedItem) -> str:
+        return f"example {item.example_id!r} (round {item.round_idx}, {item.split})"
+
+    def _resolve(self, item: JudgedItem) -> Any:
+        if item.image_ref is not None:
+            path = Path(item.image_ref).expanduser()
+            path = path if path.is_absolute() else self.run_dir / path
+            path = path.resolve()
+            if not path.is_file():
+                raise ExportError(f"image not found: {path} (image_ref {item.image_ref!r} of {self._where(item)})")
+            return str(path)
+        image = self._dataset_image(item)
+        if isinstance(image, (str, Path)):
+            path = Path(image).resolve()
+            if not path.is_file():
+                raise ExportError(f"image not found: {path} (the dataset's image of {self._where(item)})")
+            return str(path)
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        if not self.as_paths:
+            return {"bytes": buffer.getvalue(), "path": None}
+        assert self.image_dir is not None
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        path = self.image_dir / f"{_file_name(item.split + '-' + item.example_id)}.png"
+        path.write_bytes(buffer.getvalue())
+        return str(path.resolve())
+
+    def _dataset_image(self, item: JudgedItem) -> Any:
+        if item.split not in self._loaded_splits:
+            self._load_split(item)
+        try:
+            return self._examples[(item.split, item.example_id)]
+        except KeyError:
+            raise ExportError(
+                f"{self._where(item)} has no image_ref in the store and is not in the run's {item.split} "
+                f"dataset ({self.run_dir / 'config.yaml'}); export with --no-images for text only"
+            ) from None
+
+    def _load_split(self, item: JudgedItem) -> None:
+        from illume.config import ConfigError, load_config
+        from illume.data.datasets import DatasetError, load_split
+
+        config_path = self.run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise ExportError(
+                f"{self._where(item)} has no image_ref in the store and there is no {config_path} to find "
+                "its dataset; export with --no-images for text only"
+            )
+        try:
+            examples = load_split(load_config(config_path).data, item.split)
+        except (ConfigError, DatasetError, OSError, ValueError) as error:
+            raise ExportError(
+                f"items have no image_ref and the run's {item.split} dataset cannot be loaded: {error}"
+            ) from error
+        self._loaded_splits.add(item.split)
+        self._examples.update({(item.split, e.id): e.image for e in examples})
+
+
+def _file_name(text: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:100]
+    return f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+# -------------------------------------------------------------------- datasets and files
+
+
+def features_for(fmt: str, images: bool = True, conversational: bool = False):
+    """The `datasets.Features` of a saved sft/dpo/kto export."""
+    from datasets import Features, Image, Sequence, Value
+
+    text = Value("string")
+    message = [{"role": Value("string"), "content": Value("string")}] if conversational else text
+    columns: dict[str, Any] = {"prompt": message}
+    if fmt == "sft":
+        columns["completion"] = message
+    elif fmt == "dpo":
+        columns.update(chosen=message, rejected=message)
+    elif fmt == "kto":
+        columns.update(completion=message, label=Value("bool"))
+    else:
+        raise ValueError(f"format must be one of {DATASET_FORMATS}, got {fmt!r}")
+    if images:
+        columns["images"] = Sequence(Image())
+    columns.update(example_id=text, round_idx=Value("int64"), annotators=Sequence(text),
+                   created_at=Sequence(text))
+    return Features(columns)
+
+
+def to_dataset(rows: list[dict[str, Any]], fmt: str, images: bool = True, conversational: bool = False):
+    """The rows as a `datasets.Dataset` with `features_for(fmt, ...)`."""
+    from datasets import Dataset
+
+    features = features_for(fmt, images, conversational)
+    return Dataset.from_list([{name: row[name] for name in features} for row in rows], features=features)
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: Path
+    """The dataset directory (`datasets.load_from_disk(path)`) or the JSONL file."""
+    num_rows: int
+
+
+def store_for_run(run_dir: str | Path) -> FeedbackStore:
+    """The run's feedback store: `store_url` of RUN_DIR/config.yaml if set, else RUN_DIR/feedback.db.
+
+    Raises:
+        ExportError: No such run directory or no store there (nothing is created).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory not found: {run_dir}")
+    url = None
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            url = OmegaConf.load(config_path).get("store_url")
+        except Exception as error:  # a broken YAML file
+            raise ExportError(f"cannot read {config_path}: {error}") from error
+    if url:
+        url = str(url)
+        if "://" in url:  # a SQLAlchemy URL; a plain path is a SQLite file, as in the loop
+            parsed = make_url(url)
+            database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+        else:
+            database = url
+        if database not in (None, "", ":memory:") and not Path(database).expanduser().is_file():
+            raise ExportError(f"no feedback store at {database} (store_url of {config_path})")
+        return FeedbackStore(url)
+    path = run_dir / "feedback.db"
+    if not path.is_file():
+        raise ExportError(f"no feedback store at {path}: is {run_dir} a run directory?")
+    return FeedbackStore(path)
+
+
+def export(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    round_idx: int | None = None,
+    upto_round: int | None = None,
+    split: str = "train",
+    min_accepts: int = 1,
+    as_jsonl: bool = False,
+    conversational: bool = False,
+    images: bool = True,
+) -> ExportResult:
+    """Export a run's feedback in one format (see the module doc for the rows).
+
+    Args:
+        run_dir: The run directory (its config.yaml and feedback.db).
+        fmt: "sft", "dpo", "kto" or "jsonl".
+        out: Where to write: the dataset directory, or the .jsonl file for fmt="jsonl" or `as_jsonl`.
+            Default: RUN_DIR/exports/<fmt> (a dataset) or RUN_DIR/exports/<fmt>.jsonl. An existing dataset
+            directory there is replaced; any other existing directory is an error.
+        round_idx: Only this round's items.
+        upto_round: Only items of rounds <= upto_round.
+        split: The items' split ("train", "val", "test"), or "all".
+        min_accepts: How many judgments must accept a candidate in an item (see the module doc).
+        as_jsonl: Write sft/dpo/kto as JSONL (images as absolute paths) rather than a saved dataset.
+        conversational: TRL's conversational format (messages) rather than plain text.
+        images: Write the `images` column.
+
+    Raises:
+        ExportError: No store, no judgments, no rows (e.g. no DPO pair), an unreadable image, a bad out path.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if split not in SPLIT_CHOICES:
+        raise ExportError(f"split must be one of {SPLIT_CHOICES}, got {split!r}")
+    if round_idx is not None and upto_round is not None:
+        raise ExportError("give either round_idx or upto_round, not both")
+    run_dir = Path(run_dir)
+    jsonl = as_jsonl or fmt == "jsonl"
+    default = run_dir / "exports" / (f"{fmt}.jsonl" if jsonl else fmt)
+    out = Path(out) if out is not None else default
+    if not jsonl:
+        _check_replaceable(out)
+    elif out.is_dir():
+        raise ExportError(f"{out} is a directory; the JSONL export needs a file path")
+
+    with store_for_run(run_dir) as store:
+        items = read_feedback(store, None if split == "all" else split, round_idx, upto_round)
+        if not items:
+            scope = ", ".join(filter(None, [
+                f"split {split}" if split != "all" else "",
+                f"round {round_idx}" if round_idx is not None else "",
+                f"rounds <= {upto_round}" if upto_round is not None else "",
+            ]))
+            raise ExportError(f"no judgments in the feedback store {store.url}" + (f" ({scope})" if scope else ""))
+
+    images_of = None
+    if images:
+        images_of = ImageResolver(run_dir, as_paths=jsonl, image_dir=out.parent / f"{out.stem}_images")
+    if fmt == "jsonl":
+        rows = judgment_rows(items, images_of)
+    else:
+        build = {"sft": sft_rows, "dpo": dpo_rows, "kto": kto_rows}[fmt]
+        rows = build(items, min_accepts, images_of, conversational)
+    if not rows:
+        raise ExportError({
+            "sft": "no accepted rationale to export (no candidate was accepted by enough judgments)",
+            "dpo": "no DPO pairs: no item has both an accepted and a rejected candidate",
+            "kto": "no judged candidate to export (the judged items have no candidates, or all are contested)",
+            "jsonl": "no decisions to export",
+        }[fmt])
+
+    if jsonl:
+        _write_jsonl(rows, out)
+    else:
+        _save_dataset(to_dataset(rows, fmt, images, conversational), out)
+    return ExportResult(format=fmt, path=out, num_rows=len(rows))
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and (_is_saved_dataset(out) or not any(out.iterdir()))):
+        raise ExportError(f"{out} exists and is not a saved dataset; choose another --out")
+
+
+def _save_dataset(dataset: Any, out: Path) -> None:
+    """save_to_disk into a fresh folder beside `out`, then swap it in (an old export is replaced whole)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        dataset.save_to_disk(str(tmp))
+        _check_replaceable(out)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _write_jsonl(rows: list[dict[str, Any]], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    with tmp.open("w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
