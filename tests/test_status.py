@@ -39,3 +39,15 @@ def test_summary_counts_people_and_agreement(tmp_path):
     assert r0["alpha"] == pytest.approx(expected)
     assert summary["people"]["ann"] == {"judgments": 3, "total_seconds": 9.0, "median_seconds": 3.0}
     assert summary["people"]["bob"]["judgments"] == 3
+
+
+def test_status_command_prints_rounds_and_people(tmp_path, capsys):
+    from illume.cli import main
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.add_candidate_sets(0, "train", [CandidateSet("ex0", "red", "red", "Q: q A: red, seeing that", 1,
+                                                       [Candidate("the circle is red", 0.3, 1, 0, -1.0)])])
+    store.add_judgment(0, "ex0", "ada", ["the circle is red"], seconds=3.0)
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Rounds" in out and "ada" in out and "3.0" in out
