@@ -165,9 +165,13 @@ class SampleConfig:
 class CriticConfig:
     """Who judges the candidates. `simulated` stands in for people in the paper's experiments."""
 
-    kind: Literal["simulated", "human"] = "simulated"
+    kind: Literal["simulated", "human", "reward", "hybrid"] = "simulated"
     """Critic: `simulated` accepts a candidate whose metric against any reference reaches the threshold;
-    `human`: people judge in the annotation page (or the terminal) and the loop waits for them."""
+    `human`: people judge in the annotation page (or the terminal) and the loop waits for them;
+    `reward`: the reward model judges (after `reward.human_rounds` rounds judged by people);
+    `hybrid`: the reward model decides the confident items, people the rest."""
+    people: Literal["simulated", "human"] = "simulated"
+    """Who the people are in reward/hybrid runs: the simulated critic standing in for them, or real people."""
     ui: Literal["web", "terminal"] = "web"
     """Human critic only: the annotation page (`illume annotate`) or a prompt in this terminal."""
     wait: bool = True
@@ -199,6 +203,34 @@ class AnnotateConfig:
         "If none does, choose 'none fits'."
     )
     """Guidelines shown on the page."""
+
+
+@dataclass
+class RewardConfig:
+    """The reward model learned from people's selections (reward/)."""
+
+    human_rounds: int = 1
+    """critic.kind=reward: rounds judged by people before the reward model takes over."""
+    include_reference_pairs: bool = True
+    """Pair the reference explanation (chosen) with the candidates of "none fits" items (rejected)."""
+    heldout_fraction: float = 0.2
+    """Share of judged examples held out (by example, never by pair) to evaluate and calibrate."""
+    margin: float = 0.0
+    """Bradley-Terry margin m in -log sigmoid(r_chosen - r_rejected - m)."""
+    center_coef: float = 0.01
+    """Weight of mean((r_chosen + r_rejected)^2), keeping rewards centred at 0 (0: off)."""
+    num_epochs: int = 3
+    """Epochs over the pairs."""
+    batch_size: int = 16
+    """Pairs per step."""
+    learning_rate: float = 1e-3
+    """Constant AdamW learning rate of adapters and head."""
+    target_precision: float = 0.9
+    """The accept threshold is the lowest score whose held-out precision reaches this."""
+    hybrid_band: float = 1.0
+    """critic.kind=hybrid: items with a candidate scored within this distance of the threshold go to people."""
+    seed: int = 0
+    """Seed of the split, initialisation and data order."""
 
 
 @dataclass
@@ -267,6 +299,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     store_url: str | None = None

@@ -110,4 +110,31 @@ class TerminalCritic:
             self.console.print(f"numbers must be 1..{len(cs.candidates)}, or 0 alone")
 
 
-CRITICS = {"simulated": SimulatedCritic, "terminal": TerminalCritic}
+
+
+
+class RewardCritic:
+    """Accepts a candidate when the reward model's score reaches the calibrated threshold.
+
+    With `band`, it only decides items whose every candidate scores at least `band` away from the threshold
+    (the confident ones); `review` leaves the others out, for people (critic.kind=hybrid).
+    """
+
+    def __init__(self, reward_model, threshold: float, band: float | None = None, annotator: str = "reward"):
+        self.reward_model, self.threshold, self.band, self.annotator = reward_model, threshold, band, annotator
+
+    def scores(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[list[float]]:
+        from reward.model import score
+
+        items = [(examples_by_id[cs.example_id], cs.prompt, [c.text for c in cs.candidates]) for cs in candidate_sets]
+        return score(self.reward_model, items)
+
+    def review(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
+        reviews = []
+        for cs, scores in zip(candidate_sets, self.scores(candidate_sets, examples_by_id)):
+            if self.band is not None and any(abs(s - self.threshold) < self.band for s in scores):
+                continue  # not confident: people decide this item
+            accepted = [i for i, s in enumerate(scores) if s >= self.threshold]
+            reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
+        return reviews
+CRITICS = {"simulated": SimulatedCritic, "terminal": TerminalCritic, "reward": RewardCritic}

@@ -59,9 +59,10 @@ def _write_json(path: Path, data) -> None:
 def results_table(results: list[dict]) -> Table:
     table = Table(title="ILLUME rounds (val scores x100)")
     # accepted %: train questions of the round with >= 1 accepted rationale; new / total: distinct accepted
-    # rationales new this round / in the training set; judgments: all judgments in the store so far.
-    for column in ("round", "accepted %", "new", "total", "judgments", "B-4", "METEOR", "ROUGE-L", "CIDEr",
-                   "answer acc."):
+    # rationales new this round / in the training set; judgments: all judgments in the store so far, by people:
+    # those not made by the reward model (the simulated critic stands in for people).
+    for column in ("round", "accepted %", "new", "total", "judgments", "by people", "B-4", "METEOR", "ROUGE-L",
+                   "CIDEr", "answer acc."):
         table.add_column(column, justify="right")
 
     def pct(row: dict, key: str) -> str:
@@ -72,6 +73,7 @@ def results_table(results: list[dict]) -> Table:
         accepted = "-" if row.get("accepted_pct") is None else f"{row['accepted_pct']:.1f}"
         table.add_row(str(row["round"]), accepted, str(row.get("new_rationales", "-")),
                       str(row.get("train_rationales", "-")), str(row.get("judgments", "-")),
+                      str(row.get("human_judgments", "-")),
                       *(pct(row, k) for k in VAL_KEYS))
     return table
 
@@ -129,11 +131,68 @@ def run(cfg: RunConfig) -> list[dict]:
 
 
 def _make_critic(cfg: RunConfig):
-    if cfg.critic.kind == "simulated":
+    """The people of the run: the simulated critic standing in for them, a terminal prompt, or None for the
+    annotation page (the loop then waits on the store). Reward/hybrid runs add the reward model per round."""
+    people_kind = cfg.critic.people if cfg.critic.kind in ("reward", "hybrid") else cfg.critic.kind
+    if people_kind == "simulated":
         return CRITICS["simulated"](cfg.critic)
     if cfg.critic.ui == "terminal":
         return CRITICS["terminal"](cfg.critic)
-    return None  # people judge in the annotation page; the loop waits on the store
+    return None
+
+
+def _is_person(annotator: str) -> bool:
+    return not annotator.startswith("reward")
+
+
+def _fit_reward_critic(cfg: RunConfig, round_idx: int, store: FeedbackStore, train_by_id: dict, console: Console):
+    """The reward model for this round, fitted on every judgment people made in earlier rounds (reused from
+    the latest round that saw the same judgments), with its accept threshold calibrated on held-out examples."""
+    from reward.evaluate import accept_metrics, calibrate_threshold
+    from reward.model import RewardModel, score
+    from reward.pairs import judged_candidates, split_by_example, to_preference_pairs
+    from reward.train import fit_reward
+
+    from illume.models.vlm import MagmaVLM
+    from illume.pretrain import demo_model_dir
+
+    base_dir = Path(cfg.model.path) if cfg.model.path else demo_model_dir(cfg)
+    num_people = sum(1 for j in _judgments(store) if _is_person(j[2]) and j[0] < round_idx)
+    reward_root = cfg.run_dir / "reward"
+    for earlier in range(round_idx, -1, -1):  # reuse a fit on exactly these judgments (also on resume)
+        info_path = reward_root / f"round_{earlier:02d}" / "reward_critic.json"
+        if info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people:
+            info = json.loads(info_path.read_text())
+            rm = RewardModel.load(info_path.parent, MagmaVLM.load(base_dir))
+            break
+    else:
+        out_dir = reward_root / f"round_{round_idx:02d}"
+        console.print(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
+        pairs = to_preference_pairs(store, train_by_id, upto_round=round_idx - 1,
+                                    include_reference_pairs=cfg.reward.include_reference_pairs, annotators=_is_person)
+        train_ids, heldout_ids = split_by_example(sorted({p.example_id for p in pairs}),
+                                                  cfg.reward.heldout_fraction, cfg.reward.seed)
+        train_ids, heldout_ids = set(train_ids), set(heldout_ids)
+        rm, fit_metrics = fit_reward(MagmaVLM.load(base_dir), [p for p in pairs if p.example_id in train_ids],
+                                     [p for p in pairs if p.example_id in heldout_ids], train_by_id, cfg.reward,
+                                     out_dir, deepspeed=cfg.train.deepspeed)
+        heldout = judged_candidates(store, train_by_id, upto_round=round_idx - 1, annotators=_is_person,
+                                    example_ids=heldout_ids)
+        scores = [s[0] for s in score(rm, [(train_by_id[e], prompt, [text]) for e, prompt, text, _ in heldout])]
+        labels = [accepted for *_, accepted in heldout]
+        threshold = calibrate_threshold(scores, labels, cfg.reward.target_precision)
+        precision, recall = accept_metrics(scores, labels, threshold)
+        info = {"threshold": threshold, "heldout_precision": precision, "heldout_recall": recall,
+                "num_people_judgments": num_people, "fit": fit_metrics}
+        _write_json(out_dir / "reward_critic.json", info)
+    band = cfg.reward.hybrid_band if cfg.critic.kind == "hybrid" else None
+    critic = CRITICS["reward"](rm, info["threshold"], band, annotator=f"reward:{cfg.critic.kind}")
+    return critic, info
+
+
+def _judgments(store: FeedbackStore) -> set[tuple[int, str, str]]:
+    """(round, example id, annotator) of every judgment."""
+    return {(r["round_idx"], r["example_id"], r["annotator"]) for r in store.judgments_table()}
 
 
 def save_images(run_dir: Path, examples) -> dict[str, str]:
@@ -173,11 +232,39 @@ def _wait_for_people(cfg: RunConfig, store: FeedbackStore, round_idx: int, conso
     return True
 
 
+def _reward_critique(cfg, round_idx, store, sets, train_by_id, console) -> dict:
+    """The reward model judges the round (kind=reward) or its confident items (kind=hybrid)."""
+    rm_critic, info = _fit_reward_critic(cfg, round_idx, store, train_by_id, console)
+    judged = {e for r, e, _ in _judgments(store) if r == round_idx}
+    todo = [cs for example_id, cs in sets.items() if example_id not in judged]
+    reviews = rm_critic.review(todo, train_by_id) if todo else []
+    store.add_judgments(round_idx, [
+        (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, None)
+        for r in reviews], rm_critic.annotator, "train")
+    report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
+              "rm_heldout_recall": info["heldout_recall"],
+              "rm_decided_items": sum(1 for r, _, a in _judgments(store) if r == round_idx and not _is_person(a))}
+    # Where the references are known (the demo), say how the reward model's decisions compare with the
+    # simulated critic's: the achieved precision and recall of its accepts.
+    decided = [cs for cs in todo if cs.example_id in {r.example_id for r in reviews}]
+    if decided and all(train_by_id[cs.example_id].explanations for cs in decided):
+        oracle = CRITICS["simulated"](cfg.critic).review(decided, train_by_id)
+        by_id = {r.example_id: r for r in reviews}
+        pairs = [(i in set(by_id[o.example_id].accepted), i in set(o.accepted))
+                 for o in oracle for i in range(len(sets[o.example_id].candidates))]
+        true_pos = sum(rm and ref for rm, ref in pairs)
+        report["rm_precision_vs_simulated"] = true_pos / max(1, sum(rm for rm, _ in pairs))
+        report["rm_recall_vs_simulated"] = true_pos / max(1, sum(ref for _, ref in pairs))
+    return report
+
+
 def _critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, run_dir, console) -> bool:
     """Get this round's judgments into the store; False when the run should stop and wait for people."""
     if critic is None:
         return _wait_for_people(cfg, store, round_idx, console)
-    todo = [sets[example_id] for example_id in store.unjudged_items(round_idx, critic.annotator, "train")]
+    judged_by_rm = {e for r, e, a in _judgments(store) if r == round_idx and not _is_person(a)}
+    todo = [sets[example_id] for example_id in store.unjudged_items(round_idx, critic.annotator, "train")
+            if example_id not in judged_by_rm]
     if isinstance(critic, CRITICS["terminal"]):
         for cs in tqdm(todo, desc=f"critique ({critic.annotator})", unit="item", disable=not todo):
             image = image_refs.get(cs.example_id)
@@ -208,7 +295,10 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
         store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs)
         store.mark_sampled(round_idx)
     sets = {cs.example_id: cs for cs in store.candidate_sets(round_idx, "train")}
-    # 2. Critique: the items this critic has not judged yet, or wait for people.
+    # 2. Critique: the reward model (after its human rounds), then people for what is left.
+    reward_report = {}
+    if cfg.critic.kind in ("reward", "hybrid") and round_idx >= cfg.reward.human_rounds:
+        reward_report = _reward_critique(cfg, round_idx, store, sets, train_by_id, console)
     if not _critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, cfg.run_dir, console):
         return None
     counts = store.judgment_counts(round_idx)
@@ -217,7 +307,9 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
     new = [pair for pair in accepted if pair not in accepted_before]
     metrics = {"round": round_idx, "accepted_pct": 100 * counts["items_with_accepted"] / max(1, counts["items"]),
                "new_rationales": len(new), "train_rationales": len(accepted),
-               "judgments": store.num_judgments(), "trained": False, "val": {}}
+               "judgments": store.num_judgments(),
+               "human_judgments": sum(1 for *_, a in _judgments(store) if _is_person(a)),
+               "trained": False, "val": {}, **reward_report}
     if not new and cfg.loop.stop_when_nothing_new:
         return metrics
     # 3. Fine-tune on everything accepted so far (+ answer-only rows), keep the best epoch.

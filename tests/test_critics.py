@@ -1,0 +1,35 @@
+"""Critics: the simulated critic's rule, and the reward critic's threshold and hybrid band."""
+
+from illume.config import CriticConfig
+from illume.critics import RewardCritic, SimulatedCritic
+from illume.data.records import Candidate, CandidateSet, Example
+
+
+def _set(example_id, texts):
+    return CandidateSet(example_id, "red", "red", "Q: what color is the circle? A: red, seeing that", 1,
+                        [Candidate(t, 0.3, 1, i, -1.0) for i, t in enumerate(texts)])
+
+
+def test_simulated_critic_accepts_by_rouge_l_against_any_reference():
+    example = Example("e", None, "what color is the circle?", ["red"],
+                      ["the circle is red", "there is a red circle on the left"])
+    cs = _set("e", ["the circle is red", "there is a red circle on the left side", "a blue square", "the red"])
+    [review] = SimulatedCritic(CriticConfig(threshold=0.7)).review([cs], {"e": example})
+    assert review.accepted == [0, 1] and not review.none_fit
+    [strict] = SimulatedCritic(CriticConfig(threshold=1.0)).review([cs], {"e": example})
+    assert strict.accepted == [0]
+    [none] = SimulatedCritic(CriticConfig(threshold=0.7)).review([_set("e", ["a blue square"])], {"e": example})
+    assert none.accepted == [] and none.none_fit
+
+
+def test_reward_critic_threshold_and_hybrid_band(monkeypatch):
+    sets = [_set("a", ["x", "y"]), _set("b", ["x", "y"]), _set("c", ["x"])]
+    scores = {"a": [2.5, -3.0], "b": [0.4, -2.0], "c": [-4.0]}  # threshold 0: b's 0.4 is within the band 1
+    critic = RewardCritic(reward_model=None, threshold=0.0)
+    monkeypatch.setattr(critic, "scores", lambda sets, _: [scores[cs.example_id] for cs in sets])
+    reviews = {r.example_id: r for r in critic.review(sets, {})}
+    assert reviews["a"].accepted == [0] and reviews["b"].accepted == [0] and reviews["c"].none_fit
+    hybrid = RewardCritic(reward_model=None, threshold=0.0, band=1.0)
+    monkeypatch.setattr(hybrid, "scores", lambda sets, _: [scores[cs.example_id] for cs in sets])
+    decided = {r.example_id for r in hybrid.review(sets, {})}
+    assert decided == {"a", "c"}  # b goes to people
