@@ -198,6 +198,8 @@ class AnnotateConfig:
     """Judgments wanted per item, each by a different person."""
     lease_seconds: float = 300.0
     """An item handed to a browser that went away returns to the pool after this many seconds."""
+    assist: bool = False
+    """Order candidates by the run's latest reward model and pre-check its confident accepts."""
     guidelines: str = (
         "Tick every rationale that explains the answer with what is visible in the image. "
         "If none does, choose 'none fits'."

@@ -712,3 +712,17 @@ def test_the_page_in_a_real_browser_with_the_keyboard_only(tmp_path):
         assert second["accepted"] == second["shown_order"][:1] and not second["none_fit"]
         assert second["updated_at"] is not None and first["updated_at"] is None
         assert third["accepted"] == third["shown_order"][2:3]
+
+
+def test_assist_orders_by_reward_and_prechecks_confident_accepts(store, run_dir):
+    def assist(item):  # a stand-in reward model: lower candidate ids score higher; only the best is confident
+        ids = sorted(cid for cid, _ in item["candidates"])
+        return {cid: -float(cid) for cid in ids}, -float(ids[0])
+
+    app = create_app(store, run_dir, AnnotateConfig(), assist=assist)
+    item = TestClient(app).post("/api/next", json={"annotator": "ann"}).json()["item"]
+    ids = [c["id"] for c in item["candidates"]]
+    assert len(ids) > 1 and ids == sorted(ids)
+    assert [c["prechecked"] for c in item["candidates"]] == [True] + [False] * (len(ids) - 1)
+    plain = client_for(store, run_dir).post("/api/next", json={"annotator": "bob"}).json()["item"]
+    assert not any(c["prechecked"] for c in plain["candidates"])

@@ -103,6 +103,7 @@ def create_app(
     round_idx: int | None = None,
     *,
     clock: Callable[[], datetime] | None = None,
+    assist: Callable[[dict[str, Any]], tuple[dict[int, float], float]] | None = None,
 ) -> FastAPI:
     """The annotation app over a feedback store.
 
@@ -115,6 +116,9 @@ def create_app(
         round_idx: The round to judge; None: the latest round with items that still need judgments,
             looked up on every request (the page moves on to a new round when the loop adds one).
         clock: Current UTC time for leases (tests); default: the system clock.
+        assist: Reward-model help (`annotate.assist`): maps an item to ({candidate id: score}, threshold);
+            candidates are then shown best first and those scoring >= threshold come pre-checked (the person
+            still submits; the order shown is recorded with the judgment as always).
 
     Returns:
         The FastAPI app; serve it with `serve` or uvicorn.
@@ -161,11 +165,16 @@ def create_app(
         texts = dict(item["candidates"])
         if not order or sorted(order) != sorted(texts):
             order = list(texts)
+        scores, threshold = assist(item) if assist is not None else ({}, None)
+        if scores:
+            order = sorted(order, key=lambda candidate_id: -scores.get(candidate_id, float("-inf")))
         return {
             "item_id": item["item_id"], "example_id": item["example_id"], "round_idx": item["round_idx"],
             "question": _question_of(item["prompt"], item["answer"]), "answer": item["answer"],
             "image_url": f"/api/image/{item['item_id']}" if item["image_ref"] else None,
-            "candidates": [{"id": candidate_id, "text": texts[candidate_id]} for candidate_id in order],
+            "candidates": [{"id": candidate_id, "text": texts[candidate_id],
+                            "prechecked": bool(scores) and scores.get(candidate_id, float("-inf")) >= threshold}
+                           for candidate_id in order],
         }
 
     api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])

@@ -290,7 +290,9 @@
       state.historyStale = true;
       if (data.item) {
         const same = state.current && state.current.item.item_id === data.item.item_id;
-        state.current = same ? state.current : makeView(data.item, "new");
+        // With annotate.assist the reward model pre-checks its confident accepts; the person still decides.
+        const prechecked = data.item.candidates.filter((c) => c.prechecked).map((c) => c.id);
+        state.current = same ? state.current : makeView(data.item, "new", prechecked);
         show(state.current);
       } else {
         state.current = null;
