@@ -7,6 +7,8 @@
                                                       serve the annotation page over a run's feedback store
     illume status runs/demo                           progress per round, work per person, agreement
     illume export runs/demo --format sft|dpo|kto|jsonl  the feedback as TRL-format datasets
+    illume reward train runs/demo [--round N]         fit the reward model on the judgments (rounds <= N)
+    illume reward eval runs/demo                      its pairwise accuracy, ROC-AUC, precision/recall, plot
 
 Every command but `annotate` takes a config file and `key.sub=value` overrides, and writes the resolved config
 into the run directory (output_dir/name) before anything else. `annotate` reads RUN_DIR/config.yaml (its
@@ -175,7 +177,14 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         token = secrets.token_urlsafe(24)
         print(f"--host {host} is reachable from other machines: generated an access token: {token}")
     store = FeedbackStore(store_url)
-    app = server.create_app(store, run_dir, cfg, token=token, round_idx=args.round)
+    assist = None
+    if cfg.assist and run_dir is not None:
+        from illume.annotate.assist import reward_assist
+
+        assist = reward_assist(run_dir, load_config(run_dir / "config.yaml"))
+        print("assist: candidates ordered by the reward model, its confident accepts pre-checked" if assist
+              else "assist: this run has no reward model yet (illume reward train RUN_DIR); showing plain order")
+    app = server.create_app(store, run_dir, cfg, token=token, round_idx=args.round, assist=assist)
     shown_host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")
@@ -192,6 +201,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     _, store_url, _ = _annotate_target(args.target)
     print_status(FeedbackStore(store_url))
     return 0
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from illume.data.datasets import load_split
+    from illume.models.loading import load_vlm
+    from illume.store import FeedbackStore
+    from reward.model import RewardModel
+    from reward.pairs import RewardDataError
+    from reward.train import evaluate_saved, fit_reward_from_store
+
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
+    examples_by_id = {e.id: e for e in load_split(cfg.data, "train")}
+    out_dir = run_dir / "reward"
+    try:
+        if args.action == "train":
+            _, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
+                                              upto_round=args.round, deepspeed=cfg.train.deepspeed,
+                                              bf16=cfg.train.bf16, fp16=cfg.train.fp16)
+            report, training = result["eval"], result["training"]
+        else:
+            rm = RewardModel.load(out_dir, load_vlm(cfg), copy_backbone=False)
+            report, training = evaluate_saved(store, examples_by_id, rm, out_dir, cfg.reward.target_precision), None
+    except (RewardDataError, FileNotFoundError) as error:
+        print(f"reward error: {error}", file=sys.stderr)
+        return 2
+    table = Table(title=f"Reward model on {report['num_examples']} held-out examples ({out_dir})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    if training is not None:
+        table.add_row("training pairs / time", f"{training['num_train_pairs']} / {training['train_seconds']:.0f} s")
+    rows = [("pairwise accuracy", "pairwise_accuracy"), ("  judged pairs", "pairwise_accuracy_judged"),
+            ("  reference pairs", "pairwise_accuracy_reference"), ("ROC-AUC", "roc_auc"),
+            ("threshold", "threshold"), ("precision (calibration set)", "precision"),
+            ("recall (calibration set)", "recall"), ("precision (2-fold cross-fit)", "precision_crossfit"),
+            ("recall (2-fold cross-fit)", "recall_crossfit")]
+    for label, key in rows:
+        table.add_row(label, "-" if report[key] is None else f"{report[key]:.3f}")
+    table.add_row("held-out pairs / candidates / accepted",
+                  f"{report['num_pairs']} / {report['num_candidates']} / {report['num_accepted']}")
+    Console().print(table)
+    print(f"written to {out_dir / 'reward_eval.json'} and {out_dir / 'calibration.png'}")
+    return 0
+
+
+def _add_reward_parser(commands) -> None:
+    sub = commands.add_parser("reward", help="train or evaluate the reward model on a run's judgments")
+    sub.add_argument("action", choices=("train", "eval"), help="train (then evaluate) | eval (the saved one)")
+    sub.add_argument("run_dir", help="run directory (its config.yaml and feedback store); writes RUN_DIR/reward/")
+    sub.add_argument("--round", type=int, default=None, help="train: judgments of rounds <= N (default: all)")
+    sub.set_defaults(handler=cmd_reward)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("target", metavar="RUN_DIR_OR_STORE_URL", help="run directory or a store URL")
     status.set_defaults(handler=cmd_status)
     _add_export_parser(commands)
+    _add_reward_parser(commands)
     return parser
 
 

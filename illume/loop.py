@@ -148,13 +148,10 @@ def _is_person(annotator: str) -> bool:
 def _fit_reward_critic(cfg: RunConfig, round_idx: int, store: FeedbackStore, train_by_id: dict, console: Console):
     """The reward model for this round, fitted on every judgment people made in earlier rounds (reused from
     the latest round that saw the same judgments), with its accept threshold calibrated on held-out examples."""
-    from reward.evaluate import accept_metrics, calibrate_threshold
-    from reward.model import RewardModel, score
-    from reward.pairs import judged_candidates, split_by_example, to_preference_pairs
-    from reward.train import fit_reward
-
     from illume.models.vlm import MagmaVLM
     from illume.pretrain import demo_model_dir
+    from reward.model import RewardModel
+    from reward.train import fit_reward_from_store
 
     base_dir = Path(cfg.model.path) if cfg.model.path else demo_model_dir(cfg)
     num_people = sum(1 for j in _judgments(store) if _is_person(j[2]) and j[0] < round_idx)
@@ -168,22 +165,13 @@ def _fit_reward_critic(cfg: RunConfig, round_idx: int, store: FeedbackStore, tra
     else:
         out_dir = reward_root / f"round_{round_idx:02d}"
         console.print(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
-        pairs = to_preference_pairs(store, train_by_id, upto_round=round_idx - 1,
-                                    include_reference_pairs=cfg.reward.include_reference_pairs, annotators=_is_person)
-        train_ids, heldout_ids = split_by_example(sorted({p.example_id for p in pairs}),
-                                                  cfg.reward.heldout_fraction, cfg.reward.seed)
-        train_ids, heldout_ids = set(train_ids), set(heldout_ids)
-        rm, fit_metrics = fit_reward(MagmaVLM.load(base_dir), [p for p in pairs if p.example_id in train_ids],
-                                     [p for p in pairs if p.example_id in heldout_ids], train_by_id, cfg.reward,
-                                     out_dir, deepspeed=cfg.train.deepspeed)
-        heldout = judged_candidates(store, train_by_id, upto_round=round_idx - 1, annotators=_is_person,
-                                    example_ids=heldout_ids)
-        scores = [s[0] for s in score(rm, [(train_by_id[e], prompt, [text]) for e, prompt, text, _ in heldout])]
-        labels = [accepted for *_, accepted in heldout]
-        threshold = calibrate_threshold(scores, labels, cfg.reward.target_precision)
-        precision, recall = accept_metrics(scores, labels, threshold)
-        info = {"threshold": threshold, "heldout_precision": precision, "heldout_recall": recall,
-                "num_people_judgments": num_people, "fit": fit_metrics}
+        rm, result = fit_reward_from_store(store, train_by_id, MagmaVLM.load(base_dir), cfg.reward, out_dir,
+                                           upto_round=round_idx - 1, annotators=_is_person,
+                                           deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
+        report = result["eval"]
+        info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
+                "heldout_recall": report["recall"], "heldout_roc_auc": report["roc_auc"],
+                "heldout_pairwise_accuracy": report["pairwise_accuracy"], "num_people_judgments": num_people}
         _write_json(out_dir / "reward_critic.json", info)
     band = cfg.reward.hybrid_band if cfg.critic.kind == "hybrid" else None
     critic = CRITICS["reward"](rm, info["threshold"], band, annotator=f"reward:{cfg.critic.kind}")
@@ -242,7 +230,7 @@ def _reward_critique(cfg, round_idx, store, sets, train_by_id, console) -> dict:
         (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, None)
         for r in reviews], rm_critic.annotator, "train")
     report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
-              "rm_heldout_recall": info["heldout_recall"],
+              "rm_heldout_recall": info["heldout_recall"], "rm_heldout_roc_auc": info["heldout_roc_auc"],
               "rm_decided_items": sum(1 for r, _, a in _judgments(store) if r == round_idx and not _is_person(a))}
     # Where the references are known (the demo), say how the reward model's decisions compare with the
     # simulated critic's: the achieved precision and recall of its accepts.

@@ -121,3 +121,23 @@ def test_terminal_critic_records_each_answer(tmp_path, monkeypatch):
     others = [r for r in rows if r["example_id"] != first]
     assert others and all(r["none_fit"] and not r["accepted"] for r in others)
     assert all(r["seconds"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["reward", "hybrid"])
+def test_reward_and_hybrid_critics_take_over_after_the_human_rounds(tmp_path, kind):
+    args = ["run", *_config(tmp_path, kind, 2), f"critic.kind={kind}", "reward.human_rounds=1",
+            "reward.num_epochs=1", "reward.batch_size=8", "reward.hybrid_band=0.05"]
+    assert main(args) == 0
+    run_dir = tmp_path / "runs" / kind
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results] == ["base", 0, 1]
+    judgments = _judgments(run_dir)
+    people = {(r, e) for r, e, a, *_ in judgments if not a.startswith("reward")}
+    by_rm = {(r, e) for r, e, a, *_ in judgments if a.startswith("reward")}
+    assert {r for r, _ in people} >= {0} and not {r for r, _ in by_rm} & {0}  # round 0: people only
+    assert len({e for r, e in people | by_rm if r == 1}) == 12  # every round-1 item judged once, by someone
+    assert not people & by_rm
+    if kind == "reward":
+        assert {e for r, e in by_rm if r == 1} and not {e for r, e in people if r == 1}
+    assert results[2]["human_judgments"] == len(people)
+    assert "rm_threshold" in results[2] and (run_dir / "reward" / "round_01" / "reward_critic.json").is_file()

@@ -20,9 +20,8 @@ def reward_assist(run_dir: Path, cfg: RunConfig):
     fitted = sorted((run_dir / "reward").glob("round_*/reward_critic.json"))
     if not fitted:
         return None
-    from reward.model import RewardModel, score
-
     from illume.models.loading import load_vlm
+    from reward.model import RewardModel, score
 
     info = json.loads(fitted[-1].read_text())
     reward_model = RewardModel.load(fitted[-1].parent, load_vlm(cfg))

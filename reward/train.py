@@ -1,0 +1,274 @@
+"""Bradley-Terry training of the reward model on preference pairs, through the HF Trainer.
+
+Assumptions, up front:
+- loss = mean(-log sigmoid(r_chosen - r_rejected - margin)) + center_coef * mean((r_chosen + r_rejected)^2),
+  the same as TRL's `trl.RewardTrainer.compute_loss` (its `center_rewards_coefficient`, Eq. 2 of
+  https://arxiv.org/abs/2312.09244); TRL's RewardTrainer is text-only, hence this trainer for a VLM.
+- A batch is [chosen rows, rejected rows] of B pairs, with each pair's image once: `image_index` maps the 2B
+  rows onto the B images, so the image encoder runs once per pair.
+- Only the backbone's adapters and the head train, at a constant AdamW learning rate without weight decay;
+  mixed precision and DeepSpeed (a JSON path, ZeRO-2) pass through to `TrainingArguments`. ZeRO-3 is refused:
+  the checkpoint would hold partitioned (empty) tensors.
+- No model selection on the held-out pairs (they calibrate and evaluate): the last epoch is kept; the held-out
+  pairwise accuracy after each epoch is only recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from illume.config import RewardConfig
+from illume.data.records import Example, load_image
+from illume.models.vlm import MagmaVLM
+from illume.store import FeedbackStore
+from reward.model import RewardModel
+from reward.pairs import (
+    PreferencePair,
+    RewardDataError,
+    judged_candidates,
+    judged_example_ids,
+    not_reward_annotator,
+    split_by_example,
+    to_preference_pairs,
+)
+
+TRAINING_FILE = "training.json"
+SPLIT_FILE = "split.json"
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float = 0.0,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss of a batch of pairs, with TRL's optional margin and reward centring.
+
+    loss = mean(-log sigmoid(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)
+
+    Args:
+        chosen_rewards: (B,) rewards of the preferred rationales.
+        rejected_rewards: (B,) rewards of the other ones.
+        margin: m: the chosen reward must exceed the rejected one by m before the loss flattens.
+        center_coef: Weight of the centring term (0: off).
+
+    Returns:
+        The scalar loss.
+    """
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * torch.mean((chosen_rewards + rejected_rewards) ** 2)
+    return loss
+
+
+class PairsDataset(torch.utils.data.Dataset):
+    """Token ids of both rationales of each pair and the pair's image (each example's image processed once)."""
+
+    def __init__(self, rm: RewardModel, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example]):
+        vlm = rm.vlm
+        pixels: dict[str, torch.Tensor] = {}
+        self.items = []
+        for pair in pairs:
+            if pair.example_id not in pixels:
+                pixels[pair.example_id] = vlm.pixel_values([load_image(examples_by_id[pair.example_id])])[0]
+            chosen_ids, chosen_start = rm.row_ids(pair.prompt, pair.chosen)
+            rejected_ids, rejected_start = rm.row_ids(pair.prompt, pair.rejected)
+            self.items.append({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+                               "rationale_start": [chosen_start, rejected_start],
+                               "pixel_values": pixels[pair.example_id]})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> 2B right-padded rows, chosen first (rows 0..B-1), then rejected; B images."""
+    rows = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.as_tensor(row)
+        attention_mask[i, :len(row)] = 1
+    starts = [item["rationale_start"][0] for item in items] + [item["rationale_start"][1] for item in items]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "image_index": torch.arange(len(items)).repeat(2), "rationale_start": torch.tensor(starts)}
+
+
+class BradleyTerryTrainer(Trainer):
+    """HF Trainer whose loss is `bradley_terry_loss` on batches from `collate_pairs`."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+    margin: float = 0.0
+    center_coef: float = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rewards = model(**inputs)  # (2B,)
+        chosen_rewards, rejected_rewards = rewards.chunk(2)  # batch is [chosen rows, rejected rows]
+        loss = bradley_terry_loss(chosen_rewards, rejected_rewards, self.margin, self.center_coef)
+        return (loss, {"rewards": rewards}) if return_outputs else loss
+
+
+class _RecordHeldout(TrainerCallback):
+    """After each epoch: the held-out pairwise accuracy (recorded only; nothing is selected on it)."""
+
+    def __init__(self, rm: RewardModel, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example]):
+        self.rm, self.pairs, self.examples_by_id = rm, pairs, examples_by_id
+        self.epochs: list[dict] = []
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        from reward.evaluate import pairwise_accuracy
+
+        if self.pairs:
+            accuracy = pairwise_accuracy(self.rm, self.pairs, self.examples_by_id)
+            self.epochs.append({"epoch": round(state.epoch), "heldout_pairwise_accuracy": accuracy})
+        self.rm.train()
+        return control
+
+
+def _check_zero_stage(deepspeed: str | None) -> None:
+    if deepspeed is None:
+        return
+    stage = json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise NotImplementedError(f"{deepspeed}: ZeRO stage 3 is not supported by reward training yet; "
+                                  "use ZeRO-2 (configs/deepspeed/zero2.json)")
+
+
+def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair],
+               pairs_eval: Sequence[PreferencePair], examples_by_id: dict[str, Example], cfg: RewardConfig,
+               out_dir: str | Path, deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
+               pooling: str = "mean") -> tuple[RewardModel, dict]:
+    """Train a reward model on `pairs_train` and save it to `out_dir`.
+
+    Args:
+        base: A saved VLM's directory, or a loaded VLM (copied: the caller's model is not changed).
+        pairs_train: The training pairs.
+        pairs_eval: Held-out pairs whose pairwise accuracy is recorded after each epoch (may be empty).
+        examples_by_id: The examples the pairs belong to (their images).
+        cfg: num_epochs, batch_size, learning_rate, margin, center_coef, seed.
+        out_dir: Where the model (`RewardModel.save`) and `training.json` go.
+        deepspeed: A DeepSpeed JSON config path (ZeRO-2) or None.
+        bf16, fp16: Mixed precision (GPUs).
+        pooling: The head's input: "mean" of the rationale's hidden states, or the "last" token's.
+
+    Returns:
+        (the trained model in eval mode, metrics: pair counts, seconds, losses, held-out accuracy per epoch,
+        final train and held-out pairwise accuracy).
+
+    Raises:
+        RewardDataError: no training pairs.
+    """
+    if not pairs_train:
+        raise RewardDataError("no preference pairs to train the reward model on")
+    _check_zero_stage(deepspeed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if isinstance(base, (str, Path)):
+        rm = RewardModel(MagmaVLM.load(base), base_model_path=str(base), copy_backbone=False, seed=cfg.seed,
+                         pooling=pooling)
+    else:
+        rm = RewardModel(base, seed=cfg.seed, pooling=pooling)
+    rm.train()
+    dataset = PairsDataset(rm, pairs_train, examples_by_id)
+    record = _RecordHeldout(rm, pairs_eval, examples_by_id)
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer"), num_train_epochs=cfg.num_epochs,
+        per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=0.0,
+        lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to="none",
+        logging_steps=min(10, math.ceil(len(dataset) / cfg.batch_size)),  # >= 1 loss per epoch
+        use_cpu=use_cpu, seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, fp16=fp16, deepspeed=deepspeed,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+    )
+    trainer = BradleyTerryTrainer(model=rm, args=args, train_dataset=dataset,
+                                  data_collator=partial(collate_pairs, pad_token_id=rm.vlm.pad_token_id),
+                                  callbacks=[record])
+    trainer.margin, trainer.center_coef = cfg.margin, cfg.center_coef
+    trainer.train()
+    rm.eval()
+    train_seconds = time.perf_counter() - start
+    rm.save(out_dir)
+    from reward.evaluate import pairwise_accuracy
+
+    metrics = {
+        "num_train_pairs": len(pairs_train),
+        "num_eval_pairs": len(pairs_eval),
+        "train_seconds": round(train_seconds, 1),
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "epochs": record.epochs,
+        "train_pairwise_accuracy": pairwise_accuracy(rm, pairs_train, examples_by_id),
+        "heldout_pairwise_accuracy": record.epochs[-1]["heldout_pairwise_accuracy"] if record.epochs else None,
+    }
+    (out_dir / TRAINING_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return rm, metrics
+
+
+def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Example], base: str | Path | MagmaVLM,
+                          cfg: RewardConfig, out_dir: str | Path, upto_round: int | None = None,
+                          annotators: Callable[[str], bool] | None = not_reward_annotator,
+                          deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
+                          pooling: str = "mean") -> tuple[RewardModel, dict]:
+    """The whole recipe: pairs from the store, split by example, train, evaluate and calibrate, save.
+
+    Writes to `out_dir`: the model (with its calibrated threshold), `split.json` (the held-out examples, so
+    `evaluate_saved` scores the same ones), `training.json`, `reward_eval.json` and `calibration.png`.
+
+    Args:
+        annotators: Whose judgments count (default: everyone but the reward model itself).
+
+    Returns:
+        (the model, {"training": fit metrics, "eval": held-out report}).
+    """
+    from reward.evaluate import evaluate_reward_model
+
+    out_dir = Path(out_dir)
+    pairs = to_preference_pairs(store, examples_by_id, upto_round=upto_round,
+                                include_reference_pairs=cfg.include_reference_pairs, annotators=annotators)
+    example_ids = judged_example_ids(store, upto_round=upto_round, annotators=annotators)
+    train_ids, heldout_ids = split_by_example(example_ids, cfg.heldout_fraction, cfg.seed)
+    heldout = set(heldout_ids)
+    pairs_train = [p for p in pairs if p.example_id not in heldout]
+    pairs_heldout = [p for p in pairs if p.example_id in heldout]
+    judged_heldout = judged_candidates(store, examples_by_id, upto_round=upto_round, annotators=annotators,
+                                       example_ids=heldout)
+    rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, deepspeed=deepspeed,
+                              bf16=bf16, fp16=fp16, pooling=pooling)
+    out_dir.joinpath(SPLIT_FILE).write_text(json.dumps({
+        "upto_round": upto_round, "include_reference_pairs": cfg.include_reference_pairs,
+        "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed,
+        "train_example_ids": train_ids, "heldout_example_ids": heldout_ids,
+    }, indent=2) + "\n")
+    report = evaluate_reward_model(rm, pairs_heldout, judged_heldout, examples_by_id, cfg.target_precision,
+                                   out_dir)
+    rm.save(out_dir)  # again, now with the calibrated threshold
+    return rm, {"training": training, "eval": report}
+
+
+def evaluate_saved(store: FeedbackStore, examples_by_id: dict[str, Example], rm: RewardModel,
+                   out_dir: str | Path, target_precision: float,
+                   annotators: Callable[[str], bool] | None = not_reward_annotator) -> dict:
+    """Evaluate a saved reward model on the held-out examples recorded in `out_dir/split.json`."""
+    from reward.evaluate import evaluate_reward_model
+
+    out_dir = Path(out_dir)
+    if not (out_dir / SPLIT_FILE).is_file():
+        raise FileNotFoundError(f"no {SPLIT_FILE} in {out_dir}: train with `illume reward train` first")
+    split = json.loads((out_dir / SPLIT_FILE).read_text())
+    heldout = set(split["heldout_example_ids"])
+    pairs = to_preference_pairs(store, examples_by_id, upto_round=split["upto_round"],
+                                include_reference_pairs=split["include_reference_pairs"], annotators=annotators)
+    judged = judged_candidates(store, examples_by_id, upto_round=split["upto_round"], annotators=annotators,
+                               example_ids=heldout)
+    return evaluate_reward_model(rm, [p for p in pairs if p.example_id in heldout], judged, examples_by_id,
+                                 target_precision, out_dir)
