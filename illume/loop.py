@@ -80,7 +80,7 @@ def results_table(results: list[dict]) -> Table:
 
 def run(cfg: RunConfig) -> list[dict]:
     """Run (or continue) the ILLUME rounds of `cfg`; returns the per-round results also in results.json."""
-    console = Console(width=max(Console().width, 100))  # logs and pipes get 80 columns: too narrow
+    console = Console(width=max(Console().width, 120))  # logs and pipes get 80 columns: too narrow
     run_dir = init_run_dir(cfg)
     store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
     vlm = load_vlm(cfg)
