@@ -156,14 +156,14 @@ class KeepBestEpoch(TrainerCallback):
         return control
 
 
-def _check_zero_stage(deepspeed_config: str | None) -> None:
-    # ZeRO-3 partitions the weights: the per-epoch evaluation and the adapter checkpoint would need to gather
-    # them first, which is not written yet. Fail early rather than save empty tensors.
+def check_zero_stage(deepspeed_config: str | None, what: str = "selection-SFT") -> None:
+    """Refuse ZeRO-3: it partitions the weights, and the per-epoch evaluation and the adapter checkpoint would
+    need to gather them first, which is not written yet. Failing early beats saving empty tensors."""
     if deepspeed_config is None:
         return
     stage = json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by selection-SFT yet; "
+        raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by {what} yet; "
                                   "use ZeRO-2 (configs/deepspeed/zero2.json)")
 
 
@@ -176,7 +176,7 @@ def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example]
     """
     if not rows:
         raise ValueError("the training set is empty: no accepted rationale and no answer-only row")
-    _check_zero_stage(cfg.deepspeed)
+    check_zero_stage(cfg.deepspeed)
     round_dir.mkdir(parents=True, exist_ok=True)
     vlm.model.set_trainable(adapters=True, prefix=cfg.train_prefix)
     dataset = TrainingRowsDataset(vlm, rows, {e.id: e for e in examples})

@@ -30,6 +30,7 @@ from illume.config import RewardConfig
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
 from illume.store import FeedbackStore
+from illume.training import check_zero_stage
 from reward.model import RewardModel
 from reward.pairs import (
     PreferencePair,
@@ -135,15 +136,6 @@ class _RecordHeldout(TrainerCallback):
         return control
 
 
-def _check_zero_stage(deepspeed: str | None) -> None:
-    if deepspeed is None:
-        return
-    stage = json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        raise NotImplementedError(f"{deepspeed}: ZeRO stage 3 is not supported by reward training yet; "
-                                  "use ZeRO-2 (configs/deepspeed/zero2.json)")
-
-
 def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair],
                pairs_eval: Sequence[PreferencePair], examples_by_id: dict[str, Example], cfg: RewardConfig,
                out_dir: str | Path, deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
@@ -170,7 +162,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
     """
     if not pairs_train:
         raise RewardDataError("no preference pairs to train the reward model on")
-    _check_zero_stage(deepspeed)
+    check_zero_stage(deepspeed, "reward training")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -75,3 +75,13 @@ def test_fine_tune_trains_adapters_only_and_keeps_the_best_epoch(tiny_vlm, examp
     saved = load_file(str(tmp_path / "round" / "adapters.safetensors"))
     assert all(torch.equal(saved[n], after[n]) for n in saved)  # the kept epoch is what the model holds
     assert json.loads((tmp_path / "round" / "training.json").read_text())["num_rows"] == len(rows)
+
+
+def test_zero3_is_refused_before_training(tiny_vlm, examples, tmp_path):
+    from tests.conftest import REPO
+
+    cfg = TrainConfig(deepspeed=str(REPO / "configs" / "deepspeed" / "zero3.json"))
+    rows = build_training_set([], examples)
+    with pytest.raises(NotImplementedError, match="ZeRO stage 3 is not supported by selection-SFT"):
+        fine_tune(tiny_vlm, rows, examples, [], cfg, SampleConfig(), tmp_path / "round")
+    assert not (tmp_path / "round" / "adapters.safetensors").exists()
