@@ -10,17 +10,21 @@ from __future__ import annotations
 import torch
 
 
+def pad_right(sequences: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token-id lists into (B, T) ids and the matching attention mask."""
+    length = max(len(seq) for seq in sequences)
+    padded = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        padded[i, :len(seq)] = torch.as_tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+    return padded, attention_mask
+
+
 def collate_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | None]:
     """Pad `input_ids`/`labels` on the right and stack the images of the rows that have one."""
-    length = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(row["input_ids"])
-        labels[i, :n] = torch.as_tensor(row["labels"])
-        attention_mask[i, :n] = 1
+    input_ids, attention_mask = pad_right([row["input_ids"] for row in rows], pad_token_id)
+    labels, _ = pad_right([row["labels"] for row in rows], -100)
     images = [row["pixel_values"] for row in rows if row.get("pixel_values") is not None]
     return {
         "input_ids": input_ids,

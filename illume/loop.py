@@ -38,7 +38,8 @@ VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")
 
 
 def init_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory and write the resolved config first (kept from the first run on resume)."""
+    """Create the run directory and write the resolved config first; a resumed run rewrites it, so it always
+    shows the settings of the latest invocation (the store and round folders carry what was done before)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")

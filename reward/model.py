@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from illume.collate import pad_right
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
 from illume.models.weights import load_trainable_weights, save_trainable_weights
@@ -176,16 +177,6 @@ class RewardModel(nn.Module):
         return model.to(base_vlm.model.device).eval()
 
 
-def _pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.as_tensor(row)
-        attention_mask[i, :len(row)] = 1
-    return input_ids, attention_mask
-
-
 @torch.no_grad()
 def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
           batch_size: int = 64) -> list[list[float]]:
@@ -216,7 +207,7 @@ def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
         image_embeds = torch.stack([encoded[i] for i in item_indices])  # (N_items, P, D)
         encoded = {item_indices[-1]: encoded[item_indices[-1]]}
         slot = {item_idx: j for j, item_idx in enumerate(item_indices)}
-        input_ids, attention_mask = _pad_right([ids for _, (ids, _) in batch], vlm.pad_token_id)
+        input_ids, attention_mask = pad_right([ids for _, (ids, _) in batch], vlm.pad_token_id)
         image_index = torch.tensor([slot[i] for i, _ in batch], device=device)
         rationale_start = torch.tensor([start for _, (_, start) in batch], device=device)
         rewards = rm(input_ids.to(device), attention_mask.to(device), image_embeds=image_embeds,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from illume.collate import pad_right
 from illume.config import RewardConfig
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
@@ -93,12 +94,7 @@ class PairsDataset(torch.utils.data.Dataset):
 def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> 2B right-padded rows, chosen first (rows 0..B-1), then rejected; B images."""
     rows = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
-    length = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.as_tensor(row)
-        attention_mask[i, :len(row)] = 1
+    input_ids, attention_mask = pad_right(rows, pad_token_id)
     starts = [item["rationale_start"][0] for item in items] + [item["rationale_start"][1] for item in items]
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "pixel_values": torch.stack([item["pixel_values"] for item in items]),
