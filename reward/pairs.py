@@ -61,7 +61,7 @@ def not_reward_annotator(annotator: str) -> bool:
 
 
 def _judged_items(store: FeedbackStore, upto_round: int | None, annotators: Callable[[str], bool] | None,
-                  split: str) -> list[_JudgedItem]:
+                  split: str, from_round: int | None = None) -> list[_JudgedItem]:
     """The items with >= 1 counted judgment, in round order, with their candidates' labels.
 
     Raises:
@@ -72,6 +72,8 @@ def _judged_items(store: FeedbackStore, upto_round: int | None, annotators: Call
     for row in store.judgments_table(upto_round=upto_round):
         if row["split"] != split or (annotators is not None and not annotators(row["annotator"])):
             continue
+        if from_round is not None and row["round_idx"] < from_round:
+            continue
         round_idx, example_id = row["round_idx"], row["example_id"]
         if round_idx not in prompts:
             prompts[round_idx] = {s.example_id: s.prompt for s in store.candidate_sets(round_idx, split)}
@@ -81,6 +83,7 @@ def _judged_items(store: FeedbackStore, upto_round: int | None, annotators: Call
             item.labels[row["text"]] = item.labels.get(row["text"], False) or bool(row["accepted"])
     if not items:
         rounds = "" if upto_round is None else f" in rounds <= {upto_round}"
+        rounds += "" if from_round is None else f" and >= {from_round}"
         counted = "" if annotators is None else " (from the annotators counted)"
         raise RewardDataError(f"no judgments in {store.url}{rounds}{counted}: judge a round first")
     return sorted(items.values(), key=lambda item: item.round_idx)
@@ -95,13 +98,14 @@ def _check_known(items: list[_JudgedItem], examples_by_id: dict[str, Example], s
 
 def to_preference_pairs(store: FeedbackStore, examples_by_id: dict[str, Example], upto_round: int | None = None,
                         include_reference_pairs: bool = True, annotators: Callable[[str], bool] | None = None,
-                        split: str = "train") -> list[PreferencePair]:
+                        split: str = "train", from_round: int | None = None) -> list[PreferencePair]:
     """Chosen/rejected pairs from the judgments in the store (rules in the module docstring).
 
     Args:
         store: The run's feedback store.
         examples_by_id: The split's examples (their reference explanations for "none fits" items).
         upto_round: Last round to read (None: all).
+        from_round: First round to read (None: from round 0).
         include_reference_pairs: Pair references (chosen) with the candidates of "none fits" items.
         annotators: Which annotators' judgments count (None: all).
         split: The items' split.
@@ -110,14 +114,14 @@ def to_preference_pairs(store: FeedbackStore, examples_by_id: dict[str, Example]
         RewardDataError: no counted judgment; a judged example missing from `examples_by_id`; no accepted or
             no rejected candidate at all; no pair.
     """
-    items = _judged_items(store, upto_round, annotators, split)
+    items = _judged_items(store, upto_round, annotators, split, from_round)
     _check_known(items, examples_by_id, store)
     num_accepted = sum(accepted for item in items for accepted in item.labels.values())
     num_rejected = sum(not accepted for item in items for accepted in item.labels.values())
     if not num_accepted or not num_rejected:
         only = "accepted" if num_accepted else "rejected"
         raise RewardDataError(
-            f"the reward model needs both accepted and rejected candidates, but every one of the "
+            f"preference learning needs both accepted and rejected candidates, but every one of the "
             f"{num_accepted + num_rejected} candidates judged in {len(items)} items of {store.url} was {only}")
     pairs: dict[tuple[str, str, str, str], PreferencePair] = {}
 
@@ -145,8 +149,8 @@ def to_preference_pairs(store: FeedbackStore, examples_by_id: dict[str, Example]
 
 def judged_candidates(store: FeedbackStore, examples_by_id: dict[str, Example] | None = None,
                       upto_round: int | None = None, annotators: Callable[[str], bool] | None = None,
-                      example_ids: Iterable[str] | None = None,
-                      split: str = "train") -> list[tuple[str, str, str, bool]]:
+                      example_ids: Iterable[str] | None = None, split: str = "train",
+                      from_round: int | None = None) -> list[tuple[str, str, str, bool]]:
     """Every judged candidate with its human label: the data for ROC-AUC, precision/recall and thresholds.
 
     Args:
@@ -160,7 +164,7 @@ def judged_candidates(store: FeedbackStore, examples_by_id: dict[str, Example] |
         RewardDataError: no counted judgment in the store.
     """
     keep = None if example_ids is None else set(example_ids)
-    items = _judged_items(store, upto_round, annotators, split)
+    items = _judged_items(store, upto_round, annotators, split, from_round)
     if examples_by_id is not None:
         _check_known(items, examples_by_id, store)
     return [(item.example_id, item.prompt, text, accepted)

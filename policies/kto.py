@@ -1,0 +1,134 @@
+"""KTO straight from accept/reject judgments (unpaired), on the shared adapter-training infrastructure.
+
+A selection is exactly KTO's data: each judged rationale is desirable (accepted) or undesirable (rejected),
+with no need to pair them. The loss is `policies.losses.kto_losses` (TRL's loss_type="kto"; parity test in
+tests/test_policies.py). Its reference point z0 is estimated per batch, as TRL does, from mismatched
+completions: each row is also scored with the completion of another example (fixed once per dataset, with
+`policy.seed`), under the policy (no gradient) and the reference; z0 = mean difference, clamped at 0.
+
+`policy.undesirable_weight=None` weighs the rejected side by #accepted / #rejected: selections reject far
+more than they accept (round 0 of the demo: ~4 % accepted), and the KTO paper asks for the two sides to
+weigh about the same in total.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+
+from illume.collate import RowEncoder
+from illume.config import PolicyConfig, SampleConfig, TrainConfig
+from illume.data.records import Example
+from illume.models.vlm import VLM
+from illume.training import train_keeping_best_epoch
+from policies.data import LabelledRationale
+from policies.losses import kto_losses
+from policies.reference import batch_logps
+from policies.trainer import PolicyTrainer, score_before_training
+
+
+def mismatched_completions(rows: Sequence[LabelledRationale], seed: int) -> list[str]:
+    """For every row, the completion of a row of another example (a seeded derangement where possible)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    # Row order[i] borrows from order[i + 1]: a cycle, so no row borrows its own completion when n > 1.
+    borrowed = [""] * len(rows)
+    for i, index in enumerate(order):
+        borrowed[index] = rows[order[(i + 1) % len(order)]].completion
+    return borrowed
+
+
+class LabelledDataset(torch.utils.data.Dataset):
+    """Encoded rows, their mismatched (KL) rows and labels, with reference log-probs filled in later."""
+
+    def __init__(self, vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: dict[str, Example], seed: int):
+        encode = RowEncoder(vlm, examples_by_id)
+        self.items = [{"row": encode(r.example_id, r.prompt, r.completion),
+                       "kl_row": encode(r.example_id, r.prompt, other), "label": r.accepted}
+                      for r, other in zip(rows, mismatched_completions(rows, seed), strict=True)]
+
+    def set_reference(self, logps: torch.Tensor, kl_logps: torch.Tensor) -> None:
+        for item, value, kl in zip(self.items, logps.tolist(), kl_logps.tolist(), strict=True):
+            item["ref_logps"], item["ref_kl_logps"] = value, kl
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def collate_labelled(items: list[dict], vlm: VLM) -> dict:
+    batch = vlm.collate([item["row"] for item in items])
+    batch["kl"] = vlm.collate([item["kl_row"] for item in items])
+    batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.bool)
+    batch["ref_logps"] = torch.tensor([item["ref_logps"] for item in items])
+    batch["ref_kl_logps"] = torch.tensor([item["ref_kl_logps"] for item in items])
+    return batch
+
+
+class KTOLossTrainer(PolicyTrainer):
+    """HF Trainer whose loss is KTO's, with the batch KL estimate as the reference point."""
+
+    def __init__(self, *args, policy: PolicyConfig, undesirable_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy, self.undesirable_weight = policy, undesirable_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        kl_batch, labels = inputs.pop("kl"), inputs.pop("label")
+        ref_logps, ref_kl_logps = inputs.pop("ref_logps"), inputs.pop("ref_kl_logps")
+        with torch.no_grad():
+            kl_logps = batch_logps(model, kl_batch)[0]
+        kl = (kl_logps - ref_kl_logps.to(kl_logps.device)).mean()
+        if dist.is_available() and dist.is_initialized():  # one z0 for the global batch, as TRL gathers it
+            dist.all_reduce(kl, op=dist.ReduceOp.SUM)
+            kl = kl / dist.get_world_size()
+        kl = kl.clamp(min=0).detach()
+        logps = batch_logps(model, inputs)[0]
+        losses = kto_losses(logps, ref_logps.to(logps.device), labels.to(logps.device), kl, self.policy.beta,
+                            self.policy.desirable_weight, self.undesirable_weight)
+        if model.training:
+            self._metrics["kl"].append(kl.item())
+            rewards = self.policy.beta * (logps - ref_logps.to(logps.device)).detach()
+            for name, mask in (("chosen", labels), ("rejected", ~labels)):
+                if mask.any():
+                    self._metrics[f"rewards/{name}"].append(rewards[mask.to(rewards.device)].mean().item())
+        return (losses.nanmean(), None) if return_outputs else losses.nanmean()
+
+
+def fill_reference(trainer: Trainer, dataset: LabelledDataset, vlm: VLM) -> None:
+    """Score every row and its mismatched row under the model before the first update: the reference."""
+    rows = [item["row"] for item in dataset.items] + [item["kl_row"] for item in dataset.items]
+    logps = score_before_training(trainer, vlm, rows)
+    dataset.set_reference(*logps.split(len(dataset.items)))
+
+
+def optimize_kto(vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: dict[str, Example],
+                 val: Sequence[Example], policy: PolicyConfig, train_cfg: TrainConfig, sample_cfg: SampleConfig,
+                 out_dir: Path) -> dict:
+    """One KTO optimisation of the adapters on `rows`, reference = the model as passed in.
+
+    Returns:
+        {"best": ..., "epochs": ..., "losses": ..., "num_rows": ..., "num_accepted": ...,
+         "undesirable_weight": the weight used}
+    """
+    num_accepted = sum(r.accepted for r in rows)
+    if not num_accepted or num_accepted == len(rows):
+        raise ValueError("KTO needs both accepted and rejected rationales")
+    undesirable_weight = (policy.undesirable_weight if policy.undesirable_weight is not None
+                          else policy.desirable_weight * num_accepted / (len(rows) - num_accepted))
+    dataset = LabelledDataset(vlm, rows, examples_by_id, policy.seed)
+    result = train_keeping_best_epoch(
+        KTOLossTrainer, vlm, dataset, partial(collate_labelled, vlm=vlm), val, train_cfg, sample_cfg, out_dir,
+        learning_rate=policy.learning_rate, what="KTO",
+        before_training=lambda trainer: fill_reference(trainer, dataset, vlm),
+        policy=policy, undesirable_weight=undesirable_weight)
+    result.update(num_rows=len(rows), num_accepted=num_accepted, undesirable_weight=undesirable_weight)
+    return result

@@ -1,0 +1,122 @@
+"""One policy optimisation (DPO or KTO) on the feedback of a run: the loop's step 3 when `policy.kind` is not
+sft, and the standalone `illume dpo` / `illume kto` commands.
+
+What it trains on (`policy.rounds`): the judgments of every round so far ("all", what ILLUME's SFT uses), or
+only of the round just judged ("latest": on-policy iterative DPO). The starting weights are the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from illume import distributed
+from illume.config import RunConfig
+from illume.data.records import Example
+from illume.models.vlm import VLM
+from illume.store import FeedbackStore
+from policies.data import store_labelled_rationales, store_pairs
+from policies.dpo import optimize_dpo
+from policies.kto import optimize_kto
+
+
+def write_jsonl(records, path: Path) -> None:
+    """What was trained on, one JSON object per pair / row (for audits, like SFT's training_set.jsonl)."""
+    if not distributed.is_main():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for record in records:
+            f.write(json.dumps(asdict(record)) + "\n")
+
+
+def optimize_on_pairs(cfg: RunConfig, vlm: VLM, pairs, examples_by_id: dict[str, Example],
+                      val: list[Example], out_dir: Path) -> dict:
+    write_jsonl(pairs, out_dir / "training_set.jsonl")
+    result = optimize_dpo(vlm, pairs, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir)
+    result["num_rationales"] = len({(p.example_id, text) for p in pairs for text in (p.chosen, p.rejected)})
+    return result
+
+
+def optimize_on_labels(cfg: RunConfig, vlm: VLM, rows, examples_by_id: dict[str, Example],
+                       val: list[Example], out_dir: Path) -> dict:
+    write_jsonl(rows, out_dir / "training_set.jsonl")
+    result = optimize_kto(vlm, rows, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir)
+    result["num_rationales"] = len({(r.example_id, r.completion) for r in rows})
+    return result
+
+
+def optimize_on_store(cfg: RunConfig, vlm: VLM, store: FeedbackStore, examples_by_id: dict[str, Example],
+                      val: list[Example], out_dir: Path, upto_round: int | None = None) -> dict:
+    """Run `cfg.policy.kind` (dpo | kto) on the store's judgments of rounds <= upto_round (None: all).
+
+    Raises:
+        PolicyDataError: the store has no usable feedback for the policy (no judgments, no pairs, ...).
+    """
+    from_round = upto_round if cfg.policy.rounds == "latest" and upto_round is not None else None
+    if cfg.policy.kind == "dpo":
+        pairs = store_pairs(store, examples_by_id, upto_round, from_round, cfg.policy.reference_as_chosen)
+        result = optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
+    elif cfg.policy.kind == "kto":
+        rows = store_labelled_rationales(store, examples_by_id, upto_round, from_round)
+        result = optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
+    else:
+        raise ValueError(f"policy.kind={cfg.policy.kind!r} is not a preference policy (dpo | kto)")
+    if distributed.is_main():
+        (out_dir / "training.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=2))
+    return result
+
+
+def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: Path | None = None,
+                        init_round: int | None = None) -> dict:
+    """`illume dpo|kto SOURCE`: one optimisation on a run's whole store or on a saved TRL dataset.
+
+    Args:
+        source: A run directory (its feedback store; `cfg` is then its config.yaml plus overrides) or a
+            dataset folder saved with `datasets` (`illume export --format dpo|kto`, or any TRL dataset with an
+            `images` column).
+        cfg: The run config: the model, the val split, train.* and policy.*.
+        out_dir: Where adapters.safetensors, training.json and metrics.json go (default: RUN_DIR/<kind>, or
+            cfg.run_dir/<kind> for a dataset).
+        init_round: Start from (and take as the reference) this round's adapters of the run; None: the base model.
+
+    Returns:
+        The metrics written to out_dir/metrics.json: val scores of the kept epoch and what was trained on.
+    """
+    from dataclasses import replace
+
+    from illume.data.datasets import load_split
+    from illume.models.loading import load_vlm
+    from illume.models.weights import load_trainable_weights
+    from illume.training import ADAPTERS_FILE
+    from policies.data import dataset_labelled_rationales, dataset_pairs
+
+    source = Path(source)
+    is_run = (source / "config.yaml").is_file()
+    out_dir = Path(out_dir) if out_dir is not None else (source if is_run else cfg.run_dir) / kind
+    cfg = replace(cfg, policy=replace(cfg.policy, kind=kind))
+    vlm = load_vlm(cfg)
+    if init_round is not None:
+        if not is_run:
+            raise ValueError("--init-round needs a run directory as the source")
+        load_trainable_weights(vlm.model, source / f"round_{init_round:02d}" / ADAPTERS_FILE)
+    val = load_split(cfg.data, "val")
+    if is_run:
+        store = FeedbackStore(cfg.store_url or source / "feedback.db")
+        train_by_id = {e.id: e for e in load_split(cfg.data, "train")}
+        result = optimize_on_store(cfg, vlm, store, train_by_id, val, out_dir)
+    else:
+        if kind == "dpo":
+            pairs, examples_by_id = dataset_pairs(source)
+            result = optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
+        else:
+            rows, examples_by_id = dataset_labelled_rationales(source)
+            result = optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
+    metrics = {"kind": kind, "source": str(source), "init_round": init_round, "val": result["best"],
+               "num_rationales": result["num_rationales"],
+               "num_rows": result.get("num_pairs", result.get("num_rows")), "epochs": result["epochs"]}
+    if distributed.is_main():
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
