@@ -23,37 +23,30 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import GPTJConfig, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
+from illume import distributed
 from illume.collate import collate_rows
 from illume.config import ModelConfig, PretrainConfig, RunConfig
 from illume.data.shapes import ShapesWorld, generic_sentences, make_caption, make_question, render, vocabulary
-from illume.models.magma import MagmaConfig, MagmaForCausalLM
+from illume.models.magma import MagmaForCausalLM, build_magma_config
 from illume.models.vlm import MagmaVLM
 from illume.models.word_tokenizer import IMAGE_TOKEN, build_word_tokenizer
 
 # Bump when the pre-training data or recipe changes in a way the config hash cannot see.
 PRETRAIN_RECIPE_VERSION = 1
 
+# Model settings added after demo caches existed, with their defaults: left out of the cache key while at the
+# default (the model is then the same, so existing caches stay valid); any other value enters the key.
+_LATER_MODEL_FIELDS = {("lm", "vocab_size"): None, ("lm", "activation"): "gelu"}
+
 
 def build_demo_vlm(model_cfg: ModelConfig, seed: int = 0) -> MagmaVLM:
     """A randomly initialised MAGMA-architecture model with a tiny GPT-J and the shapes-world tokenizer."""
     tokenizer = build_word_tokenizer(vocabulary())
-    lm = model_cfg.lm
-    text_config = GPTJConfig(
-        vocab_size=len(tokenizer), n_positions=lm.max_positions, n_embd=lm.hidden_size, n_layer=lm.num_layers,
-        n_head=lm.num_heads, rotary_dim=lm.rotary_dim, activation_function="gelu",
-        bos_token_id=tokenizer.eos_token_id,
+    config = build_magma_config(
+        model_cfg, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    config = MagmaConfig(
-        text_config=text_config.to_dict(), image_size=model_cfg.vision.image_size,
-        vision_layers=list(model_cfg.vision.layers), vision_width=model_cfg.vision.width,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), prefix_dropout=model_cfg.prefix_dropout,
-        adapter_attention_downsample=model_cfg.adapters.attention_downsample,
-        adapter_mlp_downsample=model_cfg.adapters.mlp_downsample,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = MagmaForCausalLM(config).eval()
@@ -63,7 +56,10 @@ def build_demo_vlm(model_cfg: ModelConfig, seed: int = 0) -> MagmaVLM:
 
 def demo_model_dir(cfg: RunConfig) -> Path:
     """Cache folder of the demo base model for these settings."""
-    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("path", "cache_dir")}
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in ("path", "cache_dir", "dtype", "lora")}
+    for (section, name), default in _LATER_MODEL_FIELDS.items():
+        if model[section][name] == default:
+            del model[section][name]
     world = cfg.data.shapes
     relevant = {
         "model": model, "pretrain": asdict(cfg.pretrain), "version": PRETRAIN_RECIPE_VERSION,
@@ -113,6 +109,12 @@ def pretrain_demo_model(cfg: RunConfig, out_dir: Path | None = None) -> Path:
         The folder the model was saved to (the cache folder by default).
     """
     out_dir = Path(out_dir) if out_dir is not None else demo_model_dir(cfg)
+    if distributed.world_size() > 1:
+        # Each process would train its own copy into the same cache folder, and a model pre-trained with
+        # N processes differs from the one-process model the cache key promises.
+        raise RuntimeError(f"the demo base model is not cached at {out_dir}: pre-train it once in a single "
+                           "process first (`illume pretrain CONFIG` with the same overrides), then launch "
+                           "several processes")
     pcfg = cfg.pretrain
     world = ShapesWorld(**asdict(cfg.data.shapes))
     vlm = build_demo_vlm(cfg.model, seed=pcfg.seed)

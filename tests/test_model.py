@@ -144,3 +144,23 @@ def test_a_loaded_model_trains_adapters_only_by_default(tiny_vlm, tmp_path):
     for vlm in (tiny_vlm, MagmaVLM.load(tmp_path / "m")):
         trainable = [n for n, p in vlm.model.named_parameters() if p.requires_grad]
         assert trainable and all(".adapter." in n for n in trainable)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_trainable_weights_stay_float32_in_a_half_precision_model(tiny_vlm, dtype):
+    """A converted checkpoint loads in half precision: the adapters (and a trainable prefix) become float32
+    master weights, the frozen weights keep their dtype, and a forward/backward pass works and sends float32
+    gradients to the adapters (what fp16 loss scaling and the optimizer need)."""
+    model = tiny_vlm.model.to(dtype)
+    model.set_trainable(adapters=True, prefix=True)
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == (torch.float32 if parameter.requires_grad else dtype), name
+    batch = _batch(tiny_vlm, num_rows=2)
+    # bf16 under CPU autocast, as the Trainer runs it; fp16 without (CPU autocast is bf16 only): the casts in
+    # the adapters and the prefix alone must make the mixed dtypes work.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

@@ -32,7 +32,10 @@ class Adapter(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.adapter(hidden_states)
+        # A trainable adapter is kept in float32 (master weights) inside a bf16/fp16 model: compute in its dtype
+        # (autocast, when on, still runs the matmuls in half precision) and add back in the stream's dtype.
+        update = self.adapter(hidden_states.to(self.adapter[0].weight.dtype))
+        return hidden_states + update.to(hidden_states.dtype)
 
 
 class AttentionWithAdapter(nn.Module):

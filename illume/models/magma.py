@@ -13,14 +13,19 @@ prefill, and a batch may mix image rows and text-only rows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, GPTJConfig, PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.auto.configuration_auto import AutoConfig
 
 from illume.models.adapters import add_adapters, is_adapter_parameter
 from illume.models.clip_resnet import ModifiedResNet
+
+if TYPE_CHECKING:
+    from illume.config import ModelConfig
 
 
 class MagmaConfig(PreTrainedConfig):
@@ -51,6 +56,36 @@ class MagmaConfig(PreTrainedConfig):
         return (self.image_size // 32) ** 2
 
 
+def build_magma_config(model_cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eos_token_id: int,
+                       pad_token_id: int) -> MagmaConfig:
+    """The `MagmaConfig` (GPT-J inside) that `model_cfg`'s sizes describe: our YAML's one way to a model.
+
+    Args:
+        vocab_size: The tokenizer's size: the embedding and LM head rows, unless `model_cfg.lm.vocab_size`
+            sets more (GPT-J-6B: 50,400 rows for 50,258 tokens).
+        image_token_id: Id of `<|image|>`, whose embedding rows the image prefix replaces.
+        eos_token_id: End of text; also the BOS id, as in GPT-2/GPT-J.
+        pad_token_id: Padding id.
+    """
+    lm = model_cfg.lm
+    rows = lm.vocab_size if lm.vocab_size is not None else vocab_size
+    if rows < vocab_size:
+        raise ValueError(f"model.lm.vocab_size={rows} is smaller than the tokenizer's {vocab_size} tokens")
+    text_config = GPTJConfig(
+        vocab_size=rows, n_positions=lm.max_positions, n_embd=lm.hidden_size, n_layer=lm.num_layers,
+        n_head=lm.num_heads, rotary_dim=lm.rotary_dim, activation_function=lm.activation,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    return MagmaConfig(
+        text_config=text_config.to_dict(), image_size=model_cfg.vision.image_size,
+        vision_layers=list(model_cfg.vision.layers), vision_width=model_cfg.vision.width,
+        image_token_id=image_token_id, prefix_dropout=model_cfg.prefix_dropout,
+        adapter_attention_downsample=model_cfg.adapters.attention_downsample,
+        adapter_mlp_downsample=model_cfg.adapters.mlp_downsample,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+
+
 class ImagePrefix(nn.Module):
     """Image encoder + projection to the LM width (MAGMA's `image_prefix`: enc, proj, dropout, ln)."""
 
@@ -62,9 +97,11 @@ class ImagePrefix(nn.Module):
         self.ln = nn.LayerNorm(hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.enc(pixel_values)  # (N, C, h, w)
+        features = self.enc(pixel_values.to(self.enc.conv1.weight.dtype))  # (N, C, h, w)
         tokens = features.flatten(2).transpose(1, 2)  # (N, h * w, C)
-        return self.ln(self.dropout(self.proj(tokens)))
+        # The projection may be trainable, hence float32, in a half-precision model: compute in its dtype.
+        projected = self.dropout(self.proj(tokens.to(self.proj.weight.dtype)))
+        return self.ln(projected.to(self.ln.weight.dtype))
 
 
 class MagmaPreTrainedModel(PreTrainedModel):
@@ -159,6 +196,11 @@ class MagmaForCausalLM(MagmaPreTrainedModel, GenerationMixin):
                 parameter.requires_grad_(prefix)
             else:
                 parameter.requires_grad_(False)
+        # Trainable weights are float32 master weights even when the model was loaded in bf16/fp16 (a converted
+        # checkpoint): the optimizer then updates them in full precision and fp16 gradient scaling works.
+        for parameter in self.parameters():
+            if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):
+                parameter.data = parameter.data.float()
         self.train(self.training)
 
 
