@@ -9,11 +9,23 @@
     illume export runs/demo --format sft|dpo|kto|jsonl  the feedback as TRL-format datasets
     illume reward train runs/demo [--round N]         fit the reward model on the judgments (rounds <= N)
     illume reward eval runs/demo                      its pairwise accuracy, ROC-AUC, precision/recall, plot
+    illume dpo runs/demo [key=value ...]              DPO on the run's judgments (or on a saved TRL dataset)
+    illume kto runs/demo [key=value ...]              KTO on the run's judgments (or on a saved TRL dataset)
+    illume convert-magma mp_rank_00_model_states.pt OUT --version v1|v2
+                                                      the official MAGMA checkpoint as a safetensors HF model
+    illume plan configs/vqax_magma.yaml [--gpus N]    parameters and GPU memory estimate (meta device)
 
 Every command but `annotate` takes a config file and `key.sub=value` overrides, and writes the resolved config
 into the run directory (output_dir/name) before anything else. `annotate` reads RUN_DIR/config.yaml (its
 `annotate` settings and `store_url`) or takes a store URL; it binds 127.0.0.1 unless --host says otherwise,
 and then needs an access token (--token, or one is generated and printed).
+
+`run`, `reward train` and `dpo`/`kto` also run as several processes (DDP; gloo on CPU, nccl on GPUs), e.g.
+    torchrun --nproc_per_node 8 -m illume.cli run configs/vqax_magma.yaml \\
+        train.deepspeed=configs/deepspeed/zero2.json
+    accelerate launch --num_processes 2 --num_machines 1 --mixed_precision no --cpu \\
+        -m illume.cli dpo runs/demo
+Pre-train the demo base model in one process first (`illume pretrain`); rank 0 writes the store and files.
 """
 
 from __future__ import annotations
@@ -30,12 +42,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from illume import distributed
 from illume.config import AnnotateConfig, ConfigError, RunConfig, load_config, save_config
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config, args.overrides)
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    if distributed.is_main():  # several processes: one writes
+        save_config(cfg, cfg.run_dir / "config.yaml")
     return cfg
 
 
@@ -231,6 +245,8 @@ def cmd_reward(args: argparse.Namespace) -> int:
     except (RewardDataError, FileNotFoundError) as error:
         print(f"reward error: {error}", file=sys.stderr)
         return 2
+    if not distributed.is_main():  # several processes: rank 0 reports
+        return 0
     table = Table(title=f"Reward model on {report['num_examples']} held-out examples ({out_dir})")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -256,6 +272,54 @@ def _add_reward_parser(commands) -> None:
     sub.add_argument("run_dir", help="run directory (its config.yaml and feedback store); writes RUN_DIR/reward/")
     sub.add_argument("--round", type=int, default=None, help="train: judgments of rounds <= N (default: all)")
     sub.set_defaults(handler=cmd_reward)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from policies.data import PolicyDataError
+    from policies.optimize import optimize_standalone
+
+    source = Path(args.source)
+    if (source / "config.yaml").is_file():
+        cfg = load_config(args.config or source / "config.yaml", args.overrides)
+    elif (source / "dataset_info.json").is_file() or (source / "state.json").is_file():
+        if args.config is None:
+            raise ConfigError(f"{source} is a dataset: say which model and val split with --config CONFIG")
+        cfg = load_config(args.config, args.overrides)
+    else:
+        raise ConfigError(f"{source} is neither a run directory (config.yaml) nor a dataset saved with datasets")
+    try:
+        metrics = optimize_standalone(args.kind, source, cfg, args.out, args.init_round)
+    except PolicyDataError as error:
+        print(f"{args.kind} error: {error}", file=sys.stderr)
+        return 2
+    if not distributed.is_main():  # several processes: rank 0 reports
+        return 0
+    table = Table(title=f"{args.kind.upper()} on {source}: {metrics['num_rows']} "
+                        f"{'pairs' if args.kind == 'dpo' else 'rows'}, val scores x100 of the kept epoch")
+    for key in ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy"):
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{100 * metrics['val'][k]:.1f}" if metrics["val"].get(k) is not None else "-"
+                    for k in ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")))
+    Console().print(table)
+    return 0
+
+
+def _add_policy_parsers(commands) -> None:
+    for kind, text in (("dpo", "DPO on chosen vs rejected rationales"),
+                       ("kto", "KTO on accepted / rejected rationales (unpaired)")):
+        sub = commands.add_parser(kind, help=f"{text}, on a run's store or a saved TRL dataset")
+        sub.add_argument("source", help="run directory (its feedback store) or a dataset saved with datasets "
+                                        f"(illume export --format {kind})")
+        sub.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. policy.beta=0.2")
+        sub.add_argument("--config", default=None,
+                         help="config file (default: RUN_DIR/config.yaml; required for a dataset)")
+        sub.add_argument("--out", default=None, help=f"output folder (default: RUN_DIR/{kind})")
+        sub.add_argument("--init-round", type=int, default=None,
+                         help="start from this round's adapters (default: the base model)")
+        sub.set_defaults(handler=cmd_policy, kind=kind)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=cmd_status)
     _add_export_parser(commands)
     _add_reward_parser(commands)
+    _add_policy_parsers(commands)
+    from illume.models.magma_checkpoint import add_convert_magma_parser
+    from illume.plan import add_plan_parser
+
+    add_convert_magma_parser(commands)
+    add_plan_parser(commands)
     return parser
 
 
@@ -299,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `illume` console script; `argv` lets tests call it in-process."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    distributed.init_if_launched()  # torchrun / accelerate launch with several processes: join the group
     from illume.data.datasets import DatasetError
 
     try:

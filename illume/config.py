@@ -88,7 +88,11 @@ class LMConfig:
     rotary_dim: int = 16
     """Dimensions per head with rotary position embedding (GPT-J-6B: 64)."""
     max_positions: int = 128
-    """Longest sequence, image prefix included."""
+    """Longest sequence, image prefix included (GPT-J-6B: 2048)."""
+    vocab_size: int | None = None
+    """Rows of the embedding and the LM head; None: the tokenizer's size (GPT-J-6B: 50400, padded past it)."""
+    activation: Literal["gelu", "gelu_new"] = "gelu"
+    """MLP activation: exact GELU (demo) or the tanh approximation `gelu_new` (GPT-J-6B)."""
 
 
 @dataclass
@@ -102,21 +106,41 @@ class AdapterConfig:
 
 
 @dataclass
-class ModelConfig:
-    """The VLM: our MAGMA (a saved one, or the demo model pre-trained by our code)."""
+class LoraSettings:
+    """LoRA of the `hf` backend (peft.LoraConfig fields)."""
 
-    kind: Literal["magma"] = "magma"
-    """Backend: our MAGMA implementation."""
+    r: int = 8
+    """Rank of the update matrices."""
+    alpha: int = 16
+    """Scaling numerator (lora_alpha); the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: str | None = None
+    """Regex of the modules that get LoRA; None: the language model's attention and MLP projections."""
+
+
+@dataclass
+class ModelConfig:
+    """The VLM: our MAGMA (a saved one, or the demo model pre-trained by our code), or any HF VLM with LoRA."""
+
+    kind: Literal["magma", "hf"] = "magma"
+    """Backend: our MAGMA implementation, or an `AutoModelForImageTextToText` VLM with LoRA (peft)."""
     path: str | None = None
-    """Directory of a saved model (save_pretrained + tokenizer); None: the cached demo base model."""
+    """magma: directory of a saved model (save_pretrained + tokenizer; `illume convert-magma` writes one), None:
+    the cached demo base model. hf: a hub name or local directory (`HFVLM.save` output keeps its LoRA)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """hf: dtype the weights load in ("auto": as stored)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """hf: the LoRA adapters that train (the `adapters` of ILLUME's recipe)."""
     cache_dir: str = ".cache/illume"
     """Where the pre-trained demo base model is cached (keyed by a hash of its settings)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
-    """Image encoder sizes (demo model)."""
+    """Image encoder sizes of a model built from this config (the demo model, `illume plan`); a saved model
+    (`path`) brings its own config.json."""
     lm: LMConfig = field(default_factory=LMConfig)
-    """Language model sizes (demo model)."""
+    """Language model sizes (as `vision`)."""
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    """Adapter places and sizes (demo model)."""
+    """Adapter places and sizes (as `vision`)."""
     prefix_dropout: float = 0.1
     """Dropout on the projected image prefix."""
 
@@ -272,6 +296,46 @@ class TrainConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """How the accepted/rejected feedback tunes the model each round (policies/; sft = ILLUME's selection-SFT).
+
+    dpo/kto use train.* for epochs, batch size, weight decay, precision, DeepSpeed and the kept epoch; the
+    reference model is the model as it was before the round (its log-probabilities are computed once,
+    before the round's training, as TRL's `precompute_ref_log_probs=True` does).
+    """
+
+    kind: Literal["sft", "dpo", "kto"] = "sft"
+    """sft: selection fine-tuning on accepted rationales; dpo: accepted vs rejected pairs; kto: unpaired labels."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """DPO loss, by TRL's names (DPOConfig.loss_type)."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference model (TRL's beta; for ipo the regulariser tau)."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is wrong: cDPO for sigmoid, robust DPO for robust (in [0, 0.5))."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL loss on the chosen rationale (TRL's loss_type=[..., "sft"]; RPO); 0: none."""
+    reference_as_chosen: bool = False
+    """DPO: for items where nothing was accepted, pair a reference explanation (chosen) with each candidate."""
+    rounds: Literal["all", "latest"] = "latest"
+    """Train on the judgments of the round just judged (on-policy iterative DPO/KTO) or of every round so far,
+    as ILLUME's SFT does; on the demo "all" drifts over rounds (docs/results.md)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the accepted rationales' losses."""
+    undesirable_weight: float | None = None
+    """KTO: weight of the rejected ones; None: #accepted / #rejected, so both sides weigh the same in total."""
+    learning_rate: float | None = None
+    """Learning rate of dpo/kto; None: train.learning_rate."""
+    seed: int = 0
+    """Seed of the KTO mismatched (KL) completions."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"policy.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.beta <= 0:
+            raise ValueError(f"policy.beta must be > 0, got {self.beta}")
+
+
+@dataclass
 class LoopConfig:
     """When the ILLUME loop stops."""
 
@@ -303,6 +367,7 @@ class RunConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     store_url: str | None = None
     """SQLAlchemy URL of the feedback store; None: a SQLite file feedback.db in the run directory."""
@@ -341,6 +406,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = getattr(error, "full_key", None)
         reason = str(error).splitlines()[0]
         raise ConfigError(f"{where}: key '{key}': {reason}" if key else f"{where}: {reason}") from error
+    except ValueError as error:  # a dataclass's __post_init__ check; its message names the key
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {error}") from error
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from illume import distributed
 from illume.config import SampleConfig
 from illume.critics import candidate_scores
 from illume.data.records import CandidateSet, Example
@@ -37,9 +38,15 @@ def explanation_scores(vlm: VLM, examples: Sequence[Example], sample_cfg: Sample
         answer_accuracy, bleu_4, meteor (absent without Java), rouge_l, cider, all in [0, 1] except CIDEr.
     """
     greedy = replace(sample_cfg, temperatures=[0.0], samples_per_temperature=1)
-    sets = sample(vlm, examples, greedy, use_reference_answer=False, progress=progress)
-    predictions = [cs.candidates[0].text if cs.candidates else "" for cs in sets]
-    scores = caption_scores(predictions, [e.explanations for e in examples])
-    result = answer_accuracy([cs.predicted_answer for cs in sets], [e.answers for e in examples])
-    result.update({k: v for k, v in scores.items() if k in ("bleu_4", "meteor", "rouge_l", "cider") and v is not None})
-    return result
+    # Several processes: each decodes its share in whole batches; rank 0 scores them all (one METEOR Java
+    # process, not one per rank) and every rank gets its numbers, so all keep the same epoch.
+    sets = distributed.gather_objects(sample(vlm, distributed.shard(examples, greedy.batch_size), greedy,
+                                             use_reference_answer=False, progress=progress))
+    result = None
+    if distributed.is_main():
+        predictions = [cs.candidates[0].text if cs.candidates else "" for cs in sets]
+        scores = caption_scores(predictions, [e.explanations for e in examples])
+        result = answer_accuracy([cs.predicted_answer for cs in sets], [e.answers for e in examples])
+        result.update({k: v for k, v in scores.items()
+                       if k in ("bleu_4", "meteor", "rouge_l", "cider") and v is not None})
+    return distributed.broadcast_object(result)

@@ -8,6 +8,12 @@ Assumptions, up front:
   interrupted fine-tuning starts over from the previous round's weights. Nothing is lost or written twice.
 - Round r samples with the model tuned in round r - 1 (round 0: the base model), on the train split, with the
   reference answer in the prompt; val scores are of greedy rationales for the model's own answers.
+- Several processes (torchrun / accelerate launch): each samples its share of the examples and rank 0 stores
+  them all; rank 0 alone runs the critic (simulated, terminal, waiting for people) while the others wait;
+  then every rank reads the same judgments and trains together (DDP / DeepSpeed through the HF Trainer).
+  Only rank 0 writes the store and files. Every rank takes the same decisions: rank 0 writes only after a
+  collective (gather, training step, barrier) that the others reach after their reads, and they read what
+  rank 0 wrote only after a barrier.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
+from illume import distributed
 from illume.config import RunConfig, save_config
 from illume.critics import CRITICS
 from illume.data.datasets import load_split
@@ -42,7 +49,8 @@ def init_run_dir(cfg: RunConfig) -> Path:
     shows the settings of the latest invocation (the store and round folders carry what was done before)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 
@@ -81,9 +89,12 @@ def results_table(results: list[dict]) -> Table:
 
 def run(cfg: RunConfig) -> list[dict]:
     """Run (or continue) the ILLUME rounds of `cfg`; returns the per-round results also in results.json."""
-    console = Console(width=max(Console().width, 120))  # logs and pipes get 80 columns: too narrow
+    distributed.init_if_launched()
+    # Logs and pipes get 80 columns: too narrow. One process prints.
+    console = Console(width=max(Console().width, 120), quiet=not distributed.is_main())
     run_dir = init_run_dir(cfg)
-    store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
+    with distributed.main_process_first():  # rank 0 creates the store's tables; the others open it after
+        store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
     vlm = load_vlm(cfg)
     train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     train_by_id = {e.id: e for e in train}
@@ -91,10 +102,14 @@ def run(cfg: RunConfig) -> list[dict]:
     image_refs = save_images(run_dir, train)
 
     base_path = run_dir / "base_metrics.json"
-    if not base_path.is_file():
+    if base_path.is_file():
+        base_scores = json.loads(base_path.read_text())
+    else:
         console.print("[bold]scoring the base model on val[/bold]")
-        _write_json(base_path, explanation_scores(vlm, val, cfg.sample))
-    results = [{"round": "base", "val": json.loads(base_path.read_text())}]
+        base_scores = explanation_scores(vlm, val, cfg.sample, progress=distributed.is_main())
+        if distributed.is_main():
+            _write_json(base_path, base_scores)
+    results = [{"round": "base", "val": base_scores}]
     best_score, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
 
     for round_idx in range(cfg.loop.num_rounds):
@@ -109,12 +124,14 @@ def run(cfg: RunConfig) -> list[dict]:
                                  image_refs)
             if metrics is None:  # people have not finished judging and the config says not to wait
                 break
-            _write_json(metrics_path, metrics)
-            store.set_round_metrics(round_idx, metrics)
-            if metrics["trained"]:
-                store.mark_trained(round_idx)
+            if distributed.is_main():
+                _write_json(metrics_path, metrics)
+                store.set_round_metrics(round_idx, metrics)
+                if metrics["trained"]:
+                    store.mark_trained(round_idx)
         results.append(metrics)
-        _write_json(run_dir / "results.json", results)
+        if distributed.is_main():
+            _write_json(run_dir / "results.json", results)
         console.print(results_table(results))
         if not metrics.get("trained"):
             console.print(f"stopping: round {round_idx} accepted no new rationale")
@@ -149,31 +166,31 @@ def _is_person(annotator: str) -> bool:
 def _fit_reward_critic(cfg: RunConfig, round_idx: int, store: FeedbackStore, train_by_id: dict, console: Console):
     """The reward model for this round, fitted on every judgment people made in earlier rounds (reused from
     the latest round that saw the same judgments), with its accept threshold calibrated on held-out examples."""
-    from illume.models.vlm import MagmaVLM
-    from illume.pretrain import demo_model_dir
     from reward.model import RewardModel
     from reward.train import fit_reward_from_store
 
-    base_dir = Path(cfg.model.path) if cfg.model.path else demo_model_dir(cfg)
-    num_people = sum(1 for j in _judgments(store) if _is_person(j[2]) and j[0] < round_idx)
+    # Rank 0's count, so that every rank takes the same reuse-or-fit decision below.
+    num_people = distributed.broadcast_object(
+        sum(1 for j in _judgments(store) if _is_person(j[2]) and j[0] < round_idx))
     reward_root = cfg.run_dir / "reward"
     for earlier in range(round_idx, -1, -1):  # reuse a fit on exactly these judgments (also on resume)
         info_path = reward_root / f"round_{earlier:02d}" / "reward_critic.json"
         if info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people:
             info = json.loads(info_path.read_text())
-            rm = RewardModel.load(info_path.parent, MagmaVLM.load(base_dir))
+            rm = RewardModel.load(info_path.parent, load_vlm(cfg))
             break
     else:
         out_dir = reward_root / f"round_{round_idx:02d}"
         console.print(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
-        rm, result = fit_reward_from_store(store, train_by_id, MagmaVLM.load(base_dir), cfg.reward, out_dir,
+        rm, result = fit_reward_from_store(store, train_by_id, load_vlm(cfg), cfg.reward, out_dir,
                                            upto_round=round_idx - 1, annotators=_is_person,
                                            deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
         report = result["eval"]
         info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
                 "heldout_recall": report["recall"], "heldout_roc_auc": report["roc_auc"],
                 "heldout_pairwise_accuracy": report["pairwise_accuracy"], "num_people_judgments": num_people}
-        _write_json(out_dir / "reward_critic.json", info)
+        if distributed.is_main():
+            _write_json(out_dir / "reward_critic.json", info)
     band = cfg.reward.hybrid_band if cfg.critic.kind == "hybrid" else None
     critic = CRITICS["reward"](rm, info["threshold"], band, annotator=f"reward:{cfg.critic.kind}")
     return critic, info
@@ -185,13 +202,13 @@ def _judgments(store: FeedbackStore) -> set[tuple[int, str, str]]:
 
 
 def save_images(run_dir: Path, examples) -> dict[str, str]:
-    """Image references the annotation page and exports can serve: in-memory images are written once to
-    run_dir/images/<id>.png (relative refs); file images keep their absolute path."""
+    """Image references the annotation page and exports can serve: in-memory images are written once (by
+    rank 0) to run_dir/images/<id>.png (relative refs); file images keep their absolute path."""
     refs = {}
     for example in examples:
         if isinstance(example.image, Image.Image):
             path = run_dir / "images" / f"{example.id}.png"
-            if not path.is_file():
+            if distributed.is_main() and not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 example.image.save(path)
             refs[example.id] = str(path.relative_to(run_dir))
@@ -222,14 +239,19 @@ def _wait_for_people(cfg: RunConfig, store: FeedbackStore, round_idx: int, conso
 
 
 def _reward_critique(cfg, round_idx, store, sets, train_by_id, console) -> dict:
-    """The reward model judges the round (kind=reward) or its confident items (kind=hybrid)."""
+    """The reward model judges the round (kind=reward) or its confident items (kind=hybrid).
+
+    Every rank fits the reward model (together, through the Trainer) and reviews identically; rank 0 stores."""
     rm_critic, info = _fit_reward_critic(cfg, round_idx, store, train_by_id, console)
-    judged = {e for r, e, _ in _judgments(store) if r == round_idx}
+    # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
+    judged = distributed.broadcast_object({e for r, e, _ in _judgments(store) if r == round_idx})
     todo = [cs for example_id, cs in sets.items() if example_id not in judged]
     reviews = rm_critic.review(todo, train_by_id) if todo else []
-    store.add_judgments(round_idx, [
-        (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, None)
-        for r in reviews], rm_critic.annotator, "train")
+    if distributed.is_main():
+        store.add_judgments(round_idx, [
+            (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, None)
+            for r in reviews], rm_critic.annotator, "train")
+    distributed.barrier()  # the others read these judgments below
     report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
               "rm_heldout_recall": info["heldout_recall"], "rm_heldout_roc_auc": info["heldout_roc_auc"],
               "rm_decided_items": sum(1 for r, _, a in _judgments(store) if r == round_idx and not _is_person(a))}
@@ -280,15 +302,23 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
     # 1. Sample (skipped when this round's candidates are already stored).
     if not store.is_sampled(round_idx):
         console.print(f"[bold]round {round_idx}[/bold]: sampling {len(train)} train questions")
-        sets = sample(vlm, train, cfg.sample, round_idx=round_idx, use_reference_answer=True)
-        store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs)
-        store.mark_sampled(round_idx)
+        # Each rank draws its share in whole sampler batches, so the candidates are those one process draws.
+        sets = distributed.gather_objects(sample(
+            vlm, distributed.shard(train, cfg.sample.batch_size), cfg.sample, round_idx=round_idx,
+            use_reference_answer=True, progress=distributed.is_main()))
+        if distributed.is_main():
+            store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs)
+            store.mark_sampled(round_idx)
+    distributed.barrier()  # the others read the candidates once rank 0 stored them
     sets = {cs.example_id: cs for cs in store.candidate_sets(round_idx, "train")}
     # 2. Critique: the reward model (after its human rounds), then people for what is left.
     reward_report = {}
     if cfg.critic.kind in ("reward", "hybrid") and round_idx >= cfg.reward.human_rounds:
         reward_report = _reward_critique(cfg, round_idx, store, sets, train_by_id, console)
-    if not _critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, cfg.run_dir, console):
+    # The critic (people or their simulation) works on rank 0; the others wait here for its outcome.
+    judged = (_critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, cfg.run_dir, console)
+              if distributed.is_main() else None)
+    if not distributed.broadcast_object(judged):
         return None
     counts = store.judgment_counts(round_idx)
     accepted_before = {(e, t) for e, t, _ in store.accepted_rationales(round_idx - 1)} if round_idx else set()
@@ -301,13 +331,24 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
                "trained": False, "val": {}, **reward_report}
     if not new and cfg.loop.stop_when_nothing_new:
         return metrics
-    # 3. Fine-tune on everything accepted so far (+ answer-only rows), keep the best epoch.
-    rows = build_training_set(accepted, train, cfg.train.num_answer_only_rows, cfg.train.rationale_weight,
-                              seed=cfg.train.seed + round_idx)
-    write_manifest(rows, out_dir / "training_set.jsonl")
-    console.print(f"round {round_idx}: training on {len(rows)} rows "
-                  f"({sum(r.kind == 'rationale' for r in rows)} rationales)")
-    result = fine_tune(vlm, rows, train, val, cfg.train, cfg.sample, out_dir)
+    # 3. Tune: selection-SFT on everything accepted so far (+ answer-only rows), or a preference policy
+    #    (DPO / KTO) on the judgments; either way the best epoch on val is kept.
+    if cfg.policy.kind == "sft":
+        rows = build_training_set(accepted, train, cfg.train.num_answer_only_rows, cfg.train.rationale_weight,
+                                  seed=cfg.train.seed + round_idx)
+        if distributed.is_main():
+            write_manifest(rows, out_dir / "training_set.jsonl")
+        console.print(f"round {round_idx}: training on {len(rows)} rows "
+                      f"({sum(r.kind == 'rationale' for r in rows)} rationales)")
+        result = fine_tune(vlm, rows, train, val, cfg.train, cfg.sample, out_dir)
+    else:
+        from policies.optimize import optimize_on_store
+
+        console.print(f"round {round_idx}: {cfg.policy.kind} on the judgments of "
+                      f"{'this round' if cfg.policy.rounds == 'latest' else 'every round so far'}")
+        result = optimize_on_store(cfg, vlm, store, train_by_id, val, out_dir, upto_round=round_idx)
+        metrics.update(train_rationales=result["num_rationales"],
+                       train_rows=result.get("num_pairs", result.get("num_rows")))
     metrics.update(trained=True, val={k: result["best"][k] for k in VAL_KEYS if k in result["best"]},
                    best_epoch=result["best"]["epoch"], seconds=round(time.perf_counter() - start, 1))
     return metrics

@@ -141,6 +141,10 @@ def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: 
     Returns:
         One CandidateSet per example, in order, with at most K distinct non-empty rationales.
     """
+    if getattr(vlm, "backend", "magma") == "hf":  # HF VLMs decode through `generate` (illume.models.hf)
+        from illume.models.hf import sample_hf
+
+        return sample_hf(vlm, examples, cfg, round_idx, use_reference_answer, seeds)
     temperatures = [t for t in cfg.temperatures for _ in range(cfg.samples_per_temperature)]
     k = len(temperatures)
     model_was_training = vlm.model.training

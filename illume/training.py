@@ -12,6 +12,8 @@ Assumptions, up front:
   (saved as `adapters.safetensors` in the round folder, and loaded back into the model at the end).
 - A DeepSpeed JSON path (`train.deepspeed`) switches ZeRO on through the HF Trainer; ZeRO-2 keeps full weights
   on every rank, so the per-epoch evaluation runs unchanged.
+- Several processes (torchrun / accelerate launch): DDP over gloo on CPU, nccl on GPUs; `train.batch_size` is
+  per process. Val is decoded in shares and gathered, so every rank keeps the same epoch; rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from illume.collate import collate_rows
+from illume import distributed
+from illume.collate import RowEncoder
 from illume.config import SampleConfig, TrainConfig
-from illume.data.records import Example, load_image
+from illume.data.records import Example
 from illume.evaluation import explanation_scores
 from illume.models.vlm import VLM
 from illume.models.weights import load_trainable_weights, save_trainable_weights
@@ -110,18 +113,11 @@ class RowWeightedTrainer(Trainer):
 
 
 class TrainingRowsDataset(torch.utils.data.Dataset):
-    """Token ids, labels, weights and pixels of the rows; each image is preprocessed once."""
+    """Encoded rows with their weights; rows of one example share its image tensors (RowEncoder)."""
 
     def __init__(self, vlm: VLM, rows: Sequence[TrainingRow], examples_by_id: dict[str, Example]):
-        self.items = []
-        pixels: dict[str, torch.Tensor] = {}
-        for row in rows:
-            if row.example_id not in pixels:
-                pixels[row.example_id] = vlm.pixel_values([load_image(examples_by_id[row.example_id])])[0]
-            prompt = vlm.prompt_ids(row.prompt)
-            target = vlm.text_ids(" " + row.target) + [vlm.eos_token_id]
-            self.items.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target,
-                               "pixel_values": pixels[row.example_id], "weight": row.weight})
+        encode = RowEncoder(vlm, examples_by_id)
+        self.items = [{**encode(row.example_id, row.prompt, row.target), "weight": row.weight} for row in rows]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -130,8 +126,8 @@ class TrainingRowsDataset(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def _collate(rows: list[dict], pad_token_id: int) -> dict:
-    batch = collate_rows(rows, pad_token_id)
+def _collate(rows: list[dict], vlm: VLM) -> dict:
+    batch = vlm.collate([{k: v for k, v in row.items() if k != "weight"} for row in rows])
     batch["row_weights"] = torch.tensor([row["weight"] for row in rows], dtype=torch.float32)
     return batch
 
@@ -176,31 +172,60 @@ def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example]
     """
     if not rows:
         raise ValueError("the training set is empty: no accepted rationale and no answer-only row")
-    check_zero_stage(cfg.deepspeed)
-    round_dir.mkdir(parents=True, exist_ok=True)
-    vlm.model.set_trainable(adapters=True, prefix=cfg.train_prefix)
     dataset = TrainingRowsDataset(vlm, rows, {e.id: e for e in examples})
-    keep_best = KeepBestEpoch(vlm, val, sample_cfg, cfg.select_metric, round_dir)
-    use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(round_dir / "trainer"), num_train_epochs=cfg.num_epochs,
+    result = train_keeping_best_epoch(RowWeightedTrainer, vlm, dataset, partial(_collate, vlm=vlm), val, cfg,
+                                      sample_cfg, round_dir)
+    result["num_rows"] = len(rows)
+    if distributed.is_main():
+        (round_dir / "training.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | None = None) -> TrainingArguments:
+    """The HF TrainingArguments every adapter-tuning trainer here shares (SFT, DPO, KTO)."""
+    return TrainingArguments(
+        output_dir=str(out_dir / "trainer"), num_train_epochs=cfg.num_epochs,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, adam_beta1=0.9,
-        adam_beta2=cfg.adam_beta2, lr_scheduler_type="constant", warmup_steps=0, save_strategy="no",
-        logging_steps=10, report_to="none", use_cpu=use_cpu, seed=cfg.seed, data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate if learning_rate is None else learning_rate,
+        weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=cfg.adam_beta2, lr_scheduler_type="constant",
+        warmup_steps=0, save_strategy="no", logging_steps=10, report_to="none",
+        use_cpu=not torch.cuda.is_available(), seed=cfg.seed, data_seed=cfg.seed,
+        ddp_backend=distributed.ddp_backend(),
         bf16=cfg.bf16, fp16=cfg.fp16, activation_checkpointing=cfg.gradient_checkpointing,
         deepspeed=cfg.deepspeed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
     )
-    trainer = RowWeightedTrainer(model=vlm.model, args=args, train_dataset=dataset,
-                                 data_collator=partial(_collate, pad_token_id=vlm.pad_token_id),
-                                 callbacks=[keep_best])
+
+
+def train_keeping_best_epoch(trainer_cls: type[Trainer], vlm: VLM, dataset, collator, val: Sequence[Example],
+                             cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path,
+                             learning_rate: float | None = None, what: str = "selection-SFT",
+                             before_training=None, **trainer_kwargs) -> dict:
+    """Train the adapters with `trainer_cls`, score val after every epoch, keep (and save) the best epoch.
+
+    Args:
+        before_training: Called with the constructed trainer before `train()` (e.g. to compute reference
+            log-probs on the device the trainer put the model on).
+
+    Returns:
+        {"best": val scores of the kept epoch, "epochs": per-epoch val scores, "losses": logged losses,
+         "log_history": the trainer's log, "world_size": how many processes trained}
+    """
+    check_zero_stage(cfg.deepspeed, what)
+    round_dir.mkdir(parents=True, exist_ok=True)
+    vlm.set_trainable(adapters=True, prefix=cfg.train_prefix)
+    keep_best = KeepBestEpoch(vlm, val, sample_cfg, cfg.select_metric, round_dir)
+    trainer = trainer_cls(model=vlm.model, args=training_arguments(cfg, round_dir, learning_rate),
+                          train_dataset=dataset, data_collator=collator, callbacks=[keep_best], **trainer_kwargs)
+    if before_training is not None:
+        before_training(trainer)
     trainer.train()
     vlm.model.eval()
+    distributed.barrier()  # rank 0 saved the best epoch's weights; every rank loads them
     load_trainable_weights(vlm.model, round_dir / ADAPTERS_FILE)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    result = {"best": keep_best.best, "epochs": keep_best.epochs, "num_rows": len(rows), "losses": losses}
-    (round_dir / "training.json").write_text(json.dumps(result, indent=2))
-    return result
+    history = trainer.state.log_history
+    return {"best": keep_best.best, "epochs": keep_best.epochs,
+            "losses": [entry["loss"] for entry in history if "loss" in entry], "log_history": history,
+            "world_size": trainer.args.world_size}
 
 
 def write_manifest(rows: Sequence[TrainingRow], path: Path) -> None:

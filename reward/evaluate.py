@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from illume import distributed
 from illume.data.records import Example
 from reward.model import RewardModel, score
 from reward.pairs import PreferencePair, RewardDataError
@@ -289,6 +290,7 @@ def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePai
         "mean_reward_accepted": sum(s for s, y in zip(scores, labels) if y) / sum(labels),
         "mean_reward_rejected": sum(s for s, y in zip(scores, labels) if not y) / (len(labels) - sum(labels)),
     }
-    (out_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    calibration_plot(scores, labels, out_dir / PLOT_FILE, threshold, target_precision)
+    if distributed.is_main():  # every rank computed the same report; one writes it
+        (out_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        calibration_plot(scores, labels, out_dir / PLOT_FILE, threshold, target_precision)
     return report

@@ -7,6 +7,9 @@ Assumptions, up front:
   `last`, the state of the last non-pad token (the EOS). On the demo world (round 0, five held-out splits)
   `mean` ranked held-out candidates better and more steadily: ROC-AUC 0.956 +- 0.014 (min 0.941) against
   0.945 +- 0.032 (min 0.882) for `last`.
+- Either backend: with MAGMA each image is encoded once for all the rows that show it (`image_embeds` +
+  `image_index`); an HF VLM (`model.kind=hf`) gets its rows from `encode_row` and returns its final hidden
+  states through `output_hidden_states`, and the rationale starts at the first labelled token.
 - The backbone is its own copy of the VLM given (the loop's policy keeps training separately). Only the
   backbone's adapters and the head train; the image encoder, the prefix projection and the LM stay frozen.
 - `save(dir)` writes the trainable backbone weights (`backbone.safetensors`), the head (`head.safetensors`) and
@@ -17,6 +20,7 @@ Assumptions, up front:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from illume.collate import pad_right
+from illume.collate import RowEncoder, pad_right
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
 from illume.models.weights import load_trainable_weights, save_trainable_weights
@@ -57,10 +61,12 @@ class RewardModel(nn.Module):
         self.pooling = pooling
         self.backbone = copy.deepcopy(vlm.model) if copy_backbone else vlm.model
         self.tokenizer = vlm.tokenizer
+        self.is_hf = getattr(vlm, "backend", "magma") == "hf"
+        self._vlm = dataclasses.replace(vlm, model=self.backbone)  # the backbone with the VLM's row methods
         # The backbone's config, for what the HF Trainer and DeepSpeed read (hidden size for "auto" buckets).
         self.config = self.backbone.config
         self.base_model_path = base_model_path or getattr(vlm.model.config, "_name_or_path", None) or None
-        hidden_size = self.backbone.config.text_config.hidden_size
+        hidden_size = self.backbone.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden_size, 1, device=next(self.backbone.parameters()).device)
         generator = torch.Generator(device=self.head.weight.device).manual_seed(seed)
         nn.init.normal_(self.head.weight, std=hidden_size ** -0.5, generator=generator)
@@ -72,9 +78,9 @@ class RewardModel(nn.Module):
         self.set_trainable()
 
     @property
-    def vlm(self) -> MagmaVLM:
-        """The backbone with its tokenizer, for building rows (`prompt_ids`, `text_ids`, `pixel_values`)."""
-        return MagmaVLM(self.backbone, self.tokenizer)
+    def vlm(self):
+        """The backbone with its tokenizer (and processor), for building rows."""
+        return self._vlm
 
     @property
     def device(self) -> torch.device:
@@ -82,7 +88,7 @@ class RewardModel(nn.Module):
 
     def set_trainable(self) -> None:
         """Adapters and head train; everything else of the backbone is frozen."""
-        self.backbone.set_trainable(adapters=True)
+        self._vlm.set_trainable(adapters=True)
         self.head.requires_grad_(True)
 
     def row_ids(self, prompt: str, rationale: str) -> tuple[list[int], int]:
@@ -94,8 +100,8 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                image_index: torch.Tensor | None = None, rationale_start: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                image_index: torch.Tensor | None = None, rationale_start: torch.Tensor | None = None,
+                **model_inputs) -> torch.Tensor:
         """Rewards of the rows.
 
         Args:
@@ -106,18 +112,23 @@ class RewardModel(nn.Module):
             image_index: (B,) which of the N images each row shows (None: N == B, row i shows image i). Lets
                 a batch encode each image once for several rows (chosen and rejected, the K candidates).
             rationale_start: (B,) index of each row's first rationale token (`row_ids`); needed by "mean".
+            model_inputs: HF backend only: the other image inputs of `collate` (`image_grid_thw`, ...).
 
         Returns:
             (B,) rewards in float32.
         """
-        if image_embeds is None and pixel_values is not None:
-            image_embeds = self.backbone.encode_images(pixel_values)
-        if image_embeds is not None and image_index is not None:
-            image_embeds = image_embeds[image_index]
-        inputs_embeds = self.backbone.embed(input_ids, image_embeds=image_embeds)
-        # The LM body only: its final hidden states (after the last LayerNorm), no vocabulary projection.
-        hidden = self.backbone.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                             use_cache=False).last_hidden_state  # (B, T, D)
+        if self.is_hf:  # the model's own forward; its last hidden states (the logits are not used)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                   output_hidden_states=True, use_cache=False, **model_inputs).hidden_states[-1]
+        else:
+            if image_embeds is None and pixel_values is not None:
+                image_embeds = self.backbone.encode_images(pixel_values)
+            if image_embeds is not None and image_index is not None:
+                image_embeds = image_embeds[image_index]
+            inputs_embeds = self.backbone.embed(input_ids, image_embeds=image_embeds)
+            # The LM body only: its final hidden states (after the last LayerNorm), no vocabulary projection.
+            hidden = self.backbone.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                 use_cache=False).last_hidden_state  # (B, T, D)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if self.pooling == "last":
             last = (attention_mask.long() * positions).argmax(-1)  # (B,) index of the last non-pad token
@@ -192,6 +203,10 @@ def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
     """
     was_training = rm.training
     rm.eval()
+    if rm.is_hf:
+        scores = _score_rows(rm, items, batch_size)
+        rm.train(was_training)
+        return scores
     vlm, device = rm.vlm, rm.device
     # (item index, (token ids, rationale start)) per rationale
     rows = [(i, rm.row_ids(prompt, text)) for i, (_, prompt, texts) in enumerate(items) for text in texts]
@@ -215,4 +230,39 @@ def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
         for (i, _), reward in zip(batch, rewards.tolist()):
             scores[i].append(reward)
     rm.train(was_training)
+    return scores
+
+
+def encode_scored_rows(rm: RewardModel, encode: RowEncoder, example_id: str, prompt: str,
+                       rationales: Sequence[str]) -> list[dict]:
+    """Rows of the HF backend for scoring/training: `encode_row` rows without labels, plus `rationale_start`
+    (the first labelled position: the rationale's first token)."""
+    rows = []
+    for text in rationales:
+        row = dict(encode(example_id, prompt, text))
+        labels = row.pop("labels")
+        row["rationale_start"] = next(i for i, label in enumerate(labels) if label != -100)
+        rows.append(row)
+    return rows
+
+
+def collate_scored_rows(rm: RewardModel, rows: list[dict]) -> dict[str, torch.Tensor]:
+    batch = rm.vlm.collate([{k: v for k, v in row.items() if k != "rationale_start"} for row in rows])
+    batch.pop("labels", None)
+    batch["rationale_start"] = torch.tensor([row["rationale_start"] for row in rows])
+    return batch
+
+
+def _score_rows(rm: RewardModel, items, batch_size: int) -> list[list[float]]:
+    """`score` for the HF backend: rows through `encode_row`/`collate` (images are processed per row)."""
+    examples = {str(i): example for i, (example, _, _) in enumerate(items)}
+    encode = RowEncoder(rm.vlm, examples)
+    rows = [(i, row) for i, (_, prompt, texts) in enumerate(items)
+            for row in encode_scored_rows(rm, encode, str(i), prompt, texts)]
+    scores: list[list[float]] = [[] for _ in items]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        inputs = {k: v.to(rm.device) for k, v in collate_scored_rows(rm, [row for _, row in batch]).items()}
+        for (i, _), reward in zip(batch, rm(**inputs).tolist()):
+            scores[i].append(reward)
     return scores

@@ -11,6 +11,8 @@ Assumptions, up front:
   the checkpoint would hold partitioned (empty) tensors.
 - No model selection on the held-out pairs (they calibrate and evaluate): the last epoch is kept; the held-out
   pairwise accuracy after each epoch is only recorded.
+- Several processes (torchrun / accelerate launch): DDP (gloo on CPU); every rank ends with the same weights
+  and runs the evaluation and calibration identically; rank 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from illume.collate import pad_right
+from illume import distributed
+from illume.collate import RowEncoder, pad_right
 from illume.config import RewardConfig
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
 from illume.store import FeedbackStore
 from illume.training import check_zero_stage
-from reward.model import RewardModel
+from reward.model import RewardModel, collate_scored_rows, encode_scored_rows
 from reward.pairs import (
     PreferencePair,
     RewardDataError,
@@ -73,6 +76,11 @@ class PairsDataset(torch.utils.data.Dataset):
 
     def __init__(self, rm: RewardModel, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example]):
         vlm = rm.vlm
+        if rm.is_hf:  # rows through the VLM's own encode_row (its processor), see reward.model
+            encode = RowEncoder(vlm, examples_by_id)
+            self.items = [{"rows": encode_scored_rows(rm, encode, p.example_id, p.prompt, [p.chosen, p.rejected])}
+                          for p in pairs]
+            return
         pixels: dict[str, torch.Tensor] = {}
         self.items = []
         for pair in pairs:
@@ -91,8 +99,10 @@ class PairsDataset(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def collate_pairs(items: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(items: list[dict], pad_token_id: int, rm: RewardModel | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> 2B right-padded rows, chosen first (rows 0..B-1), then rejected; B images."""
+    if "rows" in items[0]:  # HF backend: 2B rows with their own image inputs
+        return collate_scored_rows(rm, [item["rows"][0] for item in items] + [item["rows"][1] for item in items])
     rows = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
     input_ids, attention_mask = pad_right(rows, pad_token_id)
     starts = [item["rationale_start"][0] for item in items] + [item["rationale_start"][1] for item in items]
@@ -177,16 +187,18 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
         lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to="none",
         logging_steps=min(10, math.ceil(len(dataset) / cfg.batch_size)),  # >= 1 loss per epoch
         use_cpu=use_cpu, seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, fp16=fp16, deepspeed=deepspeed,
+        ddp_backend=distributed.ddp_backend(),
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
     )
     trainer = BradleyTerryTrainer(model=rm, args=args, train_dataset=dataset,
-                                  data_collator=partial(collate_pairs, pad_token_id=rm.vlm.pad_token_id),
+                                  data_collator=partial(collate_pairs, pad_token_id=rm.vlm.pad_token_id, rm=rm),
                                   callbacks=[record])
     trainer.margin, trainer.center_coef = cfg.margin, cfg.center_coef
     trainer.train()
     rm.eval()
     train_seconds = time.perf_counter() - start
-    rm.save(out_dir)
+    if distributed.is_main():
+        rm.save(out_dir)
     from reward.evaluate import pairwise_accuracy
 
     metrics = {
@@ -197,8 +209,10 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
         "epochs": record.epochs,
         "train_pairwise_accuracy": pairwise_accuracy(rm, pairs_train, examples_by_id),
         "heldout_pairwise_accuracy": record.epochs[-1]["heldout_pairwise_accuracy"] if record.epochs else None,
+        "world_size": args.world_size,
     }
-    (out_dir / TRAINING_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if distributed.is_main():
+        (out_dir / TRAINING_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return rm, metrics
 
 
@@ -232,14 +246,17 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
                                        example_ids=heldout)
     rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, deepspeed=deepspeed,
                               bf16=bf16, fp16=fp16, pooling=pooling)
-    out_dir.joinpath(SPLIT_FILE).write_text(json.dumps({
-        "upto_round": upto_round, "include_reference_pairs": cfg.include_reference_pairs,
-        "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed,
-        "train_example_ids": train_ids, "heldout_example_ids": heldout_ids,
-    }, indent=2) + "\n")
+    if distributed.is_main():
+        out_dir.joinpath(SPLIT_FILE).write_text(json.dumps({
+            "upto_round": upto_round, "include_reference_pairs": cfg.include_reference_pairs,
+            "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed,
+            "train_example_ids": train_ids, "heldout_example_ids": heldout_ids,
+        }, indent=2) + "\n")
     report = evaluate_reward_model(rm, pairs_heldout, judged_heldout, examples_by_id, cfg.target_precision,
                                    out_dir)
-    rm.save(out_dir)  # again, now with the calibrated threshold
+    if distributed.is_main():
+        rm.save(out_dir)  # again, now with the calibrated threshold
+    distributed.barrier()  # the files are complete when any rank returns
     return rm, {"training": training, "eval": report}
 
 

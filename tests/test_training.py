@@ -85,3 +85,28 @@ def test_zero3_is_refused_before_training(tiny_vlm, examples, tmp_path):
     with pytest.raises(NotImplementedError, match="ZeRO stage 3 is not supported by selection-SFT"):
         fine_tune(tiny_vlm, rows, examples, [], cfg, SampleConfig(), tmp_path / "round")
     assert not (tmp_path / "round" / "adapters.safetensors").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_vlm):
+    """`train.gradient_checkpointing` (HF's activation checkpointing of the LM blocks) with a frozen LM and
+    trainable adapters: the adapters must still get gradients, equal to those without checkpointing."""
+    from illume.collate import RowEncoder
+    from illume.data.shapes import ShapesWorld
+
+    examples = ShapesWorld(num_train_scenes=3).examples("train")
+    encode = RowEncoder(tiny_vlm, {e.id: e for e in examples})
+    batch = tiny_vlm.collate([encode(e.id, f"Q: {e.question} A: {e.answer}, seeing that", e.explanations[0])
+                              for e in examples])
+    model = tiny_vlm.model.train()  # checkpointing is only active in training mode
+    model.image_prefix.dropout.p = 0.0  # the two passes must see the same network
+    model.set_trainable(adapters=True)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and all(g.abs().sum() > 0 for g in grads[1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)

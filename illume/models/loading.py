@@ -10,8 +10,11 @@ from illume.models.vlm import MagmaVLM
 logger = logging.getLogger(__name__)
 
 
-def load_vlm(cfg: RunConfig, device: str = "cpu") -> MagmaVLM:
-    """Load `model.path`, or the cached demo base model (pre-training it first if it is not cached yet)."""
+def load_vlm(cfg: RunConfig, device: str = "cpu"):
+    """The configured VLM: an HF VLM with LoRA (`model.kind=hf`), a saved MAGMA (`model.path`), or the cached
+    demo base model (pre-training it first if it is not cached yet)."""
+    if cfg.model.kind == "hf":
+        return _load_hf(cfg, device)
     if cfg.model.path is not None:
         return MagmaVLM.load(cfg.model.path, device)
     from illume.pretrain import demo_model_dir, pretrain_demo_model
@@ -22,3 +25,19 @@ def load_vlm(cfg: RunConfig, device: str = "cpu") -> MagmaVLM:
                        directory)
         pretrain_demo_model(cfg, directory)
     return MagmaVLM.load(directory, device)
+
+
+def _load_hf(cfg: RunConfig, device: str):
+    from pathlib import Path
+
+    from illume.models.hf import ADAPTER_DIR, DEFAULT_LORA, HFVLM, load_hf_vlm
+
+    if cfg.model.path is None:
+        raise ValueError("model.kind=hf needs model.path: a hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local "
+                         "directory")
+    if (Path(cfg.model.path) / ADAPTER_DIR / "adapter_config.json").is_file():  # saved by HFVLM.save
+        return HFVLM.load(cfg.model.path, device, cfg.model.dtype)
+    lora = cfg.model.lora
+    settings = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                "target_modules": lora.target_modules or DEFAULT_LORA["target_modules"]}
+    return load_hf_vlm(cfg.model.path, settings, cfg.model.dtype, device)

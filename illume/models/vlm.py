@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from illume.collate import collate_rows
 from illume.models.image_processing import to_pixel_values
 from illume.models.magma import MagmaForCausalLM, register_magma
 
@@ -24,6 +25,8 @@ class VLM(Protocol):
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    backend: str
+    """"magma" or "hf": which sampler decodes for it."""
 
     @property
     def eos_token_id(self) -> int: ...
@@ -39,6 +42,14 @@ class VLM(Protocol):
 
     def text_ids(self, text: str) -> list[int]: ...
 
+    def completion_ids(self, text: str, prompt: str = "") -> list[int]: ...
+
+    def encode_row(self, image: Image.Image, prompt: str, completion: str | None = None) -> dict: ...
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor | None]: ...
+
+    def set_trainable(self, adapters: bool = True, prefix: bool = False) -> None: ...
+
     def save(self, directory: Path) -> None: ...
 
 
@@ -48,6 +59,7 @@ class MagmaVLM:
 
     model: MagmaForCausalLM
     tokenizer: PreTrainedTokenizerBase
+    backend = "magma"
 
     @property
     def eos_token_id(self) -> int:
@@ -80,6 +92,27 @@ class MagmaVLM:
     def prompt_ids(self, text: str) -> list[int]:
         """The image slots followed by the text's token ids."""
         return [self.image_token_id] * self.model.config.num_image_tokens + self.text_ids(text)
+
+    def completion_ids(self, text: str, prompt: str = "") -> list[int]:
+        """The target ids of a completion (rationale or answer) after its prompt: ` text<eos>` (the word-level
+        and GPT-2 tokenizers encode it the same whatever the prompt)."""
+        return self.text_ids(" " + text.strip()) + [self.eos_token_id]
+
+    def set_trainable(self, adapters: bool = True, prefix: bool = False) -> None:
+        """MAGMA's adapters train (optionally the prefix projection); everything else is frozen."""
+        self.model.set_trainable(adapters=adapters, prefix=prefix)
+
+    def encode_row(self, image: Image.Image, prompt: str, completion: str | None = None) -> dict:
+        """One training/scoring row: `input_ids`, `labels` (-100 over the image slots and the prompt) and the
+        image's `pixel_values` (3, S, S). Without a completion it is the exact prefix generation continues."""
+        prompt_ids = self.prompt_ids(prompt)
+        target = self.completion_ids(completion) if completion is not None else []
+        return {"input_ids": prompt_ids + target, "labels": [-100] * len(prompt_ids) + target,
+                "pixel_values": self.pixel_values([image])[0]}
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor | None]:
+        """Right-padded batch of `encode_row` rows (images stacked in row order)."""
+        return collate_rows(rows, self.pad_token_id)
 
     def save(self, directory: Path) -> None:
         """Write the whole model (safetensors) and the tokenizer."""

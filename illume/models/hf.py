@@ -1,0 +1,484 @@
+"""The `hf` backend: any `AutoModelForImageTextToText` VLM (LLaVA, Qwen2-VL, Idefics3/SmolVLM, ...) with LoRA.
+
+Layout of a row (the same for every family, no chat template): the image placeholder, then ILLUME's plain-text
+prompt, then the completion and EOS:
+
+    LLaVA:     "<image>\\nQ: What colour is the circle? A: red, seeing that" + " the circle is red" + EOS
+    Qwen2-VL:  "<|vision_start|><|image_pad|><|vision_end|>Q: ..." + " the circle is red" + EOS
+    others:    processor.image_token + "Q: ..." + completion + EOS
+
+The processor expands the placeholder into as many image tokens as the model needs for that image. ILLUME's
+prompt is itself the format the model is tuned on, so a chat template would only add tokens; without one, the
+prompt's encoding is by construction the prefix of the full row's encoding, and generation from the prompt
+continues exactly where training's completion starts.
+
+Only the language model's attention/MLP projections get LoRA; the vision tower stays frozen, the multimodal
+projector trains on request (`set_trainable(prefix=True)`).
+
+transformers 5.23 without torchvision (which would pull a CUDA torch): image processors fall back to their PIL
+classes (`*ImageProcessorPil`), but processors that also own a video processor (Qwen2-VL, Qwen2.5-VL,
+SmolVLM, ...) cannot be built or loaded, since video processors need torchvision. `_without_video` gives
+such a processor class without its video slot; we never pass videos.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaProcessor,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLProcessor,
+)
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from illume.config import SampleConfig
+from illume.data.records import Candidate, CandidateSet, Example, load_image
+from illume.data.shapes import vocabulary
+from illume.models.word_tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, build_word_tokenizer
+from illume.sampling import ANSWER_PROMPT, example_seed, rationale_prompt
+
+ADAPTER_DIR = "adapter"
+"""Subfolder of a saved model holding the LoRA weights (kept apart from the base model's files, because
+`from_pretrained` would otherwise find `adapter_config.json` and attach the adapter itself)."""
+
+LANGUAGE_MODEL_PROJECTIONS = (r".*(language_model|text_model).*\."
+                              r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+"""LoRA targets: the language model's attention and MLP projections (LLaVA/Qwen name it `language_model`,
+Idefics3/SmolVLM `text_model`); the vision tower's projections do not match."""
+
+DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": LANGUAGE_MODEL_PROJECTIONS}
+
+PROJECTOR_MODULES = ("multi_modal_projector", "visual.merger", "connector")
+"""The multimodal projector (image features -> LM width): LLaVA, Qwen2-VL, Idefics3/SmolVLM."""
+
+_QWEN_IMAGE = "<|vision_start|>{image_token}<|vision_end|>"  # Qwen's chat template wraps the image pads so
+IMAGE_PLACEHOLDERS = {
+    "llava": "{image_token}\n",  # LLaVA-1.5 was trained with a newline after the image
+    "qwen2_vl": _QWEN_IMAGE,
+    "qwen2_5_vl": _QWEN_IMAGE,
+    "qwen3_vl": _QWEN_IMAGE,
+}
+"""Text put in front of the prompt, by `config.model_type`; other families: the processor's image token."""
+
+
+@dataclass
+class HFVLM:
+    """A PEFT-wrapped HF VLM with its processor; `encode_row` builds rows, `collate` batches them."""
+
+    model: PreTrainedModel
+    """The PEFT model (LoRA on the language model's projections)."""
+    processor: ProcessorMixin
+    tokenizer: PreTrainedTokenizerBase
+    backend = "hf"
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        # Several VLM tokenizers have no pad token; padded positions are masked anyway.
+        pad = self.tokenizer.pad_token_id
+        return self.eos_token_id if pad is None else pad
+
+    @property
+    def image_token_id(self) -> int:
+        return self.processor.image_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_placeholder(self) -> str:
+        model_type = self.model.get_base_model().config.model_type
+        template = IMAGE_PLACEHOLDERS.get(model_type, "{image_token}")
+        return template.format(image_token=self.processor.image_token)
+
+    def _completion_ids(self, prompt: str, completion: str) -> list[int]:
+        # Tokenized in context: sentencepiece tokenizers (LLaVA's Llama) add a prefix space to text encoded on
+        # its own, so " the" alone may not give the ids that follow the prompt. Fall back to the text alone
+        # when the two merge across the boundary.
+        head = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        if full[:len(head)] == head:
+            return full[len(head):]
+        return self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+
+    def completion_ids(self, text: str, prompt: str = "") -> list[int]:
+        """The target ids of a completion after `prompt`: ` text` tokenized in context, then EOS."""
+        return self._completion_ids(prompt, " " + text.strip()) + [self.eos_token_id]
+
+    def encode_row(self, image: Image.Image, prompt: str, completion: str | None = None) -> dict:
+        """One training/scoring row for one image.
+
+        Returns:
+            `input_ids` (list): the processor's encoding of placeholder + prompt (image tokens expanded),
+            then the completion's ids and EOS when a completion is given; `labels` (list): -100 over image and
+            prompt, the completion's ids and EOS after; other per-token lists the model needs
+            (`mm_token_type_ids` for Qwen2-VL); and the image tensors of this one image as the processor
+            returns them (`pixel_values`, plus e.g. `image_grid_thw`); `collate` concatenates them on dim 0.
+        """
+        encoded = self.processor(images=[image], text=[self.image_placeholder + prompt], return_tensors="pt")
+        input_ids = encoded["input_ids"][0].tolist()
+        target = [] if completion is None else self.completion_ids(completion, prompt)
+        row = {"input_ids": input_ids + target, "labels": [-100] * len(input_ids) + target}
+        for key, value in encoded.items():
+            if key in ("input_ids", "attention_mask"):  # the mask is rebuilt by `collate`
+                continue
+            if value.shape == encoded["input_ids"].shape:  # per-token types: the completion is text (0)
+                row[key] = value[0].tolist() + [0] * len(target)
+            else:
+                row[key] = value
+        return row
+
+    def collate(self, rows: list[dict], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad the per-token lists (`input_ids` with pad, `labels` with -100, others with 0), add the
+        attention mask, and concatenate the image tensors along dim 0 (zero-padding trailing dims when rows
+        differ, e.g. Idefics3's number of crops; the model skips all-zero images). Other keys are left out.
+
+        Args:
+            padding_side: "right" for training and scoring, "left" for generation.
+        """
+        length = max(len(row["input_ids"]) for row in rows)
+        pad_values = {"input_ids": self.pad_token_id, "labels": -100}
+        batch = {}
+        for key, value in rows[0].items():
+            if isinstance(value, list):
+                batch[key] = _pad([row[key] for row in rows], pad_values.get(key, 0), length, padding_side)
+            elif isinstance(value, torch.Tensor):
+                batch[key] = _concat([row[key] for row in rows])
+        batch["attention_mask"] = _pad([[1] * len(row["input_ids"]) for row in rows], 0, length, padding_side)
+        return batch
+
+    def set_trainable(self, adapters: bool = True, prefix: bool = False) -> None:
+        """LoRA weights train when `adapters`, the multimodal projector when `prefix`; the rest is frozen."""
+        for name, parameter in self.model.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad = adapters
+            else:
+                parameter.requires_grad = prefix and any(part in name for part in PROJECTOR_MODULES)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the base model (safetensors, LoRA layers stripped) and the processor to `directory`, and the
+        LoRA weights to `directory/adapter`. A trained projector is part of the base model's weights."""
+        directory = Path(directory)
+        base = self.model.get_base_model()
+        # PEFT wraps each targeted Linear: its own weight lives under `.base_layer.`, LoRA's under `lora_*`.
+        state = {name.replace(".base_layer.", "."): tensor for name, tensor in base.state_dict().items()
+                 if "lora_" not in name}
+        base.save_pretrained(directory, state_dict=state)
+        self.processor.save_pretrained(directory)
+        self.model.save_pretrained(directory / ADAPTER_DIR)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = "auto") -> HFVLM:
+        """Load what `save` wrote; the LoRA weights train, everything else is frozen."""
+        directory = Path(directory)
+        if not (directory / ADAPTER_DIR / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no saved HF VLM in {directory} "
+                                    f"({ADAPTER_DIR}/adapter_config.json missing)")
+        base = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype)
+        model = PeftModel.from_pretrained(base, directory / ADAPTER_DIR, is_trainable=True).to(device).eval()
+        processor = load_processor(directory)
+        vlm = cls(model, processor, processor.tokenizer)
+        vlm.set_trainable(adapters=True)
+        return vlm
+
+
+def _pad(sequences: list[list[int]], value: int, length: int, side: str) -> torch.Tensor:
+    padded = torch.full((len(sequences), length), value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if side == "right":
+            padded[i, :len(seq)] = torch.as_tensor(seq)
+        else:
+            padded[i, length - len(seq):] = torch.as_tensor(seq)
+    return padded
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to the largest size."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad = []
+        for d in reversed(range(1, t.dim())):  # F.pad lists the last dim first
+            pad += [0, shape[d - 1] - t.shape[d]]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded)
+
+
+@functools.cache
+def _without_video(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` minus its video processor slot (unchanged when it has none).
+
+    ProcessorMixin takes its sub-processors from the `__init__` signature and type-checks each; without
+    torchvision the video processor's base class cannot even be looked up. With `video_processor` gone from
+    the signature, the parent's positional `None` for it is paired with no name and dropped.
+    """
+    if "video_processor" not in inspect.signature(processor_class.__init__).parameters:
+        return processor_class
+
+    class ImageOnlyProcessor(processor_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                             chat_template=chat_template, **kwargs)
+
+    # `save_pretrained` records the class name in processor_config.json: keep the stock one.
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_class.__name__
+    return ImageOnlyProcessor
+
+
+def load_processor(path_or_name: str | Path, **kwargs) -> ProcessorMixin:
+    """The checkpoint's processor, image-only (`_without_video`) whether or not torchvision is installed.
+
+    Not `AutoProcessor.from_pretrained`: it always builds the video processor too, which needs torchvision,
+    and for a directory `HFVLM.save` wrote it stops earlier (OSError: no video processor config there).
+    """
+    config = AutoConfig.from_pretrained(path_or_name, **kwargs)
+    return _without_video(PROCESSOR_MAPPING[type(config)]).from_pretrained(path_or_name, **kwargs)
+
+
+def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str | torch.dtype = "auto",
+                device: str | torch.device = "cpu") -> HFVLM:
+    """A pretrained VLM (local directory or hub name) with fresh LoRA adapters.
+
+    Args:
+        lora: `peft.LoraConfig` fields overriding `DEFAULT_LORA` (e.g. {"r": 16, "lora_alpha": 32}).
+        dtype: Weights' dtype ("auto": as stored; e.g. torch.bfloat16 on GPUs).
+    """
+    processor = load_processor(path_or_name)
+    base = AutoModelForImageTextToText.from_pretrained(path_or_name, dtype=dtype).to(device)
+    model = get_peft_model(base, LoraConfig(**{**DEFAULT_LORA, **(lora or {})})).eval()
+    vlm = HFVLM(model, processor, processor.tokenizer)
+    vlm.set_trainable(adapters=True)
+    return vlm
+
+
+# --- Tiny models for tests and CPU experiments -------------------------------------------------------------
+
+def _tiny_tokenizer(words: list[str], image_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
+    """The demo's word-level tokenizer with the family's image tokens as extra special tokens."""
+    # Re-wrapped, not extended: the processors take their image token from `tokenizer.image_token`, which
+    # the demo tokenizer sets to its own `<|image|>`.
+    backend = build_word_tokenizer(words).backend_tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                   unk_token=UNK_TOKEN, extra_special_tokens=image_tokens)
+
+
+def build_tiny_hf_vlm(family: str, seed: int = 0, vocab: list[str] | None = None) -> HFVLM:
+    """A randomly initialised tiny LLaVA or Qwen2-VL (2 layers, width 16/32), its processor and LoRA (r=4),
+    built offline from configs in about a second.
+
+    Args:
+        family: "llava" (CLIP vision tower, 32 px images, 16 image tokens) or "qwen2_vl" (56 x 56 pixels per
+            image at any aspect ratio, 4-6 image tokens).
+        vocab: Words of the tokenizer; default: the shapes world's vocabulary.
+    """
+    words = vocabulary() if vocab is None else vocab
+    if family == "llava":
+        tokenizer = _tiny_tokenizer(words, {"image_token": "<image>"})
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                crop_size={"height": 32, "width": 32})
+        # 32 px / patch 8 = 16 patches + CLS; the "default" strategy drops CLS -> 16 image tokens.
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8),
+            text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=256, bos_token_id=None,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+            image_token_id=tokenizer.image_token_id, image_seq_length=16, vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+    elif family == "qwen2_vl":
+        tokens = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+        tokenizer = _tiny_tokenizer(words, tokens)
+        # min = max = 56 x 56 pixels: a (1, 4, 4) patch grid for square images, 4 image tokens after 2 x 2
+        # merging (other aspect ratios: up to 6).
+        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
+        processor = _without_video(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
+        config = Qwen2VLConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256,
+                             # head dim 8: 4 rotary frequencies split over (time, height, width)
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [2, 1, 1]},
+                             bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id),
+            vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=4, mlp_ratio=2),
+            image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+            vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],
+        )
+    else:
+        raise ValueError(f"unknown tiny HF VLM family {family!r}; expected 'llava' or 'qwen2_vl'")
+    torch.manual_seed(seed)
+    base = AutoModelForImageTextToText.from_config(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_PROJECTIONS)
+    model = get_peft_model(base, lora).eval()
+    vlm = HFVLM(model, processor, tokenizer)
+    vlm.set_trainable(adapters=True)
+    return vlm
+
+
+# --- Sampling ----------------------------------------------------------------------------------------------
+
+def _banned_token_ids(vlm: HFVLM) -> list[int]:
+    """Tokens an answer or rationale never contains: every special token but EOS (padding, image slots)."""
+    special = {i for i, token in vlm.tokenizer.added_tokens_decoder.items() if token.special}
+    return sorted((special | set(vlm.tokenizer.all_special_ids)) - {vlm.eos_token_id})
+
+
+class _GumbelMaxSampling(LogitsProcessor):
+    """Turns greedy search into sampling and records each chosen token's log-probability at T = 1.
+
+    argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T) (the Gumbel-max trick). Each row has
+    its own temperature (0: greedy, no noise); each example's rows draw their noise from the example's
+    generator, so a draw depends on the example's seed, not on its batch. Being the last logits processor,
+    our argmax is the token generate picks.
+    """
+
+    def __init__(self, banned: list[int], temperatures: torch.Tensor | None = None,
+                 generators: list[torch.Generator] | None = None):
+        self.banned = torch.tensor(banned, dtype=torch.long)
+        self.temperatures = temperatures  # (R,), rows grouped by example
+        self.generators = generators
+        self.step_logprobs: list[torch.Tensor] = []  # one (R,) per step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float().index_fill(1, self.banned.to(scores.device), float("-inf"))  # (R, V)
+        if self.generators is None:
+            chosen = logits
+        else:
+            rows_per_example = len(logits) // len(self.generators)
+            uniform = torch.cat([torch.rand((rows_per_example, logits.shape[1]), generator=g)
+                                 for g in self.generators]).to(logits.device)
+            gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
+            temperatures = self.temperatures.to(logits.device).float().unsqueeze(1)  # (R, 1)
+            chosen = torch.where(temperatures > 0, logits / temperatures.clamp(min=1e-6) + gumbel, logits)
+        tokens = chosen.argmax(-1, keepdim=True)
+        self.step_logprobs.append(torch.log_softmax(logits, -1).gather(1, tokens).squeeze(1).double().cpu())
+        return chosen
+
+
+@torch.no_grad()
+def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int, stop_ids: list[int],
+              temperatures: torch.Tensor | None = None,
+              generators: list[torch.Generator] | None = None) -> tuple[list[list[int]], list[float]]:
+    """Decode `num_copies` continuations of every prompt row until a stop token.
+
+    Returns:
+        The new tokens of each of the len(rows) * num_copies rows (stop token excluded), example-major, and
+        their summed log-probabilities at T = 1 (stop token included).
+    """
+    # Each prompt is repeated, so its image runs through the vision tower once per copy: simple and exact for
+    # every family (generate's own expansion does the same).
+    copies = [{k: v for k, v in row.items() if k != "labels"} for row in rows for _ in range(num_copies)]
+    batch = {k: v.to(vlm.device) for k, v in vlm.collate(copies, padding_side="left").items()}
+    sampler = _GumbelMaxSampling(_banned_token_ids(vlm), temperatures, generators)
+    # Explicit values, because generate fills unset ones from the checkpoint's defaults (e.g. a repetition
+    # penalty), which would change what is drawn.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                              eos_token_id=list(stop_ids), pad_token_id=vlm.pad_token_id)
+    sequences = vlm.model.generate(**batch, generation_config=config,
+                                   logits_processor=LogitsProcessorList([sampler]))
+    new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
+    step_logprobs = torch.stack(sampler.step_logprobs, 1)  # (R, steps)
+    tokens, logprobs = [], []
+    for row, row_tokens in enumerate(new_tokens):
+        # Cut at the first stop token: generate pads the rows that stopped before the longest one.
+        end = next((i for i, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
+        tokens.append(row_tokens[:end])
+        logprobs.append(float(step_logprobs[row, :end + 1].sum()))  # the stop token's too, when there is one
+    return tokens, logprobs
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def sample_hf(vlm: HFVLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: int = 0,
+              use_reference_answer: bool = True, seeds: dict[str, int] | None = None) -> list[CandidateSet]:
+    """A near-greedy answer and K rationales for every example (the semantics of `illume.sampling.sample`).
+
+    The answer is greedy from `Q: {question} A:`, stopped at EOS, a newline or a comma (the rationale prompt
+    supplies ", seeing that"); rationales are drawn from `Q: {question} A: {answer}, seeing that` at each of
+    `cfg.temperatures`, `cfg.samples_per_temperature` times, up to `cfg.max_new_tokens`, stopped at EOS.
+
+    Args:
+        use_reference_answer: Put the ground-truth answer into the rationale prompt (train); otherwise the
+            model's own answer (val/test).
+        seeds: Example id -> seed, to reproduce recorded candidates; default derived from
+            (cfg.seed, round_idx, example id).
+
+    Returns:
+        One CandidateSet per example, in order, with at most K distinct non-empty rationales in drawing order.
+    """
+    temperatures = [t for t in cfg.temperatures for _ in range(cfg.samples_per_temperature)]
+    k = len(temperatures)
+    answer_stops = [vlm.eos_token_id]
+    for text in ("\n", ","):
+        ids = vlm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer_stops += ids if len(ids) == 1 else []  # multi-token ones are cut from the text below
+    model_was_training = vlm.model.training
+    vlm.model.eval()
+    results: list[CandidateSet] = []
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = list(examples[start:start + cfg.batch_size])
+        images = [load_image(e) for e in batch]
+        # 1. The model's own answer, greedy.
+        answer_rows = [vlm.encode_row(image, ANSWER_PROMPT.format(question=e.question))
+                       for image, e in zip(images, batch)]
+        answer_ids, _ = _generate(vlm, answer_rows, 1, cfg.answer_max_new_tokens, answer_stops)
+        predicted = [_clean(vlm.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].split(",")[0])
+                     for ids in answer_ids]
+        answers = [e.answer if use_reference_answer else p for e, p in zip(batch, predicted)]
+        # 2. K rationales per example.
+        prompts = [rationale_prompt(e.question, a) for e, a in zip(batch, answers)]
+        batch_seeds = [(seeds or {}).get(e.id, example_seed(cfg.seed, round_idx, e.id)) for e in batch]
+        generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
+        rows = [vlm.encode_row(image, p) for image, p in zip(images, prompts)]
+        sequences, logprobs = _generate(vlm, rows, k, cfg.max_new_tokens, [vlm.eos_token_id],
+                                        torch.tensor(temperatures * len(batch)), generators)
+        texts = vlm.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        for i, example in enumerate(batch):
+            seen, candidates = set(), []
+            for j in range(k):
+                text = _clean(texts[i * k + j])
+                if text and text not in seen:
+                    seen.add(text)
+                    candidates.append(Candidate(text, temperatures[j], batch_seeds[i], j,
+                                                logprobs[i * k + j]))
+            results.append(CandidateSet(example.id, answers[i], predicted[i], prompts[i], batch_seeds[i],
+                                        candidates))
+    vlm.model.train(model_was_training)
+    return results
