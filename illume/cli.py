@@ -15,16 +15,17 @@
                                                       the official MAGMA checkpoint as a safetensors HF model
     illume plan configs/vqax_magma.yaml [--gpus N]    parameters and GPU memory estimate (meta device)
 
-Every command but `annotate` takes a config file and `key.sub=value` overrides, and writes the resolved config
-into the run directory (output_dir/name) before anything else. `annotate` reads RUN_DIR/config.yaml (its
+`run`, `pretrain` and `baseline` take a config file and `key.sub=value` overrides and write the resolved config
+into the run directory (output_dir/name) before anything else; `reward`, `dpo` and `kto` read RUN_DIR/config.yaml
+(plus overrides for `dpo`/`kto`); `plan` reads a config and writes nothing. `annotate` reads RUN_DIR/config.yaml (its
 `annotate` settings and `store_url`) or takes a store URL; it binds 127.0.0.1 unless --host says otherwise,
 and then needs an access token (--token, or one is generated and printed).
 
 `run`, `reward train` and `dpo`/`kto` also run as several processes (DDP; gloo on CPU, nccl on GPUs), e.g.
     torchrun --nproc_per_node 8 -m illume.cli run configs/vqax_magma.yaml \\
         train.deepspeed=configs/deepspeed/zero2.json
-    accelerate launch --num_processes 2 --num_machines 1 --mixed_precision no --cpu \\
-        -m illume.cli dpo runs/demo
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        -m illume.cli dpo runs/demo      (--multi_gpu also on CPU: --cpu starts a single process)
 Pre-train the demo base model in one process first (`illume pretrain`); rank 0 writes the store and files.
 """
 

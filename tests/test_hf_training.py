@@ -95,3 +95,32 @@ def test_one_dpo_and_one_kto_epoch_change_lora_only(vlm, examples, tmp_path):
     lora = _lora(vlm)
     result = optimize_kto(vlm, rows, by_id, examples[:2], PolicyConfig(kind="kto"), TRAIN, SAMPLE, tmp_path / "kto")
     assert result["num_rows"] == 8 and _changed(lora, vlm.model) and not _changed(frozen, vlm.model)
+
+
+def test_selection_sft_with_gradient_checkpointing_still_trains_lora(examples, tmp_path):
+    """train.gradient_checkpointing on a PEFT model whose base is frozen: LoRA must still get gradients."""
+    vlm = build_tiny_hf_vlm("llava")
+    rows = [TrainingRow(e.id, "rationale", f"Q: {e.question} A: {e.answer}, seeing that", e.explanations[0], 1.0)
+            for e in examples]
+    lora = _lora(vlm)
+    cfg = TrainConfig(num_epochs=1, batch_size=4, learning_rate=5e-3, gradient_checkpointing=True)
+    fine_tune(vlm, rows, examples, examples[:1], cfg, SAMPLE, tmp_path)
+    assert _changed(lora, vlm.model)
+
+
+def test_illume_run_with_a_saved_hf_model(tmp_path):
+    """The user path: `illume run ... model.kind=hf model.path=DIR` (a folder written by HFVLM.save) runs a
+    round end to end: sampling, the simulated critic, selection-SFT with LoRA, val scores."""
+    import json
+
+    from illume.cli import main
+    from tests.conftest import TINY_DATA
+
+    build_tiny_hf_vlm("qwen2_vl").save(tmp_path / "base")
+    overrides = TINY_DATA + ["model.kind=hf", f"model.path={tmp_path / 'base'}", f"output_dir={tmp_path}",
+                             "name=hf", "loop.num_rounds=1", "critic.threshold=0.0", "train.num_epochs=1",
+                             "sample.max_new_tokens=4", "sample.samples_per_temperature=1"]
+    assert main(["run", str(REPO / "configs" / "demo.yaml"), *overrides]) == 0
+    results = json.loads((tmp_path / "hf" / "results.json").read_text())
+    assert results[1]["trained"] and "cider" in results[1]["val"]
+    assert (tmp_path / "hf" / "round_00" / "adapters.safetensors").is_file()
