@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from illume import distributed
-from illume.config import RunConfig
+from illume.config import ConfigError, RunConfig
 from illume.data.records import Example
 from illume.models.vlm import VLM
 from illume.store import FeedbackStore
@@ -97,11 +97,17 @@ def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: 
     is_run = (source / "config.yaml").is_file()
     out_dir = Path(out_dir) if out_dir is not None else (source if is_run else cfg.run_dir) / kind
     cfg = replace(cfg, policy=replace(cfg.policy, kind=kind))
-    vlm = load_vlm(cfg)
+    # Checked before the model loads: a wrong argument should fail in a second, not after minutes.
+    init_weights = None
     if init_round is not None:
         if not is_run:
-            raise ValueError("--init-round needs a run directory as the source")
-        load_trainable_weights(vlm.model, source / f"round_{init_round:02d}" / ADAPTERS_FILE)
+            raise ConfigError("--init-round needs a run directory as the source")
+        init_weights = source / f"round_{init_round:02d}" / ADAPTERS_FILE
+        if not init_weights.is_file():
+            raise ConfigError(f"--init-round {init_round}: no trained round there ({init_weights} is missing)")
+    vlm = load_vlm(cfg)
+    if init_weights is not None:
+        load_trainable_weights(vlm.model, init_weights)
     val = load_split(cfg.data, "val")
     if is_run:
         store = FeedbackStore(cfg.store_url or source / "feedback.db")

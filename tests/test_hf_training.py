@@ -124,3 +124,10 @@ def test_illume_run_with_a_saved_hf_model(tmp_path):
     results = json.loads((tmp_path / "hf" / "results.json").read_text())
     assert results[1]["trained"] and "cider" in results[1]["val"]
     assert (tmp_path / "hf" / "round_00" / "adapters.safetensors").is_file()
+
+
+def test_hf_without_a_model_path_is_a_config_error(tmp_path, capsys):
+    from illume.cli import main
+
+    assert main(["run", str(REPO / "configs" / "demo.yaml"), "model.kind=hf", f"output_dir={tmp_path}"]) == 2
+    assert "model.kind=hf needs model.path" in capsys.readouterr().err

@@ -302,3 +302,12 @@ def test_dpo_command_on_a_run_without_judgments_says_so(tiny_vlm, tmp_path, caps
     assert "DPO needs preference pairs: no judgments in" in capsys.readouterr().err
     assert main(["dpo", str(tmp_path / "pairs")]) == 2  # neither a run nor a dataset
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_dpo_command_init_round_errors_name_the_problem(tiny_vlm, tmp_path, capsys):
+    from illume.cli import main
+
+    run_dir = _run_dir(tmp_path, tiny_vlm)
+    assert main(["dpo", str(run_dir), "--init-round", "3"]) == 2
+    assert "--init-round 3: no trained round there" in capsys.readouterr().err
+    assert not (run_dir / "dpo").exists()  # nothing written before the check

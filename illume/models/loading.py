@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from illume.config import RunConfig
+from illume.config import ConfigError, RunConfig
 from illume.models.vlm import MagmaVLM
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def _load_hf(cfg: RunConfig, device: str):
     from illume.models.hf import ADAPTER_DIR, DEFAULT_LORA, HFVLM, load_hf_vlm
 
     if cfg.model.path is None:
-        raise ValueError("model.kind=hf needs model.path: a hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local "
+        raise ConfigError("model.kind=hf needs model.path: a hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local "
                          "directory")
     if (Path(cfg.model.path) / ADAPTER_DIR / "adapter_config.json").is_file():  # saved by HFVLM.save
         return HFVLM.load(cfg.model.path, device, cfg.model.dtype)
