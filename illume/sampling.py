@@ -76,7 +76,7 @@ def _decode(vlm: VLM, prompts: list[list[int]], image_embeds: torch.Tensor, num_
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 image_embeds=image_embeds, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     logits = out.logits[:, -1].float()  # (B, V)
     if num_copies > 1:
         cache.batch_repeat_interleave(num_copies)
@@ -111,8 +111,8 @@ def _decode(vlm: VLM, prompts: list[list[int]], image_embeds: torch.Tensor, num_
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((num_rows, 1))], dim=1)
         out = model(input_ids=chosen.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+                    cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
         next_position = next_position + 1
     sequences = []
     for row in tokens.tolist():

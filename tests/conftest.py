@@ -41,3 +41,14 @@ def tiny_vlm():
 
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY_MODEL)
     return build_demo_vlm(cfg.model, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _no_deprecated_calls_from_our_code():
+    """A deprecated call made by our code fails the test at the call site (see tests/deprecation_guard.py)."""
+    from tests.deprecation_guard import DeprecationGuard
+
+    guard = DeprecationGuard()
+    guard.start()
+    yield
+    guard.stop()

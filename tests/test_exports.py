@@ -226,7 +226,8 @@ def test_images_of_items_without_ref_come_from_the_run_dataset(tmp_path):
     for row, example in zip(rows, examples[1:]):
         assert row["images"][0].convert("RGB").tobytes() == example.image.convert("RGB").tobytes()
     rows = [json.loads(line) for line in export(cfg.run_dir, "sft", as_jsonl=True).path.read_text().splitlines()]
-    assert Image.open(rows[0]["images"][0]).size == examples[1].image.size
+    with Image.open(rows[0]["images"][0]) as image:
+        assert image.size == examples[1].image.size
 
 
 def test_store_url_from_config(tmp_path, run_dir):

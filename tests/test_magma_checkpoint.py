@@ -167,6 +167,25 @@ def test_convert_then_load_gives_the_same_logits(tmp_path):
     assert trainable and all(".adapter." in n for n in trainable)
 
 
+def test_convert_magma_command_needs_no_allow_missing(tmp_path, monkeypatch, capsys):
+    """`illume convert-magma` as a user runs it (the full-size config swapped for the tiny one): the model is
+    built on the meta device, so the rotary table (a non-persistent buffer no checkpoint holds) must be
+    rebuilt through transformers' current GPT-J layout, without --allow-missing."""
+    from illume.cli import main
+    from illume.models import magma_checkpoint
+
+    source, tokenizer, config = _tiny("v2")
+    checkpoint = tmp_path / "mp_rank_00_model_states.pt"
+    save_official_checkpoint(source, checkpoint, embedding_rows=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    monkeypatch.setattr(magma_checkpoint, "magma_config", lambda version: config)
+    assert main(["convert-magma", str(checkpoint), str(tmp_path / "out"), "--version", "v2",
+                 "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = MagmaVLM.load(tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer), _logits(source, tokenizer), rtol=0, atol=0)
+
+
 def test_convert_keeps_the_checkpoint_dtype_unless_told(tmp_path):
     source, tokenizer, config = _tiny("v1")
     checkpoint = tmp_path / "half.pt"

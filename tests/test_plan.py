@@ -1,14 +1,27 @@
 """`illume plan`: parameter counts on the meta device and the memory formula, checked against autograd."""
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from illume.config import AdapterConfig, LMConfig, ModelConfig, VisionConfig, load_config
 from illume.models.magma import MagmaForCausalLM, build_magma_config
-from illume.plan import GIB, add_plan_parser, plan, training_activation_bytes
+from illume.plan import (
+    ATTENTION,
+    GIB,
+    PRECISIONS,
+    add_plan_parser,
+    attention_implementation,
+    meta_model,
+    model_config,
+    plan,
+    training_activation_bytes,
+)
 from tests.conftest import REPO
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -61,8 +74,9 @@ def test_plan_reads_a_saved_models_config(tmp_path, tiny_vlm):
     assert result["parameters"]["total"] == sum(p.numel() for p in tiny_vlm.model.parameters())
 
 
-def _saved_for_backward(model, **inputs) -> int:
-    """Bytes autograd keeps for backward in one forward pass (weights and buffers excluded)."""
+def _saved_for_backward(model, **inputs) -> tuple[int, list[str]]:
+    """Bytes autograd keeps for backward in one forward pass (weights and buffers excluded), and the names of
+    the backward graph's nodes (which kernels ran)."""
     weights = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved = {}
 
@@ -72,36 +86,119 @@ def _saved_for_backward(model, **inputs) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**inputs)
-    return sum(saved.values())
+        loss = model(**inputs).loss
+    names, seen, todo = [], set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.append(node.name())
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return sum(saved.values()), names
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activation_formula_matches_what_autograd_saves(dtype):
-    """The per-layer count in illume/plan.py's docstring, against a tiny MAGMA training its adapters; the
-    forward also saves the loss's fp32 log-softmax (b * T * V * 4 bytes), which `logits` covers."""
+class _CudaAutocastPolicy(TorchFunctionMode):
+    """CUDA autocast's fp32 rule for the ops of GPT-J it covers and CPU autocast does not (torch's autocast op
+    lists): layer_norm, pow and softmax run in fp32 on fp32 copies of their inputs. Emulated on CPU, where the
+    test runs, to check the `autocast` count `illume plan` gives a GPU run; the rule itself is torch's."""
+
+    OPS = {F.layer_norm, torch.pow, torch.Tensor.pow, F.softmax, torch.softmax, torch.Tensor.softmax}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.OPS and torch.is_autocast_enabled("cpu"):
+            def up(x):
+                return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            args, kwargs = tuple(map(up, args)), {name: up(value) for name, value in kwargs.items()}
+            with torch.autocast("cpu", enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# How training holds the model: (dtype of the frozen weights, the adapters', autocast on, CUDA's autocast
+# rule emulated, `PRECISIONS` key).
+PRECISION_CASES = {
+    "float32": (torch.float32, torch.float32, False, False, "fp32"),
+    "bfloat16": (torch.bfloat16, torch.bfloat16, False, False, "half"),  # DeepSpeed casts the whole model
+    "bfloat16-autocast": (torch.bfloat16, torch.float32, True, False, "autocast-cpu"),  # HF Trainer, CPU AMP
+    "bfloat16-autocast-cuda": (torch.bfloat16, torch.float32, True, True, "autocast"),  # HF Trainer on a GPU
+}
+
+
+# Every attention implementation `illume plan` has a formula for (`ATTENTION`), each measured below.
+IMPLEMENTATIONS = ["sdpa", "eager"]
+
+
+@pytest.mark.parametrize("precision", PRECISION_CASES)
+@pytest.mark.parametrize("attn_implementation", IMPLEMENTATIONS)
+def test_activation_formula_matches_what_autograd_saves(attn_implementation, precision):
+    """The per-layer count in illume/plan.py's docstring, against a tiny MAGMA training its adapters on a
+    padded batch (as the collator makes them); the forward also saves the loss's fp32 log-softmax
+    (b * T * V * 4 bytes), which `logits` covers, and its int64 targets (b * T * 8), which no term covers.
+
+    Within 1 %, both ways: what is left is explained. fp32: the loss's 4-byte total weight. bf16: CPU's
+    layer_norm keeps mean and rstd in bf16 (counted at fp32, as CUDA keeps them). Autocast: its cache also
+    holds copies autograd does not save (biases, the first block's down-projections). `bfloat16-autocast-cuda`
+    measures on CPU with CUDA's fp32 rule applied (`_CudaAutocastPolicy`): no GPU ran it."""
     model_cfg = ModelConfig(vision=VisionConfig([1, 1, 1, 1], 8, 64),
                             lm=LMConfig(64, 3, 4, 8, 256, 96, "gelu_new"),
                             adapters=AdapterConfig(8, 4))
     config = build_magma_config(model_cfg, vocab_size=96, image_token_id=95, eos_token_id=0, pad_token_id=0)
-    model = MagmaForCausalLM(config).to(dtype)
-    model.set_trainable(adapters=True)
+    frozen_dtype, adapter_dtype, autocast, cuda_rule, key = PRECISION_CASES[precision]
+    model = MagmaForCausalLM(config).to(frozen_dtype)
+    model.set_attn_implementation(attn_implementation)  # a run gets sdpa (the next test)
+    assert model.lm.config._attn_implementation == attn_implementation
+    model.set_trainable(adapters=True)  # float32 adapters (master weights)
+    if adapter_dtype != torch.float32:  # DeepSpeed casts the trainable weights too (its master copy is apart)
+        model.to(adapter_dtype)
     model.train()
     batch_size, text_len = 3, 44
     seq_len = config.num_image_tokens + text_len
     image_slots = torch.full((batch_size, config.num_image_tokens), 95)
     ids = torch.cat([image_slots, torch.randint(1, 95, (batch_size, text_len))], 1)
-    pixels = torch.randn(batch_size, 3, 64, 64).to(dtype)
-    # bf16 as the Trainer runs it: half-precision frozen weights, float32 adapters (set_trainable), autocast.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        measured = _saved_for_backward(model, input_ids=ids, pixel_values=pixels, labels=ids)
-    p = 2 if dtype == torch.bfloat16 else 4
-    estimate = training_activation_bytes(config, batch_size, seq_len, p, gradient_checkpointing=False)
-    estimate += batch_size * seq_len * 96 * 4
-    if dtype == torch.float32:
-        assert 0.95 * measured <= estimate <= 1.05 * measured, (measured, estimate)
-    else:  # under autocast some saved tensors are smaller than the formula's: it errs on the safe side
-        assert measured <= estimate <= 1.3 * measured, (measured, estimate)
+    mask = torch.ones_like(ids)
+    mask[1, -6:] = mask[2, -11:] = 0  # right-padded rows
+    pixels = torch.randn(batch_size, 3, 64, 64).to(frozen_dtype)
+    with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+          _CudaAutocastPolicy() if cuda_rule else contextlib.nullcontext()):
+        measured, ran = _saved_for_backward(model, input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                                            labels=ids.masked_fill(mask == 0, -100))
+    # The model really ran that implementation: one attention backward per block that needs a gradient (not
+    # the first), SDPA's fused kernel (its math fallback decomposes into matmul + softmax) or eager's softmax.
+    layers_with_grad = config.text_config.n_layer - 1
+    sdpa_kernels = [name for name in ran if name.startswith("ScaledDotProduct")]
+    softmaxes = ran.count("SoftmaxBackward0")
+    if attn_implementation == "sdpa":
+        assert (len(sdpa_kernels), softmaxes) == (layers_with_grad, 0), (sdpa_kernels, softmaxes)
+    else:
+        assert (len(sdpa_kernels), softmaxes) == (0, layers_with_grad), (sdpa_kernels, softmaxes)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    estimate = training_activation_bytes(config, batch_size, seq_len, key, attn_implementation,
+                                         gradient_checkpointing=False)
+    estimate += trainable * PRECISIONS[key].weight_copy  # autocast's 16-bit copies of the adapters' weights
+    estimate += batch_size * seq_len * (96 * 4 + 8)
+    assert abs(estimate - measured) <= 0.01 * measured, (measured, estimate)
+
+
+def test_plan_reports_the_attention_implementation_the_model_runs(capsys):
+    """A run builds the model without asking for an implementation: transformers picks SDPA, and the plan
+    reads it from the built model and says so; another one set on the config is followed, too."""
+    cfg = load_config(CONFIGS / "vqax_magma.yaml")
+    config, _ = model_config(cfg)
+    assert attention_implementation(meta_model(config)) == "sdpa"
+    result = plan(cfg)
+    assert result["model"]["attn_implementation"] == result["training"]["attn_implementation"] == "sdpa"
+    assert _run_plan_command([str(CONFIGS / "vqax_magma.yaml")]) == 0
+    assert "attention: sdpa" in capsys.readouterr().out
+    model = meta_model(config)
+    model.set_attn_implementation("eager")
+    assert attention_implementation(model) == "eager"
+    assert sorted(ATTENTION) == sorted(IMPLEMENTATIONS)  # every formula is measured above
+    eager = training_activation_bytes(config, 8, 276, "autocast", "eager", gradient_checkpointing=False)
+    sdpa = training_activation_bytes(config, 8, 276, "autocast", "sdpa", gradient_checkpointing=False)
+    assert eager > sdpa  # the a·T probabilities
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        training_activation_bytes(config, 8, 276, "autocast", "flash_attention_2", False)
 
 
 def test_plan_refuses_an_hf_model_instead_of_estimating_another(capsys):

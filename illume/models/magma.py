@@ -110,7 +110,7 @@ class MagmaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "magma"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
 
 
@@ -156,7 +156,7 @@ class MagmaForCausalLM(MagmaPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                past_key_values=None, inputs_embeds: torch.Tensor | None = None,
+                cache=None, inputs_embeds: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, image_embeds: torch.Tensor | None = None,
                 use_cache: bool | None = None, **kwargs):
         """Run the LM on text with image prefixes.
@@ -167,13 +167,15 @@ class MagmaForCausalLM(MagmaPreTrainedModel, GenerationMixin):
             image_embeds: Precomputed `encode_images` output instead of `pixel_values` (the sampler encodes
                 each image once and reuses it).
             labels: (B, T) targets; `<|image|>` positions are always ignored.
+            cache: The inner LM's KV cache (`cache` since transformers 5.24; the old name `past_key_values`
+                is deprecated there and removed in 5.40).
         """
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_embeds)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=past_key_values, labels=labels, use_cache=use_cache, **kwargs)
+                       cache=cache, labels=labels, use_cache=use_cache, **kwargs)
 
     def train(self, mode: bool = True):
         super().train(mode)

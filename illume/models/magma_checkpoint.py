@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers.models.gptj.modeling_gptj import GPTJAttention, create_sinusoidal_positions
+from transformers.models.gptj.modeling_gptj import GPTJRotaryEmbedding, create_sinusoidal_positions
 
 from illume.config import AdapterConfig, LMConfig, ModelConfig, VisionConfig
 from illume.models.magma import MagmaConfig, MagmaForCausalLM, build_magma_config
@@ -320,10 +320,14 @@ def _fill(model: MagmaForCausalLM, ours: dict[str, torch.Tensor], expected: dict
 
 
 def _materialise_rotary_tables(model: MagmaForCausalLM) -> None:
-    """Stock GPT-J's rotary table is a non-persistent buffer, so loading by assignment leaves it on meta."""
+    """Stock GPT-J's rotary table is a non-persistent buffer, so loading by assignment leaves it on meta.
+
+    Since transformers 5.24 one `GPTJRotaryEmbedding` per model owns the table (before, every attention layer
+    held a copy); it is filled as GPT-J's own `_init_weights` fills it, from the module's public sizes."""
     for module in model.modules():
-        if isinstance(module, GPTJAttention) and module.embed_positions.is_meta:
-            module.embed_positions = create_sinusoidal_positions(module.max_positions, module.pos_embd_dim)
+        if isinstance(module, GPTJRotaryEmbedding) and module.embed_positions.is_meta:
+            table = create_sinusoidal_positions(module.max_positions, module.pos_embd_dim)
+            module.register_buffer("embed_positions", table, persistent=False)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise MagmaCheckpointError(f"tensors still on the meta device after loading: {_listing(left)}")
