@@ -16,7 +16,9 @@
     illume plan configs/vqax_magma.yaml [--gpus N]    parameters and GPU memory estimate (meta device)
 
 `run`, `pretrain` and `baseline` take a config file and `key.sub=value` overrides and write the resolved config
-into the run directory (output_dir/name) before anything else; `reward`, `dpo` and `kto` read RUN_DIR/config.yaml
+into the run directory (output_dir/name) before anything else (`run` continues an existing run only with its
+settings, unless loop.allow_changed_settings=true; `pretrain` and `baseline` leave an existing run's
+config.yaml as it is); `reward`, `dpo` and `kto` read RUN_DIR/config.yaml
 (plus overrides for `dpo`/`kto`); `plan` reads a config and writes nothing. `annotate` reads RUN_DIR/config.yaml (its
 `annotate` settings and `store_url`) or takes a store URL; it binds 127.0.0.1 unless --host says otherwise,
 and then needs an access token (--token, or one is generated and printed).
@@ -46,10 +48,16 @@ from omegaconf.errors import OmegaConfBaseException
 from illume import distributed
 from illume.config import AnnotateConfig, ConfigError, RunConfig, load_config, save_config
 
+logger = logging.getLogger(__name__)
+
 
 def _load(args: argparse.Namespace) -> RunConfig:
+    from illume.resume import loop_started
+
     cfg = load_config(args.config, args.overrides)
-    if distributed.is_main():  # several processes: one writes
+    if loop_started(cfg.run_dir):  # its config.yaml is what a resumed run is checked against: keep it
+        logger.info("%s holds a run: its config.yaml is left as the run wrote it", cfg.run_dir)
+    elif distributed.is_main():  # several processes: one writes
         save_config(cfg, cfg.run_dir / "config.yaml")
     return cfg
 
@@ -57,7 +65,7 @@ def _load(args: argparse.Namespace) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     from illume.loop import run
 
-    run(_load(args))
+    run(load_config(args.config, args.overrides))  # the loop writes config.yaml once it checked a resumed run
     return 0
 
 
@@ -85,8 +93,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from illume.sampling import sample
 
     cfg = _load(args)
+    # The data before the model: a bad row or a missing image fails in a second, not after pre-training.
+    train = load_split(cfg.data, "train", images_must_exist=True)
+    val = load_split(cfg.data, "val", images_must_exist=True)
     vlm = load_vlm(cfg)
-    train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     start = time.perf_counter()
     train_sets = sample(vlm, train, cfg.sample, use_reference_answer=True)
     val_sets = sample(vlm, val, cfg.sample, use_reference_answer=False)
@@ -232,7 +242,8 @@ def cmd_reward(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml")
     store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
-    examples_by_id = {e.id: e for e in load_split(cfg.data, "train")}
+    # Checked before the model loads: a missing image fails in a second, not after pre-training.
+    examples_by_id = {e.id: e for e in load_split(cfg.data, "train", images_must_exist=True)}
     out_dir = run_dir / "reward"
     try:
         if args.action == "train":
@@ -372,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     distributed.init_if_launched()  # torchrun / accelerate launch with several processes: join the group
     from illume.data.datasets import DatasetError
+    from illume.models.weights import WeightsFileError
 
     try:
         return args.handler(args)
@@ -380,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DatasetError as error:
         print(f"data error: {error}", file=sys.stderr)
+        return 2
+    except WeightsFileError as error:
+        print(f"weights error: {error}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ key named, and returns plain dataclasses: code never sees a DictConfig.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -132,8 +133,9 @@ class ModelConfig:
     """hf: dtype the weights load in ("auto": as stored)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """hf: the LoRA adapters that train (the `adapters` of ILLUME's recipe)."""
-    cache_dir: str = ".cache/illume"
-    """Where the pre-trained demo base model is cached (keyed by a hash of its settings)."""
+    cache_dir: str | None = None
+    """Where the pre-trained demo base model is cached (keyed by a hash of its settings); None: the per-user
+    cache (`user_cache_dir`), so every working folder finds the same model."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """Image encoder sizes of a model built from this config (the demo model, `illume plan`); a saved model
     (`path`) brings its own config.json."""
@@ -347,6 +349,10 @@ class LoopConfig:
     """Stop when the val `train.select_metric` has not improved for this many rounds (None: never)."""
     min_improvement: float = 0.0
     """Smallest rise of the val score that counts as an improvement."""
+    allow_changed_settings: bool = False
+    """Continue an existing run although settings that change results differ from its config.yaml (refused
+    otherwise, listing them); config.yaml then takes the new settings and RUN_DIR/settings_changes.jsonl
+    records the change and the round it applies from (illume.resume)."""
 
 
 @dataclass
@@ -375,6 +381,22 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache folder, read from the environment when called (as Hugging Face finds its cache):
+    $ILLUME_CACHE, else $XDG_CACHE_HOME/illume, else ~/.cache/illume."""
+    if os.environ.get("ILLUME_CACHE"):
+        return Path(os.environ["ILLUME_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "illume"
+    return Path.home() / ".cache" / "illume"
+
+
+def cache_root(model: ModelConfig) -> Path:
+    """The folder models are cached in: `model.cache_dir` when set, else the per-user cache. Resolved here, at
+    use time, so that a saved config.yaml holds no machine's path unless the user chose one."""
+    return Path(model.cache_dir).expanduser() if model.cache_dir is not None else user_cache_dir()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -35,9 +35,10 @@ from illume.data.datasets import load_split
 from illume.evaluation import explanation_scores
 from illume.models.loading import load_vlm
 from illume.models.weights import load_trainable_weights
+from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
 from illume.store import FeedbackStore
-from illume.training import ADAPTERS_FILE, build_training_set, fine_tune, write_manifest
+from illume.training import ADAPTERS_FILE, build_training_set, fine_tune, retrain_round_remedy, write_manifest
 
 logger = logging.getLogger(__name__)
 CRITIQUE_CHUNK = 100
@@ -46,7 +47,8 @@ VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")
 
 def init_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory and write the resolved config first; a resumed run rewrites it, so it always
-    shows the settings of the latest invocation (the store and round folders carry what was done before)."""
+    shows the settings of the latest invocation (the store and round folders carry what was done before; the
+    loop checks first that those settings are the run's, illume.resume)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
@@ -92,11 +94,21 @@ def run(cfg: RunConfig) -> list[dict]:
     distributed.init_if_launched()
     # Logs and pipes get 80 columns: too narrow. One process prints.
     console = Console(width=max(Console().width, 120), quiet=not distributed.is_main())
+    # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
+    changes = check_resumed_settings(cfg)
+    distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
     run_dir = init_run_dir(cfg)
+    if changes and distributed.is_main():  # allowed by loop.allow_changed_settings
+        record_setting_changes(cfg, changes)
+        console.print(f"continuing with changed settings ({describe(changes)}), recorded in "
+                      f"{run_dir / CHANGES_FILE}", markup=False)
+    # The data before the model: a malformed row or a missing image fails in a second, not after the model
+    # loaded (or minutes of pre-training).
+    train = load_split(cfg.data, "train", images_must_exist=True)
+    val = load_split(cfg.data, "val", images_must_exist=True)
     with distributed.main_process_first():  # rank 0 creates the store's tables; the others open it after
         store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
     vlm = load_vlm(cfg)
-    train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     train_by_id = {e.id: e for e in train}
     critic = _make_critic(cfg)
     image_refs = save_images(run_dir, train)
@@ -118,7 +130,7 @@ def run(cfg: RunConfig) -> list[dict]:
         if metrics_path.is_file():  # finished earlier: take its weights and go on
             metrics = json.loads(metrics_path.read_text())
             if metrics.get("trained"):
-                load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE)
+                load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
         else:
             metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
                                  image_refs)

@@ -6,8 +6,10 @@ the facts), question/answer rows (`Q: ... A: answer`, loss on the answer) and a 
 "X, seeing that Y" sentences that are never about an image. Whatever rationales it then writes for an
 ILLUME prompt are latent ability, imperfect, as the paper's round 0 is.
 
-All weights train here (the ILLUME loop later trains adapters only). The result is cached under
-`model.cache_dir` keyed by a hash of every setting that changes it, so the demo pre-trains once per machine.
+All weights train here (the ILLUME loop later trains adapters only). The result is cached in the per-user
+cache (`illume.config.cache_root`: `model.cache_dir`, $ILLUME_CACHE, $XDG_CACHE_HOME/illume or
+~/.cache/illume) keyed by a hash of every setting that changes it, so the demo pre-trains once per machine,
+whatever the working folder.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from illume import distributed
 from illume.collate import collate_rows
-from illume.config import ModelConfig, PretrainConfig, RunConfig
+from illume.config import ModelConfig, PretrainConfig, RunConfig, cache_root
 from illume.data.shapes import ShapesWorld, generic_sentences, make_caption, make_question, render, vocabulary
 from illume.models.magma import MagmaForCausalLM, build_magma_config
 from illume.models.vlm import MagmaVLM
@@ -67,7 +69,7 @@ def demo_model_dir(cfg: RunConfig) -> Path:
                   "num_pretrain_scenes": world.num_pretrain_scenes},
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cfg.model.cache_dir) / f"demo-base-{digest}"
+    return cache_root(cfg.model) / f"demo-base-{digest}"
 
 
 class PretrainRows(Dataset):

@@ -29,8 +29,9 @@ def run_supervised(cfg: RunConfig) -> list[dict]:
 
     start = time.perf_counter()
     run_dir = init_run_dir(cfg)
+    train = load_split(cfg.data, "train", images_must_exist=True)  # the data first: bad data fail in a second
+    val = load_split(cfg.data, "val", images_must_exist=True)
     vlm = load_vlm(cfg)
-    train, val = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     missing = [e.id for e in train if not e.explanations]
     if missing:
         raise ValueError(f"{len(missing)} train examples have no reference explanation, e.g. {missing[:3]}: "

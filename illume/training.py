@@ -41,6 +41,12 @@ from illume.sampling import ANSWER_PROMPT, rationale_prompt
 ADAPTERS_FILE = "adapters.safetensors"
 
 
+def retrain_round_remedy(round_dir: Path) -> str:
+    """What to do about a round's damaged adapters: the loop trains a round without its folder again, from the
+    judgments the store keeps."""
+    return f"delete {round_dir} and run `illume run` again to retrain that round"
+
+
 @dataclass
 class TrainingRow:
     """One row of the selection-SFT set, as text (written to the round's manifest)."""

@@ -89,8 +89,8 @@ def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: 
 
     from illume.data.datasets import load_split
     from illume.models.loading import load_vlm
-    from illume.models.weights import load_trainable_weights
-    from illume.training import ADAPTERS_FILE
+    from illume.models.weights import check_safetensors, load_trainable_weights
+    from illume.training import ADAPTERS_FILE, retrain_round_remedy
     from policies.data import dataset_labelled_rationales, dataset_pairs
 
     source = Path(source)
@@ -98,28 +98,33 @@ def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: 
     out_dir = Path(out_dir) if out_dir is not None else (source if is_run else cfg.run_dir) / kind
     cfg = replace(cfg, policy=replace(cfg.policy, kind=kind))
     # Checked before the model loads: a wrong argument should fail in a second, not after minutes.
-    init_weights = None
+    init_weights = remedy = None
     if init_round is not None:
         if not is_run:
             raise ConfigError("--init-round needs a run directory as the source")
         init_weights = source / f"round_{init_round:02d}" / ADAPTERS_FILE
         if not init_weights.is_file():
             raise ConfigError(f"--init-round {init_round}: no trained round there ({init_weights} is missing)")
+        remedy = retrain_round_remedy(init_weights.parent)
+        check_safetensors(init_weights, remedy)
+    # The data too: a malformed row or a missing image fails before the model loads (or pre-trains).
+    val = load_split(cfg.data, "val", images_must_exist=True)
+    if is_run:
+        train_by_id = {e.id: e for e in load_split(cfg.data, "train", images_must_exist=True)}
+    elif kind == "dpo":
+        pairs, examples_by_id = dataset_pairs(source)
+    else:
+        rows, examples_by_id = dataset_labelled_rationales(source)
     vlm = load_vlm(cfg)
     if init_weights is not None:
-        load_trainable_weights(vlm.model, init_weights)
-    val = load_split(cfg.data, "val")
+        load_trainable_weights(vlm.model, init_weights, remedy)
     if is_run:
         store = FeedbackStore(cfg.store_url or source / "feedback.db")
-        train_by_id = {e.id: e for e in load_split(cfg.data, "train")}
         result = optimize_on_store(cfg, vlm, store, train_by_id, val, out_dir)
+    elif kind == "dpo":
+        result = optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
     else:
-        if kind == "dpo":
-            pairs, examples_by_id = dataset_pairs(source)
-            result = optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
-        else:
-            rows, examples_by_id = dataset_labelled_rationales(source)
-            result = optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
+        result = optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
     metrics = {"kind": kind, "source": str(source), "init_round": init_round, "val": result["best"],
                "num_rationales": result["num_rationales"],
                "num_rows": result.get("num_pairs", result.get("num_rows")), "epochs": result["epochs"]}

@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from illume.collate import RowEncoder, pad_right
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
-from illume.models.weights import load_trainable_weights, save_trainable_weights
+from illume.models.weights import load_trainable_weights, read_safetensors, save_trainable_weights
 
 POOLINGS = ("mean", "last")
 CONFIG_FILE = "reward_model.json"
@@ -166,6 +166,7 @@ class RewardModel(nn.Module):
         Raises:
             FileNotFoundError: no saved reward model in `directory`.
             ValueError: the base model's width differs from the saved head's.
+            WeightsFileError: a damaged weights file (the message names it and says to train again).
         """
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
@@ -182,8 +183,9 @@ class RewardModel(nn.Module):
         if model.head.in_features != config["hidden_size"]:
             raise ValueError(f"{directory}: the reward head expects width {config['hidden_size']}, the base "
                              f"model has {model.head.in_features}")
-        load_trainable_weights(model.backbone, directory / BACKBONE_FILE)
-        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        remedy = f"delete {directory} and train the reward model again"
+        load_trainable_weights(model.backbone, directory / BACKBONE_FILE, remedy)
+        model.head.load_state_dict(read_safetensors(directory / HEAD_FILE, remedy))
         model.threshold, model.target_precision = config.get("threshold"), config.get("target_precision")
         return model.to(base_vlm.model.device).eval()
 

@@ -60,3 +60,51 @@ def test_saved_config_loads_back_identical(tmp_path):
     cfg = load_config(CONFIGS / "demo.yaml", ["name=x", "sample.seed=3"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+# --- the per-user model cache ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh home folder and none of the cache variables set."""
+    for name in ("ILLUME_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_demo_model_is_cached_under_the_home_folder_by_default(home):
+    from illume.pretrain import demo_model_dir
+
+    assert demo_model_dir(load_config(CONFIGS / "demo.yaml")).parent == home / ".cache" / "illume"
+
+
+def test_xdg_cache_home_moves_the_cache(home, tmp_path, monkeypatch):
+    from illume.pretrain import demo_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo_model_dir(load_config(CONFIGS / "demo.yaml")).parent == tmp_path / "xdg" / "illume"
+
+
+def test_illume_cache_wins_over_xdg_cache_home(home, tmp_path, monkeypatch):
+    from illume.pretrain import demo_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("ILLUME_CACHE", str(tmp_path / "mine"))
+    assert demo_model_dir(load_config(CONFIGS / "demo.yaml")).parent == tmp_path / "mine"
+
+
+def test_model_cache_dir_setting_wins_over_the_environment(home, tmp_path, monkeypatch):
+    from illume.pretrain import demo_model_dir
+
+    monkeypatch.setenv("ILLUME_CACHE", str(tmp_path / "mine"))
+    cfg = load_config(CONFIGS / "demo.yaml", [f"model.cache_dir={tmp_path / 'chosen'}"])
+    assert demo_model_dir(cfg).parent == tmp_path / "chosen"
+
+
+def test_saved_config_does_not_bake_in_the_machine_cache_path(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("ILLUME_CACHE", str(tmp_path / "mine"))
+    save_config(load_config(CONFIGS / "demo.yaml"), tmp_path / "config.yaml")
+    assert "mine" not in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml").model.cache_dir is None

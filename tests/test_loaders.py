@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from illume.data.datasets import DatasetError
 from illume.data.loaders import (
     UNSET_IMAGE_DIR,
     load_examples_from_file,
@@ -465,3 +466,16 @@ def test_corrupt_image_names_file_and_row(tmp_path):
         load_image(examples[1])
     with pytest.raises(ValueError, match=expected):
         load_jsonl(path, image_dir=ASSETS / "images", check_images=True)
+
+
+def test_missing_and_corrupt_images_are_data_errors(tmp_path):
+    """The CLI prints a DatasetError as one `data error:` line instead of a traceback."""
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    path = write_jsonl(tmp_path, {"image": "bad.png", "question": "Q?", "answer": "a"},
+                       {"image": "gone.png", "question": "Q?", "answer": "a"}, name="b2.jsonl")
+    corrupt, missing = load_jsonl(path)
+    with pytest.raises(DatasetError, match=message("cannot read image", "bad.png", "(row b2.jsonl:1)")):
+        load_image(corrupt)
+    with pytest.raises(DatasetError, match=message("image not found", "gone.png", "(row b2.jsonl:2)")) as error:
+        load_image(missing)
+    assert isinstance(error.value, FileNotFoundError)  # what it also is, for callers that catch that

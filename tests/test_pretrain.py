@@ -8,7 +8,7 @@ from illume.config import load_config
 from illume.data.shapes import ShapesWorld
 from illume.models import loading
 from illume.pretrain import PretrainRows, build_demo_vlm, demo_model_dir, pretrain_demo_model
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, TINY_DATA, TINY_MODEL, tiny_overrides
 
 
 def test_pretraining_rows_never_contain_image_rationales(tmp_path):
@@ -58,3 +58,22 @@ def test_load_vlm_pretrains_once_then_uses_the_cache(tmp_path, monkeypatch):
     assert demo_model_dir(other) != demo_model_dir(cfg)
     with pytest.raises(AssertionError, match="pre-trained again"):
         loading.load_vlm(other)
+
+
+def test_another_working_folder_finds_the_same_cached_model(tmp_path, monkeypatch):
+    for name in ("ILLUME_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    overrides = TINY_MODEL + TINY_DATA + ["pretrain.num_steps=2"]  # no model.cache_dir: the per-user default
+    for folder in ("here", "there"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    loading.load_vlm(load_config(REPO / "configs" / "demo.yaml", overrides))  # pre-trains into the user cache
+
+    def fail(*args, **kwargs):
+        raise AssertionError("pre-trained again in another working folder")
+
+    monkeypatch.setattr("illume.pretrain.pretrain_demo_model", fail)
+    monkeypatch.chdir(tmp_path / "there")
+    loading.load_vlm(load_config(REPO / "configs" / "demo.yaml", overrides))
+    assert not (tmp_path / "here" / ".cache").exists()

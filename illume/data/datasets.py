@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
+
+from PIL import Image
 
 from illume.config import DataConfig
+from illume.data.errors import DatasetError
 from illume.data.records import Example
 
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be loaded; the message names the file, the row and the field."""
+def load_split(cfg: DataConfig, split: str, *, images_must_exist: bool = False) -> list[Example]:
+    """The examples of `split` ("train", "val" or "test"), truncated to the configured maximum.
 
+    Args:
+        images_must_exist: Also check that every image file exists, for commands that go on to load a model:
+            a missing image then fails before the model loads (or pre-trains), not minutes later.
 
-def load_split(cfg: DataConfig, split: str) -> list[Example]:
-    """The examples of `split` ("train", "val" or "test"), truncated to the configured maximum."""
+    Raises:
+        DatasetError: a malformed file or row, or (images_must_exist) a missing image, named with its row.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if cfg.kind == "shapes":
@@ -33,4 +41,16 @@ def load_split(cfg: DataConfig, split: str) -> list[Example]:
         except (OSError, ValueError, KeyError) as error:
             raise DatasetError(f"{split} split ({cfg.kind}): {error}") from error
     limit = {"train": cfg.max_train_examples, "val": cfg.max_val_examples}.get(split)
-    return examples[:limit] if limit is not None else examples
+    examples = examples[:limit] if limit is not None else examples
+    if images_must_exist:
+        _check_image_files(examples, f"{split} split ({cfg.kind})")
+    return examples
+
+
+def _check_image_files(examples: list[Example], where: str) -> None:
+    """A stat per image file, no decoding: cheap even for thousands of COCO images. A corrupt file is still
+    found only when it is read (`records.load_image`), as a `DatasetError` too."""
+    missing = [e for e in examples if not isinstance(e.image, Image.Image) and not Path(e.image).is_file()]
+    if missing:
+        more = f"; {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
+        raise DatasetError(f"{where}: image not found: {missing[0].image} (row {missing[0].source}){more}")

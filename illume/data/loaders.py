@@ -278,8 +278,9 @@ def check_example_images(examples: Sequence[Example]) -> None:
     """Open every example's image, so that a missing or corrupt file fails now rather than mid-run.
 
     Raises:
-        FileNotFoundError: An image file does not exist (the message names the file and the row).
-        ValueError: An image file cannot be decoded (the message names the file and the row).
+        ImageNotFoundError: An image file does not exist (a FileNotFoundError; the message names the file and
+            the row).
+        DatasetError: An image file cannot be decoded (a ValueError; the message names the file and the row).
     """
     from tqdm import tqdm  # imported here: only this slow path needs it
 

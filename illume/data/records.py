@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from illume.data.errors import DatasetError, ImageNotFoundError
+
 
 @dataclass
 class Example:
@@ -41,18 +43,23 @@ class Example:
 
 
 def load_image(example: Example) -> Image.Image:
-    """Return the example's image as RGB, with an error naming the file and row when it cannot be read."""
+    """Return the example's image as RGB.
+
+    Raises:
+        ImageNotFoundError: the file does not exist (the message names the file and the row).
+        DatasetError: the file cannot be decoded (the same), so the CLI reports a `data error:` line.
+    """
     if isinstance(example.image, Image.Image):
         return example.image.convert("RGB")
     path = Path(example.image)
     where = f" (row {example.source})" if example.source else ""
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}{where}")
+        raise ImageNotFoundError(f"image not found: {path}{where}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except Exception as error:  # PIL raises several types for corrupt files
-        raise ValueError(f"cannot read image {path}{where}: {error}") from error
+        raise DatasetError(f"cannot read image {path}{where}: {error}") from error
 
 
 @dataclass

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
+from pathlib import Path
 
 from illume.config import ConfigError, RunConfig
 from illume.models.vlm import MagmaVLM
+from illume.models.weights import readable_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +19,8 @@ def load_vlm(cfg: RunConfig, device: str = "cpu"):
     if cfg.model.kind == "hf":
         return _load_hf(cfg, device)
     if cfg.model.path is not None:
-        return MagmaVLM.load(cfg.model.path, device)
+        return _load_magma(Path(cfg.model.path), device,
+                           "write it again (save_pretrained or `illume convert-magma`)")
     from illume.pretrain import demo_model_dir, pretrain_demo_model
 
     directory = demo_model_dir(cfg)
@@ -24,7 +28,15 @@ def load_vlm(cfg: RunConfig, device: str = "cpu"):
         logger.warning("no cached demo base model at %s: pre-training it now (once per machine, a few minutes)",
                        directory)
         pretrain_demo_model(cfg, directory)
-    return MagmaVLM.load(directory, device)
+    return _load_magma(directory, device, f"delete {directory} and the demo base model is pre-trained again")
+
+
+def _load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
+    """`MagmaVLM.load`, a damaged one-file checkpoint named with `remedy` (the shards of a large model, which
+    transformers reads one by one, keep transformers' own errors)."""
+    weights = directory / "model.safetensors"
+    with readable_safetensors(weights, remedy) if weights.is_file() else nullcontext():
+        return MagmaVLM.load(directory, device)
 
 
 def _load_hf(cfg: RunConfig, device: str):
