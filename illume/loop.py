@@ -45,6 +45,15 @@ CRITIQUE_CHUNK = 100
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")
 
 
+# Wall-clock figures differ between two runs of the same command: results.json leaves them out, so that the
+# same command writes the same file; each round's time stays in its round_NN/metrics.json.
+WALL_CLOCK_KEYS = ("seconds",)
+
+
+def _result_row(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key not in WALL_CLOCK_KEYS}
+
+
 def init_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory and write the resolved config first; a resumed run rewrites it, so it always
     shows the settings of the latest invocation (the store and round folders carry what was done before; the
@@ -141,7 +150,7 @@ def run(cfg: RunConfig) -> list[dict]:
                 store.set_round_metrics(round_idx, metrics)
                 if metrics["trained"]:
                     store.mark_trained(round_idx)
-        results.append(metrics)
+        results.append(_result_row(metrics))
         if distributed.is_main():
             _write_json(run_dir / "results.json", results)
         console.print(results_table(results))

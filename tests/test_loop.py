@@ -75,6 +75,10 @@ def test_kill_during_training_then_rerun_loses_and_duplicates_nothing(tmp_path):
     assert len(keys) == len(set(keys))  # no judgment twice
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in results] == ["base", 0, 1, 2]
+    # The same command gives the same results.json, byte for byte, killed and resumed or not (wall-clock
+    # times live in each round's metrics.json).
+    assert (run_dir / "results.json").read_bytes() == (tmp_path / "runs" / "clean" / "results.json").read_bytes()
+    assert json.loads((run_dir / "round_02" / "metrics.json").read_text())["seconds"] > 0
 
 
 def test_malformed_dataset_fails_with_file_and_row_named(tmp_path, capsys):
