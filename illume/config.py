@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -399,8 +399,32 @@ def cache_root(model: ModelConfig) -> Path:
     return Path(model.cache_dir).expanduser() if model.cache_dir is not None else user_cache_dir()
 
 
+BASE_KEY = "base"
+"""A YAML file's `base: other.yaml` (relative to the file) names the config it varies: the base's values are
+merged first, then the file's own, so a variant states only what differs (configs/demo_*.yaml)."""
+
+
+def _file_layers(path: Path, chain: tuple[Path, ...]) -> list:
+    """The YAML layers of `path`, its base's (recursively) first; `chain` holds the files that named it."""
+    if not path.is_file():
+        named = f" (the base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{named}")
+    if path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError(f"{path}: the '{BASE_KEY}' keys form a cycle: {' -> '.join(map(str, (*chain, path)))}")
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return [loaded]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: '{BASE_KEY}' must be the path of another config file, not {base!r}")
+    return [*_file_layers(path.parent / base, (*chain, path)), loaded]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Merge defaults, a YAML file and `key.sub=value` overrides into a `RunConfig`.
+    """Merge defaults, a YAML file (after the file its `base` key names, if any) and `key.sub=value`
+    overrides into a `RunConfig`.
 
     Raises:
         ConfigError: naming the file and the key for an unknown key, a wrong type or a malformed override.
@@ -410,12 +434,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         layers = [schema]
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            loaded = OmegaConf.load(path)
-            if not isinstance(loaded, type(schema)):
-                raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-            layers.append(loaded)
+            layers += _file_layers(Path(path), ())
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key.sub=value")

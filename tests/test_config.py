@@ -1,3 +1,4 @@
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,51 @@ def test_saved_config_does_not_bake_in_the_machine_cache_path(home, tmp_path, mo
     save_config(load_config(CONFIGS / "demo.yaml"), tmp_path / "config.yaml")
     assert "mine" not in (tmp_path / "config.yaml").read_text()
     assert load_config(tmp_path / "config.yaml").model.cache_dir is None
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_a_config_with_a_base_states_only_what_differs(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\nsample: {temperatures: [0.5], seed: 3}\n"
+                                          "train: {num_epochs: 2}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../parent.yaml\nname: child\nsample: {seed: 4}\n")
+    cfg = load_config(tmp_path / "sub" / "child.yaml", ["train.num_epochs=5"])
+    # The base first, then the file (nested mappings merge key by key), then the overrides.
+    assert (cfg.name, cfg.sample.temperatures, cfg.sample.seed, cfg.train.num_epochs) == ("child", [0.5], 4, 5)
+    save_config(cfg, tmp_path / "resolved.yaml")  # the saved config is resolved: no base key, loads alone
+    assert "base" not in (tmp_path / "resolved.yaml").read_text()
+    assert load_config(tmp_path / "resolved.yaml", ["train.num_epochs=5"]) == cfg
+
+
+def test_a_missing_or_circular_base_names_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*nowhere\.yaml \(the base of .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="form a cycle"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: [b.yaml]\n")
+    with pytest.raises(ConfigError, match="must be the path of another config file"):
+        load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("variant", sorted(p.name for p in CONFIGS.glob("demo_*.yaml")))
+def test_demo_variants_state_only_what_differs_from_demo_yaml(variant):
+    """Each demo variant names demo.yaml as its base and repeats none of the values it would get from it."""
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.to_container(OmegaConf.load(CONFIGS / variant))
+    assert own.pop("base") == "demo.yaml"
+    base = _flat(asdict(load_config(CONFIGS / "demo.yaml")))
+    repeated = {key: value for key, value in _flat(own).items() if base[key] == value}
+    assert not repeated, f"{variant} repeats what demo.yaml already resolves to: {repeated}"
