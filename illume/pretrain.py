@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from illume import distributed
 from illume.collate import collate_rows
@@ -34,6 +34,7 @@ from illume.data.shapes import ShapesWorld, generic_sentences, make_caption, mak
 from illume.models.magma import MagmaForCausalLM, build_magma_config
 from illume.models.vlm import MagmaVLM
 from illume.models.word_tokenizer import IMAGE_TOKEN, build_word_tokenizer
+from illume.training import trainer_arguments
 
 # Bump when the pre-training data or recipe changes in a way the config hash cannot see.
 PRETRAIN_RECIPE_VERSION = 1
@@ -124,12 +125,10 @@ def pretrain_demo_model(cfg: RunConfig, out_dir: Path | None = None) -> Path:
     rows = PretrainRows(vlm, world, pcfg)
     work_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work_dir, ignore_errors=True)
-    args = TrainingArguments(
-        output_dir=str(work_dir / "trainer"), max_steps=pcfg.num_steps, per_device_train_batch_size=pcfg.batch_size,
+    args = trainer_arguments(
+        work_dir, seed=pcfg.seed, max_steps=pcfg.num_steps, per_device_train_batch_size=pcfg.batch_size,
         learning_rate=pcfg.learning_rate, weight_decay=pcfg.weight_decay, warmup_steps=pcfg.warmup_steps,
-        lr_scheduler_type="cosine", logging_steps=max(1, pcfg.num_steps // 20), save_strategy="no",
-        report_to="none", use_cpu=not torch.cuda.is_available(), seed=pcfg.seed, data_seed=pcfg.seed,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        lr_scheduler_type="cosine", logging_steps=max(1, pcfg.num_steps // 20),
     )
     trainer = Trainer(model=vlm.model, args=args, train_dataset=rows,
                       data_collator=partial(collate_rows, pad_token_id=vlm.pad_token_id))

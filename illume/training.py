@@ -187,18 +187,30 @@ def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example]
     return result
 
 
-def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | None = None) -> TrainingArguments:
-    """The HF TrainingArguments every adapter-tuning trainer here shares (SFT, DPO, KTO)."""
+def trainer_arguments(out_dir: Path, *, seed: int, **settings) -> TrainingArguments:
+    """The one builder of HF `TrainingArguments`: selection-SFT, DPO/KTO, the reward model and pre-training.
+
+    Fixed here for every trainer: no Trainer checkpoints (each caller saves what it keeps), no tracker, the
+    CPU when there is no GPU, gloo for several CPU processes, data loaded in the main process, our collators'
+    columns kept, progress bars on. `settings` are what differs between trainers: the schedule (epochs or
+    steps, batch size, learning rate and its scheduler, logging), precision, checkpointing and DeepSpeed.
+    """
     return TrainingArguments(
-        output_dir=str(out_dir / "trainer"), num_train_epochs=cfg.num_epochs,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        output_dir=str(out_dir / "trainer"), seed=seed, data_seed=seed, save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), ddp_backend=distributed.ddp_backend(), dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=False, **settings,
+    )
+
+
+def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | None = None) -> TrainingArguments:
+    """The arguments every adapter-tuning trainer here shares (SFT, DPO, KTO), from `train.*`."""
+    return trainer_arguments(
+        out_dir, seed=cfg.seed, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate if learning_rate is None else learning_rate,
         weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=cfg.adam_beta2, lr_scheduler_type="constant",
-        warmup_steps=0, save_strategy="no", logging_steps=10, report_to="none",
-        use_cpu=not torch.cuda.is_available(), seed=cfg.seed, data_seed=cfg.seed,
-        ddp_backend=distributed.ddp_backend(),
-        bf16=cfg.bf16, fp16=cfg.fp16, activation_checkpointing=cfg.gradient_checkpointing,
-        deepspeed=cfg.deepspeed, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        warmup_steps=0, logging_steps=10, bf16=cfg.bf16, fp16=cfg.fp16,
+        activation_checkpointing=cfg.gradient_checkpointing, deepspeed=cfg.deepspeed,
     )
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from illume import distributed
 from illume.collate import RowEncoder, pad_right
@@ -34,7 +34,7 @@ from illume.config import RewardConfig
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
 from illume.store import FeedbackStore
-from illume.training import check_zero_stage
+from illume.training import check_zero_stage, trainer_arguments
 from reward.model import RewardModel, collate_scored_rows, encode_scored_rows
 from reward.pairs import (
     PreferencePair,
@@ -180,15 +180,11 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
     rm.train()
     dataset = PairsDataset(rm, pairs_train, examples_by_id)
     record = _RecordHeldout(rm, pairs_eval, examples_by_id)
-    use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"), num_train_epochs=cfg.num_epochs,
-        per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=0.0,
-        lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to="none",
+    args = trainer_arguments(
+        out_dir, seed=cfg.seed, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=min(10, math.ceil(len(dataset) / cfg.batch_size)),  # >= 1 loss per epoch
-        use_cpu=use_cpu, seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, fp16=fp16, deepspeed=deepspeed,
-        ddp_backend=distributed.ddp_backend(),
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
+        bf16=bf16, fp16=fp16, deepspeed=deepspeed,
     )
     trainer = BradleyTerryTrainer(model=rm, args=args, train_dataset=dataset,
                                   data_collator=partial(collate_pairs, pad_token_id=rm.vlm.pad_token_id, rm=rm),

@@ -27,3 +27,14 @@ def test_ruff_finds_nothing():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F,E9", "illume", "reward", "policies", "scripts", "tests"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_training_arguments_are_built_in_one_place():
+    """Selection-SFT, DPO/KTO, the reward model and pre-training all get their HF TrainingArguments from
+    `illume.training.trainer_arguments`, so a shared setting (tracker, device, DDP backend) is set once."""
+    builders = [f"{path.relative_to(REPO)}:{number}"
+                for package in ("illume", "reward", "policies")
+                for path in sorted((REPO / package).rglob("*.py"))
+                for number, line in enumerate(path.read_text().splitlines(), 1)
+                if "TrainingArguments(" in line and not line.lstrip().startswith(("#", "def "))]
+    assert len(builders) == 1 and builders[0].startswith("illume/training.py:"), builders
