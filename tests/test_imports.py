@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,13 @@ def test_training_arguments_are_built_in_one_place():
                 for number, line in enumerate(path.read_text().splitlines(), 1)
                 if "TrainingArguments(" in line and not line.lstrip().startswith(("#", "def "))]
     assert len(builders) == 1 and builders[0].startswith("illume/training.py:"), builders
+
+
+def test_import_contracts_hold():
+    """The architecture contracts in pyproject.toml ([tool.importlinter]), checked by import-linter."""
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    if not lint_imports.is_file():
+        pytest.skip("import-linter is not installed (it comes with the dev extra)")
+    result = subprocess.run([str(lint_imports), "--no-cache"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
