@@ -306,8 +306,9 @@ class PolicyConfig:
     before the round's training, as TRL's `precompute_ref_log_probs=True` does).
     """
 
-    kind: Literal["sft", "dpo", "kto"] = "sft"
-    """sft: selection fine-tuning on accepted rationales; dpo: accepted vs rejected pairs; kto: unpaired labels."""
+    kind: str = "sft"
+    """A key of `policies.registry.POLICIES` (checked when the loop starts): sft: selection fine-tuning on
+    accepted rationales; dpo: accepted vs rejected pairs; kto: unpaired labels."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """DPO loss, by TRL's names (DPOConfig.loss_type)."""
     beta: float = 0.1

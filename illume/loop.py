@@ -29,7 +29,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from illume import distributed
-from illume.config import RunConfig, save_config
+from illume.config import ConfigError, RunConfig, save_config
 from illume.critics import CRITICS
 from illume.data.datasets import load_split
 from illume.evaluation import explanation_scores
@@ -38,7 +38,9 @@ from illume.models.weights import load_trainable_weights
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
 from illume.store import FeedbackStore
-from illume.training import ADAPTERS_FILE, build_training_set, fine_tune, retrain_round_remedy, write_manifest
+from illume.training import ADAPTERS_FILE, retrain_round_remedy
+from policies.base import RoundContext
+from policies.registry import POLICIES
 
 logger = logging.getLogger(__name__)
 CRITIQUE_CHUNK = 100
@@ -103,6 +105,8 @@ def run(cfg: RunConfig) -> list[dict]:
     distributed.init_if_launched()
     # Logs and pipes get 80 columns: too narrow. One process prints.
     console = Console(width=max(Console().width, 120), quiet=not distributed.is_main())
+    if cfg.policy.kind not in POLICIES:
+        raise ConfigError(f"policy.kind={cfg.policy.kind!r} is not a policy: one of {', '.join(POLICIES)}")
     # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
     changes = check_resumed_settings(cfg)
     distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
@@ -352,24 +356,11 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
                "trained": False, "val": {}, **reward_report}
     if not new and cfg.loop.stop_when_nothing_new:
         return metrics
-    # 3. Tune: selection-SFT on everything accepted so far (+ answer-only rows), or a preference policy
-    #    (DPO / KTO) on the judgments; either way the best epoch on val is kept.
-    if cfg.policy.kind == "sft":
-        rows = build_training_set(accepted, train, cfg.train.num_answer_only_rows, cfg.train.rationale_weight,
-                                  seed=cfg.train.seed + round_idx)
-        if distributed.is_main():
-            write_manifest(rows, out_dir / "training_set.jsonl")
-        console.print(f"round {round_idx}: training on {len(rows)} rows "
-                      f"({sum(r.kind == 'rationale' for r in rows)} rationales)")
-        result = fine_tune(vlm, rows, train, val, cfg.train, cfg.sample, out_dir)
-    else:
-        from policies.optimize import optimize_on_store
-
-        console.print(f"round {round_idx}: {cfg.policy.kind} on the judgments of "
-                      f"{'this round' if cfg.policy.rounds == 'latest' else 'every round so far'}")
-        result = optimize_on_store(cfg, vlm, store, train_by_id, val, out_dir, upto_round=round_idx)
-        metrics.update(train_rationales=result["num_rationales"],
-                       train_rows=result.get("num_pairs", result.get("num_rows")))
-    metrics.update(trained=True, val={k: result["best"][k] for k in VAL_KEYS if k in result["best"]},
-                   best_epoch=result["best"]["epoch"], seconds=round(time.perf_counter() - start, 1))
+    # 3. Tune with the configured policy (policies.registry: selection-SFT, DPO, KTO); each keeps its best
+    #    epoch on val.
+    result = POLICIES[cfg.policy.kind](RoundContext(cfg, vlm, store, round_idx, train, train_by_id, val, out_dir,
+                                                    say=console.print))
+    metrics.update(result.report)
+    metrics.update(trained=True, val={k: result.best[k] for k in VAL_KEYS if k in result.best},
+                   best_epoch=result.best["epoch"], seconds=round(time.perf_counter() - start, 1))
     return metrics

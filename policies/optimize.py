@@ -16,6 +16,7 @@ from illume.config import ConfigError, RunConfig
 from illume.data.records import Example
 from illume.models.vlm import VLM
 from illume.store import FeedbackStore
+from policies.base import PolicyResult, RoundContext
 from policies.data import store_labelled_rationales, store_pairs
 from policies.dpo import optimize_dpo
 from policies.kto import optimize_kto
@@ -36,6 +37,7 @@ def optimize_on_pairs(cfg: RunConfig, vlm: VLM, pairs, examples_by_id: dict[str,
     write_jsonl(pairs, out_dir / "training_set.jsonl")
     result = optimize_dpo(vlm, pairs, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir)
     result["num_rationales"] = len({(p.example_id, text) for p in pairs for text in (p.chosen, p.rejected)})
+    result["num_rows"] = len(pairs)
     return result
 
 
@@ -44,29 +46,56 @@ def optimize_on_labels(cfg: RunConfig, vlm: VLM, rows, examples_by_id: dict[str,
     write_jsonl(rows, out_dir / "training_set.jsonl")
     result = optimize_kto(vlm, rows, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir)
     result["num_rationales"] = len({(r.example_id, r.completion) for r in rows})
+    result["num_rows"] = len(rows)
     return result
+
+
+def _dpo_on_store(cfg: RunConfig, vlm: VLM, store: FeedbackStore, examples_by_id: dict[str, Example],
+                  val: list[Example], out_dir: Path, upto_round: int | None, from_round: int | None) -> dict:
+    pairs = store_pairs(store, examples_by_id, upto_round, from_round, cfg.policy.reference_as_chosen)
+    return optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
+
+
+def _kto_on_store(cfg: RunConfig, vlm: VLM, store: FeedbackStore, examples_by_id: dict[str, Example],
+                  val: list[Example], out_dir: Path, upto_round: int | None, from_round: int | None) -> dict:
+    rows = store_labelled_rationales(store, examples_by_id, upto_round, from_round)
+    return optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
+
+
+# policy.kind -> the optimisation on a store's judgments (the loop's rounds and `illume dpo|kto RUN_DIR`).
+ON_STORE = {"dpo": _dpo_on_store, "kto": _kto_on_store}
 
 
 def optimize_on_store(cfg: RunConfig, vlm: VLM, store: FeedbackStore, examples_by_id: dict[str, Example],
                       val: list[Example], out_dir: Path, upto_round: int | None = None) -> dict:
     """Run `cfg.policy.kind` (dpo | kto) on the store's judgments of rounds <= upto_round (None: all).
 
+    Returns:
+        The trainer's result: `best`, `epochs`, `num_rationales`, `num_rows` (pairs or labelled rows), ...
+
     Raises:
         PolicyDataError: the store has no usable feedback for the policy (no judgments, no pairs, ...).
     """
+    if cfg.policy.kind not in ON_STORE:
+        raise ValueError(f"policy.kind={cfg.policy.kind!r} is not a preference policy ({' | '.join(ON_STORE)})")
     from_round = upto_round if cfg.policy.rounds == "latest" and upto_round is not None else None
-    if cfg.policy.kind == "dpo":
-        pairs = store_pairs(store, examples_by_id, upto_round, from_round, cfg.policy.reference_as_chosen)
-        result = optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
-    elif cfg.policy.kind == "kto":
-        rows = store_labelled_rationales(store, examples_by_id, upto_round, from_round)
-        result = optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
-    else:
-        raise ValueError(f"policy.kind={cfg.policy.kind!r} is not a preference policy (dpo | kto)")
+    result = ON_STORE[cfg.policy.kind](cfg, vlm, store, examples_by_id, val, out_dir, upto_round, from_round)
     if distributed.is_main():
         (out_dir / "training.json").write_text(
             json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=2))
     return result
+
+
+def preference_round(context: RoundContext) -> PolicyResult:
+    """DPO or KTO (`policy.kind`) as a loop policy: on the judgments of this round (`policy.rounds=latest`) or
+    of every round so far (`all`)."""
+    cfg = context.cfg
+    context.say(f"round {context.round_idx}: {cfg.policy.kind} on the judgments of "
+                f"{'this round' if cfg.policy.rounds == 'latest' else 'every round so far'}")
+    result = optimize_on_store(cfg, context.vlm, context.store, context.train_by_id, context.val,
+                               context.out_dir, upto_round=context.round_idx)
+    return PolicyResult(result["best"], result["epochs"],
+                        {"train_rationales": result["num_rationales"], "train_rows": result["num_rows"]})
 
 
 def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: Path | None = None,
@@ -127,7 +156,7 @@ def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: 
         result = optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
     metrics = {"kind": kind, "source": str(source), "init_round": init_round, "val": result["best"],
                "num_rationales": result["num_rationales"],
-               "num_rows": result.get("num_pairs", result.get("num_rows")), "epochs": result["epochs"]}
+               "num_rows": result["num_rows"], "epochs": result["epochs"]}
     if distributed.is_main():
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -276,6 +276,47 @@ def test_the_loop_runs_a_preference_policy_each_round(kind, tmp_path):
         assert set(first) >= ({"chosen", "rejected"} if kind == "dpo" else {"completion", "accepted"})
 
 
+def _toy_policy(calls: list, context):
+    """A policy that trains nothing: it keeps the weights as they are and reports how many items it saw."""
+    from illume.evaluation import explanation_scores
+    from illume.models.weights import save_trainable_weights
+    from illume.training import ADAPTERS_FILE
+    from policies.base import PolicyResult
+
+    calls.append(context.round_idx)
+    scores = explanation_scores(context.vlm, context.val, context.cfg.sample, progress=False)
+    save_trainable_weights(context.vlm.model, context.out_dir / ADAPTERS_FILE)
+    items = len(context.store.candidate_sets(context.round_idx, "train"))
+    return PolicyResult({**scores, "epoch": 0}, [scores], {"toy_items": items})
+
+
+def test_a_new_policy_is_one_function_and_one_registry_entry(tmp_path, monkeypatch):
+    """The loop runs whatever POLICIES holds for policy.kind, asking nothing else about it."""
+    from illume.cli import main
+    from policies.registry import POLICIES
+    from tests.conftest import tiny_overrides
+
+    calls = []
+    monkeypatch.setitem(POLICIES, "toy", partial(_toy_policy, calls))
+    overrides = tiny_overrides(tmp_path) + ["policy.kind=toy", "loop.num_rounds=2", "critic.threshold=0.3",
+                                            "sample.max_new_tokens=8", "loop.stop_when_nothing_new=false",
+                                            "name=toy"]
+    assert main(["run", str(REPO / "configs" / "demo.yaml"), *overrides]) == 0
+    assert calls == [0, 1]
+    results = json.loads((tmp_path / "runs" / "toy" / "results.json").read_text())
+    assert [r["toy_items"] for r in results[1:]] == [12, 12] and all(r["trained"] for r in results[1:])
+    assert all("cider" in r["val"] and r["best_epoch"] == 0 for r in results[1:])
+
+
+def test_an_unknown_policy_kind_fails_before_any_work(tmp_path, capsys):
+    from illume.cli import main
+    from tests.conftest import tiny_overrides
+
+    assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "policy.kind=ppo"]) == 2
+    assert "policy.kind='ppo' is not a policy: one of sft, dpo, kto" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "demo").exists() and not (tmp_path / "cache").exists()
+
+
 def test_dpo_command_on_a_store_and_on_an_exported_dataset(tiny_vlm, tmp_path, capsys):
     from illume.cli import main
 

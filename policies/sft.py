@@ -1,0 +1,21 @@
+"""ILLUME's selection-SFT as a policy: every rationale accepted so far (deduplicated) plus answer-only rows,
+row-weighted cross-entropy, adapters only, best val epoch kept (illume.training)."""
+
+from __future__ import annotations
+
+from illume import distributed
+from illume.training import build_training_set, fine_tune, write_manifest
+from policies.base import PolicyResult, RoundContext
+
+
+def sft_round(context: RoundContext) -> PolicyResult:
+    cfg, round_idx = context.cfg, context.round_idx
+    accepted = [(example_id, text) for example_id, text, _ in context.store.accepted_rationales(round_idx)]
+    rows = build_training_set(accepted, context.train, cfg.train.num_answer_only_rows, cfg.train.rationale_weight,
+                              seed=cfg.train.seed + round_idx)
+    if distributed.is_main():
+        write_manifest(rows, context.out_dir / "training_set.jsonl")
+    context.say(f"round {round_idx}: training on {len(rows)} rows "
+                f"({sum(r.kind == 'rationale' for r in rows)} rationales)")
+    result = fine_tune(context.vlm, rows, context.train, context.val, cfg.train, cfg.sample, context.out_dir)
+    return PolicyResult(result["best"], result["epochs"])
