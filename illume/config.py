@@ -400,6 +400,18 @@ def cache_root(model: ModelConfig) -> Path:
     return Path(model.cache_dir).expanduser() if model.cache_dir is not None else user_cache_dir()
 
 
+def dotted_keys(values: dict, prefix: str = "") -> dict:
+    """A nested config dict by dotted key, as overrides name them: {"sample": {"seed": 0}} -> {"sample.seed":
+    0}; lists stay values."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 BASE_KEY = "base"
 """A YAML file's `base: other.yaml` (relative to the file) names the config it varies: the base's values are
 merged first, then the file's own, so a variant states only what differs (configs/demo_*.yaml)."""

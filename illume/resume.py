@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from illume.config import ConfigError, RunConfig, load_config
+from illume.config import ConfigError, RunConfig, dotted_keys, load_config
 
 CHANGES_FILE = "settings_changes.jsonl"
 
@@ -55,7 +55,7 @@ def setting_changes(old: RunConfig, new: RunConfig, finished_rounds: int) -> dic
     `loop.num_rounds` may grow, and shrink down to the rounds already finished: fewer would drop finished
     rounds from results.json.
     """
-    before, after = _flatten(asdict(old)), _flatten(asdict(new))
+    before, after = dotted_keys(asdict(old)), dotted_keys(asdict(new))
     changes = {}
     for key, value in after.items():
         if key in RESULT_NEUTRAL or before.get(key) == value:
@@ -99,14 +99,3 @@ def record_setting_changes(cfg: RunConfig, changes: dict[str, tuple[Any, Any]]) 
              "changes": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}}
     with (cfg.run_dir / CHANGES_FILE).open("a") as file:
         file.write(json.dumps(entry) + "\n")
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    """{"sample": {"seed": 0}} -> {"sample.seed": 0}; lists stay values."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

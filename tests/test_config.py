@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from illume.config import ConfigError, RunConfig, load_config, save_config
+from illume.config import ConfigError, RunConfig, dotted_keys, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -111,16 +111,6 @@ def test_saved_config_does_not_bake_in_the_machine_cache_path(home, tmp_path, mo
     assert load_config(tmp_path / "config.yaml").model.cache_dir is None
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def test_a_config_with_a_base_states_only_what_differs(tmp_path):
     (tmp_path / "parent.yaml").write_text("name: parent\nsample: {temperatures: [0.5], seed: 3}\n"
                                           "train: {num_epochs: 2}\n")
@@ -154,6 +144,6 @@ def test_demo_variants_state_only_what_differs_from_demo_yaml(variant):
 
     own = OmegaConf.to_container(OmegaConf.load(CONFIGS / variant))
     assert own.pop("base") == "demo.yaml"
-    base = _flat(asdict(load_config(CONFIGS / "demo.yaml")))
-    repeated = {key: value for key, value in _flat(own).items() if base[key] == value}
+    base = dotted_keys(asdict(load_config(CONFIGS / "demo.yaml")))
+    repeated = {key: value for key, value in dotted_keys(own).items() if base[key] == value}
     assert not repeated, f"{variant} repeats what demo.yaml already resolves to: {repeated}"
