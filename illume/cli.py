@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from illume.pretrain import demo_model_dir, pretrain_demo_model
+    from illume.demo.pretrain import demo_model_dir, pretrain_demo_model
 
     cfg = _load(args)
     directory = demo_model_dir(cfg)
@@ -89,7 +89,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     from illume.data.datasets import load_split
     from illume.evaluation import explanation_scores, rationale_pass_rate
-    from illume.models.loading import load_vlm
+    from illume.loading import load_vlm
     from illume.sampling import sample
 
     cfg = _load(args)
@@ -133,7 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         result = export(args.run_dir, args.format, args.out, round_idx=args.round, upto_round=args.upto_round,
-                        split=args.split, min_accepts=args.min_accepts, as_jsonl=args.as_jsonl,
+                        split=args.split, aggregate=args.aggregate, as_jsonl=args.as_jsonl,
                         conversational=args.conversational, images=not args.no_images)
     except ExportError as error:
         print(f"export error: {error}", file=sys.stderr)
@@ -144,6 +144,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_export_parser(commands) -> None:
     from illume.exports import FORMATS, SPLIT_CHOICES
+    from illume.feedback.verdicts import AGGREGATES
 
     sub = commands.add_parser("export", help="export the run's feedback: TRL datasets (sft, dpo, kto) or JSONL",
                               description="Rows and verdict rules: see the illume.exports module doc.")
@@ -154,8 +155,8 @@ def _add_export_parser(commands) -> None:
     rounds.add_argument("--round", type=int, help="only this round's items")
     rounds.add_argument("--upto-round", type=int, help="only rounds <= N")
     sub.add_argument("--split", default="train", choices=SPLIT_CHOICES, help="items' split (default: train)")
-    sub.add_argument("--min-accepts", type=int, default=1,
-                     help="judgments that must accept a candidate for it to count as accepted (default 1)")
+    sub.add_argument("--aggregate", choices=AGGREGATES,
+                     help="how several annotators of an item combine (default: the run's feedback.aggregate)")
     sub.add_argument("--as-jsonl", action="store_true", help="write sft/dpo/kto as JSONL (images as paths)")
     sub.add_argument("--conversational", action="store_true",
                      help="TRL conversational format (user/assistant messages) for chat VLMs")
@@ -220,11 +221,15 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from illume.feedback.verdicts import DEFAULT_AGGREGATE
     from illume.status import print_status
     from illume.store import FeedbackStore
 
-    _, store_url, _ = _annotate_target(args.target)
-    print_status(FeedbackStore(store_url))
+    run_dir, store_url, _ = _annotate_target(args.target)
+    config_path = run_dir / "config.yaml" if run_dir is not None else None
+    raw = OmegaConf.load(config_path) if config_path is not None and config_path.is_file() else {}
+    aggregate = OmegaConf.select(OmegaConf.create(raw), "feedback.aggregate", default=DEFAULT_AGGREGATE)
+    print_status(FeedbackStore(store_url), aggregate=aggregate)  # the rules the run trains by
     return 0
 
 
@@ -233,7 +238,7 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from illume.data.datasets import load_split
-    from illume.models.loading import load_vlm
+    from illume.loading import load_vlm
     from illume.store import FeedbackStore
     from reward.model import RewardModel
     from reward.pairs import RewardDataError

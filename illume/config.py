@@ -191,8 +191,8 @@ class SampleConfig:
 class CriticConfig:
     """Who judges the candidates. `simulated` stands in for people in the paper's experiments."""
 
-    kind: Literal["simulated", "human", "reward", "hybrid"] = "simulated"
-    """Critic: `simulated` accepts a candidate whose metric against any reference reaches the threshold;
+    kind: str = "simulated"
+    """Critic, a key of illume.critics.CRITICS: `simulated` accepts a candidate whose metric against any reference reaches the threshold;
     `human`: people judge in the annotation page (or the terminal) and the loop waits for them;
     `reward`: the reward model judges (after `reward.human_rounds` rounds judged by people);
     `hybrid`: the reward model decides the confident items, people the rest."""
@@ -210,6 +210,16 @@ class CriticConfig:
     """Per-candidate metric of the simulated critic (pycocoevalcap's, on its tokenisation)."""
     threshold: float = 0.7
     """Accept when the metric against any single reference is >= this (the paper: ROUGE-L >= 0.7)."""
+
+
+@dataclass
+class FeedbackConfig:
+    """How judgments become verdicts (the rules: illume.feedback.verdicts)."""
+
+    aggregate: str = "majority"
+    """How several annotators' judgments of one item combine, per candidate: `majority` (accepted if more
+    accept than reject, rejected if more reject; a tie is contested and left out), `any` (one accept is
+    enough) or `unanimous` (accepted only if nobody rejects). With one annotator per item all three agree."""
 
 
 @dataclass
@@ -371,6 +381,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

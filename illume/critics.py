@@ -1,20 +1,37 @@
-"""Critics: who decides which candidate rationales are acceptable.
+"""Critics: who decides which candidate rationales are acceptable, behind one interface.
 
-A critic reviews candidate sets and returns one `Review` per item: the candidates it accepts (zero, one or
-several) or "none fits". The simulated critic stands in for people, as in the paper's experiments: it accepts
-a candidate whose score against any single reference explanation reaches a threshold (ROUGE-L >= 0.7).
-People (the annotation page), the reward model and the hybrid critic come in as further kinds.
+A critic gets one round's candidate sets (`CritiqueContext`) and puts its judgments into the feedback store;
+`review` says whether the round is judged (False: people have not finished and the run should stop and be
+continued later). The loop calls `review` on every process and uses rank 0's answer; a critic that only
+one process may run (a person, the simulated critic) works on rank 0. Each critic is created from the run
+config by `illume.critic_registry.CRITICS[critic.kind]`, and the loop asks nothing else about it.
+
+Here: the simulated critic standing in for people, as in the paper's experiments (it accepts a candidate
+whose score against any single reference explanation reaches a threshold, ROUGE-L >= 0.7), and people
+(`human`) in the annotation page (the loop waits on the store, or stops and resumes) or in the terminal. The
+reward-model critics (reward, hybrid) are in `reward.critic`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
-from illume.config import CriticConfig
+from tqdm.auto import tqdm
+
+from illume import distributed
+from illume.config import CriticConfig, RunConfig
 from illume.data.records import CandidateSet, Example
+from illume.feedback.queue import AnnotationQueue
+from illume.feedback.verdicts import PEOPLE
 from illume.metrics.caption_scores import caption_scores, rouge_l_per_item
+from illume.store import FeedbackStore
+
+CRITIQUE_CHUNK = 100
+"""Judgments stored per transaction by the simulated critic: a kill loses at most the chunk under way."""
 
 
 @dataclass
@@ -28,6 +45,55 @@ class Review:
     """True when no candidate is acceptable."""
     seconds: float | None = None
     """Time the critic spent (people only)."""
+
+
+@dataclass
+class CritiqueContext:
+    """One round's inputs to a critic."""
+
+    cfg: RunConfig
+    store: FeedbackStore
+    round_idx: int
+    sets: dict[str, CandidateSet]
+    """The round's train candidate sets, by example id, in the order stored."""
+    examples_by_id: dict[str, Example]
+    image_refs: dict[str, str] = field(default_factory=dict)
+    """Example id -> image path (relative to the run directory unless absolute), for people."""
+    say: Callable[[str], None] = print
+    report: dict = field(default_factory=dict)
+    """Keys a critic adds to the round's row of results.json (the reward model's threshold, ...)."""
+
+    def image_path(self, example_id: str) -> str | None:
+        image = self.image_refs.get(example_id)
+        if image and not Path(image).is_absolute():
+            image = str(self.cfg.run_dir / image)
+        return image
+
+
+class Critic(Protocol):
+    """What the loop needs from a critic."""
+
+    def review(self, context: CritiqueContext) -> bool:
+        """Get the round's judgments into the store; False when the run should stop and wait for people."""
+        ...
+
+
+def store_reviews(context: CritiqueContext, reviews: Sequence[Review], annotator: str, kind: str) -> int:
+    """Store reviews of the round's items as `annotator`'s judgments (one transaction); returns how many."""
+    sets = context.sets
+    return context.store.add_judgments(context.round_idx, [
+        (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, r.seconds)
+        for r in reviews], annotator, "train", kind=kind)
+
+
+def left_for_people(context: CritiqueContext, annotator: str) -> list[CandidateSet]:
+    """The round's items `annotator` has not judged, less those a model critic (reward model, AI judge)
+    decided in this round, in the order stored."""
+    decided = {item.example_id for item in context.store.judged_items("train", round_idx=context.round_idx)
+               if any(j.annotator_kind not in PEOPLE for j in item.judgments)}
+    return [context.sets[example_id]
+            for example_id in context.store.unjudged_items(context.round_idx, annotator, "train")
+            if example_id not in decided]
 
 
 def candidate_scores(candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example],
@@ -53,13 +119,17 @@ def candidate_scores(candidate_sets: Sequence[CandidateSet], examples_by_id: dic
 
 
 class SimulatedCritic:
-    """Accepts a candidate when its metric against any reference explanation is >= the threshold."""
+    """critic.kind=simulated: accepts a candidate when its metric against any reference explanation is >= the
+    threshold (annotator kind "simulated"). Works on rank 0, in chunks of CRITIQUE_CHUNK items."""
+
+    kind = "simulated"
 
     def __init__(self, cfg: CriticConfig):
         self.cfg = cfg
         self.annotator = f"simulated:{cfg.metric}>={cfg.threshold:g}"
 
-    def review(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
+    def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
+        """The verdicts on these candidate sets (nothing is stored)."""
         missing = [cs.example_id for cs in candidate_sets if not examples_by_id[cs.example_id].explanations]
         if missing:
             raise ValueError(f"the simulated critic needs reference explanations; {len(missing)} examples have "
@@ -70,10 +140,23 @@ class SimulatedCritic:
             reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
         return reviews
 
+    def review(self, context: CritiqueContext) -> bool:
+        if not distributed.is_main():
+            return True
+        todo = left_for_people(context, self.annotator)
+        for start in tqdm(range(0, len(todo), CRITIQUE_CHUNK), desc=f"critique ({self.annotator})", unit="chunk",
+                          disable=not todo):
+            store_reviews(context, self.decide(todo[start:start + CRITIQUE_CHUNK], context.examples_by_id),
+                          self.annotator, self.kind)
+        return True
+
 
 class TerminalCritic:
-    """A person judging in the terminal (for work over SSH): the image path, the question, the answer and the
-    numbered candidates; they type the numbers they accept, or 0 for none."""
+    """critic.kind=human, critic.ui=terminal: a person judging in the terminal (for work over SSH): the image
+    path, the question, the answer and the numbered candidates; they type the numbers they accept, or 0 for
+    none. Each judgment is stored as it is made: a person's work is never lost to a crash or Ctrl-C."""
+
+    kind = "person"
 
     def __init__(self, cfg: CriticConfig, ask: Callable[[str], str] | None = None, console=None):
         from rich.console import Console
@@ -109,32 +192,62 @@ class TerminalCritic:
                 return Review(cs.example_id, [n - 1 for n in numbers], False, time.monotonic() - start)
             self.console.print(f"numbers must be 1..{len(cs.candidates)}, or 0 alone")
 
+    def review(self, context: CritiqueContext) -> bool:
+        if not distributed.is_main():
+            return True
+        todo = left_for_people(context, self.annotator)
+        for cs in tqdm(todo, desc=f"critique ({self.annotator})", unit="item", disable=not todo):
+            review = self.review_one(cs, context.examples_by_id[cs.example_id], context.image_path(cs.example_id))
+            store_reviews(context, [review], self.annotator, self.kind)
+        return True
 
 
+class WebCritic:
+    """critic.kind=human, critic.ui=web: people judge in the annotation page (`illume annotate RUN_DIR`); the
+    loop waits until every item of the round has `annotate.annotations_per_item` judgments, or (critic.wait
+    false) stops, to be continued by running the same command again."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def review(self, context: CritiqueContext) -> bool:
+        if not distributed.is_main():
+            return True
+        cfg, round_idx = self.cfg, context.round_idx
+        queue = AnnotationQueue(context.store)
+        wanted = cfg.annotate.annotations_per_item
+        progress = queue.annotation_progress(round_idx, wanted)
+        if progress["complete_items"] == progress["items"]:
+            return True
+        context.say(f"round {round_idx}: {progress['items']} items wait for {wanted} judgment(s) each "
+                    f"({progress['counted_judgments']} of {progress['needed_judgments']} so far). "
+                    f"People judge them in the annotation page:\n    illume annotate {cfg.run_dir}")
+        if not cfg.critic.wait:
+            context.say("critic.wait=false: stopping here; run the same command again to continue")
+            return False
+        with tqdm(total=progress["needed_judgments"], initial=progress["counted_judgments"],
+                  desc="waiting for judgments") as bar:
+            while progress["complete_items"] < progress["items"]:
+                time.sleep(cfg.critic.poll_seconds)
+                progress = queue.annotation_progress(round_idx, wanted)
+                bar.update(progress["counted_judgments"] - bar.n)
+        return True
 
 
-class RewardCritic:
-    """Accepts a candidate when the reward model's score reaches the calibrated threshold.
+HUMAN_UIS: dict[str, Callable[[RunConfig], Critic]] = {
+    "web": WebCritic,
+    "terminal": lambda cfg: TerminalCritic(cfg.critic),
+}
+"""critic.ui -> the critic for people."""
 
-    With `band`, it only decides items whose every candidate scores at least `band` away from the threshold
-    (the confident ones); `review` leaves the others out, for people (critic.kind=hybrid).
-    """
 
-    def __init__(self, reward_model, threshold: float, band: float | None = None, annotator: str = "reward"):
-        self.reward_model, self.threshold, self.band, self.annotator = reward_model, threshold, band, annotator
+def simulated_critic(cfg: RunConfig) -> Critic:
+    return SimulatedCritic(cfg.critic)
 
-    def scores(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[list[float]]:
-        from reward.model import score
 
-        items = [(examples_by_id[cs.example_id], cs.prompt, [c.text for c in cs.candidates]) for cs in candidate_sets]
-        return score(self.reward_model, items)
+def human_critic(cfg: RunConfig) -> Critic:
+    return HUMAN_UIS[cfg.critic.ui](cfg)
 
-    def review(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
-        reviews = []
-        for cs, scores in zip(candidate_sets, self.scores(candidate_sets, examples_by_id)):
-            if self.band is not None and any(abs(s - self.threshold) < self.band for s in scores):
-                continue  # not confident: people decide this item
-            accepted = [i for i, s in enumerate(scores) if s >= self.threshold]
-            reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
-        return reviews
-CRITICS = {"simulated": SimulatedCritic, "terminal": TerminalCritic, "reward": RewardCritic}
+
+PEOPLE_CRITICS: dict[str, Callable[[RunConfig], Critic]] = {"simulated": simulated_critic, "human": human_critic}
+"""critic.people -> who judges what a reward-model critic leaves to people."""

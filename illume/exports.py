@@ -1,27 +1,23 @@
 """Exports of a run's feedback store: TRL-format datasets (SFT, DPO, KTO) and a flat JSONL of every decision.
 
     illume export RUN_DIR --format sft|dpo|kto|jsonl [--out PATH] [--round N | --upto-round N]
-                  [--split train|val|test|all] [--min-accepts K] [--as-jsonl] [--conversational] [--no-images]
+                  [--split train|val|test|all] [--aggregate majority|any|unanimous] [--as-jsonl]
+                  [--conversational] [--no-images]
 
-What the rows are (every row also has `images`, `example_id`, `round_idx`, `annotators`, `created_at`):
+What the rows are (every row also has `images`, `example_id`, `round_idx`, `annotators`, `created_at`).
+Which candidates are accepted, rejected or contested is decided by `illume.feedback.verdicts` (its docstring
+has the rules: revisions, several annotators by `--aggregate`, the same text in several rounds, "none fits"),
+the same code the loop, the reward model, DPO and KTO read, so an export is exactly what they train on:
 
-- `sft`  {prompt, completion}: one row per distinct accepted rationale of an example, completion =
-  " " + rationale (the prompt ends with "seeing that"). The same set `FeedbackStore.accepted_rationales`
-  gives the loop's fine-tuning.
-- `dpo`  {prompt, chosen, rejected}: every (accepted, rejected) pair of candidates of the same item
-  (an item = one example in one round: its candidates were judged side by side), deduplicated.
-- `kto`  {prompt, completion, label}: one row per distinct judged rationale, label True = accepted.
-- `jsonl`: one flat object per decision (judgment x candidate shown) with everything the store holds.
-
-Verdicts when several judgments saw a candidate (K = `min_accepts`, default 1):
-- In an item, a candidate is *accepted* if at least K judgments accepted it, *rejected* if it was shown and
-  no judgment accepted it, and *contested* otherwise (0 < accepts < K; impossible with K = 1).
-- A rationale (example, prompt, text) is accepted if it was accepted in any item (any round), the loop's
-  rule; otherwise rejected only if it was rejected everywhere it was shown, else contested.
-- Contested rationales are left out of every format: they are neither SFT targets, nor DPO rejections,
-  nor KTO rows. A DPO pair is (candidate accepted in the item, candidate whose rationale is rejected) of one
-  item, so every `chosen` is an SFT row / KTO True row and every `rejected` is a KTO False row.
-- "None fits" judgments reject every candidate they saw.
+- `sft`  {prompt, completion}: one row per accepted rationale (`Feedback.accepted`), completion =
+  " " + rationale (the prompt ends with "seeing that"): the loop's selection-SFT targets.
+- `dpo`  {prompt, chosen, rejected}: `Feedback.pairs`: a candidate accepted in an item against a candidate
+  of the same item whose rationale is rejected, deduplicated; `illume dpo` trains on the same pairs whether it
+  reads RUN_DIR or this export (reference pairs, `policy.reference_as_chosen`, are not exported).
+- `kto`  {prompt, completion, label}: `Feedback.labelled`: one row per rationale that is not contested,
+  label True = accepted.
+- `jsonl`: one flat object per decision (judgment x candidate shown) with everything the store holds,
+  including each annotator's kind.
 
 `annotators` and `created_at` are parallel lists, oldest first: the judgments behind the row (SFT and
 KTO True: those that accepted it; KTO False: those that rejected it; DPO: those of the item, which saw
@@ -48,15 +44,15 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import null, select
 from sqlalchemy.engine import make_url
 
-from illume.store import CandidateRow, DecisionRow, FeedbackStore, ItemRow, JudgmentRow
+from illume.feedback.verdicts import AGGREGATES, DEFAULT_AGGREGATE, Feedback
+from illume.store import FeedbackStore, JudgedItem, JudgmentInfo
 
 FORMATS = ("sft", "dpo", "kto", "jsonl")
 DATASET_FORMATS = ("sft", "dpo", "kto")
@@ -69,153 +65,10 @@ class ExportError(ValueError):
     """An export that cannot be made: no store, nothing judged, no pairs, an unreadable image, ..."""
 
 
-# Columns a newer store has (an older one gives None): when a judgment was revised, the shuffled position.
-_UPDATED_AT = getattr(JudgmentRow, "updated_at", null())
-_POSITION_SHOWN = getattr(DecisionRow, "position_shown", null())
-
-# -------------------------------------------------------------------- what the store holds
-
-
-@dataclass(frozen=True)
-class CandidateInfo:
-    id: int
-    text: str
-    temperature: float
-    seed: int
-    sample_idx: int
-    logprob: float
-    position: int
-
-
-@dataclass(frozen=True)
-class JudgmentInfo:
-    id: int
-    annotator: str
-    none_fit: bool
-    seconds: float | None
-    created_at: datetime
-    client_token: str | None
-    decisions: dict[int, bool] = field(hash=False, compare=False)
-    """Candidate id -> accepted, for every candidate shown."""
-    updated_at: datetime | None = None
-    """When the annotator last revised the judgment; None if never (or not recorded)."""
-    positions_shown: dict[int, int | None] = field(default_factory=dict, hash=False, compare=False)
-    """Candidate id -> its place in the (shuffled) list the annotator saw, when recorded."""
-
-
-@dataclass
-class JudgedItem:
-    """One example in one round and split, with its candidates and every judgment of it."""
-
-    round_idx: int
-    split: str
-    example_id: str
-    prompt: str
-    answer: str
-    predicted_answer: str
-    seed: int
-    image_ref: str | None
-    candidates: list[CandidateInfo]
-    judgments: list[JudgmentInfo]
-
-    def accepting(self, candidate_id: int) -> list[JudgmentInfo]:
-        return [j for j in self.judgments if j.decisions.get(candidate_id) is True]
-
-    def rejecting(self, candidate_id: int) -> list[JudgmentInfo]:
-        return [j for j in self.judgments if j.decisions.get(candidate_id) is False]
-
-    def verdict(self, candidate_id: int, min_accepts: int = 1) -> str | None:
-        """ACCEPTED, REJECTED or CONTESTED in this item (see the module doc); None if never shown."""
-        accepts, rejects = len(self.accepting(candidate_id)), len(self.rejecting(candidate_id))
-        if accepts >= min_accepts:
-            return ACCEPTED
-        if accepts == 0:
-            return REJECTED if rejects else None
-        return CONTESTED
-
-
-def read_feedback(
-    store: FeedbackStore,
-    split: str | None = "train",
-    round_idx: int | None = None,
-    upto_round: int | None = None,
-) -> list[JudgedItem]:
-    """Every judged item of the store (items nobody judged are left out), in round and insertion order.
-
-    Args:
-        store: The feedback store.
-        split: Only this split's items; None: all splits.
-        round_idx: Only this round.
-        upto_round: Only rounds <= upto_round.
-    """
-    where = []
-    if split is not None:
-        where.append(ItemRow.split == split)
-    if round_idx is not None:
-        where.append(ItemRow.round_idx == round_idx)
-    if upto_round is not None:
-        where.append(ItemRow.round_idx <= upto_round)
-    judged = select(JudgmentRow.id).where(JudgmentRow.item_id == ItemRow.id).exists()
-    # The store has no public per-item read with image refs and candidate details; read its tables
-    # through its own (read-only) session factory.
-    with store._read() as session:
-        items = session.execute(
-            select(ItemRow.id, ItemRow.round_idx, ItemRow.split, ItemRow.example_id, ItemRow.prompt,
-                   ItemRow.answer, ItemRow.predicted_answer, ItemRow.seed, ItemRow.image_ref)
-            .where(judged, *where).order_by(ItemRow.round_idx, ItemRow.id)
-        ).all()
-        candidates: dict[int, list[CandidateInfo]] = {}
-        for row in session.execute(
-            select(CandidateRow.item_id, CandidateRow.id, CandidateRow.text, CandidateRow.temperature,
-                   CandidateRow.seed, CandidateRow.sample_idx, CandidateRow.logprob, CandidateRow.position)
-            .join(ItemRow, ItemRow.id == CandidateRow.item_id)
-            .where(judged, *where).order_by(CandidateRow.item_id, CandidateRow.position)
-        ):
-            candidates.setdefault(row.item_id, []).append(CandidateInfo(
-                id=row.id, text=row.text, temperature=row.temperature, seed=row.seed,
-                sample_idx=row.sample_idx, logprob=row.logprob, position=row.position,
-            ))
-        decisions: dict[int, dict[int, bool]] = {}
-        positions: dict[int, dict[int, int | None]] = {}
-        for judgment_id, candidate_id, accepted, position in session.execute(
-            select(DecisionRow.judgment_id, DecisionRow.candidate_id, DecisionRow.accepted, _POSITION_SHOWN)
-            .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id)
-            .join(ItemRow, ItemRow.id == JudgmentRow.item_id).where(*where)
-        ):
-            decisions.setdefault(judgment_id, {})[candidate_id] = bool(accepted)
-            positions.setdefault(judgment_id, {})[candidate_id] = position
-        judgments: dict[int, list[JudgmentInfo]] = {}
-        for row in session.execute(
-            select(JudgmentRow.item_id, JudgmentRow.id, JudgmentRow.annotator, JudgmentRow.none_fit,
-                   JudgmentRow.seconds, JudgmentRow.created_at, JudgmentRow.client_token,
-                   _UPDATED_AT.label("updated_at"))
-            .join(ItemRow, ItemRow.id == JudgmentRow.item_id).where(*where).order_by(JudgmentRow.id)
-        ):
-            judgments.setdefault(row.item_id, []).append(JudgmentInfo(
-                id=row.id, annotator=row.annotator, none_fit=bool(row.none_fit), seconds=row.seconds,
-                created_at=row.created_at, client_token=row.client_token,
-                decisions=decisions.get(row.id, {}), updated_at=row.updated_at,
-                positions_shown=positions.get(row.id, {}),
-            ))
-    return [
-        JudgedItem(round_idx=r.round_idx, split=r.split, example_id=r.example_id, prompt=r.prompt,
-                   answer=r.answer, predicted_answer=r.predicted_answer, seed=r.seed, image_ref=r.image_ref,
-                   candidates=candidates.get(r.id, []), judgments=judgments.get(r.id, []))
-        for r in items
-    ]
-
-
 # -------------------------------------------------------------------- rows
 
 ImagesOf = Callable[[JudgedItem], list[Any]]
 """An item -> the value of its rows' `images` column."""
-
-_Key = tuple[str, str, str, str]  # (split, example_id, prompt, text): one rationale of one example
-
-
-def _key(item: JudgedItem, text: str) -> _Key:
-    return (item.split, item.example_id, item.prompt, text)
-
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat()
@@ -225,38 +78,6 @@ def _provenance(judgments: Iterable[JudgmentInfo]) -> dict[str, list[str]]:
     """Parallel `annotators` / `created_at` lists of distinct judgments, oldest first."""
     unique = sorted({j.id: j for j in judgments}.values(), key=lambda j: (j.created_at, j.id))
     return {"annotators": [j.annotator for j in unique], "created_at": [_iso(j.created_at) for j in unique]}
-
-
-class _Rationales:
-    """Verdicts and judgments of every rationale (example, prompt, text) over all its items."""
-
-    def __init__(self, items: list[JudgedItem], min_accepts: int) -> None:
-        if min_accepts < 1:
-            raise ExportError(f"min_accepts must be >= 1, got {min_accepts}")
-        self.min_accepts = min_accepts
-        self.order: dict[_Key, tuple[JudgedItem, CandidateInfo]] = {}  # first occurrence
-        self.first_accepted: dict[_Key, JudgedItem] = {}
-        self.verdicts: dict[_Key, set[str]] = {}
-        self.accepting: dict[_Key, list[JudgmentInfo]] = {}
-        self.rejecting: dict[_Key, list[JudgmentInfo]] = {}
-        for item in items:
-            for candidate in item.candidates:
-                verdict = item.verdict(candidate.id, min_accepts)
-                if verdict is None:
-                    continue
-                key = _key(item, candidate.text)
-                self.order.setdefault(key, (item, candidate))
-                self.verdicts.setdefault(key, set()).add(verdict)
-                self.accepting.setdefault(key, []).extend(item.accepting(candidate.id))
-                self.rejecting.setdefault(key, []).extend(item.rejecting(candidate.id))
-                if verdict == ACCEPTED:
-                    self.first_accepted.setdefault(key, item)
-
-    def status(self, key: _Key) -> str:
-        verdicts = self.verdicts[key]
-        if ACCEPTED in verdicts:
-            return ACCEPTED
-        return CONTESTED if CONTESTED in verdicts else REJECTED
 
 
 def _text(value: str, role: str, conversational: bool) -> Any:
@@ -273,79 +94,44 @@ def _meta(item: JudgedItem, images_of: ImagesOf | None) -> dict[str, Any]:
     return meta
 
 
-def sft_rows(
-    items: list[JudgedItem], min_accepts: int = 1, images_of: ImagesOf | None = None,
-    conversational: bool = False,
-) -> list[dict[str, Any]]:
-    """{prompt, completion}: one row per accepted rationale, in first-occurrence order (see module doc)."""
-    rationales = _Rationales(items, min_accepts)
-    rows = []
-    for key, (_, candidate) in rationales.order.items():
-        if rationales.status(key) != ACCEPTED:
-            continue
-        item = rationales.first_accepted[key]
-        rows.append({
-            "prompt": _text(item.prompt, "user", conversational),
-            "completion": _text(candidate.text, "assistant", conversational),
-            **_meta(item, images_of), **_provenance(rationales.accepting[key]),
-        })
-    return rows
+def sft_rows(feedback: Feedback, images_of: ImagesOf | None = None,
+             conversational: bool = False) -> list[dict[str, Any]]:
+    """{prompt, completion}: `Feedback.accepted`, the loop's selection-SFT targets (see the module doc)."""
+    return [{
+        "prompt": _text(row.item.prompt, "user", conversational),
+        "completion": _text(row.text, "assistant", conversational),
+        **_meta(row.item, images_of), **_provenance(row.judgments),
+    } for row in feedback.accepted()]
 
 
-def kto_rows(
-    items: list[JudgedItem], min_accepts: int = 1, images_of: ImagesOf | None = None,
-    conversational: bool = False,
-) -> list[dict[str, Any]]:
-    """{prompt, completion, label}: one row per judged rationale that is not contested (see module doc)."""
-    rationales = _Rationales(items, min_accepts)
-    rows = []
-    for key, (first_item, candidate) in rationales.order.items():
-        status = rationales.status(key)
-        if status == CONTESTED:
-            continue
-        label = status == ACCEPTED
-        item = rationales.first_accepted[key] if label else first_item
-        judgments = rationales.accepting[key] if label else rationales.rejecting[key]
-        rows.append({
-            "prompt": _text(item.prompt, "user", conversational),
-            "completion": _text(candidate.text, "assistant", conversational),
-            "label": label,
-            **_meta(item, images_of), **_provenance(judgments),
-        })
-    return rows
+def kto_rows(feedback: Feedback, images_of: ImagesOf | None = None,
+             conversational: bool = False) -> list[dict[str, Any]]:
+    """{prompt, completion, label}: `Feedback.labelled`, what `illume kto RUN_DIR` trains on."""
+    return [{
+        "prompt": _text(row.item.prompt, "user", conversational),
+        "completion": _text(row.text, "assistant", conversational),
+        "label": row.accepted,
+        **_meta(row.item, images_of), **_provenance(row.judgments),
+    } for row in feedback.labelled()]
 
 
-def dpo_rows(
-    items: list[JudgedItem], min_accepts: int = 1, images_of: ImagesOf | None = None,
-    conversational: bool = False,
-) -> list[dict[str, Any]]:
-    """{prompt, chosen, rejected}: every (accepted, rejected) candidate pair of one item, deduplicated.
+def dpo_rows(feedback: Feedback, images_of: ImagesOf | None = None,
+             conversational: bool = False) -> list[dict[str, Any]]:
+    """{prompt, chosen, rejected}: `Feedback.pairs` (no reference pairs), what `illume dpo RUN_DIR` trains on.
 
-    Pairs repeated in several rounds (same example, prompt and texts) are one row with the first round and
+    A pair repeated in several rounds (same example, prompt and texts) is one row with the first round and
     the judgments of all of them.
     """
-    rationales = _Rationales(items, min_accepts)
-    pairs: dict[tuple[_Key, str], tuple[JudgedItem, str, str, list[JudgmentInfo]]] = {}
-    for item in items:
-        chosen = [c for c in item.candidates if item.verdict(c.id, min_accepts) == ACCEPTED]
-        rejected = [c for c in item.candidates
-                    if item.verdict(c.id, min_accepts) == REJECTED
-                    and rationales.status(_key(item, c.text)) == REJECTED]
-        for good in chosen:
-            for bad in rejected:
-                key = (_key(item, good.text), bad.text)
-                if key not in pairs:
-                    pairs[key] = (item, good.text, bad.text, [])
-                pairs[key][3].extend(item.judgments)
-    return [
-        {
-            "prompt": _text(item.prompt, "user", conversational),
-            "chosen": _text(good, "assistant", conversational),
-            "rejected": _text(bad, "assistant", conversational),
-            **_meta(item, images_of), **_provenance(judgments),
-        }
-        for item, good, bad, judgments in pairs.values()
-    ]
+    rows = []
+    for pair in feedback.pairs():
+        assert pair.item is not None  # pairs from the store carry their item
+        rows.append({
+            "prompt": _text(pair.prompt, "user", conversational),
+            "chosen": _text(pair.chosen, "assistant", conversational),
+            "rejected": _text(pair.rejected, "assistant", conversational),
+            **_meta(pair.item, images_of), **_provenance(pair.judgments),
+        })
+    return rows
 
 
 def judgment_rows(items: list[JudgedItem], images_of: ImagesOf | None = None) -> list[dict[str, Any]]:
@@ -362,7 +148,8 @@ def judgment_rows(items: list[JudgedItem], images_of: ImagesOf | None = None) ->
             item_fields["images"] = images_of(item)
         for judgment in item.judgments:
             judgment_fields = {
-                "judgment_id": judgment.id, "annotator": judgment.annotator, "none_fit": judgment.none_fit,
+                "judgment_id": judgment.id, "annotator": judgment.annotator,
+                "annotator_kind": judgment.annotator_kind, "none_fit": judgment.none_fit,
                 "seconds": judgment.seconds, "created_at": _iso(judgment.created_at),
                 "updated_at": _iso(judgment.updated_at) if judgment.updated_at else None,
                 "client_token": judgment.client_token,
@@ -518,6 +305,20 @@ class ExportResult:
     num_rows: int
 
 
+def _run_aggregate(run_dir: Path) -> str:
+    """The run's `feedback.aggregate` from RUN_DIR/config.yaml, else the default."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return DEFAULT_AGGREGATE
+    from omegaconf import OmegaConf
+
+    try:
+        return str(OmegaConf.select(OmegaConf.load(config_path), "feedback.aggregate",
+                                    default=DEFAULT_AGGREGATE))
+    except Exception as error:  # a broken YAML file
+        raise ExportError(f"cannot read {config_path}: {error}") from error
+
+
 def store_for_run(run_dir: str | Path) -> FeedbackStore:
     """The run's feedback store: `store_url` of RUN_DIR/config.yaml if set, else RUN_DIR/feedback.db.
 
@@ -560,7 +361,7 @@ def export(
     round_idx: int | None = None,
     upto_round: int | None = None,
     split: str = "train",
-    min_accepts: int = 1,
+    aggregate: str | None = None,
     as_jsonl: bool = False,
     conversational: bool = False,
     images: bool = True,
@@ -576,7 +377,8 @@ def export(
         round_idx: Only this round's items.
         upto_round: Only items of rounds <= upto_round.
         split: The items' split ("train", "val", "test"), or "all".
-        min_accepts: How many judgments must accept a candidate in an item (see the module doc).
+        aggregate: How several annotators' judgments of an item combine (illume.feedback.verdicts); None: the
+            run's `feedback.aggregate` (config.yaml), so the export is what the run trained on.
         as_jsonl: Write sft/dpo/kto as JSONL (images as absolute paths) rather than a saved dataset.
         conversational: TRL's conversational format (messages) rather than plain text.
         images: Write the `images` column.
@@ -590,6 +392,9 @@ def export(
         raise ExportError(f"split must be one of {SPLIT_CHOICES}, got {split!r}")
     if round_idx is not None and upto_round is not None:
         raise ExportError("give either round_idx or upto_round, not both")
+    aggregate = aggregate or _run_aggregate(Path(run_dir))
+    if aggregate not in AGGREGATES:
+        raise ExportError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     run_dir = Path(run_dir)
     jsonl = as_jsonl or fmt == "jsonl"
     default = run_dir / "exports" / (f"{fmt}.jsonl" if jsonl else fmt)
@@ -600,7 +405,8 @@ def export(
         raise ExportError(f"{out} is a directory; the JSONL export needs a file path")
 
     with store_for_run(run_dir) as store:
-        items = read_feedback(store, None if split == "all" else split, round_idx, upto_round)
+        items = store.judged_items(None if split == "all" else split, round_idx=round_idx,
+                                   upto_round=upto_round)
         if not items:
             scope = ", ".join(filter(None, [
                 f"split {split}" if split != "all" else "",
@@ -616,7 +422,7 @@ def export(
         rows = judgment_rows(items, images_of)
     else:
         build = {"sft": sft_rows, "dpo": dpo_rows, "kto": kto_rows}[fmt]
-        rows = build(items, min_accepts, images_of, conversational)
+        rows = build(Feedback(items, aggregate), images_of, conversational)
     if not rows:
         raise ExportError({
             "sft": "no accepted rationale to export (no candidate was accepted by enough judgments)",

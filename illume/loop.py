@@ -1,4 +1,9 @@
-"""The ILLUME loop: sample -> critique -> store -> build the training set -> fine-tune -> evaluate, per round.
+"""The ILLUME loop: sample -> critique -> tune -> evaluate -> report, per round.
+
+Each step is behind an interface chosen by one dict: the critic by `illume.critic_registry.CRITICS`
+[critic.kind], the policy by `policies.registry.POLICIES[policy.kind]`; what was accepted is read by the
+rules of `illume.feedback.verdicts`; the backend is whatever `load_vlm` gives. This module asks none of them
+which kind it is.
 
 Assumptions, up front:
 - Everything that must survive a crash is in the feedback store (candidates, judgments) or in the round
@@ -26,14 +31,15 @@ from pathlib import Path
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from illume import distributed
 from illume.config import ConfigError, RunConfig, save_config
-from illume.critics import CRITICS
+from illume.critic_registry import CRITICS
+from illume.critics import CritiqueContext
 from illume.data.datasets import load_split
 from illume.evaluation import explanation_scores
-from illume.models.loading import load_vlm
+from illume.feedback.verdicts import AGGREGATES, PEOPLE, read_feedback
+from illume.loading import load_vlm
 from illume.models.weights import load_trainable_weights
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
@@ -43,7 +49,6 @@ from policies.base import RoundContext
 from policies.registry import POLICIES
 
 logger = logging.getLogger(__name__)
-CRITIQUE_CHUNK = 100
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")
 
 
@@ -81,8 +86,9 @@ def _write_json(path: Path, data) -> None:
 def results_table(results: list[dict]) -> Table:
     table = Table(title="ILLUME rounds (val scores x100)")
     # accepted %: train questions of the round with >= 1 accepted rationale; new / total: distinct accepted
-    # rationales new this round / in the training set; judgments: all judgments in the store so far, by people:
-    # those not made by the reward model (the simulated critic stands in for people).
+    # rationales new this round / in the training set (illume.feedback.verdicts); judgments: all judgments in
+    # the store so far; by people: those by annotators of kind person or simulated (the simulated critic stands
+    # in for people), not the reward model's or an AI judge's.
     for column in ("round", "accepted %", "new", "total", "judgments", "by people", "B-4", "METEOR", "ROUGE-L",
                    "CIDEr", "answer acc."):
         table.add_column(column, justify="right")
@@ -105,8 +111,10 @@ def run(cfg: RunConfig) -> list[dict]:
     distributed.init_if_launched()
     # Logs and pipes get 80 columns: too narrow. One process prints.
     console = Console(width=max(Console().width, 120), quiet=not distributed.is_main())
-    if cfg.policy.kind not in POLICIES:
-        raise ConfigError(f"policy.kind={cfg.policy.kind!r} is not a policy: one of {', '.join(POLICIES)}")
+    for key, value, choices in (("policy.kind", cfg.policy.kind, POLICIES), ("critic.kind", cfg.critic.kind, CRITICS),
+                                ("feedback.aggregate", cfg.feedback.aggregate, AGGREGATES)):
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
     changes = check_resumed_settings(cfg)
     distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
@@ -123,7 +131,7 @@ def run(cfg: RunConfig) -> list[dict]:
         store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
     vlm = load_vlm(cfg)
     train_by_id = {e.id: e for e in train}
-    critic = _make_critic(cfg)
+    critic = CRITICS[cfg.critic.kind](cfg)
     image_refs = save_images(run_dir, train)
 
     base_path = run_dir / "base_metrics.json"
@@ -173,59 +181,6 @@ def run(cfg: RunConfig) -> list[dict]:
     return results
 
 
-def _make_critic(cfg: RunConfig):
-    """The people of the run: the simulated critic standing in for them, a terminal prompt, or None for the
-    annotation page (the loop then waits on the store). Reward/hybrid runs add the reward model per round."""
-    people_kind = cfg.critic.people if cfg.critic.kind in ("reward", "hybrid") else cfg.critic.kind
-    if people_kind == "simulated":
-        return CRITICS["simulated"](cfg.critic)
-    if cfg.critic.ui == "terminal":
-        return CRITICS["terminal"](cfg.critic)
-    return None
-
-
-def _is_person(annotator: str) -> bool:
-    return not annotator.startswith("reward")
-
-
-def _fit_reward_critic(cfg: RunConfig, round_idx: int, store: FeedbackStore, train_by_id: dict, console: Console):
-    """The reward model for this round, fitted on every judgment people made in earlier rounds (reused from
-    the latest round that saw the same judgments), with its accept threshold calibrated on held-out examples."""
-    from reward.model import RewardModel
-    from reward.train import fit_reward_from_store
-
-    # Rank 0's count, so that every rank takes the same reuse-or-fit decision below.
-    num_people = distributed.broadcast_object(
-        sum(1 for j in _judgments(store) if _is_person(j[2]) and j[0] < round_idx))
-    reward_root = cfg.run_dir / "reward"
-    for earlier in range(round_idx, -1, -1):  # reuse a fit on exactly these judgments (also on resume)
-        info_path = reward_root / f"round_{earlier:02d}" / "reward_critic.json"
-        if info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people:
-            info = json.loads(info_path.read_text())
-            rm = RewardModel.load(info_path.parent, load_vlm(cfg))
-            break
-    else:
-        out_dir = reward_root / f"round_{round_idx:02d}"
-        console.print(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
-        rm, result = fit_reward_from_store(store, train_by_id, load_vlm(cfg), cfg.reward, out_dir,
-                                           upto_round=round_idx - 1, annotators=_is_person,
-                                           deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
-        report = result["eval"]
-        info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
-                "heldout_recall": report["recall"], "heldout_roc_auc": report["roc_auc"],
-                "heldout_pairwise_accuracy": report["pairwise_accuracy"], "num_people_judgments": num_people}
-        if distributed.is_main():
-            _write_json(out_dir / "reward_critic.json", info)
-    band = cfg.reward.hybrid_band if cfg.critic.kind == "hybrid" else None
-    critic = CRITICS["reward"](rm, info["threshold"], band, annotator=f"reward:{cfg.critic.kind}")
-    return critic, info
-
-
-def _judgments(store: FeedbackStore) -> set[tuple[int, str, str]]:
-    """(round, example id, annotator) of every judgment."""
-    return {(r["round_idx"], r["example_id"], r["annotator"]) for r in store.judgments_table()}
-
-
 def save_images(run_dir: Path, examples) -> dict[str, str]:
     """Image references the annotation page and exports can serve: in-memory images are written once (by
     rank 0) to run_dir/images/<id>.png (relative refs); file images keep their absolute path."""
@@ -242,85 +197,6 @@ def save_images(run_dir: Path, examples) -> dict[str, str]:
     return refs
 
 
-def _wait_for_people(cfg: RunConfig, store: FeedbackStore, round_idx: int, console: Console) -> bool:
-    """Block until every item of the round has its judgments (True), or return False when not waiting."""
-    wanted = cfg.annotate.annotations_per_item
-    progress = store.annotation_progress(round_idx, wanted)
-    if progress["complete_items"] == progress["items"]:
-        return True
-    console.print(f"round {round_idx}: {progress['items']} items wait for {wanted} judgment(s) each "
-                  f"({progress['counted_judgments']} of {progress['needed_judgments']} so far). "
-                  f"People judge them in the annotation page:\n    illume annotate {cfg.run_dir}")
-    if not cfg.critic.wait:
-        console.print("critic.wait=false: stopping here; run the same command again to continue")
-        return False
-    with tqdm(total=progress["needed_judgments"], initial=progress["counted_judgments"],
-              desc="waiting for judgments") as bar:
-        while progress["complete_items"] < progress["items"]:
-            time.sleep(cfg.critic.poll_seconds)
-            progress = store.annotation_progress(round_idx, wanted)
-            bar.update(progress["counted_judgments"] - bar.n)
-    return True
-
-
-def _reward_critique(cfg, round_idx, store, sets, train_by_id, console) -> dict:
-    """The reward model judges the round (kind=reward) or its confident items (kind=hybrid).
-
-    Every rank fits the reward model (together, through the Trainer) and reviews identically; rank 0 stores."""
-    rm_critic, info = _fit_reward_critic(cfg, round_idx, store, train_by_id, console)
-    # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
-    judged = distributed.broadcast_object({e for r, e, _ in _judgments(store) if r == round_idx})
-    todo = [cs for example_id, cs in sets.items() if example_id not in judged]
-    reviews = rm_critic.review(todo, train_by_id) if todo else []
-    if distributed.is_main():
-        store.add_judgments(round_idx, [
-            (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, None)
-            for r in reviews], rm_critic.annotator, "train")
-    distributed.barrier()  # the others read these judgments below
-    report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
-              "rm_heldout_recall": info["heldout_recall"], "rm_heldout_roc_auc": info["heldout_roc_auc"],
-              "rm_decided_items": sum(1 for r, _, a in _judgments(store) if r == round_idx and not _is_person(a))}
-    # Where the references are known (the demo), say how the reward model's decisions compare with the
-    # simulated critic's: the achieved precision and recall of its accepts.
-    decided = [cs for cs in todo if cs.example_id in {r.example_id for r in reviews}]
-    if decided and all(train_by_id[cs.example_id].explanations for cs in decided):
-        oracle = CRITICS["simulated"](cfg.critic).review(decided, train_by_id)
-        by_id = {r.example_id: r for r in reviews}
-        pairs = [(i in set(by_id[o.example_id].accepted), i in set(o.accepted))
-                 for o in oracle for i in range(len(sets[o.example_id].candidates))]
-        true_pos = sum(rm and ref for rm, ref in pairs)
-        report["rm_precision_vs_simulated"] = true_pos / max(1, sum(rm for rm, _ in pairs))
-        report["rm_recall_vs_simulated"] = true_pos / max(1, sum(ref for _, ref in pairs))
-    return report
-
-
-def _critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, run_dir, console) -> bool:
-    """Get this round's judgments into the store; False when the run should stop and wait for people."""
-    if critic is None:
-        return _wait_for_people(cfg, store, round_idx, console)
-    judged_by_rm = {e for r, e, a in _judgments(store) if r == round_idx and not _is_person(a)}
-    todo = [sets[example_id] for example_id in store.unjudged_items(round_idx, critic.annotator, "train")
-            if example_id not in judged_by_rm]
-    if isinstance(critic, CRITICS["terminal"]):
-        for cs in tqdm(todo, desc=f"critique ({critic.annotator})", unit="item", disable=not todo):
-            image = image_refs.get(cs.example_id)
-            if image and not Path(image).is_absolute():
-                image = str(run_dir / image)
-            review = critic.review_one(cs, train_by_id[cs.example_id], image)
-            # Stored one by one: a person's work is never lost to a crash or Ctrl-C.
-            store.add_judgment(round_idx, cs.example_id, critic.annotator,
-                               [cs.candidates[i].text for i in review.accepted], review.none_fit, review.seconds)
-        return True
-    # In chunks, each stored in its own transaction: a kill loses at most the chunk under way.
-    for start in tqdm(range(0, len(todo), CRITIQUE_CHUNK), desc=f"critique ({critic.annotator})", unit="chunk",
-                      disable=not todo):
-        reviews = critic.review(todo[start:start + CRITIQUE_CHUNK], train_by_id)
-        store.add_judgments(round_idx, [
-            (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, r.seconds)
-            for r in reviews], critic.annotator, "train")
-    return True
-
-
 def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
                image_refs) -> dict | None:
     start = time.perf_counter()
@@ -332,28 +208,24 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
             vlm, distributed.shard(train, cfg.sample.batch_size), cfg.sample, round_idx=round_idx,
             use_reference_answer=True, progress=distributed.is_main()))
         if distributed.is_main():
-            store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs)
+            store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs,
+                                     questions={e.id: e.question for e in train})
             store.mark_sampled(round_idx)
     distributed.barrier()  # the others read the candidates once rank 0 stored them
     sets = {cs.example_id: cs for cs in store.candidate_sets(round_idx, "train")}
-    # 2. Critique: the reward model (after its human rounds), then people for what is left.
-    reward_report = {}
-    if cfg.critic.kind in ("reward", "hybrid") and round_idx >= cfg.reward.human_rounds:
-        reward_report = _reward_critique(cfg, round_idx, store, sets, train_by_id, console)
-    # The critic (people or their simulation) works on rank 0; the others wait here for its outcome.
-    judged = (_critique(cfg, round_idx, store, critic, sets, train_by_id, image_refs, cfg.run_dir, console)
-              if distributed.is_main() else None)
-    if not distributed.broadcast_object(judged):
+    # 2. Critique (illume.critic_registry): people, their simulation or the reward model put the round's
+    #    judgments into the store. Rank 0's answer counts: people work there while the others wait.
+    context = CritiqueContext(cfg, store, round_idx, sets, train_by_id, image_refs, say=console.print)
+    if not distributed.broadcast_object(critic.review(context)):
         return None
-    counts = store.judgment_counts(round_idx)
-    accepted_before = {(e, t) for e, t, _ in store.accepted_rationales(round_idx - 1)} if round_idx else set()
-    accepted = [(e, t) for e, t, _ in store.accepted_rationales(round_idx)]
-    new = [pair for pair in accepted if pair not in accepted_before]
-    metrics = {"round": round_idx, "accepted_pct": 100 * counts["items_with_accepted"] / max(1, counts["items"]),
-               "new_rationales": len(new), "train_rationales": len(accepted),
-               "judgments": store.num_judgments(),
-               "human_judgments": sum(1 for *_, a in _judgments(store) if _is_person(a)),
-               "trained": False, "val": {}, **reward_report}
+    # What was accepted, by the rules of illume.feedback.verdicts: a rationale is new this round when it was
+    # first accepted in it.
+    accepted = read_feedback(store, upto_round=round_idx, aggregate=cfg.feedback.aggregate)
+    new = [row for row in accepted.accepted() if row.item.round_idx == round_idx]
+    metrics = {"round": round_idx, "accepted_pct": 100 * accepted.items_with_accepted(round_idx) / max(1, len(sets)),
+               "new_rationales": len(new), "train_rationales": len(accepted.accepted()),
+               "judgments": store.num_judgments(), "human_judgments": store.num_judgments(kinds=PEOPLE),
+               "trained": False, "val": {}, **context.report}
     if not new and cfg.loop.stop_when_nothing_new:
         return metrics
     # 3. Tune with the configured policy (policies.registry: selection-SFT, DPO, KTO); each keeps its best

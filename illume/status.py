@@ -1,4 +1,4 @@
-"""`illume status RUN_DIR`: progress per round, work per person, and agreement between people."""
+"""`illume status RUN_DIR`: progress per round, work per annotator (and its kind), and agreement between people."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from rich.console import Console
 from rich.table import Table
 
+from illume.feedback.verdicts import DEFAULT_AGGREGATE, read_feedback
 from illume.store import FeedbackStore
 
 
@@ -41,37 +42,46 @@ def krippendorff_alpha_nominal(units: Iterable[list[int]]) -> float | None:
     return 1 - observed / expected
 
 
-def summarize(store: FeedbackStore) -> dict:
-    """Per-round and per-person figures, and accept-decision agreement per round (where items overlap)."""
-    rows = store.judgments_table()
+def summarize(store: FeedbackStore, aggregate: str = DEFAULT_AGGREGATE) -> dict:
+    """Per-round and per-annotator figures, and accept-decision agreement per round (where items overlap).
+
+    Accepted candidates are counted by the rules of illume.feedback.verdicts (`aggregate` for items with
+    several annotators), the same the loop trains on; each annotator's latest judgment of an item counts.
+    """
+    feedback = read_feedback(store, split="train", aggregate=aggregate)
     rounds = {}
     for round_idx in store.rounds():
-        counts = store.judgment_counts(round_idx)
-        decisions: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for row in rows:
-            if row["round_idx"] == round_idx:
-                decisions[row["example_id"], row["candidate_id"]].append(int(row["accepted"]))
-        overlap = any(len(values) > 1 for values in decisions.values())
-        rounds[round_idx] = {**counts, "status": store.round_status(round_idx),
-                             "alpha": krippendorff_alpha_nominal(decisions.values()) if overlap else None}
-    people: dict[str, dict] = defaultdict(lambda: {"judgments": set(), "seconds": {}})
-    for row in rows:
-        person = people[row["annotator"]]
-        key = (row["round_idx"], row["example_id"])
-        person["judgments"].add(key)
-        if row["seconds"] is not None:
-            person["seconds"][key] = row["seconds"]
+        decisions: list[list[int]] = []
+        for item in feedback.items:
+            if item.round_idx == round_idx:
+                for candidate in item.candidates:
+                    decisions.append([int(j.decisions[candidate.id]) for j in item.judgments
+                                      if candidate.id in j.decisions])
+        overlap = any(len(values) > 1 for values in decisions)
+        rounds[round_idx] = {**store.round_counts(round_idx, "train"),
+                             "items_with_accepted": feedback.items_with_accepted(round_idx),
+                             "status": store.round_status(round_idx),
+                             "alpha": krippendorff_alpha_nominal(decisions) if overlap else None}
+    people: dict[str, dict] = defaultdict(lambda: {"kind": None, "judgments": 0, "seconds": []})
+    for item in feedback.items:
+        for judgment in item.judgments:
+            person = people[judgment.annotator]
+            person["kind"] = judgment.annotator_kind
+            person["judgments"] += 1
+            if judgment.seconds is not None:
+                person["seconds"].append(judgment.seconds)
     per_person = {
-        name: {"judgments": len(p["judgments"]), "total_seconds": sum(p["seconds"].values()),
-               "median_seconds": statistics.median(p["seconds"].values()) if p["seconds"] else None}
+        name: {"kind": p["kind"], "judgments": p["judgments"], "total_seconds": sum(p["seconds"]),
+               "median_seconds": statistics.median(p["seconds"]) if p["seconds"] else None}
         for name, p in people.items()
     }
     return {"rounds": rounds, "people": per_person}
 
 
-def print_status(store: FeedbackStore, console: Console | None = None) -> dict:
+def print_status(store: FeedbackStore, console: Console | None = None,
+                 aggregate: str = DEFAULT_AGGREGATE) -> dict:
     console = console or Console(width=max(Console().width, 100))
-    summary = summarize(store)
+    summary = summarize(store, aggregate)
     table = Table(title="Rounds")
     for column in ("round", "items", "judged", "judgments", "with accepted", "sampled", "trained", "alpha"):
         table.add_column(column, justify="right")
@@ -82,12 +92,12 @@ def print_status(store: FeedbackStore, console: Console | None = None) -> dict:
                       "yes" if r["status"]["trained_at"] or r["status"]["metrics"] else "no", alpha)
     console.print(table)
     people = Table(title="People (and critics)")
-    for column in ("annotator", "judgments", "median s / item", "total time"):
+    for column in ("annotator", "kind", "judgments", "median s / item", "total time"):
         people.add_column(column, justify="right")
     for name, p in sorted(summary["people"].items()):
         median = "-" if p["median_seconds"] is None else f"{p['median_seconds']:.1f}"
         total = f"{p['total_seconds'] / 60:.1f} min" if p["total_seconds"] else "-"
-        people.add_row(name, str(p["judgments"]), median, total)
+        people.add_row(name, p["kind"], str(p["judgments"]), median, total)
     console.print(people)
     console.print("alpha: Krippendorff's alpha of accept decisions on items judged by several people")
     return summary

@@ -1,8 +1,9 @@
 """The feedback store: every sampled candidate and every judgment of a run, in a real database.
 
 It is the single source of truth of an ILLUME run: a resumed run re-reads what was sampled
-(`candidate_sets`), which items still wait for a critic (`unjudged_items`) and what was accepted
-(`accepted_rationales`); reward-model pairs, DPO pairs and exports read it too.
+(`candidate_sets`), which items still wait for a critic (`unjudged_items`) and every judgment
+(`judged_items`, from which `illume.feedback.verdicts` decides what was accepted); reward-model pairs, DPO
+pairs and exports read it too.
 
 Assumptions, up front:
 - One SQLAlchemy URL; a plain path means a SQLite file (the run directory's `feedback.db`). Any other URL
@@ -17,23 +18,36 @@ Assumptions, up front:
 - A `FeedbackStore` may be shared across threads (each call opens its own session).
 
 Tables: `rounds` (one per round: when sampled/trained, val metrics), `items` (one per (round, example,
-split): the prompt and answer the candidates continue), `candidates` (distinct rationales of an item, in
-the order drawn), `judgments` (one per annotator per item), `decisions` (one per candidate shown in a
-judgment: accepted or not, and where the page showed it) and `leases` (items the annotation page handed
-to a person and holds for them until their judgment or a timeout).
+split): the question, the prompt and answer the candidates continue), `candidates` (distinct rationales of
+an item, in the order drawn), `annotators` (every name that judged, with its kind: person, simulated, reward
+or judge; `illume.data.records.ANNOTATOR_KINDS`), `judgments` (one per annotator per item: the current
+version), `judgment_revisions` (the earlier versions of revised judgments), `decisions` (one per candidate
+shown in a judgment: accepted or not, and where the page showed it) and `leases` (items the annotation page
+handed to a person and holds for them until their judgment or a timeout).
 
-Columns added after the first release (`judgments.updated_at`, `decisions.position_shown`) are added to an
-older database when it is opened (ALTER TABLE ... ADD COLUMN, nullable), so old run directories still open.
+An annotator's kind is data: the first judgment by a name registers (name, kind) in the same transaction and
+a later write under that name with another kind is refused. Whether a judgment counts as people's is read
+from the kind, never from the name.
+
+Public reads for every consumer (trainers, reward model, exports, status): `judged_items` (items with their
+candidates and judgments), `num_judgments`, `annotator_kinds`, `judgment_history`, `judgments_table`. The
+annotation page's hand-out protocol (leases, submissions, revisions, progress) is
+`illume.feedback.queue.AnnotationQueue`, over this store's tables.
+
+Older databases open: columns added after the first release (`judgments.updated_at`,
+`decisions.position_shown`, `items.question`) are added when the store is opened (ALTER TABLE ... ADD
+COLUMN, nullable), new tables are created, and the names of a database written before `annotators` existed
+are registered once, with the kind the old code implied from the name (`_register_older_annotators`).
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from numbers import Integral
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -49,7 +63,6 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     create_engine,
-    delete,
     event,
     func,
     insert,
@@ -61,7 +74,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from illume.data.records import Candidate, CandidateSet
+from illume.data.records import ANNOTATOR_KINDS, Candidate, CandidateSet
 
 SPLITS = ("train", "val", "test")
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -130,6 +143,9 @@ class ItemRow(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     image_ref: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(_UTCDateTime(), default=_now)
+    question: Mapped[str | None] = mapped_column(Text)
+    """The example's question as asked (what the annotation page shows); None in stores written before it
+    was kept, or when the caller did not pass it."""
 
     candidates: Mapped[list[CandidateRow]] = relationship(order_by="CandidateRow.position")
 
@@ -200,35 +216,114 @@ class LeaseRow(Base):
     created_at: Mapped[datetime] = mapped_column(_UTCDateTime(), default=_now)
 
 
-_ADDED_COLUMNS = {"judgments": ("updated_at",), "decisions": ("position_shown",)}
+class AnnotatorRow(Base):
+    """Who judges and what it is (`illume.data.records.ANNOTATOR_KINDS`); registered by its first judgment."""
+
+    __tablename__ = "annotators"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """As in `judgments.annotator`."""
+    kind: Mapped[str] = mapped_column(String(16))
+    """person, simulated, reward or judge; never changes."""
+    created_at: Mapped[datetime] = mapped_column(_UTCDateTime(), default=_now)
+
+
+class JudgmentRevisionRow(Base):
+    """An earlier version of a judgment, copied here when the annotator revised it (`replace_judgment`).
+
+    The `judgments` row always holds the current version; readers see only that one.
+    """
+
+    __tablename__ = "judgment_revisions"
+
+    id: Mapped[int] = mapped_column(_Id, primary_key=True)
+    judgment_id: Mapped[int] = mapped_column(ForeignKey("judgments.id"), index=True)
+    none_fit: Mapped[bool] = mapped_column(Boolean)
+    accepted: Mapped[list[int]] = mapped_column(JSON)
+    """Ids of the candidates this version accepted, ascending."""
+    seconds: Mapped[float | None] = mapped_column(Float)
+    """Time spent on the item up to this version."""
+    judged_at: Mapped[datetime] = mapped_column(_UTCDateTime())
+    """When this version was written (the judgment's `updated_at`, or its `created_at` for the first)."""
+    revised_at: Mapped[datetime] = mapped_column(_UTCDateTime())
+    """When it was replaced by the next version."""
+
+
+_ADDED_COLUMNS = {"judgments": ("updated_at",), "decisions": ("position_shown",), "items": ("question",)}
 """Columns added after the first release: `FeedbackStore` adds them to an older database."""
-
-
-class AcceptedRationale(NamedTuple):
-    """A rationale accepted for an example, and the round it was sampled in."""
-
-    example_id: str
-    text: str
-    round_idx: int
 
 
 JudgmentInput = tuple[str, Sequence[int | str], bool, float | None]
 """(example_id, accepted candidate ids or texts, none_fit, seconds) for `FeedbackStore.add_judgments`."""
 
 
-class Lease(NamedTuple):
-    """An item held for one annotator (`FeedbackStore.lease_item`)."""
+# -------------------------------------------------------------------- what `judged_items` reads
 
-    item_id: int
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """One candidate of a judged item."""
+
+    id: int
+    text: str
+    temperature: float
+    seed: int
+    sample_idx: int
+    logprob: float
+    position: int
+    """Order drawn among the item's distinct candidates (0..)."""
+
+
+@dataclass(frozen=True)
+class JudgmentInfo:
+    """One annotator's (current) judgment of an item."""
+
+    id: int
     annotator: str
-    expires_at: datetime
-    shown_order: list[int]
-    """The item's candidate ids in the order to show them."""
+    annotator_kind: str
+    """The annotator's kind (`illume.data.records.ANNOTATOR_KINDS`), as registered in the store."""
+    none_fit: bool
+    seconds: float | None
+    created_at: datetime
+    client_token: str | None
+    decisions: dict[int, bool] = field(hash=False, compare=False)
+    """Candidate id -> accepted, for every candidate shown."""
+    updated_at: datetime | None = None
+    """When the annotator last revised the judgment; None if never (or not recorded)."""
+    positions_shown: dict[int, int | None] = field(default_factory=dict, hash=False, compare=False)
+    """Candidate id -> its place in the (shuffled) list the annotator saw, when recorded."""
 
 
-class JudgmentConflict(Exception):
-    """A valid judgment that cannot be stored: the item has all its judgments, or a client token was used
-    for another item or annotator. The message says which."""
+@dataclass
+class JudgedItem:
+    """One example in one round and split, with its candidates and every (current) judgment of it.
+
+    What was accepted overall (several annotators, several rounds) is decided by `illume.feedback.verdicts`,
+    not here: this is only what the store holds.
+    """
+
+    round_idx: int
+    split: str
+    example_id: str
+    prompt: str
+    answer: str
+    predicted_answer: str
+    seed: int
+    image_ref: str | None
+    candidates: list[CandidateInfo]
+    """In drawn order."""
+    judgments: list[JudgmentInfo]
+    """In the order stored (judgment id)."""
+    question: str | None = None
+    """The question as asked; None for items stored without it (older stores)."""
+
+    def accepting(self, candidate_id: int) -> list[JudgmentInfo]:
+        """The judgments that accepted the candidate."""
+        return [j for j in self.judgments if j.decisions.get(candidate_id) is True]
+
+    def rejecting(self, candidate_id: int) -> list[JudgmentInfo]:
+        """The judgments that were shown the candidate and did not accept it."""
+        return [j for j in self.judgments if j.decisions.get(candidate_id) is False]
 
 
 class FeedbackStore:
@@ -248,6 +343,7 @@ class FeedbackStore:
         with write_engine.begin() as connection:  # under the write lock: concurrent openers don't race
             Base.metadata.create_all(connection)
             _add_missing_columns(connection)
+            _register_older_annotators(connection)
 
     @property
     def url(self) -> str:
@@ -330,6 +426,7 @@ class FeedbackStore:
         split: str,
         candidate_sets: Iterable[CandidateSet],
         image_refs: Mapping[str, str] | None = None,
+        questions: Mapping[str, str] | None = None,
     ) -> int:
         """Store the items and candidates of a round in one transaction.
 
@@ -341,12 +438,15 @@ class FeedbackStore:
             split: "train", "val" or "test".
             candidate_sets: The sampler's output.
             image_refs: Optional example id -> image path (or URL) for the annotation page.
+            questions: Optional example id -> the question as asked (the annotation page shows it, and
+                readers get it as `question`); an example missing here is stored without one.
 
         Returns:
             How many items were added.
         """
         _check_split(split)
         image_refs = image_refs or {}
+        questions = questions or {}
         with self._write.begin() as session:
             _get_or_add_round(session, round_idx)
             seen = set(session.scalars(
@@ -362,7 +462,7 @@ class FeedbackStore:
             item_ids = session.scalars(insert(ItemRow).returning(ItemRow.id, sort_by_parameter_order=True), [
                 {"round_idx": round_idx, "example_id": s.example_id, "split": split, "prompt": s.prompt,
                  "answer": s.answer, "predicted_answer": s.predicted_answer, "seed": s.seed,
-                 "image_ref": image_refs.get(s.example_id)}
+                 "image_ref": image_refs.get(s.example_id), "question": questions.get(s.example_id)}
                 for s in new_sets
             ]).all()
             candidate_rows = []
@@ -444,6 +544,8 @@ class FeedbackStore:
         seconds: float | None = None,
         split: str = "train",
         client_token: str | None = None,
+        *,
+        kind: str = "person",
     ) -> bool:
         """Store one annotator's judgment of one item, with a decision for every candidate of the item.
 
@@ -456,18 +558,21 @@ class FeedbackStore:
             seconds: Time spent on the item, when known.
             split: The item's split.
             client_token: A client's id for this submission; a second submission with it is refused.
+            kind: What the annotator is (`ANNOTATOR_KINDS`); the annotator's first judgment registers it.
 
         Returns:
             True if stored; False (nothing written) if `annotator` already judged the item or
             `client_token` was used before.
 
         Raises:
-            ValueError: Unknown item, a candidate that is not the item's, or `none_fit` with accepts.
+            ValueError: Unknown item, a candidate that is not the item's, `none_fit` with accepts, an
+                unknown `kind`, or a `kind` other than the one the annotator is registered with.
         """
         row = (example_id, accepted, none_fit, seconds)
         try:
             with self._write.begin() as session:
-                return _insert_judgments(session, round_idx, split, annotator, [row], [client_token]) == 1
+                stored = _insert_judgments(session, round_idx, split, annotator, [row], [client_token], kind)
+                return stored == 1
         except IntegrityError:
             # Another writer stored the same (item, annotator) or token between our check and our
             # insert (possible off SQLite, where writes are not serialised at BEGIN).
@@ -476,7 +581,8 @@ class FeedbackStore:
             raise
 
     def add_judgments(
-        self, round_idx: int, judgments: Iterable[JudgmentInput], annotator: str, split: str = "train"
+        self, round_idx: int, judgments: Iterable[JudgmentInput], annotator: str, split: str = "train",
+        *, kind: str = "person",
     ) -> int:
         """Store many judgments by one annotator in one transaction (the simulated and reward critics).
 
@@ -489,6 +595,8 @@ class FeedbackStore:
             judgments: (example_id, accepted candidate ids or texts, none_fit, seconds) rows.
             annotator: Who judged.
             split: The items' split.
+            kind: What the annotator is (`ANNOTATOR_KINDS`): "simulated" for the simulated critic,
+                "reward" for the reward model, ...
 
         Returns:
             How many judgments were stored.
@@ -498,7 +606,7 @@ class FeedbackStore:
         """
         rows = list(judgments)
         with self._write.begin() as session:
-            return _insert_judgments(session, round_idx, split, annotator, rows, [None] * len(rows))
+            return _insert_judgments(session, round_idx, split, annotator, rows, [None] * len(rows), kind)
 
     def _is_duplicate(
         self, round_idx: int, split: str, example_id: str, annotator: str, client_token: str | None
@@ -515,451 +623,203 @@ class FeedbackStore:
             )
             return bool(by_annotator or by_token)
 
-    # ---------------------------------------------------------------- the annotation page
-
-    def item(self, item_id: int) -> dict[str, Any] | None:
-        """One item as the annotation page shows it, or None if no item has this id.
-
-        Returns:
-            `item_id`, `round_idx`, `split`, `example_id`, `prompt`, `answer`, `image_ref` and `candidates`
-            ((candidate id, text) pairs in drawn order).
-        """
-        if not _is_row_id(item_id):
-            return None
-        with self._read() as session:
-            row = session.execute(
-                select(ItemRow.round_idx, ItemRow.split, ItemRow.example_id, ItemRow.prompt, ItemRow.answer,
-                       ItemRow.image_ref).where(ItemRow.id == item_id)
-            ).first()
-            if row is None:
-                return None
-            candidates = session.execute(
-                select(CandidateRow.id, CandidateRow.text).where(CandidateRow.item_id == item_id)
-                .order_by(CandidateRow.position)
-            ).all()
-        return {"item_id": item_id, **row._asdict(), "candidates": [tuple(c) for c in candidates]}
-
-    def open_round(self, annotations_per_item: int, split: str = "train") -> int | None:
-        """The round people should judge now: the latest one with an item that has fewer than
-        `annotations_per_item` judgments; else the latest round with items (all judged); None if no items."""
-        with self._read() as session:
-            rounds = list(session.scalars(
-                select(ItemRow.round_idx).where(ItemRow.split == split).distinct()
-                .order_by(ItemRow.round_idx.desc())
-            ))
-            for round_idx in rounds:
-                if session.scalar(select(ItemRow.id).where(
-                    ItemRow.round_idx == round_idx, ItemRow.split == split,
-                    _num_judgments() < annotations_per_item,
-                ).limit(1)) is not None:
-                    return round_idx
-        return rounds[0] if rounds else None
-
-    def lease_item(
-        self,
-        round_idx: int,
-        annotator: str,
-        annotations_per_item: int,
-        lease_seconds: float,
-        split: str = "train",
-        now: datetime | None = None,
-        rng: random.Random | None = None,
-    ) -> Lease | None:
-        """Hand `annotator` the next item of the round that still needs judgments, and hold it for them.
-
-        One transaction: the annotator's own live lease (a reloaded page) comes back renewed with the same
-        order; otherwise the first item (in the order added) that this annotator has not judged and whose
-        judgments plus live leases are fewer than `annotations_per_item` is leased to them until
-        now + `lease_seconds`, its candidates shuffled. Expired leases of the round are dropped (their slots
-        went back to the pool when they expired).
-
-        Args:
-            round_idx: The round to hand out.
-            annotator: Who asks.
-            annotations_per_item: Judgments wanted per item, each by a different annotator.
-            lease_seconds: How long the item is held for the annotator.
-            split: The items' split.
-            now: The current time (tests); default: the clock.
-            rng: Shuffles the candidates; default: the system's random source.
-
-        Returns:
-            The lease, or None when no item is free for this annotator now.
-        """
-        _check_annotator(annotator)
-        now = now or _now()
-        expires_at = now + timedelta(seconds=lease_seconds)
-        in_round = (ItemRow.round_idx == round_idx, ItemRow.split == split)
-        judged_by_me = select(JudgmentRow.id).where(
-            JudgmentRow.item_id == ItemRow.id, JudgmentRow.annotator == annotator
-        ).exists()
-        with self._write.begin() as session:
-            own = session.scalars(
-                select(LeaseRow).join(ItemRow, ItemRow.id == LeaseRow.item_id)
-                .where(*in_round, LeaseRow.annotator == annotator, LeaseRow.expires_at > now, ~judged_by_me,
-                       _num_judgments() < annotations_per_item)
-                .order_by(LeaseRow.created_at, LeaseRow.item_id).limit(1)
-            ).first()
-            if own is not None:
-                own.expires_at = expires_at
-                return Lease(own.item_id, annotator, expires_at, list(own.shown_order or []))
-            session.execute(delete(LeaseRow).where(
-                LeaseRow.expires_at <= now, LeaseRow.item_id.in_(select(ItemRow.id).where(*in_round))
-            ))
-            live_leases = (
-                select(func.count()).select_from(LeaseRow)
-                .where(LeaseRow.item_id == ItemRow.id, LeaseRow.expires_at > now).scalar_subquery()
-            )
-            free = session.scalars(
-                select(ItemRow.id).where(*in_round, ~judged_by_me,
-                                         _num_judgments() + live_leases < annotations_per_item)
-                .order_by(ItemRow.id).limit(_LEASE_TRIES)
-            ).all()
-            for item_id in free:
-                # On SQLite this transaction holds the write lock since BEGIN, so the first is free. Other
-                # databases don't serialise writers: lock the item's row, then count again.
-                session.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update())
-                if _slots_taken(session, item_id, annotator, now) >= annotations_per_item:
-                    continue
-                order = _candidate_ids(session, item_id)
-                (rng or _SYSTEM_RANDOM).shuffle(order)
-                session.execute(delete(LeaseRow).where(LeaseRow.item_id == item_id,
-                                                       LeaseRow.annotator == annotator))
-                session.add(LeaseRow(item_id=item_id, annotator=annotator, expires_at=expires_at,
-                                     shown_order=order, created_at=now))
-                return Lease(item_id, annotator, expires_at, order)
-        return None
-
-    def renew_lease(
-        self,
-        item_id: int,
-        annotator: str,
-        annotations_per_item: int,
-        lease_seconds: float,
-        now: datetime | None = None,
-    ) -> Lease | None:
-        """Extend `annotator`'s hold on an item their page still shows (a heartbeat).
-
-        A lease that expired is taken again if the item still has a free slot for them.
-
-        Returns:
-            The renewed lease, or None: unknown item, already judged by them, or its slots are taken.
-        """
-        _check_annotator(annotator)
-        now = now or _now()
-        if not _is_row_id(item_id):
-            return None
-        with self._write.begin() as session:
-            session.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update())
-            row = session.get(LeaseRow, (item_id, annotator))
-            if row is None or row.expires_at <= now:
-                exists = session.scalar(select(ItemRow.id).where(ItemRow.id == item_id))
-                judged = session.scalar(select(JudgmentRow.id).where(
-                    JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator))
-                if exists is None or judged is not None or (
-                        _slots_taken(session, item_id, annotator, now) >= annotations_per_item):
-                    return None
-                if row is None:
-                    order = _candidate_ids(session, item_id)
-                    _SYSTEM_RANDOM.shuffle(order)
-                    row = LeaseRow(item_id=item_id, annotator=annotator, shown_order=order, created_at=now)
-                    session.add(row)
-            row.expires_at = now + timedelta(seconds=lease_seconds)
-            return Lease(item_id, annotator, row.expires_at, list(row.shown_order or []))
-
-    def submit_judgment(
-        self,
-        item_id: int,
-        annotator: str,
-        accepted: Sequence[int],
-        none_fit: bool = False,
-        seconds: float | None = None,
-        client_token: str | None = None,
-        shown_order: Sequence[int] | None = None,
-        annotations_per_item: int | None = None,
-        now: datetime | None = None,
-    ) -> bool:
-        """Store a judgment from the annotation page in one transaction, and release the annotator's lease.
-
-        Like `add_judgment`, but the item and the accepted candidates are given by id, the order the page
-        showed the candidates is recorded (`decisions.position_shown`; default: the lease's order), and
-        with `annotations_per_item` the item never gets more judgments than that: a judgment is taken while
-        the annotator's lease is live, or without one while a slot is free.
-
-        Args:
-            item_id: The item (`lease_item`'s `item_id`).
-            annotator: Who judged.
-            accepted: Ids of the accepted candidates; the item's other candidates are rejected.
-            none_fit: The explicit "none of them fits" (then `accepted` must be empty).
-            seconds: Time spent on the item.
-            client_token: The page's id for this submission: a repeat is not stored twice.
-            shown_order: The item's candidate ids in the order shown (a permutation of them).
-            annotations_per_item: The most judgments the item may get (None: no limit).
-            now: The current time (tests); default: the clock.
-
-        Returns:
-            True if stored; False (nothing written) for a repeat: the same `client_token` from the same
-            annotator on the same item, or an item this annotator already judged.
-
-        Raises:
-            KeyError: No item has this id.
-            ValueError: Empty annotator, a candidate not of this item, `none_fit` with accepts, or a
-                `shown_order` that is not a permutation of the item's candidates.
-            JudgmentConflict: The item already has `annotations_per_item` judgments (or live leases of
-                others), or `client_token` was used for another item or annotator.
-        """
-        _check_annotator(annotator)
-        now = now or _now()
-        try:
-            with self._write.begin() as session:
-                candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
-                if client_token is not None:
-                    used = session.execute(select(JudgmentRow.item_id, JudgmentRow.annotator)
-                                           .where(JudgmentRow.client_token == client_token)).first()
-                    if used is not None:
-                        if tuple(used) == (item_id, annotator):
-                            return False
-                        raise JudgmentConflict(
-                            f"client_token {client_token!r} was used for another submission")
-                if session.scalar(select(JudgmentRow.id).where(
-                        JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)) is not None:
-                    return False
-                lease = session.get(LeaseRow, (item_id, annotator))
-                if annotations_per_item is not None:
-                    session.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update())
-                    num_judgments = session.scalar(
-                        select(func.count()).select_from(JudgmentRow).where(JudgmentRow.item_id == item_id))
-                    holds_slot = lease is not None and lease.expires_at > now
-                    if num_judgments >= annotations_per_item or (not holds_slot and _slots_taken(
-                            session, item_id, annotator, now) >= annotations_per_item):
-                        raise JudgmentConflict(
-                            f"item {item_id} already has its {annotations_per_item} judgment(s) or is held "
-                            "by other annotators (your hold on it expired)")
-                if shown_order is None and lease is not None and lease.shown_order:
-                    shown_order = lease.shown_order
-                judgment_id = session.scalar(insert(JudgmentRow).returning(JudgmentRow.id).values(
-                    item_id=item_id, annotator=annotator, none_fit=bool(none_fit), seconds=seconds,
-                    client_token=client_token, created_at=now,
-                ))
-                _insert_decisions(session, judgment_id, candidate_ids, set(accepted), shown_order)
-                if lease is not None:
-                    session.delete(lease)
-                return True
-        except IntegrityError:
-            # Another writer stored the same (item, annotator) or token between our check and our insert
-            # (possible off SQLite, where writes are not serialised at BEGIN).
-            with self._read() as session:
-                if session.scalar(select(JudgmentRow.id).where(
-                        JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)) is not None:
-                    return False
-            raise
-
-    def replace_judgment(
-        self,
-        item_id: int,
-        annotator: str,
-        accepted: Sequence[int],
-        none_fit: bool = False,
-        seconds: float | None = None,
-        client_token: str | None = None,
-        shown_order: Sequence[int] | None = None,
-        now: datetime | None = None,
-    ) -> bool:
-        """Replace `annotator`'s own judgment of an item (they went back to change it), in one transaction.
-
-        The judgment keeps its id and `created_at`; its decisions are replaced by exactly the new ones,
-        `updated_at` is set, and `seconds` (the time spent revising) is added to the time already recorded.
-        The shown order is the new one if given, else the one recorded before.
-
-        Returns:
-            True if replaced; False (nothing written) for a repeated request (`client_token` equal to the
-            judgment's current token).
-
-        Raises:
-            KeyError: No item has this id, or `annotator` has not judged it.
-            ValueError, JudgmentConflict: As in `submit_judgment`.
-        """
-        _check_annotator(annotator)
-        now = now or _now()
-        with self._write.begin() as session:
-            candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
-            row = session.scalars(select(JudgmentRow).where(
-                JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)).first()
-            if row is None:
-                raise KeyError(f"{annotator!r} has not judged item {item_id}; nothing to replace")
-            if client_token is not None:
-                if row.client_token == client_token:
-                    return False
-                if session.scalar(select(JudgmentRow.id).where(JudgmentRow.client_token == client_token)):
-                    raise JudgmentConflict(f"client_token {client_token!r} was used for another submission")
-                row.client_token = client_token
-            if shown_order is None:
-                shown = dict(session.execute(
-                    select(DecisionRow.candidate_id, DecisionRow.position_shown)
-                    .where(DecisionRow.judgment_id == row.id, DecisionRow.position_shown.is_not(None))
-                ).all())
-                if set(shown) == set(candidate_ids):
-                    shown_order = sorted(shown, key=shown.__getitem__)
-            row.none_fit = bool(none_fit)
-            if seconds is not None:
-                row.seconds = (row.seconds or 0.0) + seconds
-            row.updated_at = now
-            session.execute(delete(DecisionRow).where(DecisionRow.judgment_id == row.id))
-            _insert_decisions(session, row.id, candidate_ids, set(accepted), shown_order)
-            return True
-
-    def judgments_by(self, round_idx: int, annotator: str, split: str = "train") -> list[dict[str, Any]]:
-        """`annotator`'s judgments of the round's items, newest first (the page's "go back").
-
-        Returns:
-            Dicts with `judgment_id`, `item_id`, `accepted` (candidate ids), `none_fit`, `seconds`,
-            `created_at`, `updated_at` and `shown_order` (candidate ids in the order shown; None if not
-            recorded).
-        """
-        mine = (ItemRow.round_idx == round_idx, ItemRow.split == split, JudgmentRow.annotator == annotator)
-        with self._read() as session:
-            judgments = session.execute(
-                select(JudgmentRow.id, JudgmentRow.item_id, JudgmentRow.none_fit, JudgmentRow.seconds,
-                       JudgmentRow.created_at, JudgmentRow.updated_at)
-                .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
-                .where(*mine)
-                .order_by(JudgmentRow.id.desc())
-            ).all()
-            decisions: dict[int, list[tuple[int, bool, int | None]]] = {}
-            for judgment_id, candidate_id, accepted, position in session.execute(
-                select(DecisionRow.judgment_id, DecisionRow.candidate_id, DecisionRow.accepted,
-                       DecisionRow.position_shown)
-                .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id)
-                .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
-                .where(*mine)
-                .order_by(DecisionRow.candidate_id)
-            ):
-                decisions.setdefault(judgment_id, []).append((candidate_id, accepted, position))
-        rows = []
-        for judgment_id, item_id, none_fit, seconds, created_at, updated_at in judgments:
-            mine = decisions.get(judgment_id, [])
-            shown = None
-            if mine and all(position is not None for _, _, position in mine):
-                shown = [candidate_id for candidate_id, _, _ in sorted(mine, key=lambda d: d[2])]
-            rows.append({
-                "judgment_id": judgment_id, "item_id": item_id,
-                "accepted": [candidate_id for candidate_id, accepted, _ in mine if accepted],
-                "none_fit": none_fit, "seconds": seconds, "created_at": created_at, "updated_at": updated_at,
-                "shown_order": shown,
-            })
-        return rows
-
-    def annotation_progress(
-        self, round_idx: int, annotations_per_item: int, annotator: str | None = None, split: str = "train"
-    ) -> dict[str, int]:
-        """How far people are with a round.
-
-        Returns:
-            `items`; `complete_items` (with >= `annotations_per_item` judgments: the round is judged when
-            this equals `items`); `judgments` (all); `counted_judgments` (at most `annotations_per_item` per
-            item) out of `needed_judgments` (items x annotations_per_item); `mine` (by `annotator`).
-        """
-        in_round = (ItemRow.round_idx == round_idx, ItemRow.split == split)
-        with self._read() as session:
-            counts = list(session.scalars(
-                select(func.count(JudgmentRow.id)).select_from(ItemRow)
-                .outerjoin(JudgmentRow, JudgmentRow.item_id == ItemRow.id)
-                .where(*in_round).group_by(ItemRow.id)
-            ))
-            mine = 0 if annotator is None else session.scalar(
-                select(func.count()).select_from(JudgmentRow).join(ItemRow, ItemRow.id == JudgmentRow.item_id)
-                .where(*in_round, JudgmentRow.annotator == annotator)
-            )
-        return {
-            "items": len(counts),
-            "complete_items": sum(count >= annotations_per_item for count in counts),
-            "judgments": sum(counts),
-            "counted_judgments": sum(min(count, annotations_per_item) for count in counts),
-            "needed_judgments": len(counts) * annotations_per_item,
-            "mine": mine,
-        }
-
     # ---------------------------------------------------------------- reading feedback
 
-    def accepted_rationales(
-        self, upto_round: int, split: str = "train", min_accepts: int = 1
-    ) -> list[AcceptedRationale]:
-        """Every rationale accepted so far: the SFT targets of the next fine-tuning.
-
-        Args:
-            upto_round: Last round to include (rounds <= upto_round).
-            split: The items' split.
-            min_accepts: How many judgments must accept a candidate (1: any annotator).
+    def round_counts(self, round_idx: int, split: str = "train") -> dict[str, int]:
+        """How much of a round is judged, counted by the database (what was accepted is decided by
+        illume.feedback.verdicts, not here).
 
         Returns:
-            (example_id, text, round_idx) rows, one per distinct (example_id, text), in first-occurrence
-            order (round, item added, candidate drawn).
-        """
-        votes = (
-            select(DecisionRow.candidate_id).where(DecisionRow.accepted.is_(True))
-            .group_by(DecisionRow.candidate_id).having(func.count() >= min_accepts).subquery()
-        )
-        with self._read() as session:
-            rows = session.execute(
-                select(ItemRow.example_id, CandidateRow.text, ItemRow.round_idx)
-                .join(CandidateRow, CandidateRow.item_id == ItemRow.id)
-                .join(votes, votes.c.candidate_id == CandidateRow.id)
-                .where(ItemRow.round_idx <= upto_round, ItemRow.split == split)
-                .order_by(ItemRow.round_idx, ItemRow.id, CandidateRow.position)
-            ).all()
-        seen: set[tuple[str, str]] = set()
-        accepted = []
-        for example_id, text, round_idx in rows:
-            if (example_id, text) not in seen:
-                seen.add((example_id, text))
-                accepted.append(AcceptedRationale(example_id, text, round_idx))
-        return accepted
-
-    def judgment_counts(self, round_idx: int, split: str = "train") -> dict[str, int]:
-        """Counts for a round's report.
-
-        Returns:
-            `items`, `judged_items` (>= 1 judgment), `judgments`, `accepted_candidates` (accepted by
-            >= 1 judgment) and `items_with_accepted` (>= 1 accepted candidate).
+            `items`, `judged_items` (>= 1 judgment) and `judgments` (current ones, every annotator).
         """
         in_round = (ItemRow.round_idx == round_idx, ItemRow.split == split)
-        accepted = (
-            select(CandidateRow.id, CandidateRow.item_id)
-            .join(DecisionRow, DecisionRow.candidate_id == CandidateRow.id)
-            .join(ItemRow, ItemRow.id == CandidateRow.item_id)
-            .where(DecisionRow.accepted.is_(True), *in_round)
-            .distinct().subquery()
-        )
         judged = select(JudgmentRow.id, JudgmentRow.item_id).join(ItemRow).where(*in_round).subquery()
         with self._read() as session:
             return {
                 "items": session.scalar(select(func.count()).select_from(ItemRow).where(*in_round)),
                 "judged_items": session.scalar(select(func.count(judged.c.item_id.distinct()))),
                 "judgments": session.scalar(select(func.count()).select_from(judged)),
-                "accepted_candidates": session.scalar(select(func.count()).select_from(accepted)),
-                "items_with_accepted": session.scalar(select(func.count(accepted.c.item_id.distinct()))),
             }
 
-    def num_judgments(self, upto_round: int | None = None) -> int:
-        """How many judgments (all splits, all annotators) are stored, in rounds <= upto_round if given."""
+    def num_judgments(
+        self,
+        upto_round: int | None = None,
+        kinds: Collection[str] | None = None,
+        round_idx: int | None = None,
+    ) -> int:
+        """How many (current) judgments are stored, all splits, counted by the database.
+
+        Args:
+            upto_round: Only rounds <= upto_round.
+            kinds: Only judgments by annotators of these kinds (`ANNOTATOR_KINDS`; a single kind may be
+                given as a string); None: every annotator.
+            round_idx: Only this round.
+
+        Raises:
+            ValueError: A kind that is not one of `ANNOTATOR_KINDS`.
+        """
         stmt = select(func.count()).select_from(JudgmentRow)
-        if upto_round is not None:
-            stmt = stmt.join(ItemRow).where(ItemRow.round_idx <= upto_round)
+        if upto_round is not None or round_idx is not None:
+            stmt = stmt.join(ItemRow, ItemRow.id == JudgmentRow.item_id)
+            if upto_round is not None:
+                stmt = stmt.where(ItemRow.round_idx <= upto_round)
+            if round_idx is not None:
+                stmt = stmt.where(ItemRow.round_idx == round_idx)
+        if kinds is not None:
+            kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+            for kind in kinds:
+                _check_kind(kind)
+            stmt = (stmt.join(AnnotatorRow, AnnotatorRow.name == JudgmentRow.annotator)
+                    .where(AnnotatorRow.kind.in_(kinds)))
         with self._read() as session:
             return session.scalar(stmt)
+
+    def annotator_kinds(self) -> dict[str, str]:
+        """Every annotator that has judged -> its kind (`ANNOTATOR_KINDS`), by name."""
+        with self._read() as session:
+            return dict(session.execute(
+                select(AnnotatorRow.name, AnnotatorRow.kind).order_by(AnnotatorRow.name)).all())
+
+    def judgment_history(self, item_id: int, annotator: str) -> list[dict[str, Any]]:
+        """Every version of `annotator`'s judgment of an item, oldest first, ending with the current one.
+
+        A judgment that was never revised has one version; `AnnotationQueue.replace_judgment` adds one per
+        revision. Readers of feedback (`judged_items`, ...) see only the current version.
+
+        Returns:
+            Dicts with `accepted` (candidate ids, ascending), `none_fit`, `seconds` (time spent up to that
+            version), `judged_at` (when the version was written) and `revised_at` (when it was replaced;
+            None for the current version); [] if the annotator has not judged the item.
+        """
+        if not _is_row_id(item_id):
+            return []
+        with self._read() as session:
+            current = session.execute(
+                select(JudgmentRow.id, JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
+                       JudgmentRow.updated_at)
+                .where(JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)
+            ).first()
+            if current is None:
+                return []
+            revisions = session.execute(
+                select(JudgmentRevisionRow.accepted, JudgmentRevisionRow.none_fit,
+                       JudgmentRevisionRow.seconds, JudgmentRevisionRow.judged_at,
+                       JudgmentRevisionRow.revised_at)
+                .where(JudgmentRevisionRow.judgment_id == current.id).order_by(JudgmentRevisionRow.id)
+            ).all()
+            accepted = list(session.scalars(
+                select(DecisionRow.candidate_id)
+                .where(DecisionRow.judgment_id == current.id, DecisionRow.accepted.is_(True))
+                .order_by(DecisionRow.candidate_id)
+            ))
+        history = [
+            {"accepted": sorted(r.accepted), "none_fit": bool(r.none_fit), "seconds": r.seconds,
+             "judged_at": r.judged_at, "revised_at": r.revised_at}
+            for r in revisions
+        ]
+        history.append({"accepted": accepted, "none_fit": bool(current.none_fit), "seconds": current.seconds,
+                        "judged_at": current.updated_at or current.created_at, "revised_at": None})
+        return history
+
+    def judged_items(
+        self,
+        split: str | None = "train",
+        round_idx: int | None = None,
+        upto_round: int | None = None,
+        from_round: int | None = None,
+    ) -> list[JudgedItem]:
+        """Every judged item (>= 1 judgment; unjudged items are left out) with its candidates and judgments.
+
+        The one read of feedback for trainers, the reward model, exports and reports; what was accepted is
+        decided from it by `illume.feedback.verdicts`.
+
+        Args:
+            split: Only this split's items; None: all splits.
+            round_idx: Only this round.
+            upto_round: Only rounds <= upto_round.
+            from_round: Only rounds >= from_round.
+
+        Returns:
+            Items in (round, item id) order; each item's candidates in drawn order and its (current)
+            judgments in the order stored, each with its annotator's kind.
+        """
+        where = []
+        if split is not None:
+            where.append(ItemRow.split == split)
+        if round_idx is not None:
+            where.append(ItemRow.round_idx == round_idx)
+        if upto_round is not None:
+            where.append(ItemRow.round_idx <= upto_round)
+        if from_round is not None:
+            where.append(ItemRow.round_idx >= from_round)
+        judged = select(JudgmentRow.id).where(JudgmentRow.item_id == ItemRow.id).exists()
+        with self._read() as session:
+            items = session.execute(
+                select(ItemRow.id, ItemRow.round_idx, ItemRow.split, ItemRow.example_id, ItemRow.prompt,
+                       ItemRow.answer, ItemRow.predicted_answer, ItemRow.seed, ItemRow.image_ref,
+                       ItemRow.question)
+                .where(judged, *where).order_by(ItemRow.round_idx, ItemRow.id)
+            ).all()
+            candidates: dict[int, list[CandidateInfo]] = {}
+            for row in session.execute(
+                select(CandidateRow.item_id, CandidateRow.id, CandidateRow.text, CandidateRow.temperature,
+                       CandidateRow.seed, CandidateRow.sample_idx, CandidateRow.logprob,
+                       CandidateRow.position)
+                .join(ItemRow, ItemRow.id == CandidateRow.item_id)
+                .where(judged, *where).order_by(CandidateRow.item_id, CandidateRow.position)
+            ):
+                candidates.setdefault(row.item_id, []).append(CandidateInfo(
+                    id=row.id, text=row.text, temperature=row.temperature, seed=row.seed,
+                    sample_idx=row.sample_idx, logprob=row.logprob, position=row.position,
+                ))
+            decisions: dict[int, dict[int, bool]] = {}
+            positions: dict[int, dict[int, int | None]] = {}
+            for judgment_id, candidate_id, accepted, position in session.execute(
+                select(DecisionRow.judgment_id, DecisionRow.candidate_id, DecisionRow.accepted,
+                       DecisionRow.position_shown)
+                .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id)
+                .join(ItemRow, ItemRow.id == JudgmentRow.item_id).where(*where)
+            ):
+                decisions.setdefault(judgment_id, {})[candidate_id] = bool(accepted)
+                positions.setdefault(judgment_id, {})[candidate_id] = position
+            judgments: dict[int, list[JudgmentInfo]] = {}
+            for row in session.execute(
+                select(JudgmentRow.item_id, JudgmentRow.id, JudgmentRow.annotator, AnnotatorRow.kind,
+                       JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
+                       JudgmentRow.client_token, JudgmentRow.updated_at)
+                .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
+                .outerjoin(AnnotatorRow, AnnotatorRow.name == JudgmentRow.annotator)
+                .where(*where).order_by(JudgmentRow.id)
+            ):
+                judgments.setdefault(row.item_id, []).append(JudgmentInfo(
+                    id=row.id, annotator=row.annotator, annotator_kind=row.kind, none_fit=bool(row.none_fit),
+                    seconds=row.seconds, created_at=row.created_at, client_token=row.client_token,
+                    decisions=decisions.get(row.id, {}), updated_at=row.updated_at,
+                    positions_shown=positions.get(row.id, {}),
+                ))
+        return [
+            JudgedItem(round_idx=r.round_idx, split=r.split, example_id=r.example_id, prompt=r.prompt,
+                       answer=r.answer, predicted_answer=r.predicted_answer, seed=r.seed,
+                       image_ref=r.image_ref, candidates=candidates.get(r.id, []),
+                       judgments=judgments.get(r.id, []), question=r.question)
+            for r in items
+        ]
 
     def judgments_table(self, upto_round: int | None = None) -> list[dict[str, Any]]:
         """Flat rows for exports and debugging: one per (judgment, candidate shown).
 
         A judgment of an item without candidates gives one row with `candidate_id`, `text` and
-        `accepted` None. Keys: round_idx, split, example_id, annotator, candidate_id, text, accepted,
-        none_fit, seconds, created_at (UTC), client_token.
+        `accepted` None. Keys: round_idx, split, example_id, annotator, annotator_kind, candidate_id, text,
+        accepted, none_fit, seconds, created_at (UTC), client_token.
         """
         stmt = (
             select(ItemRow.round_idx, ItemRow.split, ItemRow.example_id, JudgmentRow.annotator,
+                   AnnotatorRow.kind.label("annotator_kind"),
                    CandidateRow.id.label("candidate_id"), CandidateRow.text, DecisionRow.accepted,
                    JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
                    JudgmentRow.client_token)
             .select_from(JudgmentRow).join(ItemRow, ItemRow.id == JudgmentRow.item_id)
+            .outerjoin(AnnotatorRow, AnnotatorRow.name == JudgmentRow.annotator)
             .outerjoin(DecisionRow, DecisionRow.judgment_id == JudgmentRow.id)
             .outerjoin(CandidateRow, CandidateRow.id == DecisionRow.candidate_id)
             .order_by(JudgmentRow.id, CandidateRow.position)
@@ -980,10 +840,12 @@ def _insert_judgments(
     annotator: str,
     rows: list[JudgmentInput],
     client_tokens: list[str | None],
+    kind: str,
 ) -> int:
     """Validate every row, then insert the new judgments and their decisions; returns how many."""
     if not annotator:
         raise ValueError("annotator must be a non-empty name")
+    registered = _check_annotator_kind(session, annotator, kind)
     example_ids = {row[0] for row in rows}
     in_round = [ItemRow.round_idx == round_idx, ItemRow.split == split]
     if len(example_ids) <= _MAX_IN:
@@ -1038,6 +900,8 @@ def _insert_judgments(
         new.append((item_id, accepted_ids, row, token))
     if not new:
         return 0
+    if not registered:
+        _register_annotator(session, annotator, kind)
 
     judgment_rows = [
         {"item_id": item_id, "annotator": annotator, "none_fit": bool(row[2]), "seconds": row[3],
@@ -1057,8 +921,6 @@ def _insert_judgments(
     return len(new)
 
 
-_LEASE_TRIES = 20  # items tried per `lease_item` when another writer took the first free ones
-_SYSTEM_RANDOM = random.SystemRandom()
 _MAX_ROW_ID = 2**63 - 1
 
 
@@ -1066,61 +928,57 @@ def _is_row_id(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and 0 < value <= _MAX_ROW_ID
 
 
-def _check_annotator(annotator: str) -> None:
-    if not isinstance(annotator, str) or not annotator.strip():
-        raise ValueError("annotator must be a non-empty name")
+def _check_kind(kind: str) -> None:
+    if kind not in ANNOTATOR_KINDS:
+        raise ValueError(f"annotator kind must be one of {ANNOTATOR_KINDS}, got {kind!r}")
 
 
-def _num_judgments() -> Any:
-    """Judgments of the enclosing query's item (a correlated scalar subquery)."""
-    return (select(func.count()).select_from(JudgmentRow)
-            .where(JudgmentRow.item_id == ItemRow.id).scalar_subquery())
+def _check_annotator_kind(session: Session, annotator: str, kind: str) -> bool:
+    """Refuse an unknown kind, or one other than the annotator's registered kind; True if registered."""
+    _check_kind(kind)
+    stored = session.scalar(select(AnnotatorRow.kind).where(AnnotatorRow.name == annotator))
+    if stored is not None and stored != kind:
+        raise ValueError(f"annotator {annotator!r} is registered as kind {stored!r}, not {kind!r}: an "
+                         "annotator's kind never changes (judge under another name)")
+    return stored is not None
 
 
-def _slots_taken(session: Session, item_id: int, annotator: str, now: datetime) -> int:
-    """Judgments of the item plus live leases of annotators other than `annotator`."""
-    num_judgments = session.scalar(
-        select(func.count()).select_from(JudgmentRow).where(JudgmentRow.item_id == item_id))
-    num_leases = session.scalar(select(func.count()).select_from(LeaseRow).where(
-        LeaseRow.item_id == item_id, LeaseRow.annotator != annotator, LeaseRow.expires_at > now))
-    return num_judgments + num_leases
+def _register_annotator(session: Session, annotator: str, kind: str) -> None:
+    """Register (annotator, kind) in the caller's transaction, before its first judgment is inserted."""
+    try:
+        with session.begin_nested():  # a savepoint: a concurrent first write (off SQLite) may win the race
+            session.execute(insert(AnnotatorRow).values(name=annotator, kind=kind, created_at=_now()))
+    except IntegrityError:
+        if not _check_annotator_kind(session, annotator, kind):
+            raise
 
 
-def _candidate_ids(session: Session, item_id: int) -> list[int]:
-    return list(session.scalars(
-        select(CandidateRow.id).where(CandidateRow.item_id == item_id).order_by(CandidateRow.position)))
+def _register_older_annotators(connection: Connection) -> None:
+    """Register the names of a database written before the `annotators` table existed (at open).
+
+    Each name found in `judgments` but not in `annotators` gets the kind the old code implied from the
+    name: "reward..." -> reward, "simulated..." -> simulated, anything else -> person. This is the only
+    place a name says anything about a kind; every later write registers its kind explicitly.
+    """
+    unregistered = (
+        select(JudgmentRow.annotator).distinct()
+        .where(~select(AnnotatorRow.name).where(AnnotatorRow.name == JudgmentRow.annotator).exists())
+    )
+    names = list(connection.scalars(unregistered))
+    if names:
+        now = _now()
+        connection.execute(insert(AnnotatorRow), [
+            {"name": name, "kind": _implied_kind(name), "created_at": now} for name in sorted(names)
+        ])
 
 
-def _check_item_decision(
-    session: Session, item_id: int, accepted: Sequence[int], none_fit: bool, shown_order: Sequence[int] | None
-) -> list[int]:
-    """Validate a page's decision on an item; returns the item's candidate ids (drawn order)."""
-    if not _is_row_id(item_id) or session.scalar(select(ItemRow.id).where(ItemRow.id == item_id)) is None:
-        raise KeyError(f"item {item_id!r} is not in the feedback store")
-    if isinstance(accepted, (str, bytes)):
-        raise ValueError(f"item {item_id}: accepted must be a list of candidate ids, not {accepted!r}")
-    if none_fit and accepted:
-        raise ValueError(f"item {item_id}: none_fit=True but {len(accepted)} candidate(s) accepted")
-    candidate_ids = _candidate_ids(session, item_id)
-    for candidate_id in accepted:
-        if not _is_row_id(candidate_id) or candidate_id not in candidate_ids:
-            raise ValueError(f"item {item_id}: accepted candidate {candidate_id!r} is not one of this item's "
-                             "candidates")
-    if shown_order is not None and (len(shown_order) != len(candidate_ids)
-                                    or sorted(shown_order) != sorted(candidate_ids)):
-        raise ValueError(f"item {item_id}: shown_order must list each of the item's candidates once")
-    return candidate_ids
-
-
-def _insert_decisions(
-    session: Session, judgment_id: int, candidate_ids: list[int], accepted: set[int],
-    shown_order: Sequence[int] | None,
-) -> None:
-    position = {candidate_id: i for i, candidate_id in enumerate(shown_order)} if shown_order else {}
-    rows = [{"judgment_id": judgment_id, "candidate_id": candidate_id, "accepted": candidate_id in accepted,
-             "position_shown": position.get(candidate_id)} for candidate_id in candidate_ids]
-    if rows:
-        session.execute(insert(DecisionRow), rows)
+def _implied_kind(name: str) -> str:
+    """The kind an annotator name implied before kinds were stored (`_register_older_annotators` only)."""
+    if name.startswith("reward"):
+        return "reward"
+    if name.startswith("simulated"):
+        return "simulated"
+    return "person"
 
 
 def _add_missing_columns(connection: Connection) -> None:

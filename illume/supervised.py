@@ -16,8 +16,8 @@ from dataclasses import replace
 from illume.config import RunConfig
 from illume.data.datasets import load_split
 from illume.evaluation import explanation_scores
-from illume.models.loading import load_vlm
-from illume.sampling import ANSWER_PROMPT
+from illume.loading import load_vlm
+from illume.prompts import ANSWER_PROMPT
 from illume.training import TrainingRow, build_training_set, fine_tune, write_manifest
 
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")

@@ -36,7 +36,7 @@ from illume.data.records import Example
 from illume.evaluation import explanation_scores
 from illume.models.vlm import VLM
 from illume.models.weights import load_trainable_weights, save_trainable_weights
-from illume.sampling import ANSWER_PROMPT, rationale_prompt
+from illume.prompts import ANSWER_PROMPT, rationale_prompt
 
 ADAPTERS_FILE = "adapters.safetensors"
 

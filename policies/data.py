@@ -1,11 +1,12 @@
 """The feedback as DPO pairs and KTO rows, from the feedback store or from a saved TRL-format dataset.
 
 Assumptions, up front:
-- Pairs come from `reward.pairs.to_preference_pairs` (accepted x rejected candidates of one item, deduplicated;
-  with `reference_as_chosen`, a reference explanation as chosen against each candidate of a "none fits"
-  item). Every judgment counts, the reward model's too: when it is the critic, its verdicts are the feedback.
-- KTO rows are the judged candidates themselves (a selection is exactly an unpaired accept/reject label):
-  one row per (example, prompt, rationale), accepted when any judgment accepted it.
+- From the store, pairs and rows are exactly what `illume.feedback.verdicts` gives (its docstring has the
+  rules): `Feedback.pairs` (accepted x rejected candidates of one item, deduplicated; with
+  `reference_as_chosen`, a reference explanation as chosen against each rejected candidate of an item with
+  no accepted candidate) and `Feedback.labelled` (one row per rationale that is not contested). Every
+  annotator kind counts, the reward model's too: when it is the critic, its verdicts are the feedback. So
+  `illume dpo RUN_DIR` and `illume dpo` on `illume export --format dpo` see the same pairs.
 - A saved dataset is what `illume export --format dpo|kto` writes or any TRL preference/unpaired dataset:
   `prompt`, `chosen`/`rejected` or `completion`/`label`, an `images` column with one image per row, and an
   optional `example_id` column (rows without one become their own examples).
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from illume.data.records import Example
+from illume.feedback.verdicts import DEFAULT_AGGREGATE, Feedback, PreferencePair, read_feedback
 from illume.store import FeedbackStore
-from reward.pairs import PreferencePair, RewardDataError, judged_candidates, to_preference_pairs
 
 
 class PolicyDataError(ValueError):
@@ -35,45 +36,60 @@ class LabelledRationale:
     accepted: bool
 
 
+def _feedback(store: FeedbackStore, examples_by_id: dict[str, Example], upto_round: int | None,
+              from_round: int | None, aggregate: str, needs: str) -> Feedback:
+    feedback = read_feedback(store, upto_round=upto_round, from_round=from_round, aggregate=aggregate)
+    if not feedback.items:
+        rounds = "" if upto_round is None else f" in rounds <= {upto_round}"
+        rounds += "" if from_round is None else f" and >= {from_round}"
+        raise PolicyDataError(f"{needs}: no judgments in {store.url}{rounds}: judge a round first")
+    unknown = sorted({item.example_id for item in feedback.items} - set(examples_by_id))
+    if unknown:
+        raise PolicyDataError(f"{needs}: {len(unknown)} judged examples in {store.url} are not in the dataset "
+                              f"given, e.g. {unknown[:3]}: is it the run's dataset and split?")
+    return feedback
+
+
 def store_pairs(store: FeedbackStore, examples_by_id: dict[str, Example], upto_round: int | None = None,
-                from_round: int | None = None, reference_as_chosen: bool = False) -> list[PreferencePair]:
+                from_round: int | None = None, reference_as_chosen: bool = False,
+                aggregate: str = DEFAULT_AGGREGATE) -> list[PreferencePair]:
     """DPO pairs from the judgments of rounds from_round..upto_round.
 
     Raises:
-        PolicyDataError: no judgment, no accepted or no rejected candidate, or no pair.
+        PolicyDataError: no judgment, no accepted or no rejected rationale, or no pair.
     """
-    try:
-        return to_preference_pairs(store, examples_by_id, upto_round=upto_round, from_round=from_round,
-                                   include_reference_pairs=reference_as_chosen)
-    except RewardDataError as error:
-        raise PolicyDataError(f"DPO needs preference pairs: {error}") from error
+    needs = "DPO needs preference pairs"
+    feedback = _feedback(store, examples_by_id, upto_round, from_round, aggregate, needs)
+    _check_both_labels([row.accepted for row in feedback.labelled()], str(store.url), needs)
+    references = ({example_id: example.explanations for example_id, example in examples_by_id.items()}
+                  if reference_as_chosen else None)
+    pairs = feedback.pairs(references)
+    if not pairs:
+        raise PolicyDataError(
+            f"{needs}: no preference pairs in {store.url}: no item has both an accepted and a rejected candidate"
+            + ("" if reference_as_chosen else " (reference pairs are off)"))
+    return pairs
 
 
 def store_labelled_rationales(store: FeedbackStore, examples_by_id: dict[str, Example],
-                              upto_round: int | None = None,
-                              from_round: int | None = None) -> list[LabelledRationale]:
-    """KTO rows from the judgments of rounds from_round..upto_round, one per distinct rationale of a prompt.
+                              upto_round: int | None = None, from_round: int | None = None,
+                              aggregate: str = DEFAULT_AGGREGATE) -> list[LabelledRationale]:
+    """KTO rows from the judgments of rounds from_round..upto_round, one per rationale that is not contested.
 
     Raises:
         PolicyDataError: no judgment, or no accepted / no rejected rationale at all.
     """
-    try:
-        judged = judged_candidates(store, examples_by_id, upto_round=upto_round, from_round=from_round)
-    except RewardDataError as error:
-        raise PolicyDataError(f"KTO needs judged rationales: {error}") from error
-    rows: dict[tuple[str, str, str], LabelledRationale] = {}
-    for example_id, prompt, text, accepted in judged:
-        row = rows.setdefault((example_id, prompt, text), LabelledRationale(example_id, prompt, text, False))
-        row.accepted = row.accepted or accepted
-    _check_both_labels([row.accepted for row in rows.values()], str(store.url))
-    return list(rows.values())
+    feedback = _feedback(store, examples_by_id, upto_round, from_round, aggregate, "KTO needs judged rationales")
+    rows = [LabelledRationale(row.example_id, row.prompt, row.text, row.accepted) for row in feedback.labelled()]
+    _check_both_labels([row.accepted for row in rows], str(store.url), "KTO needs judged rationales")
+    return rows
 
 
-def _check_both_labels(labels: list[bool], where: str) -> None:
+def _check_both_labels(labels: list[bool], where: str, needs: str = "KTO needs judged rationales") -> None:
     if not any(labels) or all(labels):
-        only = "accepted" if labels and all(labels) else "rejected"
-        raise PolicyDataError(f"KTO needs both accepted and rejected rationales, but all {len(labels)} "
-                              f"in {where} are {only}")
+        only = "contested" if not labels else "accepted" if all(labels) else "rejected"
+        raise PolicyDataError(f"{needs}: both accepted and rejected rationales are needed, but all "
+                              f"{len(labels)} in {where} are {only}")
 
 
 def _dataset_examples(dataset, path: Path) -> tuple[list[str], dict[str, Example]]:

@@ -22,12 +22,12 @@ from transformers import Trainer
 from illume.collate import RowEncoder
 from illume.config import PolicyConfig, SampleConfig, TrainConfig
 from illume.data.records import Example
+from illume.feedback.verdicts import PreferencePair
 from illume.models.vlm import VLM
 from illume.training import train_keeping_best_epoch
 from policies.losses import dpo_losses
 from policies.reference import batch_logps
 from policies.trainer import PolicyTrainer, score_before_training
-from reward.pairs import PreferencePair
 
 REFERENCE_FILE = "reference_logps.safetensors"
 

@@ -8,7 +8,7 @@ only of the round just judged ("latest": on-policy iterative DPO). The starting 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 from illume import distributed
@@ -29,7 +29,9 @@ def write_jsonl(records, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for record in records:
-            f.write(json.dumps(asdict(record)) + "\n")
+            # The record's own fields; a pair's provenance (its item and judgments, compare=False) stays out.
+            f.write(json.dumps({field.name: getattr(record, field.name) for field in fields(record)
+                                if field.compare}) + "\n")
 
 
 def optimize_on_pairs(cfg: RunConfig, vlm: VLM, pairs, examples_by_id: dict[str, Example],
@@ -52,13 +54,14 @@ def optimize_on_labels(cfg: RunConfig, vlm: VLM, rows, examples_by_id: dict[str,
 
 def _dpo_on_store(cfg: RunConfig, vlm: VLM, store: FeedbackStore, examples_by_id: dict[str, Example],
                   val: list[Example], out_dir: Path, upto_round: int | None, from_round: int | None) -> dict:
-    pairs = store_pairs(store, examples_by_id, upto_round, from_round, cfg.policy.reference_as_chosen)
+    pairs = store_pairs(store, examples_by_id, upto_round, from_round, cfg.policy.reference_as_chosen,
+                        cfg.feedback.aggregate)
     return optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
 
 
 def _kto_on_store(cfg: RunConfig, vlm: VLM, store: FeedbackStore, examples_by_id: dict[str, Example],
                   val: list[Example], out_dir: Path, upto_round: int | None, from_round: int | None) -> dict:
-    rows = store_labelled_rationales(store, examples_by_id, upto_round, from_round)
+    rows = store_labelled_rationales(store, examples_by_id, upto_round, from_round, cfg.feedback.aggregate)
     return optimize_on_labels(cfg, vlm, rows, examples_by_id, val, out_dir)
 
 
@@ -117,7 +120,7 @@ def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: 
     from dataclasses import replace
 
     from illume.data.datasets import load_split
-    from illume.models.loading import load_vlm
+    from illume.loading import load_vlm
     from illume.models.weights import check_safetensors, load_trainable_weights
     from illume.training import ADAPTERS_FILE, retrain_round_remedy
     from policies.data import dataset_labelled_rationales, dataset_pairs

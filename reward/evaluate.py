@@ -19,8 +19,9 @@ from pathlib import Path
 
 from illume import distributed
 from illume.data.records import Example
+from illume.feedback.verdicts import PreferencePair
 from reward.model import RewardModel, score
-from reward.pairs import PreferencePair, RewardDataError
+from reward.pairs import RewardDataError
 
 EVAL_FILE = "reward_eval.json"
 PLOT_FILE = "calibration.png"

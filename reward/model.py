@@ -2,14 +2,15 @@
 
 Assumptions, up front:
 - A row is the image slots + `prompt` + " " + rationale + EOS, exactly as the policy writes a rationale
-  (`illume.sampling.rationale_prompt`). The reward is a linear head on the final hidden states (after the LM's
+  (`illume.prompts.rationale_prompt`). The reward is a linear head on the final hidden states (after the LM's
   last LayerNorm), pooled one of two ways: `mean` (default) over the rationale's tokens and its EOS, or
   `last`, the state of the last non-pad token (the EOS). On the demo world (round 0, five held-out splits)
   `mean` ranked held-out candidates better and more steadily: ROC-AUC 0.956 +- 0.014 (min 0.941) against
   0.945 +- 0.032 (min 0.882) for `last`.
-- Either backend: with MAGMA each image is encoded once for all the rows that show it (`image_embeds` +
-  `image_index`); an HF VLM (`model.kind=hf`) gets its rows from `encode_row` and returns its final hidden
-  states through `output_hidden_states`, and the rationale starts at the first labelled token.
+- Any backend, through the VLM protocol: rows come from `VLM.encode_scored` (scoring) or `RowEncoder`
+  (`encode_scored_rows`, training pairs), batches from `VLM.collate_scored`, hidden states from
+  `VLM.last_hidden_states`; the rationale starts at the first labelled token. How a backend shares images
+  between rows is its own business (MAGMA encodes each image once for all the rows that show it).
 - The backbone is its own copy of the VLM given (the loop's policy keeps training separately). Only the
   backbone's adapters and the head train; the image encoder, the prefix projection and the LM stay frozen.
 - `save(dir)` writes the trainable backbone weights (`backbone.safetensors`), the head (`head.safetensors`) and
@@ -29,9 +30,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from illume.collate import RowEncoder, pad_right
+from illume.collate import RowEncoder
 from illume.data.records import Example, load_image
-from illume.models.vlm import MagmaVLM
+from illume.models.vlm import VLM, MagmaVLM
 from illume.models.weights import load_trainable_weights, read_safetensors, save_trainable_weights
 
 POOLINGS = ("mean", "last")
@@ -41,11 +42,11 @@ HEAD_FILE = "head.safetensors"
 
 
 class RewardModel(nn.Module):
-    """`MagmaVLM` backbone + `nn.Linear(hidden, 1)` on the pooled rationale of prompt + " " + rationale + EOS.
+    """A VLM backbone + `nn.Linear(hidden, 1)` on the pooled rationale of prompt + " " + rationale + EOS.
 
     Args:
         vlm: The VLM to start from (the base model, or a tuned policy).
-        base_model_path: Directory the backbone's frozen weights load from again (`MagmaVLM.load`); defaults
+        base_model_path: Directory the backbone's frozen weights load from again; defaults
             to the directory `vlm` was loaded from, when known. Written to the saved config.
         copy_backbone: Deep-copy `vlm.model` (True), or take it over (False: saves memory when the caller
             does not use `vlm` any more).
@@ -53,7 +54,7 @@ class RewardModel(nn.Module):
         pooling: "mean" over the rationale's tokens and EOS, or "last": the last non-pad token.
     """
 
-    def __init__(self, vlm: MagmaVLM, base_model_path: str | None = None, copy_backbone: bool = True,
+    def __init__(self, vlm: VLM, base_model_path: str | None = None, copy_backbone: bool = True,
                  seed: int = 0, pooling: str = "mean"):
         super().__init__()
         if pooling not in POOLINGS:
@@ -61,7 +62,6 @@ class RewardModel(nn.Module):
         self.pooling = pooling
         self.backbone = copy.deepcopy(vlm.model) if copy_backbone else vlm.model
         self.tokenizer = vlm.tokenizer
-        self.is_hf = getattr(vlm, "backend", "magma") == "hf"
         self._vlm = dataclasses.replace(vlm, model=self.backbone)  # the backbone with the VLM's row methods
         # The backbone's config, for what the HF Trainer and DeepSpeed read (hidden size for "auto" buckets).
         self.config = self.backbone.config
@@ -93,42 +93,27 @@ class RewardModel(nn.Module):
 
     def row_ids(self, prompt: str, rationale: str) -> tuple[list[int], int]:
         """Token ids of one scored row (image slots + prompt + " " + rationale + EOS) and the index of the
-        rationale's first token."""
-        vlm = self.vlm
-        prompt_ids = vlm.prompt_ids(prompt)
-        return prompt_ids + vlm.text_ids(" " + rationale.strip()) + [vlm.eos_token_id], len(prompt_ids)
+        rationale's first token, for a backend whose prompt ids do not depend on the image (MAGMA's
+        `prompt_ids`)."""
+        prompt_ids = self.vlm.prompt_ids(prompt)
+        return prompt_ids + self.vlm.completion_ids(rationale), len(prompt_ids)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                image_index: torch.Tensor | None = None, rationale_start: torch.Tensor | None = None,
-                **model_inputs) -> torch.Tensor:
+                rationale_start: torch.Tensor | None = None, **image_inputs) -> torch.Tensor:
         """Rewards of the rows.
 
         Args:
-            input_ids: (B, T) rows from `row_ids`, padded.
+            input_ids: (B, T) rows, padded (`VLM.collate_scored`).
             attention_mask: (B, T), 0 on padding.
-            pixel_values: (N, 3, S, S) images; encoded here.
-            image_embeds: (N, P, D) already encoded images, instead of `pixel_values`.
-            image_index: (B,) which of the N images each row shows (None: N == B, row i shows image i). Lets
-                a batch encode each image once for several rows (chosen and rejected, the K candidates).
-            rationale_start: (B,) index of each row's first rationale token (`row_ids`); needed by "mean".
-            model_inputs: HF backend only: the other image inputs of `collate` (`image_grid_thw`, ...).
+            rationale_start: (B,) index of each row's first rationale token; needed by "mean".
+            image_inputs: The backend's image inputs of the batch, for `VLM.last_hidden_states` (MAGMA:
+                `pixel_values` or encoded `image_embeds`, and `image_index`, which of them each row shows;
+                an HF VLM: its processor's tensors).
 
         Returns:
             (B,) rewards in float32.
         """
-        if self.is_hf:  # the model's own forward; its last hidden states (the logits are not used)
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                   output_hidden_states=True, use_cache=False, **model_inputs).hidden_states[-1]
-        else:
-            if image_embeds is None and pixel_values is not None:
-                image_embeds = self.backbone.encode_images(pixel_values)
-            if image_embeds is not None and image_index is not None:
-                image_embeds = image_embeds[image_index]
-            inputs_embeds = self.backbone.embed(input_ids, image_embeds=image_embeds)
-            # The LM body only: its final hidden states (after the last LayerNorm), no vocabulary projection.
-            hidden = self.backbone.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                 use_cache=False).last_hidden_state  # (B, T, D)
+        hidden = self._vlm.last_hidden_states(input_ids, attention_mask, **image_inputs)  # (B, T, D)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         if self.pooling == "last":
             last = (attention_mask.long() * positions).argmax(-1)  # (B,) index of the last non-pad token
@@ -159,7 +144,7 @@ class RewardModel(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path, base_vlm: MagmaVLM | None = None,
+    def load(cls, directory: str | Path, base_vlm: VLM | None = None,
              copy_backbone: bool = True) -> RewardModel:
         """Rebuild a saved reward model on `base_vlm` (None: load the base model from the saved path).
 
@@ -193,7 +178,8 @@ class RewardModel(nn.Module):
 @torch.no_grad()
 def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
           batch_size: int = 64) -> list[list[float]]:
-    """Rewards of many rationales, each item's image encoded once.
+    """Rewards of many rationales, each item's image processed once (`VLM.encode_scored`), when its rows are
+    first needed.
 
     Args:
         rm: The reward model.
@@ -205,40 +191,31 @@ def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
     """
     was_training = rm.training
     rm.eval()
-    if rm.is_hf:
-        scores = _score_rows(rm, items, batch_size)
-        rm.train(was_training)
-        return scores
-    vlm, device = rm.vlm, rm.device
-    # (item index, (token ids, rationale start)) per rationale
-    rows = [(i, rm.row_ids(prompt, text)) for i, (_, prompt, texts) in enumerate(items) for text in texts]
+    vlm = rm.vlm
+    rows = [(i, j) for i, (_, _, texts) in enumerate(items) for j in range(len(texts))]  # (item, rationale)
     scores: list[list[float]] = [[] for _ in items]
-    encoded: dict[int, torch.Tensor] = {}  # item -> (P, D); only the item that spans two batches stays
+    encoded: dict[int, list[dict]] = {}  # item -> its rows; only the item that spans two batches stays
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         item_indices = list(dict.fromkeys(i for i, _ in batch))  # the items of this batch, in order
         new = [i for i in item_indices if i not in encoded]
         if new:
-            pixels = vlm.pixel_values([load_image(items[i][0]) for i in new]).to(device)
-            encoded.update(zip(new, rm.backbone.encode_images(pixels)))
-        image_embeds = torch.stack([encoded[i] for i in item_indices])  # (N_items, P, D)
+            scored = [(load_image(items[i][0]), items[i][1], items[i][2]) for i in new]
+            encoded.update(zip(new, vlm.encode_scored(scored)))
+        inputs = vlm.collate_scored([encoded[i][j] for i, j in batch], [i for i, _ in batch])
         encoded = {item_indices[-1]: encoded[item_indices[-1]]}
-        slot = {item_idx: j for j, item_idx in enumerate(item_indices)}
-        input_ids, attention_mask = pad_right([ids for _, (ids, _) in batch], vlm.pad_token_id)
-        image_index = torch.tensor([slot[i] for i, _ in batch], device=device)
-        rationale_start = torch.tensor([start for _, (_, start) in batch], device=device)
-        rewards = rm(input_ids.to(device), attention_mask.to(device), image_embeds=image_embeds,
-                     image_index=image_index, rationale_start=rationale_start)
+        rewards = rm(**{k: v.to(rm.device) for k, v in inputs.items()})
         for (i, _), reward in zip(batch, rewards.tolist()):
             scores[i].append(reward)
     rm.train(was_training)
     return scores
 
 
-def encode_scored_rows(rm: RewardModel, encode: RowEncoder, example_id: str, prompt: str,
+def encode_scored_rows(encode: RowEncoder, example_id: str, prompt: str,
                        rationales: Sequence[str]) -> list[dict]:
-    """Rows of the HF backend for scoring/training: `encode_row` rows without labels, plus `rationale_start`
-    (the first labelled position: the rationale's first token)."""
+    """Training rows of one example's rationales: `encode_row` rows (through `encode`, which shares each
+    (example, prompt)'s image tensors) without labels, plus `rationale_start` (the first labelled position:
+    the rationale's first token), for `VLM.collate_scored`."""
     rows = []
     for text in rationales:
         row = dict(encode(example_id, prompt, text))
@@ -246,25 +223,3 @@ def encode_scored_rows(rm: RewardModel, encode: RowEncoder, example_id: str, pro
         row["rationale_start"] = next(i for i, label in enumerate(labels) if label != -100)
         rows.append(row)
     return rows
-
-
-def collate_scored_rows(rm: RewardModel, rows: list[dict]) -> dict[str, torch.Tensor]:
-    batch = rm.vlm.collate([{k: v for k, v in row.items() if k != "rationale_start"} for row in rows])
-    batch.pop("labels", None)
-    batch["rationale_start"] = torch.tensor([row["rationale_start"] for row in rows])
-    return batch
-
-
-def _score_rows(rm: RewardModel, items, batch_size: int) -> list[list[float]]:
-    """`score` for the HF backend: rows through `encode_row`/`collate` (images are processed per row)."""
-    examples = {str(i): example for i, (example, _, _) in enumerate(items)}
-    encode = RowEncoder(rm.vlm, examples)
-    rows = [(i, row) for i, (_, prompt, texts) in enumerate(items)
-            for row in encode_scored_rows(rm, encode, str(i), prompt, texts)]
-    scores: list[list[float]] = [[] for _ in items]
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        inputs = {k: v.to(rm.device) for k, v in collate_scored_rows(rm, [row for _, row in batch]).items()}
-        for (i, _), reward in zip(batch, rm(**inputs).tolist()):
-            scores[i].append(reward)
-    return scores

@@ -4,8 +4,9 @@ Assumptions, up front:
 - loss = mean(-log sigmoid(r_chosen - r_rejected - margin)) + center_coef * mean((r_chosen + r_rejected)^2),
   the same as TRL's `trl.RewardTrainer.compute_loss` (its `center_rewards_coefficient`, Eq. 2 of
   https://arxiv.org/abs/2312.09244); TRL's RewardTrainer is text-only, hence this trainer for a VLM.
-- A batch is [chosen rows, rejected rows] of B pairs, with each pair's image once: `image_index` maps the 2B
-  rows onto the B images, so the image encoder runs once per pair.
+- A batch is [chosen rows, rejected rows] of B pairs (`VLM.collate_scored`), with each pair's image once where
+  the backend can share it (MAGMA: `image_index` maps the 2B rows onto the B images, so the image encoder
+  runs once per pair).
 - Only the backbone's adapters and the head train, at a constant AdamW learning rate without weight decay;
   mixed precision and DeepSpeed (a JSON path, ZeRO-2) pass through to `TrainingArguments`. ZeRO-3 is refused:
   the checkpoint would hold partitioned (empty) tensors.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -29,21 +30,21 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from illume import distributed
-from illume.collate import RowEncoder, pad_right
+from illume.collate import RowEncoder
 from illume.config import RewardConfig
-from illume.data.records import Example, load_image
-from illume.models.vlm import MagmaVLM
+from illume.data.records import Example
+from illume.feedback.verdicts import DEFAULT_AGGREGATE, PEOPLE, PreferencePair
+from illume.models.vlm import VLM, MagmaVLM
 from illume.store import FeedbackStore
 from illume.training import check_zero_stage, trainer_arguments
-from reward.model import RewardModel, collate_scored_rows, encode_scored_rows
+from reward.model import RewardModel, encode_scored_rows
 from reward.pairs import (
-    PreferencePair,
     RewardDataError,
-    judged_candidates,
     judged_example_ids,
-    not_reward_annotator,
+    labelled_candidates,
+    preference_pairs,
+    reward_feedback,
     split_by_example,
-    to_preference_pairs,
 )
 
 TRAINING_FILE = "training.json"
@@ -72,25 +73,13 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 class PairsDataset(torch.utils.data.Dataset):
-    """Token ids of both rationales of each pair and the pair's image (each example's image processed once)."""
+    """Both rationales of each pair as scored rows (`encode_scored_rows`), each (example, prompt)'s image
+    processed once and shared by its rows."""
 
     def __init__(self, rm: RewardModel, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example]):
-        vlm = rm.vlm
-        if rm.is_hf:  # rows through the VLM's own encode_row (its processor), see reward.model
-            encode = RowEncoder(vlm, examples_by_id)
-            self.items = [{"rows": encode_scored_rows(rm, encode, p.example_id, p.prompt, [p.chosen, p.rejected])}
-                          for p in pairs]
-            return
-        pixels: dict[str, torch.Tensor] = {}
-        self.items = []
-        for pair in pairs:
-            if pair.example_id not in pixels:
-                pixels[pair.example_id] = vlm.pixel_values([load_image(examples_by_id[pair.example_id])])[0]
-            chosen_ids, chosen_start = rm.row_ids(pair.prompt, pair.chosen)
-            rejected_ids, rejected_start = rm.row_ids(pair.prompt, pair.rejected)
-            self.items.append({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-                               "rationale_start": [chosen_start, rejected_start],
-                               "pixel_values": pixels[pair.example_id]})
+        encode = RowEncoder(rm.vlm, examples_by_id)
+        self.items = [{"rows": encode_scored_rows(encode, p.example_id, p.prompt, [p.chosen, p.rejected])}
+                      for p in pairs]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -99,16 +88,11 @@ class PairsDataset(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def collate_pairs(items: list[dict], pad_token_id: int, rm: RewardModel | None = None) -> dict[str, torch.Tensor]:
-    """B pairs -> 2B right-padded rows, chosen first (rows 0..B-1), then rejected; B images."""
-    if "rows" in items[0]:  # HF backend: 2B rows with their own image inputs
-        return collate_scored_rows(rm, [item["rows"][0] for item in items] + [item["rows"][1] for item in items])
-    rows = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
-    input_ids, attention_mask = pad_right(rows, pad_token_id)
-    starts = [item["rationale_start"][0] for item in items] + [item["rationale_start"][1] for item in items]
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-            "image_index": torch.arange(len(items)).repeat(2), "rationale_start": torch.tensor(starts)}
+def collate_pairs(items: list[dict], vlm: VLM) -> dict[str, torch.Tensor]:
+    """B pairs -> 2B right-padded rows, chosen first (rows 0..B-1), then rejected; row i and row B + i show
+    pair i's image, which the backend may encode once for both (`VLM.collate_scored`)."""
+    rows = [item["rows"][0] for item in items] + [item["rows"][1] for item in items]
+    return vlm.collate_scored(rows, list(range(len(items))) * 2)
 
 
 class BradleyTerryTrainer(Trainer):
@@ -187,7 +171,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
         bf16=bf16, fp16=fp16, deepspeed=deepspeed,
     )
     trainer = BradleyTerryTrainer(model=rm, args=args, train_dataset=dataset,
-                                  data_collator=partial(collate_pairs, pad_token_id=rm.vlm.pad_token_id, rm=rm),
+                                  data_collator=partial(collate_pairs, vlm=rm.vlm),
                                   callbacks=[record])
     trainer.margin, trainer.center_coef = cfg.margin, cfg.center_coef
     trainer.train()
@@ -214,7 +198,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
 
 def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Example], base: str | Path | MagmaVLM,
                           cfg: RewardConfig, out_dir: str | Path, upto_round: int | None = None,
-                          annotators: Callable[[str], bool] | None = not_reward_annotator,
+                          kinds: Collection[str] | None = PEOPLE, aggregate: str = DEFAULT_AGGREGATE,
                           deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
                           pooling: str = "mean") -> tuple[RewardModel, dict]:
     """The whole recipe: pairs from the store, split by example, train, evaluate and calibrate, save.
@@ -223,7 +207,8 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     `evaluate_saved` scores the same ones), `training.json`, `reward_eval.json` and `calibration.png`.
 
     Args:
-        annotators: Whose judgments count (default: everyone but the reward model itself).
+        kinds: The annotator kinds whose judgments count (default: people, never the reward model itself).
+        aggregate: How several annotators of one item combine (illume.feedback.verdicts).
 
     Returns:
         (the model, {"training": fit metrics, "eval": held-out report}).
@@ -231,15 +216,14 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     from reward.evaluate import evaluate_reward_model
 
     out_dir = Path(out_dir)
-    pairs = to_preference_pairs(store, examples_by_id, upto_round=upto_round,
-                                include_reference_pairs=cfg.include_reference_pairs, annotators=annotators)
-    example_ids = judged_example_ids(store, upto_round=upto_round, annotators=annotators)
+    feedback = reward_feedback(store, upto_round=upto_round, kinds=kinds, aggregate=aggregate)
+    pairs = preference_pairs(feedback, examples_by_id, cfg.include_reference_pairs, str(store.url))
+    example_ids = judged_example_ids(feedback)
     train_ids, heldout_ids = split_by_example(example_ids, cfg.heldout_fraction, cfg.seed)
     heldout = set(heldout_ids)
     pairs_train = [p for p in pairs if p.example_id not in heldout]
     pairs_heldout = [p for p in pairs if p.example_id in heldout]
-    judged_heldout = judged_candidates(store, examples_by_id, upto_round=upto_round, annotators=annotators,
-                                       example_ids=heldout)
+    judged_heldout = labelled_candidates(feedback, example_ids=heldout)
     rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, deepspeed=deepspeed,
                               bf16=bf16, fp16=fp16, pooling=pooling)
     if distributed.is_main():
@@ -258,7 +242,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
 
 def evaluate_saved(store: FeedbackStore, examples_by_id: dict[str, Example], rm: RewardModel,
                    out_dir: str | Path, target_precision: float,
-                   annotators: Callable[[str], bool] | None = not_reward_annotator) -> dict:
+                   kinds: Collection[str] | None = PEOPLE, aggregate: str = DEFAULT_AGGREGATE) -> dict:
     """Evaluate a saved reward model on the held-out examples recorded in `out_dir/split.json`."""
     from reward.evaluate import evaluate_reward_model
 
@@ -267,9 +251,8 @@ def evaluate_saved(store: FeedbackStore, examples_by_id: dict[str, Example], rm:
         raise FileNotFoundError(f"no {SPLIT_FILE} in {out_dir}: train with `illume reward train` first")
     split = json.loads((out_dir / SPLIT_FILE).read_text())
     heldout = set(split["heldout_example_ids"])
-    pairs = to_preference_pairs(store, examples_by_id, upto_round=split["upto_round"],
-                                include_reference_pairs=split["include_reference_pairs"], annotators=annotators)
-    judged = judged_candidates(store, examples_by_id, upto_round=split["upto_round"], annotators=annotators,
-                               example_ids=heldout)
+    feedback = reward_feedback(store, upto_round=split["upto_round"], kinds=kinds, aggregate=aggregate)
+    pairs = preference_pairs(feedback, examples_by_id, split["include_reference_pairs"], str(store.url))
+    judged = labelled_candidates(feedback, example_ids=heldout)
     return evaluate_reward_model(rm, [p for p in pairs if p.example_id in heldout], judged, examples_by_id,
                                  target_precision, out_dir)

@@ -20,7 +20,8 @@ import torch
 from illume.config import load_config
 from illume.data.datasets import load_split
 from illume.data.records import load_image
-from illume.sampling import ANSWER_PROMPT, rationale_prompt, sample
+from illume.prompts import ANSWER_PROMPT, rationale_prompt
+from illume.sampling import sample
 
 
 def naive_sample(vlm, examples, cfg) -> int:
@@ -55,11 +56,11 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     if args.random_model:
-        from illume.pretrain import build_demo_vlm
+        from illume.demo.tiny_models import build_demo_vlm
 
         vlm = build_demo_vlm(cfg.model)
     else:
-        from illume.models.loading import load_vlm
+        from illume.loading import load_vlm
 
         vlm = load_vlm(cfg)
     examples = load_split(cfg.data, "val")[: args.num_examples]

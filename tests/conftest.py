@@ -37,7 +37,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
 def tiny_vlm():
     """A randomly initialised tiny MAGMA with the shapes-world tokenizer, in eval mode."""
     from illume.config import load_config
-    from illume.pretrain import build_demo_vlm
+    from illume.demo.tiny_models import build_demo_vlm
 
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY_MODEL)
     return build_demo_vlm(cfg.model, seed=0)

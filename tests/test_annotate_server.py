@@ -27,6 +27,7 @@ from illume.annotate.server import STATIC_DIR, create_app
 from illume.cli import main
 from illume.config import AnnotateConfig
 from illume.data.records import Candidate, CandidateSet
+from illume.feedback.queue import AnnotationQueue
 from illume.store import FeedbackStore
 from tests.conftest import REPO
 
@@ -140,7 +141,7 @@ def test_hand_out_respects_annotations_per_item_and_never_repeats(store, run_dir
             break
     for annotator, examples in seen.items():
         assert len(examples) == len(set(examples)), f"{annotator} saw an item twice"
-    counts = store.annotation_progress(0, 2)
+    counts = AnnotationQueue(store).annotation_progress(0, 2)
     assert counts["items"] == 4 and counts["complete_items"] == 4 and counts["judgments"] == 8
     assert sum(map(len, seen.values())) == 8
     for example in ["e0", "e1", "e2", "e3"]:
@@ -203,7 +204,7 @@ def test_judgments_are_stored_exactly_with_the_order_shown(store, run_dir):
     assert judgments(store) == {("ann", "e0"): {
         "decisions": {texts[i]: i in accepted for i in shown}, "none_fit": False, "seconds": 4.25,
         "client_token": "tok-1"}}
-    [mine] = store.judgments_by(0, "ann")
+    [mine] = AnnotationQueue(store).judgments_by(0, "ann")
     assert mine["shown_order"] == shown and sorted(mine["accepted"]) == sorted(accepted)
     # none fits is stored as such, every candidate rejected
     other = take(client, "ann")
@@ -226,7 +227,7 @@ def test_candidates_are_shuffled_and_the_shown_order_is_the_one_recorded(tmp_pat
             body = {"annotator": "ann", "item_id": item["item_id"], "accepted": [order[1]],
                     "client_token": str(uuid.uuid4()), "shown_order": reported}
             assert client.post("/api/judgment", json=body).status_code == 200
-            assert store.judgments_by(0, "ann")[0]["shown_order"] == reported
+            assert AnnotationQueue(store).judgments_by(0, "ann")[0]["shown_order"] == reported
         assert not all(orders)  # all 20 in drawn order: probability 24**-20
 
 
@@ -269,7 +270,7 @@ def test_malformed_submissions_get_a_4xx_with_a_reason(store, run_dir, change, s
     client = client_for(store, run_dir)
     item = take(client, "ann")
     other_item = take(client, "bob")
-    val_item_id = next(i for i in range(1, 6) if store.item(i)["split"] == "val")
+    val_item_id = next(i for i in range(1, 6) if AnnotationQueue(store).item(i)["split"] == "val")
     # Placeholders in `change` stand for ids known only now.
     ids = {"OTHER": other_item["candidates"][0]["id"], "SAME": item["candidates"][0]["id"],
            "VAL": val_item_id}
@@ -315,13 +316,59 @@ def test_put_replaces_only_the_annotators_own_judgment(store, run_dir):
     stored = judgments(store)[("ann", first["example_id"])]
     assert stored["decisions"] == {texts[ids[0]]: False, texts[ids[1]]: True, texts[ids[2]]: True}
     assert stored["seconds"] == 5.0 and store.num_judgments() == 2
-    [_, mine] = store.judgments_by(0, "ann")
+    [_, mine] = AnnotationQueue(store).judgments_by(0, "ann")
     assert mine["updated_at"] is not None and mine["shown_order"] == ids  # the order shown is kept
     # Nobody replaces a judgment they did not make; a PUT never creates one.
     assert judge(client, "bob", first, method="PUT").status_code == 404
     assert judge(client, "ann", take(client, "ann"), method="PUT").status_code == 404
     assert judge(client, "ann", first, none_fit=True, accepted=[ids[0]], method="PUT").status_code == 422
     assert store.num_judgments() == 2
+    # The store kept the version the PUT replaced; readers see only the latest.
+    versions = store.judgment_history(first["item_id"], "ann")
+    assert [(v["accepted"], v["seconds"]) for v in versions] == [([ids[0]], 3.0), (sorted(ids[1:]), 5.0)]
+    assert versions[0]["revised_at"] is not None and versions[-1]["revised_at"] is None
+
+
+def test_page_judgments_are_stored_as_peoples(store, run_dir):
+    client = client_for(store, run_dir, annotations_per_item=2)
+    assert judge(client, "ann", take(client, "ann")).status_code == 200
+    assert store.annotator_kinds() == {"ann": "person"}
+    # A name the store knows as another kind (here: the reward model's) cannot judge in the page.
+    store.add_judgments(0, [("e3", [], True, None)], "rm", kind="reward")
+    response = judge(client, "rm", take(client, "rm"))
+    assert response.status_code == 422 and "'rm'" in response.json()["detail"]
+    assert store.num_judgments(kinds=["person"]) == 1 and store.num_judgments(kinds=["reward"]) == 1
+
+
+def test_the_page_shows_the_stored_question_and_the_whole_prompt_without_one(store, run_dir):
+    # Round 1: stored with questions; the prompts deliberately hold another question, which must not show.
+    sets = make_sets(["q0", "q1"])
+    store.add_candidate_sets(1, "train", sets, questions={"q0": "Which <b>colour</b> is the shape?"})
+    client = client_for(store, run_dir, round_idx=1)
+    shown = {item["example_id"]: item for item in (take(client, "ann"), take(client, "bob"))}
+    assert shown["q0"]["question"] == "Which <b>colour</b> is the shape?"  # as text, verbatim
+    assert shown["q0"]["answer"] == "red"
+    assert shown["q1"]["question"] == sets[1].prompt  # stored without a question: the whole prompt
+    # Round 0 was stored without questions (an older store): every item shows its whole prompt.
+    old = take(client_for(store, run_dir, round_idx=0), "carol")
+    assert old["question"] == make_sets(["e0"])[0].prompt and old["question"].startswith("Q: ")
+    # The history view shows the same question.
+    assert judge(client, "ann", shown["q0"]).status_code == 200
+    [past] = client.get("/api/history", params={"annotator": "ann"}).json()["items"]
+    assert past["question"] == "Which <b>colour</b> is the shape?"
+
+
+def test_the_server_and_assist_do_not_parse_prompts():
+    """The question comes from the store: no regular expressions over the prompt in the annotation app."""
+    from illume.annotate import assist
+
+    for module in (server, assist):
+        source = Path(module.__file__).read_text()
+        assert not re.search(r"^\s*(import re\b|from re import)", source, re.MULTILINE), module.__name__
+        assert "re.compile(" not in source and "re.match(" not in source, module.__name__
+    prompt = "Q: x A: y, seeing that"
+    assert server.question_shown({"question": None, "prompt": prompt}) == prompt
+    assert server.question_shown({"question": "x?", "prompt": prompt}) == "x?"
 
 
 # ---------------------------------------------------------------- untrusted text, images, token
@@ -357,9 +404,9 @@ def test_image_route_serves_only_the_items_own_image(store, run_dir, tmp_path):
                     "/api/image/-1", "/api/image/0", "/api/image/999999", "/api/image/1.0",
                     "/api/image/%2Fetc%2Fpasswd", f"/api/image/{2**70}"]:
         assert client.get(attempt).status_code in (404, 422), attempt
-    no_image = next(i for i in range(1, 6) if store.item(i)["example_id"] == "e3")
+    no_image = next(i for i in range(1, 6) if AnnotationQueue(store).item(i)["example_id"] == "e3")
     assert client.get(f"/api/image/{no_image}").status_code == 404
-    val_item = next(i for i in range(1, 6) if store.item(i)["split"] == "val")
+    val_item = next(i for i in range(1, 6) if AnnotationQueue(store).item(i)["split"] == "val")
     assert client.get(f"/api/image/{val_item}").status_code == 404  # not an item people judge here
 
 
@@ -383,7 +430,7 @@ def test_image_refs_that_leave_the_run_are_refused(tmp_path):
         served = {}
         for item_id in range(1, len(refs) + 1):
             response = client.get(f"/api/image/{item_id}")
-            served[store.item(item_id)["example_id"]] = response.status_code
+            served[AnnotationQueue(store).item(item_id)["example_id"]] = response.status_code
         assert served == {"up": 404, "images-up": 404, "link": 404, "text": 404, "url": 404, "passwd": 404,
                           "absolute": 200, "bare": 200}
         assert client.get("/api/image/7").headers["content-type"] == "image/jpeg"
@@ -439,11 +486,11 @@ def test_an_older_store_gets_the_new_columns(tmp_path):
         connection.execute("ALTER TABLE decisions DROP COLUMN position_shown")
         connection.execute("ALTER TABLE judgments DROP COLUMN updated_at")
     with FeedbackStore(path) as store:
-        assert store.judgments_by(0, "ann")[0]["shown_order"] is None
-        item_id = store.judgments_by(0, "ann")[0]["item_id"]
+        assert AnnotationQueue(store).judgments_by(0, "ann")[0]["shown_order"] is None
+        item_id = AnnotationQueue(store).judgments_by(0, "ann")[0]["item_id"]
         ids = store.candidate_ids(0)["a"]
-        assert store.replace_judgment(item_id, "ann", [ids[0]], shown_order=ids[::-1])
-        assert store.judgments_by(0, "ann")[0]["shown_order"] == ids[::-1]
+        assert AnnotationQueue(store).replace_judgment(item_id, "ann", [ids[0]], shown_order=ids[::-1])
+        assert AnnotationQueue(store).judgments_by(0, "ann")[0]["shown_order"] == ids[::-1]
 
 
 def test_cli_annotate_reads_the_run_config_and_requires_a_token_off_loopback(store, run_dir, monkeypatch,
@@ -705,7 +752,7 @@ def test_the_page_in_a_real_browser_with_the_keyboard_only(tmp_path):
         process.wait(timeout=30)
     assert len(texts) == 3 and (tmp_path / "annotate.png").stat().st_size > 10_000
     with FeedbackStore(run_dir / "feedback.db") as store:
-        mine = {j["item_id"]: j for j in store.judgments_by(0, "alice")}
+        mine = {j["item_id"]: j for j in AnnotationQueue(store).judgments_by(0, "alice")}
         assert set(mine) == set(shown) and store.num_judgments() == 3
         first, second, third = (mine[i] for i in shown)
         assert sorted(first["accepted"]) == sorted(first["shown_order"][:2]) and not first["none_fit"]

@@ -59,9 +59,9 @@ def no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the data were checked")
 
-    monkeypatch.setattr("illume.models.loading.load_vlm", fail)
+    monkeypatch.setattr("illume.loading.load_vlm", fail)
     monkeypatch.setattr(illume.loop, "load_vlm", fail)
-    monkeypatch.setattr("illume.pretrain.pretrain_demo_model", fail)
+    monkeypatch.setattr("illume.demo.pretrain.pretrain_demo_model", fail)
 
 
 def _command(tmp_path, command: str, data: list[str]) -> list[str]:

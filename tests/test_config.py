@@ -76,20 +76,20 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 def test_demo_model_is_cached_under_the_home_folder_by_default(home):
-    from illume.pretrain import demo_model_dir
+    from illume.demo.pretrain import demo_model_dir
 
     assert demo_model_dir(load_config(CONFIGS / "demo.yaml")).parent == home / ".cache" / "illume"
 
 
 def test_xdg_cache_home_moves_the_cache(home, tmp_path, monkeypatch):
-    from illume.pretrain import demo_model_dir
+    from illume.demo.pretrain import demo_model_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert demo_model_dir(load_config(CONFIGS / "demo.yaml")).parent == tmp_path / "xdg" / "illume"
 
 
 def test_illume_cache_wins_over_xdg_cache_home(home, tmp_path, monkeypatch):
-    from illume.pretrain import demo_model_dir
+    from illume.demo.pretrain import demo_model_dir
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("ILLUME_CACHE", str(tmp_path / "mine"))
@@ -97,7 +97,7 @@ def test_illume_cache_wins_over_xdg_cache_home(home, tmp_path, monkeypatch):
 
 
 def test_model_cache_dir_setting_wins_over_the_environment(home, tmp_path, monkeypatch):
-    from illume.pretrain import demo_model_dir
+    from illume.demo.pretrain import demo_model_dir
 
     monkeypatch.setenv("ILLUME_CACHE", str(tmp_path / "mine"))
     cfg = load_config(CONFIGS / "demo.yaml", [f"model.cache_dir={tmp_path / 'chosen'}"])

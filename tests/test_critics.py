@@ -1,8 +1,9 @@
 """Critics: the simulated critic's rule, and the reward critic's threshold and hybrid band."""
 
 from illume.config import CriticConfig
-from illume.critics import RewardCritic, SimulatedCritic
+from illume.critics import SimulatedCritic
 from illume.data.records import Candidate, CandidateSet, Example
+from reward.critic import RewardDecider
 
 
 def _set(example_id, texts):
@@ -14,22 +15,22 @@ def test_simulated_critic_accepts_by_rouge_l_against_any_reference():
     example = Example("e", None, "what color is the circle?", ["red"],
                       ["the circle is red", "there is a red circle on the left"])
     cs = _set("e", ["the circle is red", "there is a red circle on the left side", "a blue square", "the red"])
-    [review] = SimulatedCritic(CriticConfig(threshold=0.7)).review([cs], {"e": example})
+    [review] = SimulatedCritic(CriticConfig(threshold=0.7)).decide([cs], {"e": example})
     assert review.accepted == [0, 1] and not review.none_fit
-    [strict] = SimulatedCritic(CriticConfig(threshold=1.0)).review([cs], {"e": example})
+    [strict] = SimulatedCritic(CriticConfig(threshold=1.0)).decide([cs], {"e": example})
     assert strict.accepted == [0]
-    [none] = SimulatedCritic(CriticConfig(threshold=0.7)).review([_set("e", ["a blue square"])], {"e": example})
+    [none] = SimulatedCritic(CriticConfig(threshold=0.7)).decide([_set("e", ["a blue square"])], {"e": example})
     assert none.accepted == [] and none.none_fit
 
 
 def test_reward_critic_threshold_and_hybrid_band(monkeypatch):
     sets = [_set("a", ["x", "y"]), _set("b", ["x", "y"]), _set("c", ["x"])]
     scores = {"a": [2.5, -3.0], "b": [0.4, -2.0], "c": [-4.0]}  # threshold 0: b's 0.4 is within the band 1
-    critic = RewardCritic(reward_model=None, threshold=0.0)
+    critic = RewardDecider(reward_model=None, threshold=0.0)
     monkeypatch.setattr(critic, "scores", lambda sets, _: [scores[cs.example_id] for cs in sets])
-    reviews = {r.example_id: r for r in critic.review(sets, {})}
+    reviews = {r.example_id: r for r in critic.decide(sets, {})}
     assert reviews["a"].accepted == [0] and reviews["b"].accepted == [0] and reviews["c"].none_fit
-    hybrid = RewardCritic(reward_model=None, threshold=0.0, band=1.0)
+    hybrid = RewardDecider(reward_model=None, threshold=0.0, band=1.0)
     monkeypatch.setattr(hybrid, "scores", lambda sets, _: [scores[cs.example_id] for cs in sets])
-    decided = {r.example_id for r in hybrid.review(sets, {})}
+    decided = {r.example_id for r in hybrid.decide(sets, {})}
     assert decided == {"a", "c"}  # b goes to people

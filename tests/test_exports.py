@@ -12,6 +12,7 @@ from PIL import Image
 from illume.cli import main
 from illume.data.records import Candidate, CandidateSet
 from illume.exports import ExportError, export
+from illume.feedback.verdicts import read_feedback
 from illume.store import FeedbackStore
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -88,7 +89,7 @@ def load(path):
 
 
 def test_dpo_export_has_trl_columns_and_exact_pairs(run_dir):
-    result = export(run_dir, "dpo")
+    result = export(run_dir, "dpo", aggregate="any")
     assert result.path == run_dir / "exports" / "dpo" and result.num_rows == 4
     dataset, rows = load(result.path)
     assert set(dataset.column_names) == TRL_COLUMNS["dpo"] | META
@@ -107,7 +108,7 @@ def test_dpo_export_has_trl_columns_and_exact_pairs(run_dir):
 
 
 def test_sft_export_one_row_per_accepted_rationale(run_dir):
-    dataset, rows = load(export(run_dir, "sft").path)
+    dataset, rows = load(export(run_dir, "sft", aggregate="any").path)
     assert set(dataset.column_names) == TRL_COLUMNS["sft"] | META
     assert [(r["example_id"], r["round_idx"], r["prompt"], r["completion"], r["annotators"]) for r in rows] == [
         ("e1", 0, prompt("e1"), " " + CIRCLE, ["alice", "bob", "alice"]),  # accepted in rounds 0 and 1
@@ -115,19 +116,19 @@ def test_sft_export_one_row_per_accepted_rationale(run_dir):
         ("e3", 0, prompt("e3"), " " + LEFT, ["alice"]),
     ]
     assert [colour_of(r["images"][0]) for r in rows] == [RED, RED, BLUE]
-    # The same set the loop fine-tunes on.
+    # The same set the loop fine-tunes on (policies.sft reads it so).
     with FeedbackStore(run_dir / "feedback.db") as store:
-        accepted = store.accepted_rationales(upto_round=1)
+        accepted = read_feedback(store, upto_round=1, aggregate="any").accepted()
     assert [(r["example_id"], r["completion"]) for r in rows] == [(a.example_id, " " + a.text) for a in accepted]
 
 
 def test_kto_export_labels_every_judged_rationale(run_dir):
-    dataset, rows = load(export(run_dir, "kto").path)
+    dataset, rows = load(export(run_dir, "kto", aggregate="any").path)
     assert set(dataset.column_names) == TRL_COLUMNS["kto"] | META
     assert dataset.features["label"].dtype == "bool"
     assert [(r["example_id"], r["completion"], r["label"], r["annotators"]) for r in rows] == [
         ("e1", " " + CIRCLE, True, ["alice", "bob", "alice"]),
-        ("e1", " " + RED_CIRCLE, True, ["bob"]),  # bob accepted it, alice did not: any accept counts (K=1)
+        ("e1", " " + RED_CIRCLE, True, ["bob"]),  # bob accepted it, alice did not: one accept is enough (any)
         ("e1", " " + SKY, False, ["alice", "bob"]),
         ("e2", " " + SQUARE, False, ["alice"]),  # none fits rejects every candidate
         ("e2", " " + TWO, False, ["alice"]),
@@ -138,19 +139,22 @@ def test_kto_export_labels_every_judged_rationale(run_dir):
     assert [colour_of(r["images"][0]) for r in rows] == [RED, RED, RED, GREEN, GREEN, BLUE, BLUE, RED]
 
 
-def test_min_accepts_leaves_contested_candidates_out(run_dir):
-    # K=2: only CIRCLE (alice and bob in round 0) is accepted; RED_CIRCLE and LEFT (one accept) are contested.
-    _, sft = load(export(run_dir, "sft", min_accepts=2).path)
-    assert [r["completion"] for r in sft] == [" " + CIRCLE]
-    _, dpo = load(export(run_dir, "dpo", min_accepts=2).path)
-    assert [(r["chosen"], r["rejected"]) for r in dpo] == [(" " + CIRCLE, " " + SKY)]
-    _, kto = load(export(run_dir, "kto", min_accepts=2).path)
+def test_majority_leaves_ties_out(run_dir):
+    # By majority (the default: no config.yaml here) alice and bob tie on RED_CIRCLE: contested, in no format.
+    _, sft = load(export(run_dir, "sft").path)
+    assert [r["completion"] for r in sft] == [" " + CIRCLE, " " + LEFT]
+    _, dpo = load(export(run_dir, "dpo").path)
+    assert [(r["chosen"], r["rejected"]) for r in dpo] == [
+        (" " + CIRCLE, " " + SKY), (" " + LEFT, " " + RIGHT), (" " + CIRCLE, " " + BLUE_SQUARE)]
+    _, kto = load(export(run_dir, "kto").path)
     assert [(r["completion"], r["label"]) for r in kto] == [
         (" " + CIRCLE, True), (" " + SKY, False), (" " + SQUARE, False), (" " + TWO, False),
-        (" " + RIGHT, False), (" " + BLUE_SQUARE, False),
+        (" " + LEFT, True), (" " + RIGHT, False), (" " + BLUE_SQUARE, False),
     ]
     with FeedbackStore(run_dir / "feedback.db") as store:
-        assert [a.text for a in store.accepted_rationales(upto_round=1, min_accepts=2)] == [CIRCLE]
+        assert [a.text for a in read_feedback(store, upto_round=1).accepted()] == [CIRCLE, LEFT]
+    with pytest.raises(ExportError, match="aggregate must be one of"):
+        export(run_dir, "sft", aggregate="most")
 
 
 def test_round_and_split_filters(run_dir):
@@ -191,7 +195,7 @@ def test_jsonl_has_one_flat_row_per_decision(run_dir):
 
 
 def test_as_jsonl_writes_trl_rows_with_image_paths(run_dir):
-    result = export(run_dir, "dpo", as_jsonl=True)
+    result = export(run_dir, "dpo", as_jsonl=True, aggregate="any")
     assert result.path == run_dir / "exports" / "dpo.jsonl"
     rows = [json.loads(line) for line in result.path.read_text().splitlines()]
     assert [(r["chosen"], r["rejected"]) for r in rows][2] == (" " + LEFT, " " + RIGHT)
@@ -235,7 +239,7 @@ def test_store_url_from_config(tmp_path, run_dir):
     elsewhere.parent.mkdir()
     shutil.move(run_dir / "feedback.db", elsewhere)
     (run_dir / "config.yaml").write_text(f"store_url: sqlite:///{elsewhere}\n")
-    assert export(run_dir, "sft", images=False).num_rows == 3
+    assert export(run_dir, "sft", images=False).num_rows == 2  # majority: RED_CIRCLE is a tie
     (run_dir / "config.yaml").write_text(f"store_url: sqlite:///{tmp_path / 'missing.db'}\n")
     with pytest.raises(ExportError, match="missing.db"):
         export(run_dir, "sft")
@@ -277,19 +281,19 @@ def test_errors(tmp_path, run_dir):
 
 def test_export_replaces_a_previous_export(run_dir):
     out = run_dir / "my_dpo"
-    assert export(run_dir, "dpo", out).num_rows == 4
+    assert export(run_dir, "dpo", out).num_rows == 3
     assert export(run_dir, "dpo", out, round_idx=1).num_rows == 1
     assert len(load_from_disk(str(out))) == 1
 
 
 def test_cli_export(run_dir, capsys):
     assert main(["export", str(run_dir), "--format", "dpo"]) == 0
-    assert "exported 4 dpo rows" in capsys.readouterr().out
+    assert "exported 3 dpo rows" in capsys.readouterr().out
     dataset, rows = load(run_dir / "exports" / "dpo")
-    assert set(dataset.column_names) >= TRL_COLUMNS["dpo"] and len(rows) == 4
+    assert set(dataset.column_names) >= TRL_COLUMNS["dpo"] and len(rows) == 3
     out = run_dir / "k.jsonl"
     assert main(["export", str(run_dir), "--format", "kto", "--out", str(out), "--as-jsonl",
-                 "--min-accepts", "2", "--round", "0"]) == 0
-    assert len(out.read_text().splitlines()) == 5
+                 "--aggregate", "unanimous", "--round", "0"]) == 0
+    assert len(out.read_text().splitlines()) == 6  # RED_CIRCLE (one accept, one reject) left out
     assert main(["export", str(run_dir / "missing"), "--format", "sft"]) == 2
     assert "run directory not found" in capsys.readouterr().err

@@ -11,8 +11,11 @@ from PIL import Image
 
 from illume.config import SampleConfig
 from illume.data.records import Example
-from illume.models.hf import HFVLM, _banned_token_ids, build_tiny_hf_vlm, load_hf_vlm, sample_hf
-from illume.sampling import example_seed
+from illume.demo.tiny_models import build_tiny_hf_vlm
+from illume.models.hf import HFVLM, _banned_token_ids, load_hf_vlm
+from illume.models.vlm import VLM
+from illume.prompts import example_seed
+from illume.sampling import sample
 
 PROMPT = "Q: what color is the circle ? A: red, seeing that"
 COMPLETION = " the circle is red"
@@ -111,15 +114,27 @@ def test_one_sft_step_changes_lora_weights_only(vlm):
     assert names and all("multi_modal_projector" in n or "visual.merger" in n for n in names)
 
 
+def _sample(vlm: HFVLM, examples: list[Example], cfg: SampleConfig, **kwargs) -> list:
+    """`illume.sampling.sample` as on the train split (reference answers in the prompts) unless told."""
+    return sample(vlm, examples, cfg, **{"use_reference_answer": True, "progress": False, **kwargs})
+
+
+def test_both_backends_implement_the_whole_vlm_protocol(vlm, tiny_vlm):
+    members = [name for name in dir(VLM) if not name.startswith("_")] + list(VLM.__annotations__)
+    for backend in (vlm, tiny_vlm):
+        missing = [name for name in members if not hasattr(backend, name)]
+        assert not missing, (type(backend).__name__, missing)
+
+
 def _examples() -> list[Example]:
     return [Example(f"ex{i}", _image(i), q, [a]) for i, (q, a) in
             enumerate([("what color is the circle ?", "red"), ("is there a square ?", "no"),
                        ("how many shapes are there ?", "two")])]
 
 
-def test_sample_hf_draws_reproducible_candidates(vlm):
+def test_sampling_draws_reproducible_candidates(vlm):
     examples = _examples()
-    sets = sample_hf(vlm, examples, SAMPLE_CFG)
+    sets = _sample(vlm, examples, SAMPLE_CFG)
     k = len(SAMPLE_CFG.temperatures) * SAMPLE_CFG.samples_per_temperature
     for example, candidate_set in zip(examples, sets):
         assert candidate_set.example_id == example.id and candidate_set.answer == example.answer
@@ -130,11 +145,11 @@ def test_sample_hf_draws_reproducible_candidates(vlm):
         for c in candidate_set.candidates:
             assert c.temperature == [0.3, 0.3, 0.8, 0.8][c.sample_idx] and c.seed == candidate_set.seed
             assert c.logprob < 0 and math.isfinite(c.logprob)
-    assert sample_hf(vlm, examples, SAMPLE_CFG) == sets
+    assert _sample(vlm, examples, SAMPLE_CFG) == sets
     # Recorded seeds reproduce the candidates in another round.
     recorded = {s.example_id: s.seed for s in sets}
-    assert sample_hf(vlm, examples, SAMPLE_CFG, round_idx=3, seeds=recorded) == sets
-    own = sample_hf(vlm, examples, SAMPLE_CFG, use_reference_answer=False)
+    assert _sample(vlm, examples, SAMPLE_CFG, round_idx=3, seeds=recorded) == sets
+    own = _sample(vlm, examples, SAMPLE_CFG, use_reference_answer=False)
     assert all(s.answer == s.predicted_answer and f"A: {s.answer}, seeing that" in s.prompt for s in own)
 
 
@@ -153,7 +168,7 @@ def test_candidate_logprob_matches_teacher_forcing(vlm):
     cfg = SampleConfig(temperatures=[0.3, 0.8], samples_per_temperature=2, max_new_tokens=16, batch_size=2)
     examples = _examples()
     ended = []
-    for example, candidate_set in zip(examples, sample_hf(vlm, examples, cfg)):
+    for example, candidate_set in zip(examples, _sample(vlm, examples, cfg)):
         for candidate in candidate_set.candidates:
             row = vlm.encode_row(example.image, candidate_set.prompt, " " + candidate.text)
             with torch.no_grad():

@@ -8,7 +8,8 @@ import torch
 
 from illume.config import PolicyConfig, RewardConfig, SampleConfig, TrainConfig, load_config
 from illume.data.datasets import load_split
-from illume.models.hf import build_tiny_hf_vlm
+from illume.demo.tiny_models import build_tiny_hf_vlm
+from illume.models.hf import HFVLM
 from illume.sampling import sample
 from illume.training import TrainingRow, fine_tune
 from policies.data import LabelledRationale
@@ -74,7 +75,7 @@ def test_one_reward_model_epoch_trains_head_and_lora_and_scores(vlm, examples, t
     cfg = RewardConfig(num_epochs=1, batch_size=2, learning_rate=1e-2)
     frozen = _frozen(vlm)
     rm, metrics = fit_reward(vlm, _pairs(examples), [], by_id, cfg, tmp_path)
-    assert isinstance(rm, RewardModel) and rm.is_hf and metrics["losses"]
+    assert isinstance(rm, RewardModel) and isinstance(rm.vlm, HFVLM) and metrics["losses"]
     assert not _changed(frozen, vlm.model)  # the reward model trains its own copy
     rewards = score(rm, [(e, p.prompt, [p.chosen, p.rejected]) for e, p in zip(examples, _pairs(examples))])
     assert all(len(r) == 2 and all(torch.isfinite(torch.tensor(r))) for r in rewards)

@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,18 @@ def test_training_arguments_are_built_in_one_place():
                 for number, line in enumerate(path.read_text().splitlines(), 1)
                 if "TrainingArguments(" in line and not line.lstrip().startswith(("#", "def "))]
     assert len(builders) == 1 and builders[0].startswith("illume/training.py:"), builders
+
+
+def test_nothing_outside_the_backends_asks_which_backend_it_has():
+    """What differs between backends lives behind the VLM protocol (illume.models.vlm): outside illume/models/,
+    no code compares a backend name or keeps an is-HF flag."""
+    asking = [f"{path.relative_to(REPO)}:{number}"
+              for package in ("illume", "reward", "policies")
+              for path in sorted((REPO / package).rglob("*.py"))
+              if path.relative_to(REPO).parts[:2] != ("illume", "models")
+              for number, line in enumerate(path.read_text().splitlines(), 1)
+              if re.search(r"backend ==|is_hf|\.backend\b", line)]
+    assert not asking, asking
 
 
 def test_import_contracts_hold():

@@ -106,7 +106,7 @@ def test_human_web_critic_stops_waiting_then_continues_from_the_store(tmp_path, 
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in results] == ["base", 0]
     assert results[1]["train_rationales"] == 12 and results[1]["trained"]
-    assert store.is_sampled(1) and store.judgment_counts(1)["judgments"] == 0
+    assert store.is_sampled(1) and store.round_counts(1)["judgments"] == 0
 
 
 def test_terminal_critic_records_each_answer(tmp_path, monkeypatch):
@@ -136,8 +136,11 @@ def test_reward_and_hybrid_critics_take_over_after_the_human_rounds(tmp_path, ki
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in results] == ["base", 0, 1]
     judgments = _judgments(run_dir)
-    people = {(r, e) for r, e, a, *_ in judgments if not a.startswith("reward")}
-    by_rm = {(r, e) for r, e, a, *_ in judgments if a.startswith("reward")}
+    with FeedbackStore(run_dir / "feedback.db") as store:
+        kinds = store.annotator_kinds()  # who judged is stored data, not a name prefix
+    assert kinds == {"simulated:rouge_l>=0.1": "simulated", f"reward:{kind}": "reward"}, kinds
+    people = {(r, e) for r, e, a, *_ in judgments if kinds[a] == "simulated"}
+    by_rm = {(r, e) for r, e, a, *_ in judgments if kinds[a] == "reward"}
     assert {r for r, _ in people} >= {0} and not {r for r, _ in by_rm} & {0}  # round 0: people only
     assert len({e for r, e in people | by_rm if r == 1}) == 12  # every round-1 item judged once, by someone
     assert not people & by_rm

@@ -284,7 +284,7 @@ def test_new_model_fields_leave_the_demo_cache_key_alone():
     from pathlib import Path
 
     from illume.config import load_config
-    from illume.pretrain import demo_model_dir
+    from illume.demo.pretrain import demo_model_dir
 
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     cached = "demo-base-b58830c43f5a"

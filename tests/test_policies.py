@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from illume.config import PolicyConfig, load_config
+from illume.feedback.verdicts import PreferencePair
 from illume.store import FeedbackStore
 from policies.data import LabelledRationale, PolicyDataError, store_labelled_rationales, store_pairs
 from policies.dpo import REFERENCE_FILE, optimize_dpo
 from policies.kto import mismatched_completions
 from policies.losses import dpo_losses, kto_losses, sequence_logps
 from policies.reference import reference_logps
-from reward.pairs import PreferencePair
 from tests.conftest import REPO, TINY_MODEL
 from tests.test_reward import EXAMPLES, _run_dir, candidate_set, example
 
@@ -228,9 +228,9 @@ def test_a_store_without_pairs_is_a_clear_error(tmp_path):
         with pytest.raises(PolicyDataError, match="DPO needs preference pairs: no judgments in"):
             store_pairs(store, EXAMPLES)
         store.add_judgments(0, [("e1", ["A", "B"], False, None), ("e2", ["C"], False, None)], "alice")
-        with pytest.raises(PolicyDataError, match="DPO needs preference pairs.*every one .* was accepted"):
+        with pytest.raises(PolicyDataError, match="DPO needs preference pairs.*all 3 .* are accepted"):
             store_pairs(store, EXAMPLES)
-        with pytest.raises(PolicyDataError, match="KTO needs both accepted and rejected rationales, but all 3 .* are accepted"):
+        with pytest.raises(PolicyDataError, match="KTO needs judged rationales: both accepted and rejected rationales are needed, but all 3 .* are accepted"):
             store_labelled_rationales(store, EXAMPLES)
     with FeedbackStore(tmp_path / "split.db") as store:
         # accepted and rejected candidates exist, but never in the same item: no pair, KTO still works
@@ -313,7 +313,7 @@ def test_an_unknown_policy_kind_fails_before_any_work(tmp_path, capsys):
     from tests.conftest import tiny_overrides
 
     assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "policy.kind=ppo"]) == 2
-    assert "policy.kind='ppo' is not a policy: one of sft, dpo, kto" in capsys.readouterr().err
+    assert "policy.kind='ppo' is not one of sft, dpo, kto" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "demo").exists() and not (tmp_path / "cache").exists()
 
 

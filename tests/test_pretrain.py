@@ -4,10 +4,11 @@ import json
 
 import pytest
 
+from illume import loading
 from illume.config import load_config
 from illume.data.shapes import ShapesWorld
-from illume.models import loading
-from illume.pretrain import PretrainRows, build_demo_vlm, demo_model_dir, pretrain_demo_model
+from illume.demo.pretrain import PretrainRows, demo_model_dir, pretrain_demo_model
+from illume.demo.tiny_models import build_demo_vlm
 from tests.conftest import REPO, TINY_DATA, TINY_MODEL, tiny_overrides
 
 
@@ -51,7 +52,7 @@ def test_load_vlm_pretrains_once_then_uses_the_cache(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("pre-trained again although a cached model exists")
 
-    monkeypatch.setattr("illume.pretrain.pretrain_demo_model", fail)
+    monkeypatch.setattr("illume.demo.pretrain.pretrain_demo_model", fail)
     loading.load_vlm(cfg)
     # A setting that changes the model changes the cache key.
     other = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path) + ["pretrain.num_steps=3"])
@@ -73,7 +74,7 @@ def test_another_working_folder_finds_the_same_cached_model(tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("pre-trained again in another working folder")
 
-    monkeypatch.setattr("illume.pretrain.pretrain_demo_model", fail)
+    monkeypatch.setattr("illume.demo.pretrain.pretrain_demo_model", fail)
     monkeypatch.chdir(tmp_path / "there")
     loading.load_vlm(load_config(REPO / "configs" / "demo.yaml", overrides))
     assert not (tmp_path / "here" / ".cache").exists()

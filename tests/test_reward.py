@@ -26,7 +26,6 @@ from reward.pairs import (
     PreferencePair,
     RewardDataError,
     judged_candidates,
-    not_reward_annotator,
     split_by_example,
     to_preference_pairs,
 )
@@ -65,7 +64,7 @@ def store(tmp_path):
         store.add_judgments(0, [("e1", ["A"], False, None), ("e2", [], True, None), ("e3", ["F"], False, None)],
                             "alice")
         store.add_judgments(0, [("e1", ["A", "B"], False, None)], "bob")
-        store.add_judgments(0, [("e3", ["G"], False, None)], "reward:round0")
+        store.add_judgments(0, [("e3", ["G"], False, None)], "reward:round0", kind="reward")
         store.add_judgments(1, [("e1", ["A"], False, None)], "alice")
         yield store
 
@@ -81,7 +80,7 @@ def as_tuples(pairs: list[PreferencePair]) -> set[tuple]:
 
 
 def test_pairs_accepted_by_anyone_count_as_accepted_and_none_fit_pairs_with_references(store):
-    pairs = to_preference_pairs(store, EXAMPLES, annotators=not_reward_annotator)
+    pairs = to_preference_pairs(store, EXAMPLES, aggregate="any")
     assert as_tuples(pairs) == {
         ("e1", "A", "C", "judged"), ("e1", "B", "C", "judged"),  # B: bob accepted, alice did not -> accepted
         ("e2", "ref one e2", "D", "reference"), ("e2", "ref two e2", "E", "reference"),  # candidate i, ref i % 2
@@ -90,20 +89,22 @@ def test_pairs_accepted_by_anyone_count_as_accepted_and_none_fit_pairs_with_refe
     assert len(pairs) == 5  # (e1, A, C) of round 1 is a duplicate of round 0's
     assert all(p.prompt == prompt(p.example_id) for p in pairs)
     assert {p.round_idx for p in pairs if p.example_id == "e1"} == {0}
+    # By majority (the default), alice and bob tie on B: contested, so no pair has it on either side.
+    assert as_tuples(to_preference_pairs(store, EXAMPLES)) == as_tuples(pairs) - {("e1", "B", "C", "judged")}
 
 
 def test_pairs_without_reference_pairs_and_with_every_annotator(store):
-    without_refs = to_preference_pairs(store, EXAMPLES, include_reference_pairs=False,
-                                       annotators=not_reward_annotator)
+    without_refs = to_preference_pairs(store, EXAMPLES, include_reference_pairs=False, aggregate="any")
     assert {p.source for p in without_refs} == {"judged"} and len(without_refs) == 3
-    everyone = to_preference_pairs(store, EXAMPLES, include_reference_pairs=False)
+    everyone = to_preference_pairs(store, EXAMPLES, include_reference_pairs=False, kinds=None, aggregate="any")
     assert ("e3", "F", "G", "judged") not in as_tuples(everyone)  # G is accepted too once "reward" counts
-    only_round_1 = to_preference_pairs(store, EXAMPLES, upto_round=0, include_reference_pairs=False)
+    only_round_1 = to_preference_pairs(store, EXAMPLES, upto_round=0, include_reference_pairs=False, kinds=None,
+                                       aggregate="any")
     assert len(only_round_1) == 2
 
 
 def test_judged_candidates_give_one_label_per_candidate_per_item(store):
-    judged = judged_candidates(store, EXAMPLES, annotators=not_reward_annotator)
+    judged = judged_candidates(store, EXAMPLES, aggregate="any")
     assert [(e, t, a) for e, _, t, a in judged] == [
         ("e1", "A", True), ("e1", "B", True), ("e1", "C", False), ("e2", "D", False), ("e2", "E", False),
         ("e3", "F", True), ("e3", "G", False), ("e1", "A", True), ("e1", "C", False),
@@ -130,7 +131,7 @@ def test_no_judgments_only_accepts_or_only_rejects_are_clear_errors(tmp_path):
         with pytest.raises(RewardDataError, match="needs both accepted and rejected candidates.*accepted"):
             to_preference_pairs(store, EXAMPLES)
         with pytest.raises(RewardDataError, match="no judgments in"):  # alice's judgments do not count
-            to_preference_pairs(store, EXAMPLES, annotators=lambda a: a != "alice")
+            to_preference_pairs(store, EXAMPLES, kinds={"reward"})
     with FeedbackStore(tmp_path / "b.db") as store:
         store.add_candidate_sets(0, "train", [candidate_set("e1", ["A", "B"])])
         store.add_judgments(0, [("e1", [], True, None)], "alice")
@@ -318,8 +319,8 @@ def test_mean_pooling_needs_the_rationale_start(tiny_vlm):
 
 def test_evaluate_writes_report_and_plot_and_sets_the_threshold(tiny_vlm, tmp_path, store):
     rm = RewardModel(tiny_vlm)
-    pairs = to_preference_pairs(store, EXAMPLES, annotators=not_reward_annotator)
-    judged = judged_candidates(store, EXAMPLES, annotators=not_reward_annotator)
+    pairs = to_preference_pairs(store, EXAMPLES, aggregate="any")
+    judged = judged_candidates(store, EXAMPLES, aggregate="any")
     report = evaluate_reward_model(rm, pairs, judged, EXAMPLES, 0.9, tmp_path / "eval")
     assert (tmp_path / "eval" / "calibration.png").is_file()
     assert json.loads((tmp_path / "eval" / "reward_eval.json").read_text()) == report

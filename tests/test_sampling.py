@@ -7,7 +7,8 @@ import torch
 
 from illume.config import SampleConfig
 from illume.data.shapes import ShapesWorld
-from illume.sampling import rationale_prompt, sample
+from illume.prompts import rationale_prompt
+from illume.sampling import sample
 
 CFG = SampleConfig(temperatures=[0.7, 1.5], samples_per_temperature=3, max_new_tokens=8, batch_size=3)
 

@@ -37,7 +37,11 @@ def test_summary_counts_people_and_agreement(tmp_path):
     # units: 3 items x 2 candidates; ann and bob disagree only on ex2's first candidate
     expected = krippendorff_alpha_nominal([[1, 1], [0, 0], [1, 1], [0, 0], [1, 0], [0, 0]])
     assert r0["alpha"] == pytest.approx(expected)
-    assert summary["people"]["ann"] == {"judgments": 3, "total_seconds": 9.0, "median_seconds": 3.0}
+    assert summary["people"]["ann"] == {"kind": "person", "judgments": 3, "total_seconds": 9.0, "median_seconds": 3.0}
+    # ex2's first candidate: ann accepts, bob rejects: a tie, contested by majority and unanimous, accepted by any.
+    assert r0["items_with_accepted"] == 2
+    assert summarize(store, aggregate="unanimous")["rounds"][0]["items_with_accepted"] == 2
+    assert summarize(store, aggregate="any")["rounds"][0]["items_with_accepted"] == 3
     assert summary["people"]["bob"]["judgments"] == 3
 
 

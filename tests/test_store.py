@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from illume.data.records import Candidate, CandidateSet
+from illume.feedback.verdicts import read_feedback
 from illume.store import FeedbackStore
 from tests.conftest import REPO
 
@@ -100,9 +101,7 @@ def test_two_annotators_on_one_item(store):
     assert store.add_judgment(0, "a", "alice", [ids["a"][0]])
     assert store.add_judgment(0, "a", "bob", ["because a 0", "because a 2"])  # texts work too
     assert store.add_judgment(0, "b", "bob", [], none_fit=True)
-    assert store.judgment_counts(0) == {
-        "items": 2, "judged_items": 2, "judgments": 3, "accepted_candidates": 2, "items_with_accepted": 1
-    }
+    assert store.round_counts(0) == {"items": 2, "judged_items": 2, "judgments": 3}
     assert store.num_judgments() == 3 and store.num_judgments(upto_round=-1) == 0
     assert [r["accepted"] for r in store.judgments_table() if r["example_id"] == "b"] == [False] * 3
 
@@ -132,7 +131,7 @@ def test_bulk_judgments(store):
     assert store.add_judgments(0, rows, "simulated:rouge_l>=0.7") == 2  # "a" twice: the first counts
     assert store.add_judgments(0, rows + [("c", ["because c 2"], False, None)], "simulated:rouge_l>=0.7") == 1
     assert store.unjudged_items(0, "simulated:rouge_l>=0.7") == []
-    assert store.accepted_rationales(0) == [("a", "because a 0", 0), ("c", "because c 2", 0)]
+    assert accepted(store, 0) == [("a", "because a 0", 0), ("c", "because c 2", 0)]
 
 
 def test_failed_transaction_leaves_nothing(store):
@@ -150,6 +149,12 @@ def test_failed_transaction_leaves_nothing(store):
     assert store.rounds() == [0] and store.candidate_sets(1) == []
 
 
+def accepted(store, upto_round: int, aggregate: str = "majority") -> list[tuple[str, str, int]]:
+    """(example id, text, round first accepted) of every accepted rationale, as selection-SFT reads them."""
+    feedback = read_feedback(store, upto_round=upto_round, aggregate=aggregate)
+    return [(row.example_id, row.text, row.item.round_idx) for row in feedback.accepted()]
+
+
 def test_accepted_rationales_dedup_across_rounds_and_annotators(store):
     store.add_candidate_sets(0, "train", make_sets(["a", "b"]))
     round_1 = make_sets(["b", "a"])
@@ -161,13 +166,16 @@ def test_accepted_rationales_dedup_across_rounds_and_annotators(store):
     store.add_judgment(0, "b", "alice", [], none_fit=True)
     store.add_judgment(1, "b", "alice", [ids1["b"][0], ids1["b"][1]])
     store.add_judgment(1, "a", "alice", [ids1["a"][1]])  # the same text as round 0's: kept once, round 0
-    assert store.accepted_rationales(0) == [("a", "because a 0", 0), ("a", "because a 1", 0)]
-    assert store.accepted_rationales(1) == [
+    # Read through the verdict rules (illume.feedback.verdicts), as every trainer reads the store. By majority
+    # "because a 0" (bob accepts, alice does not) is a tie; by "any" it counts.
+    assert accepted(store, 0) == [("a", "because a 1", 0)]
+    assert accepted(store, 0, "any") == [("a", "because a 0", 0), ("a", "because a 1", 0)]
+    assert accepted(store, 1, "any") == [
         ("a", "because a 0", 0), ("a", "because a 1", 0), ("b", "new for b", 1), ("b", "because b 1", 1)
     ]
-    assert store.accepted_rationales(1, min_accepts=2) == [("a", "because a 1", 0)]
-    assert store.accepted_rationales(1, split="val") == []
-    assert store.accepted_rationales(1)[0].example_id == "a"
+    assert accepted(store, 1, "unanimous") == [("a", "because a 1", 0), ("b", "new for b", 1),
+                                               ("b", "because b 1", 1)]
+    assert read_feedback(store, split="val", upto_round=1).accepted() == []
 
 
 def test_rounds_and_reopening(store, tmp_path):
@@ -191,7 +199,7 @@ def test_rounds_and_reopening(store, tmp_path):
     assert status["sampled_at"] <= status["trained_at"]
     assert reopened.is_sampled(0) and not reopened.is_sampled(2)
     assert reopened.candidate_sets(0) == make_sets(["a", "b"])
-    assert reopened.accepted_rationales(0) == [("a", "because a 1", 0)]
+    assert accepted(reopened, 0) == [("a", "because a 1", 0)]
     assert reopened.judgments_table() == store.judgments_table()
     reopened.close()
 
@@ -232,7 +240,7 @@ def test_concurrent_writers(tmp_path):
     assert sorted(stored) == list(range(100))
     with FeedbackStore(path) as store:
         assert store.num_judgments() == 100
-        assert store.judgment_counts(0)["judged_items"] == 50
+        assert store.round_counts(0)["judged_items"] == 50
         assert len(store.judgments_table()) == 100 * 3
         assert store.unjudged_items(0, "annotator-0") == store.unjudged_items(0, "annotator-1") == []
 
@@ -287,3 +295,249 @@ def test_kill_9_leaves_a_consistent_store(tmp_path):
         assert reopened.num_judgments() >= 300
         assert reopened.candidate_sets(0) == make_sets(example_ids, num_candidates=8)
         assert reopened.add_judgments(0, [(e, [], True, None) for e in example_ids], "after-the-kill") == 40
+
+
+# ---------------------------------------------------------------- annotator kinds
+
+
+def test_annotator_kinds_are_data_registered_by_the_first_judgment(store):
+    store.add_candidate_sets(0, "train", make_sets(["a", "b", "c"]))
+    ids = store.candidate_ids(0)
+    assert store.annotator_kinds() == {}
+    assert store.add_judgment(0, "a", "alice", [ids["a"][0]])  # default: a person
+    both = [("a", [], True, None), ("b", [], True, None)]
+    assert store.add_judgments(0, both, "rouge", kind="simulated") == 2
+    # The name says nothing: "reward-fan" is a person, "critic-7" the reward model.
+    assert store.add_judgment(0, "b", "reward-fan", [], none_fit=True, kind="person")
+    assert store.add_judgments(0, [("c", [ids["c"][1]], False, None)], "critic-7", kind="reward") == 1
+    assert store.annotator_kinds() == {"alice": "person", "critic-7": "reward", "reward-fan": "person",
+                                       "rouge": "simulated"}
+    kinds = {(item.example_id, j.annotator): j.annotator_kind
+             for item in store.judged_items() for j in item.judgments}
+    assert kinds == {("a", "alice"): "person", ("a", "rouge"): "simulated", ("b", "rouge"): "simulated",
+                     ("b", "reward-fan"): "person", ("c", "critic-7"): "reward"}
+    assert {r["annotator"]: r["annotator_kind"] for r in store.judgments_table()}["critic-7"] == "reward"
+
+    # A later write under a name with another kind is refused, naming the annotator and both kinds.
+    before = store.judgments_table()
+    with pytest.raises(ValueError, match=r"'alice'.*'person'.*'reward'"):
+        store.add_judgment(0, "b", "alice", [], none_fit=True, kind="reward")
+    with pytest.raises(ValueError, match=r"'rouge'.*'simulated'.*'person'"):
+        store.add_judgments(0, [("c", [], True, None)], "rouge")
+    with pytest.raises(ValueError, match=r"'rouge'.*'simulated'.*'person'"):  # even a repeat is checked
+        store.add_judgments(0, [("a", [], True, None)], "rouge")
+    # An unknown kind is refused with the list of kinds.
+    with pytest.raises(ValueError, match=r"one of \('person', 'simulated', 'reward', 'judge'\).*'human'"):
+        store.add_judgment(0, "c", "bob", [], none_fit=True, kind="human")
+    assert store.judgments_table() == before and "bob" not in store.annotator_kinds()
+    # The same kind again is fine.
+    assert store.add_judgment(0, "b", "alice", [], none_fit=True, kind="person")
+
+
+def test_registration_is_part_of_the_judgments_transaction(store):
+    store.add_candidate_sets(0, "train", make_sets(["a", "b"]))
+    ids = store.candidate_ids(0)
+    with pytest.raises(ValueError, match="not one of this item's candidates"):
+        store.add_judgments(0, [("a", [], True, None), ("b", [ids["a"][0]], False, None)], "judge-1",
+                            kind="judge")
+    assert store.annotator_kinds() == {}  # nothing written: not even the annotator
+    assert store.add_judgments(0, [], "nobody", kind="judge") == 0
+    assert store.annotator_kinds() == {}  # registered by a judgment, not by a call
+    assert store.add_judgments(0, [("a", [], True, None)], "judge-1", kind="judge") == 1
+    assert store.annotator_kinds() == {"judge-1": "judge"}
+
+
+def test_num_judgments_counts_by_kind_and_round(store):
+    store.add_candidate_sets(0, "train", make_sets(["a", "b"]))
+    store.add_candidate_sets(1, "train", make_sets(["a"]))
+    store.add_candidate_sets(1, "val", make_sets(["v"]))
+    store.add_judgments(0, [("a", [], True, None), ("b", [], True, None)], "alice")
+    store.add_judgments(0, [("a", [], True, None)], "sim", kind="simulated")
+    store.add_judgments(1, [("a", [], True, None)], "rm", kind="reward")
+    store.add_judgments(1, [("v", [], True, None)], "alice", split="val")
+    assert store.num_judgments() == 5
+    assert store.num_judgments(kinds=["person"]) == 3 and store.num_judgments(kinds="person") == 3
+    assert store.num_judgments(kinds={"person", "simulated"}) == 4
+    assert store.num_judgments(kinds=["reward"]) == 1 and store.num_judgments(kinds=["judge"]) == 0
+    assert store.num_judgments(kinds=[]) == 0
+    assert store.num_judgments(round_idx=1) == 2 and store.num_judgments(round_idx=0) == 3
+    assert store.num_judgments(upto_round=0) == 3
+    assert store.num_judgments(upto_round=0, kinds=["simulated"]) == 1
+    assert store.num_judgments(round_idx=1, kinds=["person"]) == 1  # all splits
+    with pytest.raises(ValueError, match="annotator kind must be one of"):
+        store.num_judgments(kinds=["people"])
+
+
+def test_an_older_store_registers_its_annotators_once_with_the_kind_their_names_implied(tmp_path):
+    """A database written before kinds were stored: no `annotators`, no `judgment_revisions`, no question."""
+    path = tmp_path / "feedback.db"
+    names = ["alice", "simulated:rouge_l>=0.7", "reward:hybrid", "reward", "bob-simulated"]
+    with FeedbackStore(path) as store:
+        store.add_candidate_sets(0, "train", make_sets(["a", "b"]), questions={"a": "what colour is a?"})
+        for name in names:  # the kind given here is forgotten below: the old code never stored one
+            store.add_judgments(0, [("a", [], True, None)], name, kind="judge")
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("DROP TABLE annotators")
+        connection.execute("DROP TABLE judgment_revisions")
+        if sqlite3.sqlite_version_info >= (3, 35):
+            connection.execute("ALTER TABLE items DROP COLUMN question")
+    connection.close()
+
+    with FeedbackStore(path) as store:
+        assert store.annotator_kinds() == {
+            "alice": "person", "bob-simulated": "person", "reward": "reward", "reward:hybrid": "reward",
+            "simulated:rouge_l>=0.7": "simulated",
+        }
+        assert store.num_judgments(kinds=["person"]) == 2 and store.num_judgments(kinds=["reward"]) == 2
+        # The registered kind stays: another one is refused; a new name is registered as given.
+        with pytest.raises(ValueError, match="'reward:hybrid'.*'reward'.*'simulated'"):
+            store.add_judgments(0, [("b", [], True, None)], "reward:hybrid", kind="simulated")
+        assert store.add_judgments(0, [("b", [], True, None)], "reward:hybrid", kind="reward") == 1
+        assert store.add_judgments(0, [("b", [], True, None)], "reward-2", kind="person") == 1
+        if sqlite3.sqlite_version_info >= (3, 35):
+            assert [item.question for item in store.judged_items()] == [None, None]  # the column is back
+        # The new tables work on the old database: a revision is kept.
+        from illume.feedback.queue import AnnotationQueue
+        item_id = AnnotationQueue(store).judgments_by(0, "alice")[0]["item_id"]
+        assert AnnotationQueue(store).replace_judgment(item_id, "alice", [store.candidate_ids(0)["a"][0]])
+        assert len(store.judgment_history(item_id, "alice")) == 2
+    def registered():
+        connection = sqlite3.connect(path)
+        rows = connection.execute("SELECT name, kind, created_at FROM annotators ORDER BY name").fetchall()
+        connection.close()
+        return rows
+
+    before = registered()
+    assert len(before) == 6
+    with FeedbackStore(path) as store:  # registered once: reopening changes nothing
+        assert store.annotator_kinds()["reward-2"] == "person"
+    assert registered() == before
+
+
+# ---------------------------------------------------------------- questions, judged items, revisions
+
+
+def test_questions_are_stored_with_the_items(store):
+    sets = make_sets(["a", "b"])
+    assert store.add_candidate_sets(0, "train", sets, questions={"a": "What colour is a?"}) == 2
+    store.add_judgments(0, [("a", [], True, None), ("b", [], True, None)], "alice")
+    assert [(item.example_id, item.question) for item in store.judged_items()] == [
+        ("a", "What colour is a?"), ("b", None)]
+    from illume.feedback.queue import AnnotationQueue
+    queue = AnnotationQueue(store)
+    assert [queue.item(i)["question"] for i in (1, 2)] == ["What colour is a?", None]
+    assert queue.item(1)["prompt"] == sets[0].prompt  # the prompt is kept as sampled
+
+
+def test_judged_items_order_filters_and_contents(store):
+    store.add_candidate_sets(0, "train", make_sets(["a", "b", "c"]), image_refs={"b": "images/b.png"})
+    store.add_candidate_sets(1, "train", make_sets(["b", "a"]))
+    store.add_candidate_sets(2, "train", make_sets(["a"]))
+    store.add_candidate_sets(1, "val", make_sets(["v"]))
+    ids0, ids1 = store.candidate_ids(0), store.candidate_ids(1)
+    store.add_judgment(1, "a", "alice", [ids1["a"][2]], seconds=2.0)
+    store.add_judgment(0, "b", "bob", [ids0["b"][1], ids0["b"][0]], kind="simulated")
+    store.add_judgment(0, "b", "alice", [], none_fit=True)
+    store.add_judgment(1, "b", "alice", [ids1["b"][0]])
+    store.add_judgment(2, "a", "alice", [])
+    store.add_judgment(1, "v", "alice", [], none_fit=True, split="val")
+    items = store.judged_items()
+    # (round, item id) order; c was not judged
+    assert [(i.round_idx, i.example_id) for i in items] == [(0, "b"), (1, "b"), (1, "a"), (2, "a")]
+    first = items[0]
+    assert first.image_ref == "images/b.png" and first.prompt == make_sets(["b"])[0].prompt
+    assert [c.text for c in first.candidates] == ["because b 0", "because b 1", "because b 2"]
+    assert [c.position for c in first.candidates] == [0, 1, 2] and first.candidates[0].seed == 2**62 + 12346
+    assert [(j.annotator, j.annotator_kind, j.none_fit) for j in first.judgments] == [
+        ("bob", "simulated", False), ("alice", "person", True)]
+    assert first.judgments[0].decisions == {ids0["b"][0]: True, ids0["b"][1]: True, ids0["b"][2]: False}
+    assert [j.annotator for j in first.accepting(ids0["b"][0])] == ["bob"]
+    assert [j.annotator for j in first.rejecting(ids0["b"][2])] == ["bob", "alice"]
+    assert not hasattr(first, "verdict")  # the verdict rules live in illume.feedback.verdicts
+    assert [(i.round_idx, i.example_id) for i in store.judged_items(round_idx=1)] == [(1, "b"), (1, "a")]
+    assert [i.round_idx for i in store.judged_items(upto_round=1)] == [0, 1, 1]
+    assert [i.round_idx for i in store.judged_items(from_round=1)] == [1, 1, 2]
+    assert [i.round_idx for i in store.judged_items(from_round=1, upto_round=1)] == [1, 1]
+    assert [(i.split, i.example_id) for i in store.judged_items("val")] == [("val", "v")]
+    assert len(store.judged_items(None)) == 5 and store.judged_items("test") == []
+
+
+def test_a_revision_keeps_the_history_and_readers_see_only_the_latest(store):
+    from datetime import datetime, timedelta, timezone
+
+    from illume.feedback.queue import AnnotationQueue
+
+    store.add_candidate_sets(0, "train", make_sets(["a"]))
+    [c0, c1, c2] = store.candidate_ids(0)["a"]
+    queue = AnnotationQueue(store)
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert queue.submit_judgment(1, "ann", [c0], seconds=4.0, client_token="first", now=t0)
+    assert store.judgment_history(1, "ann") == [
+        {"accepted": [c0], "none_fit": False, "seconds": 4.0, "judged_at": t0, "revised_at": None}]
+    t1, t2 = t0 + timedelta(minutes=1), t0 + timedelta(minutes=2)
+    assert queue.replace_judgment(1, "ann", [], none_fit=True, seconds=1.0, client_token="second", now=t1)
+    assert not queue.replace_judgment(1, "ann", [c0], client_token="second", now=t2)  # a repeat: no version
+    assert queue.replace_judgment(1, "ann", [c2, c1], seconds=2.0, client_token="third", now=t2)
+    assert store.judgment_history(1, "ann") == [
+        {"accepted": [c0], "none_fit": False, "seconds": 4.0, "judged_at": t0, "revised_at": t1},
+        {"accepted": [], "none_fit": True, "seconds": 5.0, "judged_at": t1, "revised_at": t2},
+        {"accepted": [c1, c2], "none_fit": False, "seconds": 7.0, "judged_at": t2, "revised_at": None},
+    ]
+    # Every reader sees the current version only.
+    assert store.num_judgments() == 1 and store.unjudged_items(0, "ann") == []
+    assert [(r["text"], r["accepted"]) for r in store.judgments_table()] == [
+        ("because a 0", False), ("because a 1", True), ("because a 2", True)]
+    [item] = store.judged_items()
+    [judgment] = item.judgments
+    assert judgment.decisions == {c0: False, c1: True, c2: True} and not judgment.none_fit
+    assert judgment.updated_at == t2 and judgment.created_at == t0 and judgment.seconds == 7.0
+    assert AnnotationQueue(store).annotation_progress(0, 1)["judgments"] == 1
+    # Nothing to show for an annotator who did not judge the item, or an item that is not there.
+    assert store.judgment_history(1, "bob") == [] and store.judgment_history(99, "ann") == []
+    assert store.judgment_history("1", "ann") == []
+
+
+def test_page_submissions_register_their_kind(store):
+    from illume.feedback.queue import AnnotationQueue
+
+    store.add_candidate_sets(0, "train", make_sets(["a", "b"]))
+    queue = AnnotationQueue(store)
+    assert queue.submit_judgment(1, "ann", [], none_fit=True)
+    assert queue.submit_judgment(2, "gpt-judge", [], none_fit=True, kind="judge")
+    assert store.annotator_kinds() == {"ann": "person", "gpt-judge": "judge"}
+    with pytest.raises(ValueError, match="'ann'.*'person'.*'simulated'"):
+        queue.submit_judgment(2, "ann", [], none_fit=True, kind="simulated")
+    with pytest.raises(ValueError, match="annotator kind must be one of"):
+        queue.submit_judgment(2, "carol", [], none_fit=True, kind="robot")
+    assert store.num_judgments() == 2 and "carol" not in store.annotator_kinds()
+
+
+def test_only_the_store_and_the_queue_open_its_sessions():
+    """Every other module reads feedback through the store's public reads."""
+    import re
+
+    allowed = {REPO / "illume" / "store.py", REPO / "illume" / "feedback" / "queue.py"}
+    pattern = re.compile(r"\._(read|write)\b")
+    offenders = [f"{path.relative_to(REPO)}:{number}"
+                 for folder in ("illume", "reward", "policies", "scripts")
+                 for path in sorted((REPO / folder).rglob("*.py")) if path not in allowed
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+
+
+def test_a_registration_race_is_settled_by_the_kind_that_won(store):
+    """Off SQLite two first judgments by one name can both find it unregistered; the loser's insert fails
+    inside a savepoint, its transaction goes on if the winner registered the same kind, else it is refused."""
+    from sqlalchemy import insert as sql_insert
+
+    from illume.store import AnnotatorRow, _register_annotator
+
+    store.add_candidate_sets(0, "train", make_sets(["a"]))
+    with store._write.begin() as session:
+        session.execute(sql_insert(AnnotatorRow).values(name="twin", kind="person"))  # the winner
+        _register_annotator(session, "twin", "person")  # the loser, same kind: fine
+        with pytest.raises(ValueError, match="'twin'.*'person'.*'reward'"):
+            _register_annotator(session, "twin", "reward")
+    assert store.annotator_kinds() == {"twin": "person"}
+    assert store.add_judgment(0, "a", "twin", [], none_fit=True)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from illume import loading
 from illume.cli import main
 from illume.config import load_config, save_config
-from illume.models import loading
 from illume.models.weights import load_trainable_weights
 from reward.model import RewardModel
 from tests.conftest import REPO, tiny_overrides

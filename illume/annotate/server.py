@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import secrets
 from collections.abc import Callable
 from datetime import datetime
@@ -35,7 +34,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
 
 from illume.config import AnnotateConfig
-from illume.store import FeedbackStore, JudgmentConflict
+from illume.feedback.queue import AnnotationQueue, JudgmentConflict
+from illume.store import FeedbackStore
 
 STATIC_DIR = Path(__file__).parent / "static"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -125,6 +125,7 @@ def create_app(
     """
     app = FastAPI(title="illume annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    queue = AnnotationQueue(store)
     per_item = cfg.annotations_per_item
     images_dir = (run_dir / "images").resolve() if run_dir is not None else None
 
@@ -142,12 +143,12 @@ def create_app(
                                 headers={"WWW-Authenticate": "Bearer"})
 
     def current_round() -> int | None:
-        return round_idx if round_idx is not None else store.open_round(per_item, SPLIT)
+        return round_idx if round_idx is not None else queue.open_round(per_item, SPLIT)
 
     def progress(round_: int | None, annotator: str) -> dict[str, Any] | None:
         if round_ is None:
             return None
-        counts = store.annotation_progress(round_, per_item, annotator, SPLIT)
+        counts = queue.annotation_progress(round_, per_item, annotator, SPLIT)
         return {
             "mine": {"judged": counts["mine"], "total": counts["items"]},
             "everyone": {"judged": counts["counted_judgments"], "total": counts["needed_judgments"]},
@@ -155,7 +156,7 @@ def create_app(
         }
 
     def load_item(item_id: int) -> dict[str, Any]:
-        item = store.item(item_id)
+        item = queue.item(item_id)
         other_round = round_idx is not None and item is not None and item["round_idx"] != round_idx
         if item is None or item["split"] != SPLIT or other_round:
             raise HTTPException(404, f"item {item_id} is not in this annotation round")
@@ -170,7 +171,7 @@ def create_app(
             order = sorted(order, key=lambda candidate_id: -scores.get(candidate_id, float("-inf")))
         return {
             "item_id": item["item_id"], "example_id": item["example_id"], "round_idx": item["round_idx"],
-            "question": _question_of(item["prompt"], item["answer"]), "answer": item["answer"],
+            "question": question_shown(item), "answer": item["answer"],
             "image_url": f"/api/image/{item['item_id']}" if item["image_ref"] else None,
             "candidates": [{"id": candidate_id, "text": texts[candidate_id],
                             "prechecked": bool(scores) and scores.get(candidate_id, float("-inf")) >= threshold}
@@ -190,7 +191,7 @@ def create_app(
         if round_ is None:
             return {"round_idx": None, "item": None, "progress": None,
                     "message": "No candidates in the store yet: waiting for the loop to sample a round."}
-        lease = store.lease_item(round_, body.annotator, per_item, cfg.lease_seconds, SPLIT, now=now())
+        lease = queue.lease_item(round_, body.annotator, per_item, cfg.lease_seconds, SPLIT, now=now())
         if lease is None:
             counts = progress(round_, body.annotator)
             done = counts["round"]["judged"] == counts["round"]["total"]
@@ -198,7 +199,7 @@ def create_app(
                        if done else f"Nothing left for you in round {round_} right now (the rest is held by "
                                     "others or already judged by you); checking again shortly.")
             return {"round_idx": round_, "item": None, "progress": counts, "message": message}
-        item = store.item(lease.item_id)
+        item = queue.item(lease.item_id)
         return {"round_idx": round_, "item": {**item_view(item, lease.shown_order),
                                                "lease_expires_at": lease.expires_at.isoformat()},
                 "progress": progress(round_, body.annotator), "message": None}
@@ -206,7 +207,7 @@ def create_app(
     @api.post("/lease")
     def renew_lease(body: LeaseRequest) -> dict[str, Any]:
         load_item(body.item_id)
-        lease = store.renew_lease(body.item_id, body.annotator, per_item, cfg.lease_seconds, now=now())
+        lease = queue.renew_lease(body.item_id, body.annotator, per_item, cfg.lease_seconds, now=now())
         return {"held": lease is not None,
                 "lease_expires_at": lease.expires_at.isoformat() if lease is not None else None}
 
@@ -214,11 +215,11 @@ def create_app(
         item = load_item(body.item_id)
         try:
             if replace:
-                stored = store.replace_judgment(
+                stored = queue.replace_judgment(
                     body.item_id, body.annotator, body.accepted, body.none_fit, body.seconds,
                     body.client_token, body.shown_order, now=now())
             else:
-                stored = store.submit_judgment(
+                stored = queue.submit_judgment(
                     body.item_id, body.annotator, body.accepted, body.none_fit, body.seconds,
                     body.client_token, body.shown_order, per_item, now=now())
         except KeyError as error:
@@ -246,8 +247,8 @@ def create_app(
         if round_ is None:
             return {"round_idx": None, "items": []}
         items = []
-        for judgment in store.judgments_by(round_, annotator, SPLIT)[:limit]:
-            view = item_view(store.item(judgment["item_id"]), judgment["shown_order"])
+        for judgment in queue.judgments_by(round_, annotator, SPLIT)[:limit]:
+            view = item_view(queue.item(judgment["item_id"]), judgment["shown_order"])
             items.append({**view, "accepted": judgment["accepted"], "none_fit": judgment["none_fit"],
                           "seconds": judgment["seconds"], "judged_at": judgment["created_at"].isoformat(),
                           "updated_at": judgment["updated_at"] and judgment["updated_at"].isoformat()})
@@ -294,17 +295,10 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return JSONResponse({"detail": detail or "malformed request", "errors": errors}, status_code=422)
 
 
-_QUESTION = re.compile(r"^\s*Q:\s*(?P<question>.*?)\s+A:\s", re.DOTALL)
-
-
-def _question_of(prompt: str, answer: str) -> str:
-    """The question inside a rationale prompt `Q: {question} A: {answer}, seeing that` (the whole prompt if
-    it has another shape)."""
-    suffix = f" A: {answer}, seeing that"
-    if prompt.startswith("Q: ") and prompt.endswith(suffix):
-        return prompt[3:-len(suffix)].strip()
-    match = _QUESTION.match(prompt)
-    return match.group("question").strip() if match else prompt
+def question_shown(item: dict[str, Any]) -> str:
+    """The question the page shows for an item (`AnnotationQueue.item`): the stored question, or the whole
+    prompt for an item stored without one (an older store). The prompt is never parsed."""
+    return item.get("question") or item["prompt"]
 
 
 def _image_path(image_ref: str | None, images_dir: Path | None) -> Path | None:

@@ -93,3 +93,14 @@ class CandidateSet:
     """Seed of this example's random stream."""
     candidates: list[Candidate]
     """Distinct rationales, in the order they were drawn; duplicates dropped."""
+
+
+ANNOTATOR_KINDS = ("person", "simulated", "reward", "judge")
+"""What an annotator is, stored with its name in the feedback store (whether a judgment counts as people's
+is decided by this, never by the name):
+
+- `person`: a human, judging in the annotation page or the terminal;
+- `simulated`: the simulated critic (ROUGE-L against the references) standing in for people;
+- `reward`: the learned reward model acting as the critic;
+- `judge`: an AI judge (a critic model asked for its verdict), next.
+"""

@@ -58,19 +58,19 @@ def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]
 
 
 def _tokenize(
-    predictions: Sequence[str], references: Sequence[Sequence[str]], backend: str
+    predictions: Sequence[str], references: Sequence[Sequence[str]], implementation: str
 ) -> tuple[list[str], list[list[str]]]:
     """Tokenize references and predictions as two batches, in order, like pycocoevalcap's COCOEvalCap."""
     flat_refs = [r for refs in references for r in refs]
-    if backend == "java":
+    if implementation == "java":
         # Two JVM starts dominate the cost; run them side by side.
         with ThreadPoolExecutor(max_workers=2) as pool:
             refs_job = pool.submit(ptb_tokenize, flat_refs, "java")
             tokenized_preds = ptb_tokenize(predictions, "java")
             tokenized_refs = refs_job.result()
     else:
-        tokenized_refs = ptb_tokenize(flat_refs, backend)
-        tokenized_preds = ptb_tokenize(predictions, backend)
+        tokenized_refs = ptb_tokenize(flat_refs, implementation)
+        tokenized_preds = ptb_tokenize(predictions, implementation)
     nested, start = [], 0
     for refs in references:
         nested.append(tokenized_refs[start : start + len(refs)])
@@ -78,7 +78,7 @@ def _tokenize(
     return tokenized_preds, nested
 
 
-def _resolve_backend(tokenizer: str, have_java: bool) -> str:
+def _resolve_tokenizer(tokenizer: str, have_java: bool) -> str:
     if tokenizer not in ("auto", "java", "python"):
         raise ValueError(f"unknown tokenizer {tokenizer!r}; expected 'auto', 'java' or 'python'")
     if tokenizer == "java" and not have_java:
@@ -144,7 +144,7 @@ def caption_scores(
     from pycocoevalcap.rouge.rouge import Rouge
 
     _check_inputs(predictions, references)
-    backend = _resolve_backend(tokenizer, have_java := java_available())
+    implementation = _resolve_tokenizer(tokenizer, have_java := java_available())
     if not have_java:
         warnings.warn(
             "Java runtime not found on PATH: METEOR is skipped (reported as None) and captions are "
@@ -153,7 +153,7 @@ def caption_scores(
             JavaMissingWarning,
             stacklevel=2,
         )
-    preds, refs = _tokenize(predictions, references, backend)
+    preds, refs = _tokenize(predictions, references, implementation)
     # pycocoevalcap's input format: {id: [caption, ...]}, one prediction per id.
     res = {i: [p] for i, p in enumerate(preds)}
     gts = dict(enumerate(refs))
@@ -227,7 +227,7 @@ def rouge_l_per_item(
         ValueError: If the lengths differ, the batch is empty, or an example has no references.
     """
     _check_inputs(predictions, references)
-    preds, refs = _tokenize(predictions, references, _resolve_backend(tokenizer, java_available()))
+    preds, refs = _tokenize(predictions, references, _resolve_tokenizer(tokenizer, java_available()))
     return [_rouge_l(p, r) for p, r in zip(preds, refs)]
 
 

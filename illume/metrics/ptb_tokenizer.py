@@ -69,11 +69,12 @@ def ptb_tokenize(sentences: Sequence[str], backend: str = "auto") -> list[str]:
     Returns:
         One string per caption: lower-cased tokens joined by single spaces, punctuation removed.
     """
-    if backend == "auto":
-        backend = "java" if java_available() else "python"
-    if backend == "java":
+    implementation = backend
+    if implementation == "auto":
+        implementation = "java" if java_available() else "python"
+    if implementation == "java":
         return java_ptb_tokenize(sentences)
-    if backend == "python":
+    if implementation == "python":
         return python_ptb_tokenize(sentences)
     raise ValueError(f"unknown tokenizer backend {backend!r}; expected 'auto', 'java' or 'python'")
 

@@ -15,9 +15,14 @@ continues exactly where training's completion starts.
 Only the language model's attention/MLP projections get LoRA; the vision tower stays frozen, the multimodal
 projector trains on request (`set_trainable(prefix=True)`).
 
+The VLM protocol's backend operations (illume.models.vlm): `decode` runs `generate` with our Gumbel-max logits
+processor (per-row temperatures, per-example generators, as MAGMA's decoding draws); the reward head reads
+the model's own last hidden states (`last_hidden_states`), each row with its own image inputs. Tiny random
+LLaVA / Qwen2-VL models for tests are built by `illume.demo.tiny_models.build_tiny_hf_vlm`.
+
 transformers 5.23 without torchvision (which would pull a CUDA torch): image processors fall back to their PIL
 classes (`*ImageProcessorPil`), but processors that also own a video processor (Qwen2-VL, Qwen2.5-VL,
-SmolVLM, ...) cannot be built or loaded, since video processors need torchvision. `_without_video` gives
+SmolVLM, ...) cannot be built or loaded, since video processors need torchvision. `without_video` gives
 such a processor class without its video slot; we never pass videos.
 """
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,29 +40,14 @@ from PIL import Image
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
-    CLIPVisionConfig,
     GenerationConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaProcessor,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
     ProcessorMixin,
-    Qwen2VLConfig,
-    Qwen2VLProcessor,
 )
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-from illume.config import SampleConfig
-from illume.data.records import Candidate, CandidateSet, Example, load_image
-from illume.data.shapes import vocabulary
-from illume.models.word_tokenizer import EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, build_word_tokenizer
-from illume.sampling import ANSWER_PROMPT, example_seed, rationale_prompt
 
 ADAPTER_DIR = "adapter"
 """Subfolder of a saved model holding the LoRA weights (kept apart from the base model's files, because
@@ -91,7 +81,8 @@ class HFVLM:
     """The PEFT model (LoRA on the language model's projections)."""
     processor: ProcessorMixin
     tokenizer: PreTrainedTokenizerBase
-    backend = "hf"
+    answer_stops = ("\n", ",")
+    """Chat-tuned VLMs end an answer with a newline as often as with EOS."""
 
     @property
     def eos_token_id(self) -> int:
@@ -126,6 +117,10 @@ class HFVLM:
         if full[:len(head)] == head:
             return full[len(head):]
         return self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of a piece of text on its own, without special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def completion_ids(self, text: str, prompt: str = "") -> list[int]:
         """The target ids of a completion after `prompt`: ` text` tokenized in context, then EOS."""
@@ -172,6 +167,52 @@ class HFVLM:
                 batch[key] = _concat([row[key] for row in rows])
         batch["attention_mask"] = _pad([[1] * len(row["input_ids"]) for row in rows], 0, length, padding_side)
         return batch
+
+    # --- decoding: `generate` with our Gumbel-max logits processor (below)
+
+    def prepare_images(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The images themselves: the processor reads each one with its prompt (`encode_row`)."""
+        return list(images)
+
+    def decode(self, images: list[Image.Image], prompts: list[str], num_copies: int, max_new_tokens: int,
+               stop_ids: Sequence[int], temperatures: torch.Tensor | None = None,
+               generators: list[torch.Generator] | None = None) -> tuple[list[list[int]], list[float]]:
+        """`VLM.decode` through `generate` (see `_generate`)."""
+        rows = [self.encode_row(image, prompt) for image, prompt in zip(images, prompts)]
+        return _generate(self, rows, num_copies, max_new_tokens, list(stop_ids), temperatures, generators)
+
+    # --- hidden states: the model's own forward, each row with its own image inputs
+
+    def encode_scored(self, items: Sequence[tuple[Image.Image, str, Sequence[str]]]) -> list[list[dict]]:
+        """`VLM.encode_scored`: `encode_row` rows without labels (image and prompt processed once per item,
+        the completion appended in context as `completion_ids` does)."""
+        groups = []
+        for image, prompt, completions in items:
+            base = self.encode_row(image, prompt)
+            rows = []
+            for text in completions:
+                target = self.completion_ids(text, prompt)
+                row = {key: value + [0] * len(target) if isinstance(value, list) else value
+                       for key, value in base.items() if key != "labels"}  # other per-token lists: text (0)
+                row["input_ids"] = base["input_ids"] + target
+                row["rationale_start"] = len(base["input_ids"])
+                rows.append(row)
+            groups.append(rows)
+        return groups
+
+    def collate_scored(self, rows: list[dict], image_keys: Sequence[Hashable]) -> dict[str, torch.Tensor]:
+        """`collate` of the rows (each keeps its own image inputs; `image_keys` is not needed), without
+        labels, plus `rationale_start`."""
+        batch = self.collate([{k: v for k, v in row.items() if k != "rationale_start"} for row in rows])
+        batch.pop("labels", None)
+        batch["rationale_start"] = torch.tensor([row["rationale_start"] for row in rows])
+        return batch
+
+    def last_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           **image_inputs) -> torch.Tensor:
+        """The model's own forward (its logits are not used): the last of its hidden states."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                          use_cache=False, **image_inputs).hidden_states[-1]
 
     def set_trainable(self, adapters: bool = True, prefix: bool = False) -> None:
         """LoRA weights train when `adapters`, the multimodal projector when `prefix`; the rest is frozen."""
@@ -232,7 +273,7 @@ def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @functools.cache
-def _without_video(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+def without_video(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """`processor_class` minus its video processor slot (unchanged when it has none).
 
     ProcessorMixin takes its sub-processors from the `__init__` signature and type-checks each; without
@@ -253,13 +294,13 @@ def _without_video(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin
 
 
 def load_processor(path_or_name: str | Path, **kwargs) -> ProcessorMixin:
-    """The checkpoint's processor, image-only (`_without_video`) whether or not torchvision is installed.
+    """The checkpoint's processor, image-only (`without_video`) whether or not torchvision is installed.
 
     Not `AutoProcessor.from_pretrained`: it always builds the video processor too, which needs torchvision,
     and for a directory `HFVLM.save` wrote it stops earlier (OSError: no video processor config there).
     """
     config = AutoConfig.from_pretrained(path_or_name, **kwargs)
-    return _without_video(PROCESSOR_MAPPING[type(config)]).from_pretrained(path_or_name, **kwargs)
+    return without_video(PROCESSOR_MAPPING[type(config)]).from_pretrained(path_or_name, **kwargs)
 
 
 def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str | torch.dtype = "auto",
@@ -278,78 +319,7 @@ def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str |
     return vlm
 
 
-# --- Tiny models for tests and CPU experiments -------------------------------------------------------------
-
-def _tiny_tokenizer(words: list[str], image_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
-    """The demo's word-level tokenizer with the family's image tokens as extra special tokens."""
-    # Re-wrapped, not extended: the processors take their image token from `tokenizer.image_token`, which
-    # the demo tokenizer sets to its own `<|image|>`.
-    backend = build_word_tokenizer(words).backend_tokenizer
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                   unk_token=UNK_TOKEN, extra_special_tokens=image_tokens)
-
-
-def build_tiny_hf_vlm(family: str, seed: int = 0, vocab: list[str] | None = None) -> HFVLM:
-    """A randomly initialised tiny LLaVA or Qwen2-VL (2 layers, width 16/32), its processor and LoRA (r=4),
-    built offline from configs in about a second.
-
-    Args:
-        family: "llava" (CLIP vision tower, 32 px images, 16 image tokens) or "qwen2_vl" (56 x 56 pixels per
-            image at any aspect ratio, 4-6 image tokens).
-        vocab: Words of the tokenizer; default: the shapes world's vocabulary.
-    """
-    words = vocabulary() if vocab is None else vocab
-    if family == "llava":
-        tokenizer = _tiny_tokenizer(words, {"image_token": "<image>"})
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32},
-                                                crop_size={"height": 32, "width": 32})
-        # 32 px / patch 8 = 16 patches + CLS; the "default" strategy drops CLS -> 16 image tokens.
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=32, patch_size=8),
-            text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=256, bos_token_id=None,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-            image_token_id=tokenizer.image_token_id, image_seq_length=16, vision_feature_layer=-1,
-            vision_feature_select_strategy="default",
-        )
-    elif family == "qwen2_vl":
-        tokens = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-        tokenizer = _tiny_tokenizer(words, tokens)
-        # min = max = 56 x 56 pixels: a (1, 4, 4) patch grid for square images, 4 image tokens after 2 x 2
-        # merging (other aspect ratios: up to 6).
-        image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
-        processor = _without_video(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
-        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
-        config = Qwen2VLConfig(
-            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=256,
-                             # head dim 8: 4 rotary frequencies split over (time, height, width)
-                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                              "mrope_section": [2, 1, 1]},
-                             bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id),
-            vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=4, mlp_ratio=2),
-            image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-            vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],
-        )
-    else:
-        raise ValueError(f"unknown tiny HF VLM family {family!r}; expected 'llava' or 'qwen2_vl'")
-    torch.manual_seed(seed)
-    base = AutoModelForImageTextToText.from_config(config)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_PROJECTIONS)
-    model = get_peft_model(base, lora).eval()
-    vlm = HFVLM(model, processor, tokenizer)
-    vlm.set_trainable(adapters=True)
-    return vlm
-
-
-# --- Sampling ----------------------------------------------------------------------------------------------
+# --- Decoding ----------------------------------------------------------------------------------------------
 
 def _banned_token_ids(vlm: HFVLM) -> list[int]:
     """Tokens an answer or rationale never contains: every special token but EOS (padding, image slots)."""
@@ -420,65 +390,3 @@ def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int
         tokens.append(row_tokens[:end])
         logprobs.append(float(step_logprobs[row, :end + 1].sum()))  # the stop token's too, when there is one
     return tokens, logprobs
-
-
-def _clean(text: str) -> str:
-    return " ".join(text.split())
-
-
-def sample_hf(vlm: HFVLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: int = 0,
-              use_reference_answer: bool = True, seeds: dict[str, int] | None = None) -> list[CandidateSet]:
-    """A near-greedy answer and K rationales for every example (the semantics of `illume.sampling.sample`).
-
-    The answer is greedy from `Q: {question} A:`, stopped at EOS, a newline or a comma (the rationale prompt
-    supplies ", seeing that"); rationales are drawn from `Q: {question} A: {answer}, seeing that` at each of
-    `cfg.temperatures`, `cfg.samples_per_temperature` times, up to `cfg.max_new_tokens`, stopped at EOS.
-
-    Args:
-        use_reference_answer: Put the ground-truth answer into the rationale prompt (train); otherwise the
-            model's own answer (val/test).
-        seeds: Example id -> seed, to reproduce recorded candidates; default derived from
-            (cfg.seed, round_idx, example id).
-
-    Returns:
-        One CandidateSet per example, in order, with at most K distinct non-empty rationales in drawing order.
-    """
-    temperatures = [t for t in cfg.temperatures for _ in range(cfg.samples_per_temperature)]
-    k = len(temperatures)
-    answer_stops = [vlm.eos_token_id]
-    for text in ("\n", ","):
-        ids = vlm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        answer_stops += ids if len(ids) == 1 else []  # multi-token ones are cut from the text below
-    model_was_training = vlm.model.training
-    vlm.model.eval()
-    results: list[CandidateSet] = []
-    for start in range(0, len(examples), cfg.batch_size):
-        batch = list(examples[start:start + cfg.batch_size])
-        images = [load_image(e) for e in batch]
-        # 1. The model's own answer, greedy.
-        answer_rows = [vlm.encode_row(image, ANSWER_PROMPT.format(question=e.question))
-                       for image, e in zip(images, batch)]
-        answer_ids, _ = _generate(vlm, answer_rows, 1, cfg.answer_max_new_tokens, answer_stops)
-        predicted = [_clean(vlm.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].split(",")[0])
-                     for ids in answer_ids]
-        answers = [e.answer if use_reference_answer else p for e, p in zip(batch, predicted)]
-        # 2. K rationales per example.
-        prompts = [rationale_prompt(e.question, a) for e, a in zip(batch, answers)]
-        batch_seeds = [(seeds or {}).get(e.id, example_seed(cfg.seed, round_idx, e.id)) for e in batch]
-        generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
-        rows = [vlm.encode_row(image, p) for image, p in zip(images, prompts)]
-        sequences, logprobs = _generate(vlm, rows, k, cfg.max_new_tokens, [vlm.eos_token_id],
-                                        torch.tensor(temperatures * len(batch)), generators)
-        texts = vlm.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        for i, example in enumerate(batch):
-            seen, candidates = set(), []
-            for j in range(k):
-                text = _clean(texts[i * k + j])
-                if text and text not in seen:
-                    seen.add(text)
-                    candidates.append(Candidate(text, temperatures[j], batch_seeds[i], j,
-                                                logprobs[i * k + j]))
-            results.append(CandidateSet(example.id, answers[i], predicted[i], prompts[i], batch_seeds[i],
-                                        candidates))
-    vlm.model.train(model_was_training)
-    return results

@@ -1,8 +1,12 @@
-"""`load_vlm`: the configured model, pre-training and caching the demo base model when needed."""
+"""Loading a VLM from where a config points: a saved MAGMA or an HF VLM (hub name or saved folder).
+
+The configured model as a whole, including the demo base model that is pre-trained on first use when a
+config names no model, is `illume.loading.load_vlm`: pre-training needs the trainers and the shapes world,
+which the backends never import.
+"""
 
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -10,28 +14,19 @@ from illume.config import ConfigError, RunConfig
 from illume.models.vlm import MagmaVLM
 from illume.models.weights import readable_safetensors
 
-logger = logging.getLogger(__name__)
 
-
-def load_vlm(cfg: RunConfig, device: str = "cpu"):
-    """The configured VLM: an HF VLM with LoRA (`model.kind=hf`), a saved MAGMA (`model.path`), or the cached
-    demo base model (pre-training it first if it is not cached yet)."""
+def load_model_path(cfg: RunConfig, device: str = "cpu"):
+    """The VLM `model.path` names: an HF VLM with LoRA (`model.kind=hf`) or a saved MAGMA."""
     if cfg.model.kind == "hf":
         return _load_hf(cfg, device)
-    if cfg.model.path is not None:
-        return _load_magma(Path(cfg.model.path), device,
-                           "write it again (save_pretrained or `illume convert-magma`)")
-    from illume.pretrain import demo_model_dir, pretrain_demo_model
-
-    directory = demo_model_dir(cfg)
-    if not (directory / "config.json").is_file():
-        logger.warning("no cached demo base model at %s: pre-training it now (once per machine, a few minutes)",
-                       directory)
-        pretrain_demo_model(cfg, directory)
-    return _load_magma(directory, device, f"delete {directory} and the demo base model is pre-trained again")
+    if cfg.model.path is None:
+        raise ConfigError("model.path is not set: name a saved MAGMA folder (or leave it unset for the demo "
+                          "base model, through illume.loading.load_vlm)")
+    return load_magma(Path(cfg.model.path), device,
+                      "write it again (save_pretrained or `illume convert-magma`)")
 
 
-def _load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
+def load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
     """`MagmaVLM.load`, a damaged one-file checkpoint named with `remedy` (the shards of a large model, which
     transformers reads one by one, keep transformers' own errors)."""
     weights = directory / "model.safetensors"
@@ -40,8 +35,6 @@ def _load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
 
 
 def _load_hf(cfg: RunConfig, device: str):
-    from pathlib import Path
-
     from illume.models.hf import ADAPTER_DIR, DEFAULT_LORA, HFVLM, load_hf_vlm
 
     if cfg.model.path is None:

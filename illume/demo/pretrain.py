@@ -9,13 +9,16 @@ ILLUME prompt are latent ability, imperfect, as the paper's round 0 is.
 All weights train here (the ILLUME loop later trains adapters only). The result is cached in the per-user
 cache (`illume.config.cache_root`: `model.cache_dir`, $ILLUME_CACHE, $XDG_CACHE_HOME/illume or
 ~/.cache/illume) keyed by a hash of every setting that changes it, so the demo pre-trains once per machine,
-whatever the working folder.
+whatever the working folder: `ensure_demo_model` (called by `illume.loading.load_vlm` when a config names no
+model) pre-trains only when that folder is missing. The architecture itself is `illume.demo.tiny_models
+.build_demo_vlm`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import shutil
 import time
@@ -23,18 +26,18 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 from transformers import Trainer
 
 from illume import distributed
 from illume.collate import collate_rows
-from illume.config import ModelConfig, PretrainConfig, RunConfig, cache_root
-from illume.data.shapes import ShapesWorld, generic_sentences, make_caption, make_question, render, vocabulary
-from illume.models.magma import MagmaForCausalLM, build_magma_config
+from illume.config import PretrainConfig, RunConfig, cache_root
+from illume.data.shapes import ShapesWorld, generic_sentences, make_caption, make_question, render
+from illume.demo.tiny_models import build_demo_vlm
 from illume.models.vlm import MagmaVLM
-from illume.models.word_tokenizer import IMAGE_TOKEN, build_word_tokenizer
 from illume.training import trainer_arguments
+
+logger = logging.getLogger(__name__)
 
 # Bump when the pre-training data or recipe changes in a way the config hash cannot see.
 PRETRAIN_RECIPE_VERSION = 1
@@ -42,19 +45,6 @@ PRETRAIN_RECIPE_VERSION = 1
 # Model settings added after demo caches existed, with their defaults: left out of the cache key while at the
 # default (the model is then the same, so existing caches stay valid); any other value enters the key.
 _LATER_MODEL_FIELDS = {("lm", "vocab_size"): None, ("lm", "activation"): "gelu"}
-
-
-def build_demo_vlm(model_cfg: ModelConfig, seed: int = 0) -> MagmaVLM:
-    """A randomly initialised MAGMA-architecture model with a tiny GPT-J and the shapes-world tokenizer."""
-    tokenizer = build_word_tokenizer(vocabulary())
-    config = build_magma_config(
-        model_cfg, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = MagmaForCausalLM(config).eval()
-    model.set_trainable(adapters=True)
-    return MagmaVLM(model, tokenizer)
 
 
 def demo_model_dir(cfg: RunConfig) -> Path:
@@ -71,6 +61,17 @@ def demo_model_dir(cfg: RunConfig) -> Path:
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root(cfg.model) / f"demo-base-{digest}"
+
+
+def ensure_demo_model(cfg: RunConfig) -> Path:
+    """The cache folder of the demo base model for these settings, pre-training it first if it is not cached
+    yet (once per machine)."""
+    directory = demo_model_dir(cfg)
+    if not (directory / "config.json").is_file():
+        logger.warning("no cached demo base model at %s: pre-training it now (once per machine, a few minutes)",
+                       directory)
+        pretrain_demo_model(cfg, directory)
+    return directory
 
 
 class PretrainRows(Dataset):

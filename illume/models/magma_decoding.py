@@ -1,0 +1,97 @@
+"""MAGMA's decoding for the sampler: pre-fill once, repeat the KV cache, draw every row with Gumbel-max.
+
+`MagmaVLM.decode` calls `decode`. Each prompt (image features included) is pre-filled once and its KV cache is
+then repeated `num_copies` times, one row per candidate, so K rationales of one example cost one pre-fill;
+every row is decoded with its own temperature until it emits a stop token.
+
+Randomness is per prompt: the rows of prompt e draw their Gumbel noise from e's generator, so a candidate
+depends only on (model, prompt, seed, row), not on the batch it was drawn in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from illume.models.magma import MagmaForCausalLM
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, length - len(s):] = torch.as_tensor(s)
+        mask[i, length - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def decode(model: MagmaForCausalLM, prompts: list[list[int]], image_embeds: torch.Tensor, num_copies: int,
+           temperatures: torch.Tensor, generators: list[torch.Generator] | None, max_new_tokens: int,
+           stop_token_ids: Sequence[int], pad_token_id: int,
+           banned_token_ids: Sequence[int]) -> tuple[list[list[int]], list[float]]:
+    """Pre-fill each prompt once, repeat its cache `num_copies` times, decode every row until a stop token.
+
+    Args:
+        prompts: One token-id list per example, image slots included.
+        image_embeds: (B, P, D) image features, one per prompt.
+        temperatures: (B * num_copies,) per-row temperatures; 0 means greedy.
+        generators: One per example (row block), for its Gumbel noise; None for greedy decoding.
+        banned_token_ids: Tokens never drawn (padding, the image slot).
+
+    Returns:
+        The new tokens of every row (stop token excluded) and their summed log-probabilities at T = 1
+        (stop token included).
+    """
+    device = image_embeds.device
+    input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                image_embeds=image_embeds, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    logits = out.logits[:, -1].float()  # (B, V)
+    if num_copies > 1:
+        cache.batch_repeat_interleave(num_copies)
+        logits = logits.repeat_interleave(num_copies, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_copies, dim=0)
+        position_ids = position_ids.repeat_interleave(num_copies, dim=0)
+    num_rows, vocab = logits.shape
+    banned = list(banned_token_ids)
+    stop = torch.tensor(list(stop_token_ids), device=device)
+    temperatures = temperatures.to(device).float().unsqueeze(1)  # (R, 1)
+    greedy_rows = temperatures.squeeze(1) <= 0
+    next_position = position_ids[:, -1:] + 1
+    tokens = torch.full((num_rows, max_new_tokens), -1, dtype=torch.long)
+    logprobs = torch.zeros(num_rows, dtype=torch.float64)
+    finished = torch.zeros(num_rows, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        logits[:, banned] = float("-inf")
+        scores = logits / temperatures.clamp(min=1e-6)
+        if generators is not None:
+            # Gumbel-max: argmax(logits / T + G) is a sample from softmax(logits / T), with noise drawn from
+            # each example's own generator so that batching does not change the draw.
+            uniform = torch.cat([torch.rand((num_copies, vocab), generator=g) for g in generators]).to(device)
+            gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
+            scores = torch.where(greedy_rows.unsqueeze(1), scores, scores + gumbel)
+        chosen = scores.argmax(-1)  # (R,)
+        step_logprobs = torch.log_softmax(logits, -1).gather(1, chosen.unsqueeze(1)).squeeze(1)
+        active = ~finished
+        tokens[active, step] = chosen[active].cpu()
+        logprobs[active] += step_logprobs[active].double().cpu()
+        finished |= torch.isin(chosen, stop).cpu()
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((num_rows, 1))], dim=1)
+        out = model(input_ids=chosen.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
+                    cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+        next_position = next_position + 1
+    sequences = []
+    for row in tokens.tolist():
+        new = [t for t in row if t >= 0]
+        if new and new[-1] in stop_token_ids:
+            new = new[:-1]
+        sequences.append(new)
+    return sequences, logprobs.tolist()

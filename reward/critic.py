@@ -1,0 +1,152 @@
+"""The reward model as a critic: critic.kind=reward (it judges every item) and hybrid (the items it is sure of).
+
+Per round, from round `reward.human_rounds` on:
+- **Fit or reuse.** The reward model is fitted on every judgment by people (`verdicts.PEOPLE`: the annotators'
+  stored kind, never their name) in earlier rounds, with its accept threshold calibrated on held-out examples
+  (`reward.train.fit_reward_from_store`), and saved to RUN_DIR/reward/round_NN with `reward_critic.json`. A
+  round whose earlier rounds brought no new judgment by people reuses the latest fit on exactly as many
+  (also on resume), so the model is fitted once per new batch of people's work.
+- **Judge.** Every process fits (together, through the Trainer) and scores identically; rank 0 stores the
+  verdicts under the annotator "reward:<kind>" of kind "reward". Items already judged this round (a resumed
+  run, people on the annotation page meanwhile) are left alone.
+- **People for the rest.** `critic.people` (the simulated critic standing in for them, or real people)
+  judges what the reward model left: everything in rounds before `reward.human_rounds`, the items it was not
+  sure of (hybrid: a candidate within `reward.hybrid_band` of the threshold).
+- **Report.** The round's row of results.json gets the threshold, the held-out precision/recall/ROC-AUC and
+  how many items the reward model decided; where the references are known (the demo), also the precision and
+  recall of its accepts against the simulated critic's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from illume import distributed
+from illume.config import RunConfig
+from illume.critics import PEOPLE_CRITICS, CritiqueContext, Review, SimulatedCritic, store_reviews
+from illume.data.records import CandidateSet, Example
+from illume.feedback.verdicts import PEOPLE
+
+REWARD_CRITIC_FILE = "reward_critic.json"
+
+
+class RewardDecider:
+    """Accepts a candidate when the reward model's score reaches the calibrated threshold.
+
+    With `band`, it only decides items whose every candidate scores at least `band` away from the threshold
+    (the confident ones); `decide` leaves the others out, for people.
+    """
+
+    def __init__(self, reward_model, threshold: float, band: float | None = None):
+        self.reward_model, self.threshold, self.band = reward_model, threshold, band
+
+    def scores(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[list[float]]:
+        from reward.model import score
+
+        items = [(examples_by_id[cs.example_id], cs.prompt, [c.text for c in cs.candidates]) for cs in candidate_sets]
+        return score(self.reward_model, items)
+
+    def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
+        reviews = []
+        for cs, scores in zip(candidate_sets, self.scores(candidate_sets, examples_by_id)):
+            if self.band is not None and any(abs(s - self.threshold) < self.band for s in scores):
+                continue  # not confident: people decide this item
+            accepted = [i for i, s in enumerate(scores) if s >= self.threshold]
+            reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
+        return reviews
+
+
+def fit_or_reuse(cfg: RunConfig, round_idx: int, context: CritiqueContext) -> tuple[object, dict]:
+    """The reward model for this round and its `reward_critic.json` facts (see the module doc)."""
+    from illume.loading import load_vlm
+    from reward.model import RewardModel
+    from reward.train import fit_reward_from_store
+
+    store = context.store
+    # Rank 0's count, so that every rank takes the same reuse-or-fit decision below.
+    num_people = distributed.broadcast_object(store.num_judgments(upto_round=round_idx - 1, kinds=PEOPLE))
+    reward_root = cfg.run_dir / "reward"
+    for earlier in range(round_idx, -1, -1):  # reuse a fit on exactly these judgments (also on resume)
+        info_path = reward_root / f"round_{earlier:02d}" / REWARD_CRITIC_FILE
+        if info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people:
+            return RewardModel.load(info_path.parent, load_vlm(cfg)), json.loads(info_path.read_text())
+    out_dir = reward_root / f"round_{round_idx:02d}"
+    context.say(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
+    rm, result = fit_reward_from_store(store, context.examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
+                                       upto_round=round_idx - 1, kinds=PEOPLE, aggregate=cfg.feedback.aggregate,
+                                       deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
+    report = result["eval"]
+    info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
+            "heldout_recall": report["recall"], "heldout_roc_auc": report["roc_auc"],
+            "heldout_pairwise_accuracy": report["pairwise_accuracy"], "num_people_judgments": num_people}
+    if distributed.is_main():
+        _write_json(out_dir / REWARD_CRITIC_FILE, info)
+    return rm, info
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+class RewardCritic:
+    """critic.kind=reward: the reward model judges every item from round `reward.human_rounds` on; people
+    (`critic.people`) judge the rounds before."""
+
+    kind = "reward"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.annotator = f"reward:{cfg.critic.kind}"
+        self.people = PEOPLE_CRITICS[cfg.critic.people](cfg)
+
+    def band(self) -> float | None:
+        """Distance from the threshold within which an item goes to people (None: the model decides all)."""
+        return None
+
+    def review(self, context: CritiqueContext) -> bool:
+        if context.round_idx >= self.cfg.reward.human_rounds:
+            context.report.update(self._critique(context))
+        return self.people.review(context)
+
+    def _critique(self, context: CritiqueContext) -> dict:
+        cfg, store, round_idx, sets = self.cfg, context.store, context.round_idx, context.sets
+        rm, info = fit_or_reuse(cfg, round_idx, context)
+        decider = RewardDecider(rm, info["threshold"], self.band())
+        # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
+        judged = distributed.broadcast_object(
+            {item.example_id for item in store.judged_items("train", round_idx=round_idx)})
+        todo = [cs for example_id, cs in sets.items() if example_id not in judged]
+        reviews = decider.decide(todo, context.examples_by_id) if todo else []
+        if distributed.is_main():
+            store_reviews(context, reviews, self.annotator, self.kind)
+        distributed.barrier()  # the others read these judgments below
+        decided_by_models = sum(any(j.annotator_kind not in PEOPLE for j in item.judgments)
+                                for item in store.judged_items("train", round_idx=round_idx))
+        report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
+                  "rm_heldout_recall": info["heldout_recall"], "rm_heldout_roc_auc": info["heldout_roc_auc"],
+                  "rm_decided_items": decided_by_models}
+        # Where the references are known (the demo), say how the reward model's decisions compare with the
+        # simulated critic's: the achieved precision and recall of its accepts.
+        decided_ids = {r.example_id for r in reviews}
+        decided = [cs for cs in todo if cs.example_id in decided_ids]
+        if decided and all(context.examples_by_id[cs.example_id].explanations for cs in decided):
+            oracle = SimulatedCritic(cfg.critic).decide(decided, context.examples_by_id)
+            by_id = {r.example_id: r for r in reviews}
+            pairs = [(i in set(by_id[o.example_id].accepted), i in set(o.accepted))
+                     for o in oracle for i in range(len(sets[o.example_id].candidates))]
+            true_pos = sum(rm and ref for rm, ref in pairs)
+            report["rm_precision_vs_simulated"] = true_pos / max(1, sum(rm for rm, _ in pairs))
+            report["rm_recall_vs_simulated"] = true_pos / max(1, sum(ref for _, ref in pairs))
+        return report
+
+
+class HybridCritic(RewardCritic):
+    """critic.kind=hybrid: the reward model decides the items it is sure of (every candidate at least
+    `reward.hybrid_band` from the threshold), people the rest."""
+
+    def band(self) -> float | None:
+        return self.cfg.reward.hybrid_band

@@ -1,0 +1,60 @@
+"""Adding a critic or a policy is one new module plus one dict entry: the loop runs what CRITICS and POLICIES
+hold for critic.kind and policy.kind, and asks nothing else about them."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+from illume.critics import CritiqueContext, Review, store_reviews
+from tests.conftest import REPO, tiny_overrides
+from tests.test_policies import _toy_policy
+
+
+class FirstCandidateJudge:
+    """A toy AI judge: accepts each item's first candidate, stored under its own name and kind."""
+
+    annotator, kind = "first-candidate", "judge"
+
+    def __init__(self, cfg, seen: list):
+        self.seen = seen
+
+    def review(self, context: CritiqueContext) -> bool:
+        self.seen.append(context.round_idx)
+        reviews = [Review(example_id, [0] if cs.candidates else [], not cs.candidates)
+                   for example_id, cs in context.sets.items()]
+        store_reviews(context, reviews, self.annotator, self.kind)
+        context.report["judge_items"] = len(reviews)
+        return True
+
+
+def test_a_toy_critic_and_a_toy_policy_run_the_loop(tmp_path, monkeypatch):
+    from illume.cli import main
+    from illume.critic_registry import CRITICS
+    from illume.store import FeedbackStore
+    from policies.registry import POLICIES
+
+    seen, calls = [], []
+    monkeypatch.setitem(CRITICS, "first", lambda cfg: FirstCandidateJudge(cfg, seen))
+    monkeypatch.setitem(POLICIES, "toy", partial(_toy_policy, calls))
+    overrides = tiny_overrides(tmp_path) + ["critic.kind=first", "policy.kind=toy", "loop.num_rounds=2",
+                                            "sample.max_new_tokens=8", "loop.stop_when_nothing_new=false",
+                                            "name=ext"]
+    assert main(["run", str(REPO / "configs" / "demo.yaml"), *overrides]) == 0
+    assert seen == [0, 1] and calls == [0, 1]
+    results = json.loads((tmp_path / "runs" / "ext" / "results.json").read_text())
+    for row in results[1:]:
+        # The critic's report reaches results.json; an AI judge is not people; every item has one accept.
+        assert row["judge_items"] == row["toy_items"] == 12 and row["human_judgments"] == 0
+        assert row["accepted_pct"] == 100.0 and row["trained"]
+    with FeedbackStore(tmp_path / "runs" / "ext" / "feedback.db") as store:
+        assert store.annotator_kinds() == {"first-candidate": "judge"}
+        assert store.num_judgments(kinds={"judge"}) == 24
+
+
+def test_an_unknown_critic_kind_fails_before_any_work(tmp_path, capsys):
+    from illume.cli import main
+
+    assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "critic.kind=oracle"]) == 2
+    assert "critic.kind='oracle' is not one of simulated, human, reward, hybrid" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "demo").exists()
