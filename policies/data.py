@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from illume.data.records import Example
-from illume.feedback.verdicts import DEFAULT_AGGREGATE, Feedback, PreferencePair, read_feedback
+from illume.feedback.verdicts import (
+    DEFAULT_AGGREGATE,
+    Feedback,
+    FeedbackDataError,
+    PreferencePair,
+    check_both_labels,
+    read_feedback,
+    reference_explanations,
+)
 from illume.store import FeedbackStore
 
 
@@ -37,16 +45,11 @@ class LabelledRationale:
 
 
 def _feedback(store: FeedbackStore, examples_by_id: dict[str, Example], upto_round: int | None,
-              from_round: int | None, aggregate: str, needs: str) -> Feedback:
+              from_round: int | None, aggregate: str) -> Feedback:
     feedback = read_feedback(store, upto_round=upto_round, from_round=from_round, aggregate=aggregate)
     if not feedback.items:
-        rounds = "" if upto_round is None else f" in rounds <= {upto_round}"
-        rounds += "" if from_round is None else f" and >= {from_round}"
-        raise PolicyDataError(f"{needs}: no judgments in {store.url}{rounds}: judge a round first")
-    unknown = sorted({item.example_id for item in feedback.items} - set(examples_by_id))
-    if unknown:
-        raise PolicyDataError(f"{needs}: {len(unknown)} judged examples in {store.url} are not in the dataset "
-                              f"given, e.g. {unknown[:3]}: is it the run's dataset and split?")
+        raise FeedbackDataError(f"no judgments in {feedback.source}: judge a round first")
+    feedback.require_examples(examples_by_id)
     return feedback
 
 
@@ -58,17 +61,11 @@ def store_pairs(store: FeedbackStore, examples_by_id: dict[str, Example], upto_r
     Raises:
         PolicyDataError: no judgment, no accepted or no rejected rationale, or no pair.
     """
-    needs = "DPO needs preference pairs"
-    feedback = _feedback(store, examples_by_id, upto_round, from_round, aggregate, needs)
-    _check_both_labels([row.accepted for row in feedback.labelled()], str(store.url), needs)
-    references = ({example_id: example.explanations for example_id, example in examples_by_id.items()}
-                  if reference_as_chosen else None)
-    pairs = feedback.pairs(references)
-    if not pairs:
-        raise PolicyDataError(
-            f"{needs}: no preference pairs in {store.url}: no item has both an accepted and a rejected candidate"
-            + ("" if reference_as_chosen else " (reference pairs are off)"))
-    return pairs
+    try:
+        feedback = _feedback(store, examples_by_id, upto_round, from_round, aggregate)
+        return feedback.usable_pairs(reference_explanations(examples_by_id) if reference_as_chosen else None)
+    except FeedbackDataError as error:
+        raise PolicyDataError(f"DPO needs preference pairs: {error}") from error
 
 
 def store_labelled_rationales(store: FeedbackStore, examples_by_id: dict[str, Example],
@@ -79,17 +76,20 @@ def store_labelled_rationales(store: FeedbackStore, examples_by_id: dict[str, Ex
     Raises:
         PolicyDataError: no judgment, or no accepted / no rejected rationale at all.
     """
-    feedback = _feedback(store, examples_by_id, upto_round, from_round, aggregate, "KTO needs judged rationales")
+    try:
+        feedback = _feedback(store, examples_by_id, upto_round, from_round, aggregate)
+    except FeedbackDataError as error:
+        raise PolicyDataError(f"KTO needs judged rationales: {error}") from error
     rows = [LabelledRationale(row.example_id, row.prompt, row.text, row.accepted) for row in feedback.labelled()]
-    _check_both_labels([row.accepted for row in rows], str(store.url), "KTO needs judged rationales")
+    _check_labels(rows, feedback.source)
     return rows
 
 
-def _check_both_labels(labels: list[bool], where: str, needs: str = "KTO needs judged rationales") -> None:
-    if not any(labels) or all(labels):
-        only = "contested" if not labels else "accepted" if all(labels) else "rejected"
-        raise PolicyDataError(f"{needs}: both accepted and rejected rationales are needed, but all "
-                              f"{len(labels)} in {where} are {only}")
+def _check_labels(rows: list[LabelledRationale], where: str) -> None:
+    try:
+        check_both_labels([row.accepted for row in rows], where)
+    except FeedbackDataError as error:
+        raise PolicyDataError(f"KTO needs judged rationales: {error}") from error
 
 
 def _dataset_examples(dataset, path: Path) -> tuple[list[str], dict[str, Example]]:
@@ -144,5 +144,5 @@ def dataset_labelled_rationales(path: str | Path) -> tuple[list[LabelledRational
     ids, examples = _dataset_examples(dataset, path)
     rows = [LabelledRationale(example_id, row["prompt"], row["completion"].strip(), bool(row["label"]))
             for example_id, row in zip(ids, dataset)]
-    _check_both_labels([row.accepted for row in rows], str(path))
+    _check_labels(rows, str(path))
     return rows, examples

@@ -24,8 +24,10 @@ from illume.feedback.verdicts import (
     PEOPLE,
     REJECTED,
     Feedback,
+    FeedbackDataError,
     PreferencePair,
     read_feedback,
+    reference_explanations,
 )
 from illume.store import FeedbackStore
 
@@ -48,43 +50,23 @@ def reward_feedback(store: FeedbackStore, upto_round: int | None = None, kinds: 
     feedback = read_feedback(store, split=split, upto_round=upto_round, from_round=from_round,
                              aggregate=aggregate, kinds=kinds)
     if not feedback.items:
-        rounds = "" if upto_round is None else f" in rounds <= {upto_round}"
-        rounds += "" if from_round is None else f" and >= {from_round}"
-        counted = "" if kinds is None else f" (by annotators of kind {', '.join(sorted(kinds))})"
-        raise RewardDataError(f"no judgments in {store.url}{rounds}{counted}: judge a round first")
+        raise RewardDataError(f"no judgments in {feedback.source}: judge a round first")
     return feedback
 
 
-def _check_known(feedback: Feedback, examples_by_id: dict[str, Example], where: str) -> None:
-    unknown = sorted({item.example_id for item in feedback.items} - set(examples_by_id))
-    if unknown:
-        raise RewardDataError(f"{len(unknown)} judged examples in {where} are not in the dataset given, "
-                              f"e.g. {unknown[:3]}: is it the run's dataset and split?")
-
-
-def preference_pairs(feedback: Feedback, examples_by_id: dict[str, Example], include_reference_pairs: bool = True,
-                     where: str = "the store") -> list[PreferencePair]:
+def preference_pairs(feedback: Feedback, examples_by_id: dict[str, Example],
+                     include_reference_pairs: bool = True) -> list[PreferencePair]:
     """Chosen/rejected pairs of `feedback` (verdicts rule 7), with reference pairs if asked.
 
     Raises:
-        RewardDataError: a judged example missing from `examples_by_id`; no accepted or no rejected candidate
+        RewardDataError: a judged example missing from `examples_by_id`; no accepted or no rejected rationale
             at all; no pair.
     """
-    _check_known(feedback, examples_by_id, where)
-    labels = [label for *_, label in labelled_candidates(feedback)]
-    if not any(labels) or all(labels):
-        only = "contested" if not labels else "accepted" if all(labels) else "rejected"
-        raise RewardDataError(
-            f"preference learning needs both accepted and rejected candidates, but every one of the "
-            f"{len(labels)} candidates with a verdict in {len(feedback.items)} items of {where} was {only}")
-    references = ({example_id: example.explanations for example_id, example in examples_by_id.items()}
-                  if include_reference_pairs else None)
-    pairs = feedback.pairs(references)
-    if not pairs:
-        raise RewardDataError(
-            f"no preference pairs in {where}: no item has both an accepted and a rejected candidate"
-            + ("" if include_reference_pairs else " (reference pairs are off)"))
-    return pairs
+    try:
+        feedback.require_examples(examples_by_id)
+        return feedback.usable_pairs(reference_explanations(examples_by_id) if include_reference_pairs else None)
+    except FeedbackDataError as error:
+        raise RewardDataError(f"preference learning: {error}") from error
 
 
 def labelled_candidates(feedback: Feedback, example_ids: Iterable[str] | None = None
@@ -114,7 +96,7 @@ def to_preference_pairs(store: FeedbackStore, examples_by_id: dict[str, Example]
         RewardDataError: no counted judgment, or as `preference_pairs`.
     """
     feedback = reward_feedback(store, upto_round, kinds, split, from_round, aggregate)
-    return preference_pairs(feedback, examples_by_id, include_reference_pairs, str(store.url))
+    return preference_pairs(feedback, examples_by_id, include_reference_pairs)
 
 
 def judged_candidates(store: FeedbackStore, examples_by_id: dict[str, Example] | None = None,
@@ -133,7 +115,10 @@ def judged_candidates(store: FeedbackStore, examples_by_id: dict[str, Example] |
     """
     feedback = reward_feedback(store, upto_round, kinds, split, from_round, aggregate)
     if examples_by_id is not None:
-        _check_known(feedback, examples_by_id, str(store.url))
+        try:
+            feedback.require_examples(examples_by_id)
+        except FeedbackDataError as error:
+            raise RewardDataError(str(error)) from error
     return labelled_candidates(feedback, example_ids)
 
 

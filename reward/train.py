@@ -217,7 +217,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
 
     out_dir = Path(out_dir)
     feedback = reward_feedback(store, upto_round=upto_round, kinds=kinds, aggregate=aggregate)
-    pairs = preference_pairs(feedback, examples_by_id, cfg.include_reference_pairs, str(store.url))
+    pairs = preference_pairs(feedback, examples_by_id, cfg.include_reference_pairs)
     example_ids = judged_example_ids(feedback)
     train_ids, heldout_ids = split_by_example(example_ids, cfg.heldout_fraction, cfg.seed)
     heldout = set(heldout_ids)
@@ -252,7 +252,7 @@ def evaluate_saved(store: FeedbackStore, examples_by_id: dict[str, Example], rm:
     split = json.loads((out_dir / SPLIT_FILE).read_text())
     heldout = set(split["heldout_example_ids"])
     feedback = reward_feedback(store, upto_round=split["upto_round"], kinds=kinds, aggregate=aggregate)
-    pairs = preference_pairs(feedback, examples_by_id, split["include_reference_pairs"], str(store.url))
+    pairs = preference_pairs(feedback, examples_by_id, split["include_reference_pairs"])
     judged = labelled_candidates(feedback, example_ids=heldout)
     return evaluate_reward_model(rm, [p for p in pairs if p.example_id in heldout], judged, examples_by_id,
                                  target_precision, out_dir)

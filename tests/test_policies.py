@@ -331,6 +331,12 @@ def test_dpo_command_on_a_store_and_on_an_exported_dataset(tiny_vlm, tmp_path, c
                  "--config", str(run_dir / "config.yaml"), "--out", str(tmp_path / "from_dataset")]) == 0
     from_dataset = json.loads((tmp_path / "from_dataset" / "metrics.json").read_text())
     assert from_dataset["num_rows"] == 20
+
+    def trained_on(folder):  # the pairs each route trained on, from its manifest
+        rows = [json.loads(line) for line in (folder / "training_set.jsonl").read_text().splitlines()]
+        return [(r["example_id"], r["prompt"], r["chosen"], r["rejected"], r["round_idx"]) for r in rows]
+
+    assert trained_on(run_dir / "dpo") == trained_on(tmp_path / "from_dataset")  # the same pairs, in order
     assert main(["kto", str(run_dir), "train.num_epochs=1", "sample.max_new_tokens=4"]) == 0
     assert json.loads((run_dir / "kto" / "metrics.json").read_text())["num_rows"] == 30
 

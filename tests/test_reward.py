@@ -128,14 +128,14 @@ def test_no_judgments_only_accepts_or_only_rejects_are_clear_errors(tmp_path):
         with pytest.raises(RewardDataError, match="no judgments in sqlite"):
             to_preference_pairs(store, EXAMPLES)
         store.add_judgments(0, [("e1", ["A", "B"], False, None), ("e2", ["C"], False, None)], "alice")
-        with pytest.raises(RewardDataError, match="needs both accepted and rejected candidates.*accepted"):
+        with pytest.raises(RewardDataError, match="preference learning: both accepted and rejected rationales are needed.* are accepted"):
             to_preference_pairs(store, EXAMPLES)
         with pytest.raises(RewardDataError, match="no judgments in"):  # alice's judgments do not count
             to_preference_pairs(store, EXAMPLES, kinds={"reward"})
     with FeedbackStore(tmp_path / "b.db") as store:
         store.add_candidate_sets(0, "train", [candidate_set("e1", ["A", "B"])])
         store.add_judgments(0, [("e1", [], True, None)], "alice")
-        with pytest.raises(RewardDataError, match="needs both accepted and rejected candidates.*rejected"):
+        with pytest.raises(RewardDataError, match="preference learning: both accepted and rejected rationales are needed.* are rejected"):
             to_preference_pairs(store, EXAMPLES)
         with pytest.raises(RewardDataError, match="not in the dataset"):
             to_preference_pairs(store, {})

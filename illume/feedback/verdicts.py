@@ -79,6 +79,24 @@ def rationale_key(item: JudgedItem, text: str) -> RationaleKey:
     return (item.split, item.example_id, item.prompt, text)
 
 
+class FeedbackDataError(ValueError):
+    """Feedback that cannot give a consumer what it needs; the message says what is missing and where.
+    Consumers re-raise it as their own error (RewardDataError, PolicyDataError) with what they needed it for."""
+
+
+def check_both_labels(labels: Sequence[bool], where: str) -> None:
+    """Preference learning needs accepted and rejected rationales both; FeedbackDataError otherwise."""
+    if not any(labels) or all(labels):
+        only = "contested" if not labels else "accepted" if all(labels) else "rejected"
+        raise FeedbackDataError(f"both accepted and rejected rationales are needed, but all {len(labels)} "
+                                f"in {where} are {only}")
+
+
+def reference_explanations(examples_by_id: Mapping[str, object]) -> dict[str, list[str]]:
+    """Example id -> its reference explanations: the chosen side of reference pairs (`Feedback.pairs`)."""
+    return {example_id: list(example.explanations) for example_id, example in examples_by_id.items()}
+
+
 @dataclass
 class AcceptedRationale:
     """An SFT target: an accepted rationale, the item it was first accepted in, and who accepted it."""
@@ -140,10 +158,12 @@ class Feedback:
         aggregate: `feedback.aggregate`, a key of AGGREGATES.
         kinds: The annotator kinds whose judgments count (None: every kind). Items left without a counted
             judgment are dropped.
+        source: Where the items come from (the store's URL), for error messages.
     """
 
     def __init__(self, items: Sequence[JudgedItem], aggregate: str = DEFAULT_AGGREGATE,
-                 kinds: Collection[str] | None = None) -> None:
+                 kinds: Collection[str] | None = None, source: str = "the feedback") -> None:
+        self.source = source
         if aggregate not in AGGREGATES:
             raise ValueError(f"feedback.aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
         self.aggregate = aggregate
@@ -251,10 +271,37 @@ class Feedback:
                     add(item, explanations[i % len(explanations)].strip(), bad, "reference")
         return list(pairs.values())
 
+    # ---------------------------------------------------------------- checked reads for trainers
+
+    def require_examples(self, examples_by_id: Mapping[str, object]) -> None:
+        """FeedbackDataError if a judged example is not in `examples_by_id` (the wrong dataset or split)."""
+        unknown = sorted({item.example_id for item in self.items} - set(examples_by_id))
+        if unknown:
+            raise FeedbackDataError(f"{len(unknown)} judged examples in {self.source} are not in the dataset "
+                                    f"given, e.g. {unknown[:3]}: is it the run's dataset and split?")
+
+    def usable_pairs(self, references: Mapping[str, Sequence[str]] | None = None) -> list[PreferencePair]:
+        """`pairs(references)`, or FeedbackDataError when there are no judgments, no accepted or no rejected
+        rationale, or no pair."""
+        if not self.items:
+            raise FeedbackDataError(f"no judgments in {self.source}: judge a round first")
+        check_both_labels([row.accepted for row in self.labelled()], self.source)
+        pairs = self.pairs(references)
+        if not pairs:
+            raise FeedbackDataError(
+                f"no preference pairs in {self.source}: no item has both an accepted and a rejected candidate"
+                + ("" if references is not None else " (reference pairs are off)"))
+        return pairs
+
 
 def read_feedback(store: FeedbackStore, *, split: str | None = "train", round_idx: int | None = None,
                   upto_round: int | None = None, from_round: int | None = None,
                   aggregate: str = DEFAULT_AGGREGATE, kinds: Collection[str] | None = None) -> Feedback:
     """The verdicts of the store's judged items in a range of rounds (None: no bound; split None: all)."""
     items = store.judged_items(split, round_idx=round_idx, upto_round=upto_round, from_round=from_round)
-    return Feedback(items, aggregate, kinds)
+    scope = [f"round {round_idx}" if round_idx is not None else "",
+             f"rounds <= {upto_round}" if upto_round is not None else "",
+             f"rounds >= {from_round}" if from_round is not None else "",
+             f"by annotators of kind {', '.join(sorted(kinds))}" if kinds is not None else ""]
+    scope = ", ".join(filter(None, scope))
+    return Feedback(items, aggregate, kinds, f"{store.url}" + (f" ({scope})" if scope else ""))
