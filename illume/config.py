@@ -195,9 +195,10 @@ class CriticConfig:
     """Critic, a key of illume.critics.CRITICS: `simulated` accepts a candidate whose metric against any reference reaches the threshold;
     `human`: people judge in the annotation page (or the terminal) and the loop waits for them;
     `reward`: the reward model judges (after `reward.human_rounds` rounds judged by people);
-    `hybrid`: the reward model decides the confident items, people the rest."""
+    `hybrid`: the reward model decides the confident items, people the rest;
+    `judge`: an AI judge (a VLM, `judge.*`) judges every item (after `judge.human_rounds` rounds by people)."""
     people: Literal["simulated", "human"] = "simulated"
-    """Who the people are in reward/hybrid runs: the simulated critic standing in for them, or real people."""
+    """Who the people are in reward/hybrid/judge runs: the simulated critic standing in for them, or real people."""
     ui: Literal["web", "terminal"] = "web"
     """Human critic only: the annotation page (`illume annotate`) or a prompt in this terminal."""
     wait: bool = True
@@ -212,6 +213,83 @@ class CriticConfig:
     """Accept when the metric against any single reference is >= this (the paper: ROUGE-L >= 0.7)."""
 
 
+JUDGE_SLOTS = ("question", "answer", "rationale", "context")
+"""The slots a judge prompt (`judge.prompt`) may have; {answer} and {rationale} are required."""
+
+JUDGE_PROMPTS = {
+    "yes_no": "{context} Q: {question} A: {answer}, seeing that {rationale}. Q: does this reason explain the "
+              "answer from what is visible? A:",
+    "likelihood": "{context} Q: {question} A: {answer}, seeing that {rationale}",
+}
+"""The default judge prompt of each `judge.method`."""
+
+
+@dataclass
+class JudgeConfig:
+    """The AI judge (critic.kind=judge, reward/judge.py): a VLM scores each candidate rationale.
+
+    configs/demo_rlaif.yaml uses `likelihood` with `context: references` (VLM-RLAIF's context-aware scoring;
+    its header has the judge's measured agreement): the demo's word-level tokenizer has "yes" and "no", so
+    `yes_no` runs too, but the demo model never learnt to judge in words.
+    """
+
+    model: ModelConfig | None = None
+    """The judge's VLM (a ModelConfig section: an HF VLM such as Qwen2-VL, or a MAGMA); None: the run's own
+    `model` as loaded at the start (the base model, not the round's tuned one)."""
+    method: Literal["yes_no", "likelihood"] = "likelihood"
+    """yes_no: P(" yes") / (P(" yes") + P(" no")) of the token after the prompt; likelihood: the mean
+    per-token log-probability of the rationale (and EOS) after the prompt's text before {rationale}."""
+    prompt: str | None = None
+    """Template with {answer}, {rationale} and optionally {question}, {context}; for likelihood it must end
+    with {rationale} (the part scored). None: the method's default (`JUDGE_PROMPTS`)."""
+    context: Literal["none", "references"] = "none"
+    """What fills {context}: nothing, or the example's reference explanations (the prompt needs the slot)."""
+    threshold: float | None = None
+    """Accept a candidate whose score is >= this when no people's judgment of earlier rounds exists to
+    calibrate on; None: 0.5 for yes_no, -1.0 (mean log-prob) for likelihood."""
+    target_precision: float = 0.9
+    """With people's judgments of earlier rounds, the threshold is the lowest judge score whose precision
+    against them reaches this (reward.evaluate.calibrate_threshold)."""
+    human_rounds: int = 0
+    """Rounds judged by people (`critic.people`) before the judge takes over (0: the judge judges all)."""
+    batch_size: int = 32
+    """Candidates scored per forward pass."""
+
+    def template(self) -> str:
+        """The prompt template in use."""
+        return self.prompt if self.prompt is not None else JUDGE_PROMPTS[self.method]
+
+    def default_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return 0.5 if self.method == "yes_no" else -1.0
+
+    def __post_init__(self) -> None:
+        import string
+
+        template = self.template()
+        try:
+            slots = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as error:
+            raise ValueError(f"judge.prompt is not a valid template ({error}): {template!r}") from error
+        unknown = slots - set(JUDGE_SLOTS)
+        if unknown:
+            raise ValueError(f"judge.prompt has unknown slot(s) {sorted(unknown)}; the slots are "
+                             f"{', '.join('{' + s + '}' for s in JUDGE_SLOTS)}: {template!r}")
+        for needed in ("answer", "rationale"):
+            if needed not in slots:
+                raise ValueError(f"judge.prompt has no {{{needed}}} slot: {template!r}")
+        if self.method == "likelihood" and not template.endswith("{rationale}"):
+            raise ValueError(f"judge.prompt must end with {{rationale}} for judge.method=likelihood (the "
+                             f"rationale is the part scored): {template!r}")
+        if self.context != "none" and "context" not in slots:
+            raise ValueError(f"judge.context={self.context} but judge.prompt has no {{context}} slot: {template!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"judge.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.target_precision <= 1.0:
+            raise ValueError(f"judge.target_precision must be in (0, 1], got {self.target_precision}")
+
+
 @dataclass
 class FeedbackConfig:
     """How judgments become verdicts (the rules: illume.feedback.verdicts)."""
@@ -220,6 +298,10 @@ class FeedbackConfig:
     """How several annotators' judgments of one item combine, per candidate: `majority` (accepted if more
     accept than reject, rejected if more reject; a tie is contested and left out), `any` (one accept is
     enough) or `unanimous` (accepted only if nobody rejects). With one annotator per item all three agree."""
+    people: list[str] = field(default_factory=lambda: ["person", "simulated"])
+    """Annotator kinds whose judgments count as people's: the reward model learns from them (unless
+    `reward.learn_from` says otherwise) and results.json's human_judgments counts them. The default is
+    `illume.feedback.verdicts.PEOPLE`; adding "judge" counts an AI judge's verdicts as people's."""
 
 
 @dataclass
@@ -267,6 +349,9 @@ class RewardConfig:
     """The accept threshold is the lowest score whose held-out precision reaches this."""
     hybrid_band: float = 1.0
     """critic.kind=hybrid: items with a candidate scored within this distance of the threshold go to people."""
+    learn_from: list[str] | None = None
+    """Annotator kinds whose judgments the reward model learns from; None: `feedback.people`. ["judge"]: from
+    the AI judge's verdicts (RLAIF, configs/demo_rlaif.yaml) without counting them as people's."""
     seed: int = 0
     """Seed of the split, initialisation and data order."""
 
@@ -318,7 +403,8 @@ class PolicyConfig:
 
     kind: str = "sft"
     """A key of `policies.registry.POLICIES` (checked when the loop starts): sft: selection fine-tuning on
-    accepted rationales; dpo: accepted vs rejected pairs; kto: unpaired labels."""
+    accepted rationales; dpo: accepted vs rejected pairs; kto: unpaired labels; grpo: online RL on G sampled
+    rationales per question scored by `reward_sources` (policies/grpo.py)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """DPO loss, by TRL's names (DPOConfig.loss_type)."""
     beta: float = 0.1
@@ -337,15 +423,50 @@ class PolicyConfig:
     undesirable_weight: float | None = None
     """KTO: weight of the rejected ones; None: #accepted / #rejected, so both sides weigh the same in total."""
     learning_rate: float | None = None
-    """Learning rate of dpo/kto; None: train.learning_rate."""
+    """Learning rate of dpo/kto/grpo; None: train.learning_rate."""
     seed: int = 0
     """Seed of the KTO mismatched (KL) completions."""
+    num_generations: int = 8
+    """GRPO: rationales drawn per train question each round (G; TRL's num_generations), before duplicates are
+    merged (policies/grpo.py)."""
+    grpo_temperature: float = 0.8
+    """GRPO: the temperature the G rationales are drawn at."""
+    grpo_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "dr_grpo"
+    """GRPO loss normalisation, by TRL's names: grpo (each sequence's token mean, then the batch mean: a
+    length bias), bnpo (token mean over the batch), dr_grpo (token sum / (sequences x max completion length):
+    Dr. GRPO, no length bias and independent of how many answer rows share the batch; the default)."""
+    epsilon: float = 0.2
+    """GRPO: clipping range of the probability ratio (TRL's epsilon, low and high alike)."""
+    grpo_iterations: int = 2
+    """GRPO: passes over the round's samples (TRL's num_iterations; epochs, the best on val is kept)."""
+    grpo_scale_rewards: bool = True
+    """GRPO: divide each group's centred rewards by its std (TRL's scale_rewards="group"; False: "none")."""
+    grpo_answer_weight: float = 1.0
+    """GRPO: weight of the NLL term on answer-only rows (`Q: q A: a<eos>`, one per train question) that keeps
+    answer accuracy from drifting; 0: none."""
+    reward_sources: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
+    """GRPO: reward = sum of weight x source (keys of `policies.grpo.REWARDS`: reward_model, the reward model
+    fitted on people's judgments of this round and earlier; simulated, ROUGE-L against the references). Set a
+    weight to 0 to switch a source off (overrides merge into this mapping)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"policy.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.beta <= 0:
             raise ValueError(f"policy.beta must be > 0, got {self.beta}")
+        if self.num_generations < 2:
+            raise ValueError(f"policy.num_generations must be >= 2 (a group needs two samples), "
+                             f"got {self.num_generations}")
+        if not 0.0 < self.epsilon < 1.0:
+            raise ValueError(f"policy.epsilon must be in (0, 1), got {self.epsilon}")
+        if self.grpo_iterations < 1:
+            raise ValueError(f"policy.grpo_iterations must be >= 1, got {self.grpo_iterations}")
+        if self.grpo_temperature <= 0:
+            raise ValueError(f"policy.grpo_temperature must be > 0, got {self.grpo_temperature}")
+        if self.kind == "grpo" and not any(self.reward_sources.values()):
+            raise ValueError("policy.kind=grpo needs a reward: policy.reward_sources has no source with a "
+                             f"non-zero weight ({dict(self.reward_sources)}); e.g. policy.reward_sources."
+                             "reward_model=1.0 or policy.reward_sources.simulated=1.0")
 
 
 @dataclass
@@ -381,6 +502,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

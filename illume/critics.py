@@ -26,7 +26,6 @@ from illume import distributed
 from illume.config import CriticConfig, RunConfig
 from illume.data.records import CandidateSet, Example
 from illume.feedback.queue import AnnotationQueue
-from illume.feedback.verdicts import PEOPLE
 from illume.metrics.caption_scores import caption_scores, rouge_l_per_item
 from illume.store import FeedbackStore
 
@@ -87,10 +86,11 @@ def store_reviews(context: CritiqueContext, reviews: Sequence[Review], annotator
 
 
 def left_for_people(context: CritiqueContext, annotator: str) -> list[CandidateSet]:
-    """The round's items `annotator` has not judged, less those a model critic (reward model, AI judge)
-    decided in this round, in the order stored."""
+    """The round's items `annotator` has not judged, less those a model critic (reward model, AI judge: a kind
+    not in `feedback.people`) decided in this round, in the order stored."""
+    people = context.cfg.feedback.people
     decided = {item.example_id for item in context.store.judged_items("train", round_idx=context.round_idx)
-               if any(j.annotator_kind not in PEOPLE for j in item.judgments)}
+               if any(j.annotator_kind not in people for j in item.judgments)}
     return [context.sets[example_id]
             for example_id in context.store.unjudged_items(context.round_idx, annotator, "train")
             if example_id not in decided]

@@ -38,15 +38,16 @@ from illume.critic_registry import CRITICS
 from illume.critics import CritiqueContext
 from illume.data.datasets import load_split
 from illume.evaluation import explanation_scores
-from illume.feedback.verdicts import AGGREGATES, PEOPLE, read_feedback
+from illume.feedback.verdicts import AGGREGATES, read_feedback
 from illume.loading import load_vlm
 from illume.models.weights import load_trainable_weights
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
+from illume.status import POLICY_COLUMNS, policy_cell
 from illume.store import FeedbackStore
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext
-from policies.registry import POLICIES
+from policies.registry import POLICIES, check_policy_config
 
 logger = logging.getLogger(__name__)
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")
@@ -87,10 +88,11 @@ def results_table(results: list[dict]) -> Table:
     table = Table(title="ILLUME rounds (val scores x100)")
     # accepted %: train questions of the round with >= 1 accepted rationale; new / total: distinct accepted
     # rationales new this round / in the training set (illume.feedback.verdicts); judgments: all judgments in
-    # the store so far; by people: those by annotators of kind person or simulated (the simulated critic stands
-    # in for people), not the reward model's or an AI judge's.
+    # the store so far; by people: those by the kinds in feedback.people (default person and simulated: the
+    # simulated critic stands in for people), not the reward model's or an AI judge's.
+    extra = [column for column in POLICY_COLUMNS if any(column[0] in row for row in results)]
     for column in ("round", "accepted %", "new", "total", "judgments", "by people", "B-4", "METEOR", "ROUGE-L",
-                   "CIDEr", "answer acc."):
+                   "CIDEr", "answer acc.", *(title for _, title, _ in extra)):
         table.add_column(column, justify="right")
 
     def pct(row: dict, key: str) -> str:
@@ -102,7 +104,8 @@ def results_table(results: list[dict]) -> Table:
         table.add_row(str(row["round"]), accepted, str(row.get("new_rationales", "-")),
                       str(row.get("train_rationales", "-")), str(row.get("judgments", "-")),
                       str(row.get("human_judgments", "-")),
-                      *(pct(row, k) for k in VAL_KEYS))
+                      *(pct(row, k) for k in VAL_KEYS),
+                      *(policy_cell(row, key, fmt) for key, _, fmt in extra))
     return table
 
 
@@ -115,6 +118,7 @@ def run(cfg: RunConfig) -> list[dict]:
                                 ("feedback.aggregate", cfg.feedback.aggregate, AGGREGATES)):
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    check_policy_config(cfg)
     # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
     changes = check_resumed_settings(cfg)
     distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
@@ -224,7 +228,7 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
     new = [row for row in accepted.accepted() if row.item.round_idx == round_idx]
     metrics = {"round": round_idx, "accepted_pct": 100 * accepted.items_with_accepted(round_idx) / max(1, len(sets)),
                "new_rationales": len(new), "train_rationales": len(accepted.accepted()),
-               "judgments": store.num_judgments(), "human_judgments": store.num_judgments(kinds=PEOPLE),
+               "judgments": store.num_judgments(), "human_judgments": store.num_judgments(kinds=cfg.feedback.people),
                "trained": False, "val": {}, **context.report}
     if not new and cfg.loop.stop_when_nothing_new:
         return metrics

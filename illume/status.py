@@ -12,6 +12,17 @@ from rich.table import Table
 from illume.feedback.verdicts import DEFAULT_AGGREGATE, read_feedback
 from illume.store import FeedbackStore
 
+POLICY_COLUMNS = (("grpo_reward", "reward", "{:.3f}"), ("grpo_accept", "sim. accept %", "{:.1%}"),
+                  ("grpo_kl", "KL", "{:.4f}"))
+"""Round figures a policy reports when it has them, shown by the loop's table and `illume status` (online
+RL: the reward model's mean score of the samples, the share the simulated critic accepts, the KL to the
+round's reference; a reward that rises while acceptance falls is the policy gaming the reward model)."""
+
+
+def policy_cell(row: dict, key: str, fmt: str) -> str:
+    """One POLICY_COLUMNS value of a round's row as the tables show it ("-" when the policy has none)."""
+    return "-" if row.get(key) is None else fmt.format(row[key]).rstrip("%")
+
 
 def krippendorff_alpha_nominal(units: Iterable[list[int]]) -> float | None:
     """Krippendorff's alpha for nominal values (here: accept 1 / reject 0), one list of values per unit.
@@ -58,7 +69,9 @@ def summarize(store: FeedbackStore, aggregate: str = DEFAULT_AGGREGATE) -> dict:
                     decisions.append([int(j.decisions[candidate.id]) for j in item.judgments
                                       if candidate.id in j.decisions])
         overlap = any(len(values) > 1 for values in decisions)
+        metrics = store.round_status(round_idx)["metrics"] or {}
         rounds[round_idx] = {**store.round_counts(round_idx, "train"),
+                             **{key: metrics[key] for key, _, _ in POLICY_COLUMNS if key in metrics},
                              "items_with_accepted": feedback.items_with_accepted(round_idx),
                              "status": store.round_status(round_idx),
                              "alpha": krippendorff_alpha_nominal(decisions) if overlap else None}
@@ -83,13 +96,16 @@ def print_status(store: FeedbackStore, console: Console | None = None,
     console = console or Console(width=max(Console().width, 100))
     summary = summarize(store, aggregate)
     table = Table(title="Rounds")
-    for column in ("round", "items", "judged", "judgments", "with accepted", "sampled", "trained", "alpha"):
+    extra = [c for c in POLICY_COLUMNS if any(c[0] in r for r in summary["rounds"].values())]
+    for column in ("round", "items", "judged", "judgments", "with accepted", "sampled", "trained", "alpha",
+                   *(title for _, title, _ in extra)):
         table.add_column(column, justify="right")
     for round_idx, r in summary["rounds"].items():
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:.2f}"
         table.add_row(str(round_idx), str(r["items"]), str(r["judged_items"]), str(r["judgments"]),
                       str(r["items_with_accepted"]), "yes" if r["status"]["sampled_at"] else "no",
-                      "yes" if r["status"]["trained_at"] or r["status"]["metrics"] else "no", alpha)
+                      "yes" if r["status"]["trained_at"] or r["status"]["metrics"] else "no", alpha,
+                      *(policy_cell(r, key, fmt) for key, _, fmt in extra))
     console.print(table)
     people = Table(title="People (and critics)")
     for column in ("annotator", "kind", "judgments", "median s / item", "total time"):

@@ -1,8 +1,14 @@
-"""`POLICIES`: policy.kind -> the policy (policies.base). Adding a policy is one module plus one entry here."""
+"""`POLICIES`: policy.kind -> the policy (policies.base). Adding a policy is one module plus one entry here
+(and, if its settings need checking before any model loads, one entry in CONFIG_CHECKS)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from illume.config import RunConfig
 from policies.base import Policy
+from policies.grpo import check_config as check_grpo_config
+from policies.grpo import grpo_round
 from policies.optimize import preference_round
 from policies.sft import sft_round
 
@@ -10,4 +16,13 @@ POLICIES: dict[str, Policy] = {
     "sft": sft_round,  # ILLUME's selection-SFT
     "dpo": preference_round,  # DPO on accepted vs rejected pairs (policies/dpo.py)
     "kto": preference_round,  # KTO on accept/reject labels (policies/kto.py)
+    "grpo": grpo_round,  # online GRPO on sampled rationales scored by policy.reward_sources (policies/grpo.py)
 }
+
+CONFIG_CHECKS: dict[str, Callable[[RunConfig], None]] = {"grpo": check_grpo_config}
+"""policy.kind -> a check of the settings it needs, raising ConfigError; run by the loop before any work."""
+
+
+def check_policy_config(cfg: RunConfig) -> None:
+    """The configured policy's own settings check (nothing for a policy without one)."""
+    CONFIG_CHECKS.get(cfg.policy.kind, lambda _: None)(cfg)

@@ -1,8 +1,9 @@
 """The reward model as a critic: critic.kind=reward (it judges every item) and hybrid (the items it is sure of).
 
 Per round, from round `reward.human_rounds` on:
-- **Fit or reuse.** The reward model is fitted on every judgment by people (`verdicts.PEOPLE`: the annotators'
-  stored kind, never their name) in earlier rounds, with its accept threshold calibrated on held-out examples
+- **Fit or reuse.** The reward model is fitted on every judgment by people (`feedback.people`, by default
+  `verdicts.PEOPLE`; `reward.learn_from` overrides it: the annotators' stored kind, never their name) in
+  earlier rounds, with its accept threshold calibrated on held-out examples
   (`reward.train.fit_reward_from_store`), and saved to RUN_DIR/reward/round_NN with `reward_critic.json`. A
   round whose earlier rounds brought no new judgment by people reuses the latest fit on exactly as many
   (also on resume), so the model is fitted once per new batch of people's work.
@@ -20,14 +21,14 @@ Per round, from round `reward.human_rounds` on:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from illume import distributed
 from illume.config import RunConfig
 from illume.critics import PEOPLE_CRITICS, CritiqueContext, Review, SimulatedCritic, store_reviews
 from illume.data.records import CandidateSet, Example
-from illume.feedback.verdicts import PEOPLE
+from illume.store import FeedbackStore
 
 REWARD_CRITIC_FILE = "reward_critic.json"
 
@@ -58,24 +59,32 @@ class RewardDecider:
         return reviews
 
 
-def fit_or_reuse(cfg: RunConfig, round_idx: int, context: CritiqueContext) -> tuple[object, dict]:
-    """The reward model for this round and its `reward_critic.json` facts (see the module doc)."""
+def learn_from(cfg: RunConfig) -> list[str]:
+    """Annotator kinds whose judgments the reward model learns from: `reward.learn_from`, else
+    `feedback.people`."""
+    return list(cfg.reward.learn_from if cfg.reward.learn_from is not None else cfg.feedback.people)
+
+
+def fit_or_reuse(cfg: RunConfig, round_idx: int, store: FeedbackStore, examples_by_id: dict[str, Example],
+                 say: Callable[[str], None] = print) -> tuple[object, dict]:
+    """The reward model for round `round_idx` (fitted on the judgments of earlier rounds) and its
+    `reward_critic.json` facts (see the module doc). GRPO asks for round r + 1 to score round r's samples."""
     from illume.loading import load_vlm
     from reward.model import RewardModel
     from reward.train import fit_reward_from_store
 
-    store = context.store
+    kinds = learn_from(cfg)
     # Rank 0's count, so that every rank takes the same reuse-or-fit decision below.
-    num_people = distributed.broadcast_object(store.num_judgments(upto_round=round_idx - 1, kinds=PEOPLE))
+    num_people = distributed.broadcast_object(store.num_judgments(upto_round=round_idx - 1, kinds=kinds))
     reward_root = cfg.run_dir / "reward"
     for earlier in range(round_idx, -1, -1):  # reuse a fit on exactly these judgments (also on resume)
         info_path = reward_root / f"round_{earlier:02d}" / REWARD_CRITIC_FILE
         if info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people:
             return RewardModel.load(info_path.parent, load_vlm(cfg)), json.loads(info_path.read_text())
     out_dir = reward_root / f"round_{round_idx:02d}"
-    context.say(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
-    rm, result = fit_reward_from_store(store, context.examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
-                                       upto_round=round_idx - 1, kinds=PEOPLE, aggregate=cfg.feedback.aggregate,
+    say(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
+    rm, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
+                                       upto_round=round_idx - 1, kinds=kinds, aggregate=cfg.feedback.aggregate,
                                        deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
     report = result["eval"]
     info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
@@ -114,7 +123,7 @@ class RewardCritic:
 
     def _critique(self, context: CritiqueContext) -> dict:
         cfg, store, round_idx, sets = self.cfg, context.store, context.round_idx, context.sets
-        rm, info = fit_or_reuse(cfg, round_idx, context)
+        rm, info = fit_or_reuse(cfg, round_idx, store, context.examples_by_id, context.say)
         decider = RewardDecider(rm, info["threshold"], self.band())
         # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
         judged = distributed.broadcast_object(
@@ -124,7 +133,7 @@ class RewardCritic:
         if distributed.is_main():
             store_reviews(context, reviews, self.annotator, self.kind)
         distributed.barrier()  # the others read these judgments below
-        decided_by_models = sum(any(j.annotator_kind not in PEOPLE for j in item.judgments)
+        decided_by_models = sum(any(j.annotator_kind not in cfg.feedback.people for j in item.judgments)
                                 for item in store.judged_items("train", round_idx=round_idx))
         report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
                   "rm_heldout_recall": info["heldout_recall"], "rm_heldout_roc_auc": info["heldout_roc_auc"],

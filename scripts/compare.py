@@ -1,6 +1,7 @@
 """Which makes better use of the same human feedback: ILLUME's selection-SFT or preference optimisation?
 
-Runs the study's five variants, and three variants of (c)/(d), on the demo world with the same seeds, sampling, critic and epoch budgets, and writes
+Runs the study's variants, and three variants of (c)/(d), on the demo world with the same seeds,
+sampling, critic and epoch budgets, and writes
 docs/results.md (a table of final val scores, human judgments and training rationales used, wall time) and
 docs/compare_cider.png (val CIDEr against human judgments used, per round):
 
@@ -9,6 +10,8 @@ docs/compare_cider.png (val CIDEr against human judgments used, per round):
     (c) dpo          iterative DPO on accepted vs rejected pairs     configs/demo_dpo.yaml
     (d) kto          iterative KTO on accept/reject labels           configs/demo_kto.yaml
     (e) sft-ref      SFT on every reference explanation (fully supervised; no critique)
+    (f) grpo         online GRPO with the reward model fitted on round 0's judgments  configs/demo_grpo.yaml
+    (g) rlaif        no people: an AI judge labels, the reward model learns from it   configs/demo_rlaif.yaml
         dpo-all, kto-all   (c), (d) on the judgments of every round so far (policy.rounds=all), as SFT uses
                            them; (c) and (d) use only the round just judged (on-policy: policy.rounds=latest)
         dpo-nll            (c) + an NLL term on the chosen rationale (policy.sft_weight=1.0, RPO)
@@ -46,6 +49,9 @@ VARIANTS = {
     "dpo-nll": ("iterative DPO + NLL on the chosen rationale (RPO)", "configs/demo_dpo.yaml",
                 ["policy.sft_weight=1.0"]),
     "sft-ref": ("SFT on all reference explanations (no critique)", "configs/demo.yaml", []),
+    "grpo": ("online GRPO with the reward model fitted on round 0's human judgments", "configs/demo_grpo.yaml",
+             []),
+    "rlaif": ("no people: an AI judge labels, the reward model learns from it", "configs/demo_rlaif.yaml", []),
 }
 METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
            ("answer_accuracy", "answer acc."))

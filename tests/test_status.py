@@ -55,3 +55,29 @@ def test_status_command_prints_rounds_and_people(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Rounds" in out and "ada" in out and "3.0" in out
+
+
+def test_online_rl_figures_show_in_status_and_the_round_table(tmp_path):
+    """A GRPO round's reward, simulated acceptance and KL are columns wherever rounds are listed."""
+    from rich.console import Console
+
+    from illume.loop import results_table
+    from illume.status import print_status
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.add_candidate_sets(0, "train", [CandidateSet("ex0", "red", "red", "Q: q A: red, seeing that", 1,
+                                                       [Candidate("the circle is red", 0.3, 1, 0, -1.0)])])
+    store.set_round_metrics(0, {"grpo_reward": 0.25, "grpo_accept": 0.125, "grpo_kl": 0.002})
+    console = Console(record=True, width=200)
+    summary = print_status(store, console)
+    assert summary["rounds"][0]["grpo_reward"] == 0.25
+    text = console.export_text()
+    assert "sim. accept %" in text and "12.5" in text and "0.0020" in text
+    rows = [{"round": "base", "val": {}}, {"round": 0, "val": {}, "grpo_reward": 0.25, "grpo_accept": 0.5}]
+    console = Console(record=True, width=200)
+    console.print(results_table(rows))
+    text = console.export_text()
+    assert "reward" in text and "50.0" in text
+    console = Console(record=True, width=200)
+    console.print(results_table(rows[:1]))  # other policies: no such columns
+    assert "sim. accept" not in console.export_text()

@@ -1,0 +1,214 @@
+"""GRPO (policies/grpo.py, policies/losses.py): the loss equals TRL 1.16's on identical inputs, advantages are
+normalised within each group, the config refuses a GRPO run with no reward, and the loop runs it end to end."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from policies.losses import group_advantages, grpo_loss, per_token_logps, to_completion_layout
+
+REPO = Path(__file__).resolve().parents[1]
+B, T = 6, 7
+
+
+def _grpo_stub(loss_type: str, beta: float, epsilon: float, max_completion_length: int, per_token: torch.Tensor):
+    """Just enough of a GRPOTrainer for its unbound `_compute_loss`: the model's per-token log-probs are
+    `per_token` (its `_get_per_token_logps_and_entropies` is stubbed), no entropy mask, token-level importance
+    sampling, no vLLM, one accumulation step."""
+    accelerator = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                  reduce=lambda x, reduction="sum": x, num_processes=1, sync_gradients=True)
+    return SimpleNamespace(
+        model=torch.nn.Linear(1, 1).train(), accelerator=accelerator, aux_loss_enabled=False,
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+        loss_type=loss_type, beta=beta, epsilon_low=epsilon, epsilon_high=epsilon, use_vllm=False,
+        vllm_importance_sampling_correction=False, _entropy_bonus_enabled=False,
+        current_gradient_accumulation_steps=1, max_completion_length=max_completion_length,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (per_token, torch.zeros_like(per_token), None))
+
+
+def _inputs(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, T + 1, (B,), generator=generator)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    logps = -torch.rand(B, T, generator=generator) * 3
+    old = logps + 0.4 * torch.randn(B, T, generator=generator)  # ratios far enough from 1 to be clipped
+    ref = logps + 0.3 * torch.randn(B, T, generator=generator)
+    advantages = torch.randn(B, generator=generator)
+    return logps, old, ref, advantages, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_grpo_loss_equals_trls_on_identical_per_token_log_probs(loss_type, beta):
+    """TRL 1.16's own `GRPOTrainer._compute_loss` (unbound, on a stub) vs our `grpo_loss` on the same per-token
+    log-probs, old log-probs, reference log-probs and advantages: clipping, k3 KL and the normalisations."""
+    import trl
+
+    logps, old, ref, advantages, mask = _inputs(seed=3)
+    stub = _grpo_stub(loss_type, beta, 0.2, T + 3, logps)
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref}
+    trl_loss = trl.GRPOTrainer._compute_loss(stub, stub.model, inputs)
+    ours = grpo_loss(logps, old, ref if beta else None, advantages, mask, beta, 0.2, 0.2, loss_type, T + 3)
+    clipped = ((torch.exp(logps - old) - 1).abs() > 0.2) & mask.bool()
+    assert clipped.any()  # the clip is exercised
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-7)
+    if beta:
+        assert stub._metrics["train"]["kl"][0] == pytest.approx(
+            ((torch.exp(ref - logps) - (ref - logps) - 1) * mask).sum().item() / mask.sum().item(), rel=1e-5)
+
+
+def test_advantages_are_normalised_within_each_group():
+    from trl.trainer.utils import nanstd
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0, 0.0, 5.0, -1.0])
+    advantages = group_advantages(rewards, 3)
+    groups = rewards.view(-1, 3)
+    expected = (groups - groups.mean(1, keepdim=True)) / (nanstd(groups, dim=1).unsqueeze(1) + 1e-4)
+    assert torch.allclose(advantages, expected.flatten())
+    for group in advantages.view(-1, 3):
+        assert group.mean().abs() < 1e-6  # centred within its own group, not the batch
+    assert torch.equal(advantages[3:6], torch.zeros(3))  # a group of equal rewards teaches nothing
+    # Unscaled: only centred (TRL's scale_rewards="none"); variable group sizes (distinct rationales).
+    assert torch.allclose(group_advantages(rewards, 3, scale=False), (groups - groups.mean(1, keepdim=True)).flatten())
+    ragged = group_advantages(torch.tensor([1.0, 3.0, 7.0, 2.0, 4.0, 6.0]), [2, 1, 3])
+    assert torch.allclose(ragged[:2], torch.tensor([-1.0, 1.0]) / (torch.tensor([1.0, 3.0]).std() + 1e-4))
+    assert ragged[2] == 0 and torch.allclose(ragged[3:], torch.tensor([-2.0, 0.0, 2.0]) / (2.0 + 1e-4))
+    with pytest.raises(ValueError, match="do not add up"):
+        group_advantages(rewards, [2, 2])
+
+
+def test_per_token_log_probs_are_the_completion_tokens_left_aligned():
+    from policies.losses import sequence_logps
+
+    logits = torch.randn(3, 6, 11)
+    labels = torch.tensor([[-100, -100, 4, 5, 6, -100], [-100, -100, -100, -100, 2, 3],
+                           [-100, 1, 2, 3, 4, 5]])
+    tokens, mask = per_token_logps(logits, labels)
+    assert mask.sum(-1).tolist() == [3, 2, 5]
+    total, _ = sequence_logps(logits, labels)
+    assert torch.allclose((tokens * mask).sum(-1), total)
+    values, value_mask = to_completion_layout(torch.arange(1.0, 6.0), torch.tensor([2, 0, 3]))
+    assert values.tolist() == [[1, 2, 0], [0, 0, 0], [3, 4, 5]] and value_mask.sum().item() == 5
+
+
+def _length_reward(context, sets):
+    """A toy reward source: longer rationales score higher (so every group has non-zero advantages)."""
+    return [[float(len(c.text)) for c in cs.candidates] for cs in sets]
+
+
+def test_grpo_round_trains_adapters_only_against_a_fixed_reference(tiny_vlm, tmp_path, monkeypatch):
+    """One GRPO round on a tiny MAGMA with a toy reward and no answer rows: the policy-gradient term alone moves
+    the adapters, nothing else moves, and the stored reference log-probs are those of the model as the round
+    found it (recomputed from a snapshot after training)."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from illume.collate import RowEncoder
+    from illume.config import load_config
+    from illume.data.datasets import load_split
+    from illume.store import FeedbackStore
+    from policies.base import RoundContext
+    from policies.grpo import REFERENCE_FILE, REWARDS, grpo_round
+    from tests.conftest import TINY_DATA, TINY_MODEL
+
+    monkeypatch.setitem(REWARDS, "length", _length_reward)
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY_MODEL + TINY_DATA + [
+        "policy.kind=grpo", "policy.reward_sources.reward_model=0", "policy.reward_sources.length=1.0",
+        "policy.num_generations=4", "policy.grpo_iterations=1", "policy.grpo_answer_weight=0",
+        "policy.learning_rate=1e-2", "sample.max_new_tokens=6", "train.batch_size=8", f"output_dir={tmp_path}"])
+    train = load_split(cfg.data, "train")[:4]
+    val = load_split(cfg.data, "val")[:2]
+    snapshot = copy.deepcopy(tiny_vlm.model)
+    before = {n: t.clone() for n, t in tiny_vlm.model.state_dict().items()}
+    said = []
+    out_dir = tmp_path / "round_00"
+    result = grpo_round(RoundContext(cfg, tiny_vlm, FeedbackStore(tmp_path / "f.db"), 0, train,
+                                     {e.id: e for e in train}, val, out_dir, say=said.append))
+
+    assert set(result.report) >= {"grpo_reward", "grpo_accept", "grpo_kl"} and result.report["grpo_kl"] >= 0
+    after = tiny_vlm.model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".adapter." in n for n in changed)  # adapters moved, frozen weights did not
+    training = json.loads((out_dir / "training.json").read_text())
+    assert training["steps"] and all("kl" in s and "reward" in s for s in training["steps"])
+    assert training["num_answer_rows"] == 0 and training["grpo_reward"] == result.report["grpo_reward"]
+
+    samples = [json.loads(line) for line in (out_dir / "training_set.jsonl").read_text().splitlines()]
+    assert len(samples) == training["train_rationales"] > len(train)  # several samples per question
+    assert all(s["reward"] == len(s["completion"]) for s in samples)
+    saved = load_file(str(out_dir / REFERENCE_FILE))
+    tiny_vlm.model = snapshot  # the model as the round found it
+    encode = RowEncoder(tiny_vlm, {e.id: e for e in train})
+    rows = [encode(s["example_id"], s["prompt"], s["completion"]) for s in samples]
+    with torch.no_grad():
+        batch = tiny_vlm.collate(rows)
+        logits = snapshot.eval()(**{k: v for k, v in batch.items() if k != "labels" and v is not None}).logits
+        tokens, mask = per_token_logps(logits, batch["labels"])
+    assert saved["lengths"].tolist() == mask.sum(-1).tolist()
+    assert torch.allclose(saved["per_token_logps"], tokens[mask], atol=1e-5)
+
+
+def test_grpo_with_no_reward_source_fails_before_any_model_loads(tmp_path):
+    from illume.config import ConfigError, load_config
+    from policies.grpo import check_config
+
+    with pytest.raises(ConfigError, match="needs a reward"):
+        load_config(REPO / "configs" / "demo_grpo.yaml", ["policy.reward_sources.reward_model=0"])
+    cfg = load_config(REPO / "configs" / "demo_grpo.yaml", ["policy.reward_sources.nope=1.0"])
+    with pytest.raises(ConfigError, match=r"unknown source\(s\) \['nope'\]"):
+        check_config(cfg)
+    check_config(load_config(REPO / "configs" / "demo_grpo.yaml"))  # the demo's is fine
+
+
+def test_the_loop_runs_grpo_with_the_reward_model_each_round(tmp_path):
+    """configs/demo_grpo.yaml on the tiny MAGMA: people (simulated) judge round 0, the reward model is fitted on
+    their judgments, GRPO with it in every round; the round rows carry reward, acceptance and KL."""
+    from safetensors.torch import load_file
+
+    from illume.cli import main
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tmp_path) + [
+        "loop.num_rounds=2", "policy.num_generations=4", "policy.grpo_iterations=1", "sample.max_new_tokens=6",
+        "sample.samples_per_temperature=2", "critic.threshold=0.1", "reward.num_epochs=1", "reward.batch_size=8",
+        "train.batch_size=16", "name=grpo"]  # as tests/test_loop.py's reward-critic run: both labels in round 0
+    assert main(["run", str(REPO / "configs" / "demo_grpo.yaml"), *overrides]) == 0
+    run = tmp_path / "runs" / "grpo"
+    results = json.loads((run / "results.json").read_text())
+    rows = [r for r in results[1:] if r["trained"]]
+    assert len(rows) == 2, results
+    for row in rows:
+        assert row["grpo_reward"] is not None and 0 <= row["grpo_accept"] <= 1 and row["grpo_kl"] >= 0
+        assert row["train_rationales"] > 0 and "cider" in row["val"]
+        training = json.loads((run / f"round_{row['round']:02d}" / "training.json").read_text())
+        assert training["reward_sources"] == {"reward_model": 1.0} and training["per_epoch"][0]["kl"] is not None
+    # The reward model GRPO used in round 0 was fitted on round 0's judgments by people, and the reward critic
+    # of round 1 reused it.
+    assert (run / "reward" / "round_01" / "reward_critic.json").is_file()
+    first, second = (load_file(str(run / f"round_{r:02d}" / "adapters.safetensors")) for r in (0, 1))
+    assert any(not torch.equal(first[n], second[n]) for n in first)  # round 1 trained on from round 0
+
+
+def test_a_round_whose_reward_rose_while_acceptance_fell_says_so(tmp_path):
+    from policies.grpo import previous_round_warning
+
+    (tmp_path / "round_00").mkdir()
+    (tmp_path / "round_00" / "metrics.json").write_text(json.dumps({"grpo_reward": 0.5, "grpo_accept": 0.4}))
+    out_dir = tmp_path / "round_01"
+    warning = previous_round_warning(out_dir, 1, reward=0.9, accept=0.3)
+    assert warning and "reward rose (0.500 -> 0.900)" in warning and "acceptance fell (40.0% -> 30.0%)" in warning
+    assert previous_round_warning(out_dir, 1, reward=0.9, accept=0.5) is None  # both rose: learning, not gaming
+    assert previous_round_warning(out_dir, 1, reward=0.4, accept=0.3) is None
+    assert previous_round_warning(out_dir, 1, reward=0.9, accept=None) is None  # no references: nothing to say
+    assert previous_round_warning(tmp_path / "round_00", 0, reward=0.9, accept=0.1) is None
