@@ -257,6 +257,10 @@ def _zero_settings(deepspeed_path: str | None) -> tuple[int, bool]:
     return int(zero.get("stage", 0)), offload
 
 
+ESTIMATED_KINDS = ("magma",)
+"""The model.kinds whose architecture `plan` walks (MAGMA's GPT-J blocks, CLIP prefix, adapters)."""
+
+
 def plan(cfg: RunConfig, num_gpus: int = 1, prompt_tokens: int = 32) -> dict:
     """Parameter counts and GPU memory estimates (bytes per GPU) for sampling and training.
 
@@ -264,10 +268,11 @@ def plan(cfg: RunConfig, num_gpus: int = 1, prompt_tokens: int = 32) -> dict:
         num_gpus: Data-parallel GPUs; only ZeRO's sharding and the global batch depend on it.
         prompt_tokens: Text tokens of a prompt (`Q: ... A: ..., seeing that`), besides the image tokens.
     """
-    if cfg.model.kind != "magma":
+    if cfg.model.kind not in ESTIMATED_KINDS:
         # The estimate below is MAGMA's (GPT-J blocks, CLIP prefix, bottleneck adapters); an HF VLM's would need
         # its own architecture walk. Refuse rather than print the numbers of another model.
-        raise ValueError(f"illume plan covers model.kind=magma; model.kind={cfg.model.kind} is not estimated yet")
+        raise ValueError(f"illume plan covers model.kind={', '.join(ESTIMATED_KINDS)}; "
+                         f"model.kind={cfg.model.kind} is not estimated yet")
     config, source = model_config(cfg)
     text, train, sample = config.text_config, cfg.train, cfg.sample
     model = meta_model(config)

@@ -40,6 +40,9 @@ from illume.training import trainer_arguments
 logger = logging.getLogger(__name__)
 
 # Bump when the pre-training data or recipe changes in a way the config hash cannot see.
+DEMO_MODEL_KIND = "magma"
+"""The backend of the demo base model: a config of this model.kind without a model.path means it."""
+
 PRETRAIN_RECIPE_VERSION = 1
 
 # Model settings added after demo caches existed, with their defaults: left out of the cache key while at the

@@ -16,9 +16,11 @@ from illume.models.weights import readable_safetensors
 
 
 def load_model_path(cfg: RunConfig, device: str = "cpu"):
-    """The VLM `model.path` names: an HF VLM with LoRA (`model.kind=hf`) or a saved MAGMA."""
-    if cfg.model.kind == "hf":
-        return _load_hf(cfg, device)
+    """The VLM `model.path` names, loaded by the backend of `model.kind` (BACKENDS)."""
+    return BACKENDS[cfg.model.kind](cfg, device)
+
+
+def _load_saved_magma(cfg: RunConfig, device: str) -> MagmaVLM:
     if cfg.model.path is None:
         raise ConfigError("model.path is not set: name a saved MAGMA folder (or leave it unset for the demo "
                           "base model, through illume.loading.load_vlm)")
@@ -46,3 +48,7 @@ def _load_hf(cfg: RunConfig, device: str):
     settings = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
                 "target_modules": lora.target_modules or DEFAULT_LORA["target_modules"]}
     return load_hf_vlm(cfg.model.path, settings, cfg.model.dtype, device)
+
+
+BACKENDS = {"magma": _load_saved_magma, "hf": _load_hf}
+"""model.kind -> (cfg, device) -> the VLM at model.path: the one place a backend is chosen."""
