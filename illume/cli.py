@@ -238,7 +238,7 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from illume.data.datasets import load_split
-    from illume.loading import load_vlm
+    from illume.loading import load_vlm, model_identity
     from illume.store import FeedbackStore
     from reward.model import RewardModel
     from reward.pairs import RewardDataError
@@ -254,7 +254,8 @@ def cmd_reward(args: argparse.Namespace) -> int:
         if args.action == "train":
             _, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
                                               upto_round=args.round, deepspeed=cfg.train.deepspeed,
-                                              bf16=cfg.train.bf16, fp16=cfg.train.fp16)
+                                              bf16=cfg.train.bf16, fp16=cfg.train.fp16,
+                                              backbone_id=model_identity(cfg))
             report, training = result["eval"], result["training"]
         else:
             rm = RewardModel.load(out_dir, load_vlm(cfg), copy_backbone=False)

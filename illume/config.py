@@ -352,6 +352,10 @@ class RewardConfig:
     learn_from: list[str] | None = None
     """Annotator kinds whose judgments the reward model learns from; None: `feedback.people`. ["judge"]: from
     the AI judge's verdicts (RLAIF, configs/demo_rlaif.yaml) without counting them as people's."""
+    checkpoint: str | None = None
+    """A saved reward model (a folder with reward_model.json: another run's RUN_DIR/reward/round_NN, or
+    `illume reward train`'s RUN_DIR/reward) to use instead of fitting one on this run's judgments. It must have
+    been fitted on this run's base model: checked before any model loads."""
     seed: int = 0
     """Seed of the split, initialisation and data order."""
 

@@ -6,8 +6,10 @@ model's first use pre-trains it (`illume.demo.pretrain`), with the trainers and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from illume.config import RunConfig
-from illume.demo.pretrain import DEMO_MODEL_KIND, ensure_demo_model
+from illume.demo.pretrain import DEMO_MODEL_KIND, demo_model_dir, ensure_demo_model
 from illume.models.loading import load_magma, load_model_path
 
 
@@ -18,3 +20,14 @@ def load_vlm(cfg: RunConfig, device: str = "cpu"):
         return load_model_path(cfg, device)
     directory = ensure_demo_model(cfg)
     return load_magma(directory, device, f"delete {directory} and the demo base model is pre-trained again")
+
+
+def model_identity(cfg: RunConfig) -> str:
+    """Which base model `cfg` loads, from the config alone (nothing is loaded): the demo base model's cache
+    name (a hash of every setting that changes it), or `kind:path` (a local folder resolved, a hub name as
+    given). A model fitted on one identity (a reward model) is refused by a run of another."""
+    if cfg.model.path is None and cfg.model.kind == DEMO_MODEL_KIND:
+        return f"demo base model {demo_model_dir(cfg).name}"
+    path = Path(cfg.model.path) if cfg.model.path is not None else None
+    where = str(path.resolve()) if path is not None and path.exists() else str(cfg.model.path)
+    return f"{cfg.model.kind}:{where}"

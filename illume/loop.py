@@ -48,6 +48,7 @@ from illume.store import FeedbackStore
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext
 from policies.registry import POLICIES, check_policy_config
+from reward.critic import check_reward_checkpoint
 
 logger = logging.getLogger(__name__)
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")
@@ -119,6 +120,7 @@ def run(cfg: RunConfig) -> list[dict]:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     check_policy_config(cfg)
+    check_reward_checkpoint(cfg)  # a saved reward model fitted on another base model fails here, not rounds later
     # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
     changes = check_resumed_settings(cfg)
     distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it

@@ -7,6 +7,9 @@ Per round, from round `reward.human_rounds` on:
   (`reward.train.fit_reward_from_store`), and saved to RUN_DIR/reward/round_NN with `reward_critic.json`. A
   round whose earlier rounds brought no new judgment by people reuses the latest fit on exactly as many
   (also on resume), so the model is fitted once per new batch of people's work.
+- **Or a saved one.** `reward.checkpoint` names a reward model fitted elsewhere (another run, `illume reward
+  train`); it is used as it is, every round, after `check_reward_checkpoint` made sure (before any model
+  loads) that it was fitted on this run's base model.
 - **Judge.** Every process fits (together, through the Trainer) and scores identically; rank 0 stores the
   verdicts under the annotator "reward:<kind>" of kind "reward". Items already judged this round (a resumed
   run, people on the annotation page meanwhile) are left alone.
@@ -25,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from illume import distributed
-from illume.config import RunConfig
+from illume.config import ConfigError, RunConfig
 from illume.critics import PEOPLE_CRITICS, CritiqueContext, Review, SimulatedCritic, store_reviews
 from illume.data.records import CandidateSet, Example
 from illume.store import FeedbackStore
@@ -65,27 +68,83 @@ def learn_from(cfg: RunConfig) -> list[str]:
     return list(cfg.reward.learn_from if cfg.reward.learn_from is not None else cfg.feedback.people)
 
 
+def _saved_config(directory: Path) -> dict:
+    from reward.model import CONFIG_FILE
+
+    return json.loads((directory / CONFIG_FILE).read_text())
+
+
+def check_reward_checkpoint(cfg: RunConfig) -> None:
+    """`reward.checkpoint`, checked from the files alone (before any model loads): a saved reward model,
+    calibrated when a reward or hybrid critic must threshold it, fitted on the base model this run loads.
+
+    Raises:
+        ConfigError: naming the folder and what is wrong with it.
+    """
+    from illume.loading import model_identity
+    from reward.model import CONFIG_FILE
+
+    if cfg.reward.checkpoint is None:
+        return
+    directory = Path(cfg.reward.checkpoint)
+    if not (directory / CONFIG_FILE).is_file():
+        raise ConfigError(f"reward.checkpoint={directory}: no saved reward model there ({CONFIG_FILE} missing); "
+                          "name a folder written by a run (RUN_DIR/reward/round_NN) or `illume reward train`")
+    saved = _saved_config(directory)
+    ours = model_identity(cfg)
+    if saved.get("backbone") is None:
+        raise ConfigError(f"reward.checkpoint={directory}: {CONFIG_FILE} does not say which base model it was "
+                          f"fitted on (written before that was recorded); fit it again on {ours}")
+    if saved["backbone"] != ours:
+        raise ConfigError(f"reward.checkpoint={directory} was fitted on another base model ({saved['backbone']}); "
+                          f"this run's model is {ours}. Fit a reward model on this run's judgments (leave "
+                          "reward.checkpoint unset) or set model.* to the base model it was fitted on")
+    if cfg.critic.kind in ("reward", "hybrid") and saved.get("threshold") is None:
+        raise ConfigError(f"reward.checkpoint={directory} has no calibrated accept threshold, which critic.kind="
+                          f"{cfg.critic.kind} needs; calibrate it with `illume reward eval`")
+
+
+def _load_checkpoint(cfg: RunConfig) -> tuple[object, dict]:
+    from illume.loading import load_vlm
+    from reward.model import RewardModel
+
+    directory = Path(cfg.reward.checkpoint)
+    rm = RewardModel.load(directory, load_vlm(cfg))
+    info_path = directory / REWARD_CRITIC_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {
+        "threshold": rm.threshold, "heldout_precision": None, "heldout_recall": None, "heldout_roc_auc": None,
+        "heldout_pairwise_accuracy": None, "num_people_judgments": None}
+    return rm, {**info, "checkpoint": str(directory)}
+
+
 def fit_or_reuse(cfg: RunConfig, round_idx: int, store: FeedbackStore, examples_by_id: dict[str, Example],
                  say: Callable[[str], None] = print) -> tuple[object, dict]:
     """The reward model for round `round_idx` (fitted on the judgments of earlier rounds) and its
     `reward_critic.json` facts (see the module doc). GRPO asks for round r + 1 to score round r's samples."""
-    from illume.loading import load_vlm
+    from illume.loading import load_vlm, model_identity
     from reward.model import RewardModel
     from reward.train import fit_reward_from_store
 
+    if cfg.reward.checkpoint is not None:
+        return _load_checkpoint(cfg)
     kinds = learn_from(cfg)
+    backbone = model_identity(cfg)
     # Rank 0's count, so that every rank takes the same reuse-or-fit decision below.
     num_people = distributed.broadcast_object(store.num_judgments(upto_round=round_idx - 1, kinds=kinds))
     reward_root = cfg.run_dir / "reward"
     for earlier in range(round_idx, -1, -1):  # reuse a fit on exactly these judgments (also on resume)
         info_path = reward_root / f"round_{earlier:02d}" / REWARD_CRITIC_FILE
-        if info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people:
+        if (info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people
+                and _saved_config(info_path.parent).get("backbone") in (backbone, None)):
+            # (None: fitted before the base model was recorded, by this run and so on its model.) A fit on
+            # another base model (a run continued with a changed model.*) is not reused: it is fitted again.
             return RewardModel.load(info_path.parent, load_vlm(cfg)), json.loads(info_path.read_text())
     out_dir = reward_root / f"round_{round_idx:02d}"
     say(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
     rm, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
                                        upto_round=round_idx - 1, kinds=kinds, aggregate=cfg.feedback.aggregate,
-                                       deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16)
+                                       deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16,
+                                       backbone_id=backbone)
     report = result["eval"]
     info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
             "heldout_recall": report["recall"], "heldout_roc_auc": report["roc_auc"],

@@ -75,6 +75,9 @@ class RewardModel(nn.Module):
         """Accept when the reward is >= this (calibrated on held-out judgments; None until calibrated)."""
         self.target_precision: float | None = None
         """The held-out precision the threshold was calibrated to."""
+        self.backbone_id: str | None = None
+        """Which base model the backbone is (`illume.loading.model_identity`), saved with the model so that a run
+        on another base model refuses it (`reward.critic.check_reward_checkpoint`); None when not known."""
         self.set_trainable()
 
     @property
@@ -135,6 +138,7 @@ class RewardModel(nn.Module):
                   str(directory / HEAD_FILE), metadata={"format": "pt"})
         config = {
             "base_model_path": None if self.base_model_path is None else str(self.base_model_path),
+            "backbone": self.backbone_id,
             "hidden_size": self.head.in_features,
             "pooling": self.pooling,
             "row": "image slots + prompt + ' ' + rationale + eos",
@@ -172,6 +176,7 @@ class RewardModel(nn.Module):
         load_trainable_weights(model.backbone, directory / BACKBONE_FILE, remedy)
         model.head.load_state_dict(read_safetensors(directory / HEAD_FILE, remedy))
         model.threshold, model.target_precision = config.get("threshold"), config.get("target_precision")
+        model.backbone_id = config.get("backbone")
         return model.to(base_vlm.model.device).eval()
 
 

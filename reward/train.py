@@ -129,7 +129,7 @@ class _RecordHeldout(TrainerCallback):
 def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair],
                pairs_eval: Sequence[PreferencePair], examples_by_id: dict[str, Example], cfg: RewardConfig,
                out_dir: str | Path, deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
-               pooling: str = "mean") -> tuple[RewardModel, dict]:
+               pooling: str = "mean", backbone_id: str | None = None) -> tuple[RewardModel, dict]:
     """Train a reward model on `pairs_train` and save it to `out_dir`.
 
     Args:
@@ -142,6 +142,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
         deepspeed: A DeepSpeed JSON config path (ZeRO-2) or None.
         bf16, fp16: Mixed precision (GPUs).
         pooling: The head's input: "mean" of the rationale's hidden states, or the "last" token's.
+        backbone_id: Which base model `base` is (`illume.loading.model_identity`), saved with the model.
 
     Returns:
         (the trained model in eval mode, metrics: pair counts, seconds, losses, held-out accuracy per epoch,
@@ -161,6 +162,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
                          pooling=pooling)
     else:
         rm = RewardModel(base, seed=cfg.seed, pooling=pooling)
+    rm.backbone_id = backbone_id
     rm.train()
     dataset = PairsDataset(rm, pairs_train, examples_by_id)
     record = _RecordHeldout(rm, pairs_eval, examples_by_id)
@@ -200,7 +202,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
                           cfg: RewardConfig, out_dir: str | Path, upto_round: int | None = None,
                           kinds: Collection[str] | None = PEOPLE, aggregate: str = DEFAULT_AGGREGATE,
                           deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
-                          pooling: str = "mean") -> tuple[RewardModel, dict]:
+                          pooling: str = "mean", backbone_id: str | None = None) -> tuple[RewardModel, dict]:
     """The whole recipe: pairs from the store, split by example, train, evaluate and calibrate, save.
 
     Writes to `out_dir`: the model (with its calibrated threshold), `split.json` (the held-out examples, so
@@ -209,6 +211,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     Args:
         kinds: The annotator kinds whose judgments count (default: people, never the reward model itself).
         aggregate: How several annotators of one item combine (illume.feedback.verdicts).
+        backbone_id: Which base model `base` is (`illume.loading.model_identity`), saved with the model.
 
     Returns:
         (the model, {"training": fit metrics, "eval": held-out report}).
@@ -225,7 +228,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     pairs_heldout = [p for p in pairs if p.example_id in heldout]
     judged_heldout = labelled_candidates(feedback, example_ids=heldout)
     rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, deepspeed=deepspeed,
-                              bf16=bf16, fp16=fp16, pooling=pooling)
+                              bf16=bf16, fp16=fp16, pooling=pooling, backbone_id=backbone_id)
     if distributed.is_main():
         out_dir.joinpath(SPLIT_FILE).write_text(json.dumps({
             "upto_round": upto_round, "include_reference_pairs": cfg.include_reference_pairs,

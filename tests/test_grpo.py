@@ -199,6 +199,57 @@ def test_the_loop_runs_grpo_with_the_reward_model_each_round(tmp_path):
     first, second = (load_file(str(run / f"round_{r:02d}" / "adapters.safetensors")) for r in (0, 1))
     assert any(not torch.equal(first[n], second[n]) for n in first)  # round 1 trained on from round 0
 
+    # The fitted reward model records the base model it was fitted on ...
+    from illume.config import load_config
+    from illume.loading import model_identity
+
+    saved = json.loads((run / "reward" / "round_01" / "reward_model.json").read_text())
+    assert saved["backbone"] == model_identity(load_config(run / "config.yaml"))
+    # ... so another run on the same base model can use it as reward.checkpoint, with no people at all ...
+    again = overrides[:-1] + ["name=grpo_checkpoint", "loop.num_rounds=1", "reward.human_rounds=0",
+                              f"reward.checkpoint={run / 'reward' / 'round_01'}"]
+    assert main(["run", str(REPO / "configs" / "demo_grpo.yaml"), *again]) == 0
+    row = json.loads((tmp_path / "runs" / "grpo_checkpoint" / "results.json").read_text())[1]
+    assert row["trained"] and row["human_judgments"] == 0 and row["grpo_reward"] is not None
+    assert not (tmp_path / "runs" / "grpo_checkpoint" / "reward").exists()  # used as it is, not fitted again
+
+
+def test_a_reward_model_fitted_on_another_base_model_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import illume.loop
+    from illume.cli import main
+    from illume.config import ConfigError, load_config
+    from illume.loading import model_identity
+    from reward.critic import check_reward_checkpoint
+    from tests.conftest import tiny_overrides
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(illume.loop, "load_vlm", no_model)
+    checkpoint = tmp_path / "reward_elsewhere"
+    checkpoint.mkdir()
+    overrides = tiny_overrides(tmp_path) + [f"reward.checkpoint={checkpoint}"]
+    config = REPO / "configs" / "demo_grpo.yaml"
+    assert main(["run", str(config), *overrides]) == 2
+    assert "no saved reward model there (reward_model.json missing)" in capsys.readouterr().err
+
+    other = model_identity(load_config(config, tiny_overrides(tmp_path) + ["model.lm.num_layers=3"]))
+    (checkpoint / "reward_model.json").write_text(json.dumps({"backbone": other, "threshold": 0.1}))
+    assert main(["run", str(config), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"was fitted on another base model ({other})" in err
+    assert f"this run's model is {model_identity(load_config(config, overrides))}" in err
+
+    (checkpoint / "reward_model.json").write_text(json.dumps({"backbone": None, "threshold": 0.1}))
+    with pytest.raises(ConfigError, match="does not say which base model"):
+        check_reward_checkpoint(load_config(config, overrides))
+    ours = model_identity(load_config(config, overrides))
+    (checkpoint / "reward_model.json").write_text(json.dumps({"backbone": ours, "threshold": None}))
+    with pytest.raises(ConfigError, match="no calibrated accept threshold"):
+        check_reward_checkpoint(load_config(config, overrides))
+    (checkpoint / "reward_model.json").write_text(json.dumps({"backbone": ours, "threshold": 0.1}))
+    check_reward_checkpoint(load_config(config, overrides))  # fitted on this base model: fine
+
 
 def test_a_round_whose_reward_rose_while_acceptance_fell_says_so(tmp_path):
     from policies.grpo import previous_round_warning
