@@ -170,6 +170,22 @@ class PretrainConfig:
 
 
 @dataclass
+class PoolModelConfig:
+    """One more model whose candidates join every train item's list (`sample.pool`, Silkie's pool of models).
+    Exactly one of `round`, `adapters` and `model` says which model it is."""
+
+    name: str = ""
+    """How the store records its candidates' writer (`Candidate.model`; never shown on the annotation page);
+    "" derives one: `round_N`, the adapters file's stem and folder, or `kind:path`."""
+    round: int | None = None
+    """This run's policy as it was after round N (RUN_DIR/round_NN/adapters.safetensors), from round N+1 on."""
+    adapters: str | None = None
+    """An adapters.safetensors file (another run's round) for this run's base model."""
+    model: ModelConfig | None = None
+    """Another VLM (as `model`, e.g. kind: hf, path: ...), loaded for the pool's sampling and then released."""
+
+
+@dataclass
 class SampleConfig:
     """Sampling the answer and K candidate rationales per example."""
 
@@ -185,6 +201,9 @@ class SampleConfig:
     """Examples per batch (each expands to K rows)."""
     seed: int = 0
     """Base seed; each example's stream is derived from it, the round and the example id."""
+    pool: list[PoolModelConfig] = field(default_factory=list)
+    """Train rounds only: more models whose K candidates per item join the policy's (duplicates dropped), each
+    stored with the model that wrote it (illume.pool). Empty: the policy alone, as the paper."""
 
 
 @dataclass

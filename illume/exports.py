@@ -158,13 +158,13 @@ def judgment_rows(items: list[JudgedItem], images_of: ImagesOf | None = None) ->
             for candidate in shown or [None]:
                 candidate_fields = {
                     "candidate_id": None, "position": None, "text": None, "temperature": None, "seed": None,
-                    "sample_idx": None, "logprob": None, "position_shown": None, "accepted": None,
+                    "sample_idx": None, "logprob": None, "model": None, "position_shown": None, "accepted": None,
                 }
                 if candidate is not None:
                     candidate_fields = {
                         "candidate_id": candidate.id, "position": candidate.position, "text": candidate.text,
                         "temperature": candidate.temperature, "seed": candidate.seed,
-                        "sample_idx": candidate.sample_idx, "logprob": candidate.logprob,
+                        "sample_idx": candidate.sample_idx, "logprob": candidate.logprob, "model": candidate.model,
                         "position_shown": judgment.positions_shown.get(candidate.id),
                         "accepted": judgment.decisions[candidate.id],
                     }

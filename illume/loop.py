@@ -41,6 +41,7 @@ from illume.evaluation import explanation_scores
 from illume.feedback.verdicts import AGGREGATES, read_feedback
 from illume.loading import load_vlm
 from illume.models.weights import load_trainable_weights
+from illume.pool import check_pool, merge_pool, sample_pool
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
 from illume.status import POLICY_COLUMNS, policy_cell
@@ -121,6 +122,7 @@ def run(cfg: RunConfig) -> list[dict]:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     check_policy_config(cfg)
     check_reward_checkpoint(cfg)  # a saved reward model fitted on another base model fails here, not rounds later
+    check_pool(cfg)
     # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
     changes = check_resumed_settings(cfg)
     distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
@@ -213,6 +215,8 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
         sets = distributed.gather_objects(sample(
             vlm, distributed.shard(train, cfg.sample.batch_size), cfg.sample, round_idx=round_idx,
             use_reference_answer=True, progress=distributed.is_main()))
+        if cfg.sample.pool:  # more models' candidates join each item's list (illume.pool)
+            sets = merge_pool(sets, sample_pool(cfg, vlm, train, round_idx, out_dir.parent, say=console.print))
         if distributed.is_main():
             store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs,
                                      questions={e.id: e.question for e in train})

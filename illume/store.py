@@ -74,7 +74,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from illume.data.records import ANNOTATOR_KINDS, Candidate, CandidateSet
+from illume.data.records import ANNOTATOR_KINDS, POLICY_MODEL, Candidate, CandidateSet
 
 SPLITS = ("train", "val", "test")
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -165,6 +165,8 @@ class CandidateRow(Base):
     logprob: Mapped[float] = mapped_column(Float)
     position: Mapped[int] = mapped_column(Integer)
     """Order drawn among the item's distinct candidates (0..)."""
+    model: Mapped[str | None] = mapped_column(String(255))
+    """Which model wrote it (`Candidate.model`); NULL in a store from before pools: the policy."""
 
 
 class JudgmentRow(Base):
@@ -249,7 +251,8 @@ class JudgmentRevisionRow(Base):
     """When it was replaced by the next version."""
 
 
-_ADDED_COLUMNS = {"judgments": ("updated_at",), "decisions": ("position_shown",), "items": ("question",)}
+_ADDED_COLUMNS = {"judgments": ("updated_at",), "decisions": ("position_shown",), "items": ("question",),
+                  "candidates": ("model",)}
 """Columns added after the first release: `FeedbackStore` adds them to an older database."""
 
 
@@ -272,6 +275,8 @@ class CandidateInfo:
     logprob: float
     position: int
     """Order drawn among the item's distinct candidates (0..)."""
+    model: str = POLICY_MODEL
+    """Which model wrote it (`Candidate.model`)."""
 
 
 @dataclass(frozen=True)
@@ -474,7 +479,7 @@ class FeedbackStore:
                     candidate_rows.append({
                         "item_id": item_id, "text": candidate.text, "temperature": candidate.temperature,
                         "seed": candidate.seed, "sample_idx": candidate.sample_idx,
-                        "logprob": candidate.logprob, "position": len(texts),
+                        "logprob": candidate.logprob, "position": len(texts), "model": candidate.model,
                     })
                     texts.add(candidate.text)
             if candidate_rows:
@@ -493,12 +498,12 @@ class FeedbackStore:
             candidates: dict[int, list[Candidate]] = {}
             for c in session.execute(
                 select(CandidateRow.item_id, CandidateRow.text, CandidateRow.temperature, CandidateRow.seed,
-                       CandidateRow.sample_idx, CandidateRow.logprob)
+                       CandidateRow.sample_idx, CandidateRow.logprob, CandidateRow.model)
                 .join(ItemRow).where(*in_round).order_by(CandidateRow.item_id, CandidateRow.position)
             ):
                 candidates.setdefault(c.item_id, []).append(Candidate(
                     text=c.text, temperature=c.temperature, seed=c.seed, sample_idx=c.sample_idx,
-                    logprob=c.logprob,
+                    logprob=c.logprob, model=c.model or POLICY_MODEL,
                 ))
         return [
             CandidateSet(example_id=example_id, answer=answer, predicted_answer=predicted_answer,
@@ -764,13 +769,14 @@ class FeedbackStore:
             for row in session.execute(
                 select(CandidateRow.item_id, CandidateRow.id, CandidateRow.text, CandidateRow.temperature,
                        CandidateRow.seed, CandidateRow.sample_idx, CandidateRow.logprob,
-                       CandidateRow.position)
+                       CandidateRow.position, CandidateRow.model)
                 .join(ItemRow, ItemRow.id == CandidateRow.item_id)
                 .where(judged, *where).order_by(CandidateRow.item_id, CandidateRow.position)
             ):
                 candidates.setdefault(row.item_id, []).append(CandidateInfo(
                     id=row.id, text=row.text, temperature=row.temperature, seed=row.seed,
                     sample_idx=row.sample_idx, logprob=row.logprob, position=row.position,
+                    model=row.model or POLICY_MODEL,
                 ))
             decisions: dict[int, dict[int, bool]] = {}
             positions: dict[int, dict[int, int | None]] = {}

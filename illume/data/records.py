@@ -75,7 +75,15 @@ class Candidate:
     sample_idx: int
     """Row of the example's K draws (0..K-1) this candidate came from."""
     logprob: float
-    """Sum of the token log-probabilities (at temperature 1) of the rationale and its end token."""
+    """Sum of the token log-probabilities (at temperature 1) of the rationale and its end token, under the model
+    that wrote it."""
+    model: str = "policy"
+    """Which model wrote it: `POLICY_MODEL` (the model being tuned, as the round found it) or the name of a
+    `sample.pool` entry (illume.pool). Stored with the candidate; never shown to the people judging."""
+
+
+POLICY_MODEL = "policy"
+"""`Candidate.model` of the candidates the model being tuned wrote (every candidate of a run without a pool)."""
 
 
 @dataclass
