@@ -464,6 +464,9 @@ class PolicyConfig:
     """GRPO: passes over the round's samples (TRL's num_iterations; epochs, the best on val is kept)."""
     grpo_scale_rewards: bool = True
     """GRPO: divide each group's centred rewards by its std (TRL's scale_rewards="group"; False: "none")."""
+    grpo_baseline: Literal["group", "rloo"] = "group"
+    """GRPO's advantage baseline: the group's mean ("group", then grpo_scale_rewards), or RLOO's leave-one-out
+    mean of the other samples of the question ("rloo", never scaled)."""
     grpo_answer_weight: float = 1.0
     """GRPO: weight of the NLL term on answer-only rows (`Q: q A: a<eos>`, one per train question) that keeps
     answer accuracy from drifting; 0: none."""

@@ -12,8 +12,10 @@ Per round, after the round's judgments (the loop's step 2):
    reward model fitted on people's judgments of this round and earlier, `reward.critic.fit_or_reuse`; saved
    to RUN_DIR/reward/round_{r+1}, which a reward critic's next round then reuses) and `simulated` (the
    critic's metric, ROUGE-L, against the reference explanations). A new source (an AI judge) is one entry.
-3. **Advantages.** Normalised within each group (`policies.losses.group_advantages`, TRL's epsilon).
-4. **Reference.** Per-token log-probs of every sample under the model as the round found it, computed once
+3. **Advantages.** Normalised within each group (`policies.losses.group_advantages`, TRL's epsilon), or
+   RLOO's leave-one-out baseline (`policy.grpo_baseline=rloo`).
+4. **Reference.** Per-token log-probs of every sample under the model as the round found it, at the
+   sampling temperature (logits / `policy.grpo_temperature`, as TRL; so are the policy's), computed once
    in eval mode before the first update (the reference cannot drift during the round). The samples were
    drawn by that same model, so these are also the "old" log-probs of the clipped ratio.
 5. **Train.** Adapters only (the shared HF Trainer, `illume.training.train_keeping_best_epoch`),
@@ -166,13 +168,14 @@ class GRPOLossTrainer(PolicyTrainer):
         advantages, rewards, ref = inputs.pop("advantages"), inputs.pop("rewards"), inputs.pop("ref_logps")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels" and v is not None}
         logits = model(**model_inputs, use_cache=False).logits
-        tokens, mask = per_token_logps(logits, inputs["labels"])
-        p = self.policy
+        labels, p = inputs["labels"], self.policy
         loss = logits.sum().float() * 0  # in the graph even for a batch that adds no term below
         entry = {"step": self.state.global_step, "epoch": self.state.epoch}
         if is_sample.any():
+            # The samples' log-probs at the temperature they were drawn at (as TRL, and as the reference).
+            tokens, mask = per_token_logps(logits[is_sample] / p.grpo_temperature, labels[is_sample])
             width = ref.size(1)
-            logps, sample_mask = tokens[is_sample][:, :width], mask[is_sample][:, :width]
+            logps, sample_mask = tokens[:, :width], mask[:, :width]
             ref, advantages = ref.to(logps.device), advantages.to(logps.device)
             policy_loss = grpo_loss(logps, ref, ref, advantages, sample_mask, p.beta, p.epsilon, p.epsilon,
                                     p.grpo_loss_type, self.max_completion_length)
@@ -184,8 +187,8 @@ class GRPOLossTrainer(PolicyTrainer):
             entry.update(kl=kl.item(), reward=rewards.mean().item(), policy_loss=policy_loss.item(),
                          clip_ratio=(clipped.sum() / sample_mask.sum().clamp(min=1)).item())
         if p.grpo_answer_weight and (~is_sample).any():
-            answer_mask = mask[~is_sample]
-            nll = -(tokens[~is_sample] * answer_mask).sum() / answer_mask.sum().clamp(min=1)
+            answer_tokens, answer_mask = per_token_logps(logits[~is_sample], labels[~is_sample])
+            nll = -(answer_tokens * answer_mask).sum() / answer_mask.sum().clamp(min=1)
             loss = loss + p.grpo_answer_weight * nll
             entry["answer_nll"] = nll.item()
         if model.training:
@@ -197,9 +200,10 @@ class GRPOLossTrainer(PolicyTrainer):
 
 
 @torch.no_grad()
-def reference_per_token_logps(trainer, vlm: VLM, rows: list[dict]) -> list[list[float]]:
-    """Completion-token log-probs of `rows` under the model as it is now, in eval mode, on the trainer's
-    device and in its precision: the reference (and the "old" policy) of the coming optimisation."""
+def reference_per_token_logps(trainer, vlm: VLM, rows: list[dict], temperature: float = 1.0) -> list[list[float]]:
+    """Completion-token log-probs of `rows` under the model as it is now, at `temperature`, in eval mode, on
+    the trainer's device and in its precision: the reference (and the "old" policy) of the coming
+    optimisation."""
     import contextlib
 
     args = trainer.args
@@ -216,7 +220,7 @@ def reference_per_token_logps(trainer, vlm: VLM, rows: list[dict]) -> list[list[
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                      for k, v in vlm.collate(rows[start:start + batch_size]).items()}
             inputs = {k: v for k, v in batch.items() if k != "labels" and v is not None}
-            tokens, mask = per_token_logps(model(**inputs, use_cache=False).logits, batch["labels"])
+            tokens, mask = per_token_logps(model(**inputs, use_cache=False).logits / temperature, batch["labels"])
             out += [row[m].tolist() for row, m in zip(tokens.float().cpu(), mask.cpu())]
     model.train(was_training)
     return out
@@ -225,7 +229,8 @@ def reference_per_token_logps(trainer, vlm: VLM, rows: list[dict]) -> list[list[
 def fill_reference(trainer, dataset: SamplesDataset, vlm: VLM, out_dir: Path) -> None:
     items = dataset.sample_items()
     rows = [{k: v for k, v in item.items() if k not in ROW_KEYS} for item in items]
-    for item, logps in zip(items, reference_per_token_logps(trainer, vlm, rows), strict=True):
+    temperature = trainer.policy.grpo_temperature  # the samples' log-probs at the temperature they were drawn at
+    for item, logps in zip(items, reference_per_token_logps(trainer, vlm, rows, temperature), strict=True):
         item["ref_logps"] = logps
     if distributed.is_main():  # for audits, and the test that the reference is the round's starting model
         flat = torch.tensor([x for item in items for x in item["ref_logps"]], dtype=torch.float32)
@@ -284,7 +289,8 @@ def grpo_round(context: RoundContext) -> PolicyResult:
         raise PolicyDataError("GRPO drew no non-empty rationale for any train question")
     rewards = rewards_of(context, sets)
     flat = torch.tensor([r for row in rewards for r in row], dtype=torch.float32)
-    advantages = group_advantages(flat, [len(cs.candidates) for cs in sets], scale=p.grpo_scale_rewards).tolist()
+    advantages = group_advantages(flat, [len(cs.candidates) for cs in sets], scale=p.grpo_scale_rewards,
+                                  baseline=p.grpo_baseline).tolist()
     accepted = acceptance(context, sets)
     accept = (_mean([float(a) for row in accepted for a in row]) if accepted is not None else None)
     mean_reward = flat.mean().item()

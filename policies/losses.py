@@ -93,22 +93,31 @@ GRPO_STD_EPSILON = 1e-4
 """Added to each group's reward std before dividing, as TRL's GRPOTrainer does."""
 
 
-def group_advantages(rewards: torch.Tensor, group_size, scale: bool = True) -> torch.Tensor:
-    """GRPO advantages: each reward minus its group's mean, divided by the group's std (+ 1e-4) when `scale`.
+def group_advantages(rewards: torch.Tensor, group_size, scale: bool = True, baseline: str = "group") -> torch.Tensor:
+    """Advantages within each group of samples of one question.
 
     Args:
         rewards: (N,) rewards, the samples of one group contiguous (B groups of G: N = B * G).
         group_size: G (every group the same size, TRL's layout), or a sequence with each group's size (groups
             of distinct rationales, policies/grpo.py).
-        scale: TRL's scale_rewards="group" (True) or "none" (False).
+        scale: "group" only: TRL's scale_rewards="group" (True: divide by the group's std + 1e-4) or "none".
+        baseline: "group": GRPO's, each reward minus its group's mean (then `scale`); "rloo": REINFORCE
+            leave-one-out (Ahmadian et al. 2024), each reward minus the mean of the *other* samples of its group,
+            never scaled (G/(G-1) times the group-centred reward).
 
     The std is the unbiased one (torch.std, as TRL's `nanstd`); a group of one sample has advantage 0.
     """
+    if baseline not in ("group", "rloo"):
+        raise ValueError(f"baseline must be 'group' or 'rloo', got {baseline!r}")
     sizes = [group_size] * (len(rewards) // group_size) if isinstance(group_size, int) else list(group_size)
     if sum(sizes) != len(rewards):
         raise ValueError(f"group sizes {sizes} do not add up to the {len(rewards)} rewards")
     out = []
     for group in rewards.float().split(sizes):
+        if baseline == "rloo":
+            others = (group.sum() - group) / (len(group) - 1) if len(group) > 1 else group
+            out.append(group - others)
+            continue
         centred = group - group.mean()
         if scale:
             std = group.std() if len(group) > 1 else torch.zeros((), dtype=group.dtype)

@@ -87,6 +87,20 @@ def test_advantages_are_normalised_within_each_group():
         group_advantages(rewards, [2, 2])
 
 
+def test_rloo_advantages_are_each_reward_minus_the_mean_of_the_others_in_its_group():
+    """As TRL 1.16's RLOOTrainer: baseline = (group sum - own reward) / (G - 1), advantage = reward - baseline,
+    never scaled; a group of one sample has advantage 0."""
+    rewards = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 7.0, 3.0])
+    advantages = group_advantages(rewards, [3, 2, 1, 1], baseline="rloo")
+    expected = [1 - 4, 2 - 3.5, 6 - 1.5, 0.0, 0.0, 0.0, 0.0]
+    assert torch.allclose(advantages, torch.tensor(expected))
+    groups = rewards[:3]  # G / (G - 1) times the group-centred reward
+    assert torch.allclose(advantages[:3], 3 / 2 * (groups - groups.mean()))
+    assert torch.equal(advantages, group_advantages(rewards, [3, 2, 1, 1], scale=False, baseline="rloo"))
+    with pytest.raises(ValueError, match="'group' or 'rloo'"):
+        group_advantages(rewards, 7, baseline="ppo")
+
+
 def test_per_token_log_probs_are_the_completion_tokens_left_aligned():
     from policies.losses import sequence_logps
 
@@ -154,7 +168,7 @@ def test_grpo_round_trains_adapters_only_against_a_fixed_reference(tiny_vlm, tmp
     with torch.no_grad():
         batch = tiny_vlm.collate(rows)
         logits = snapshot.eval()(**{k: v for k, v in batch.items() if k != "labels" and v is not None}).logits
-        tokens, mask = per_token_logps(logits, batch["labels"])
+        tokens, mask = per_token_logps(logits / cfg.policy.grpo_temperature, batch["labels"])  # as drawn
     assert saved["lengths"].tolist() == mask.sum(-1).tolist()
     assert torch.allclose(saved["per_token_logps"], tokens[mask], atol=1e-5)
 
