@@ -12,6 +12,7 @@ docs/compare_cider.png (val CIDEr against human judgments used, per round):
     (e) sft-ref      SFT on every reference explanation (fully supervised; no critique)
     (f) grpo         online GRPO with the reward model fitted on round 0's judgments  configs/demo_grpo.yaml
     (g) rlaif        no people: an AI judge labels, the reward model learns from it   configs/demo_rlaif.yaml
+    (h) silkie       no people: a pool of the policy's earlier rounds, AI-judged, DPO configs/demo_silkie.yaml
         dpo-all, kto-all   (c), (d) on the judgments of every round so far (policy.rounds=all), as SFT uses
                            them; (c) and (d) use only the round just judged (on-policy: policy.rounds=latest)
         dpo-nll            (c) + an NLL term on the chosen rationale (policy.sft_weight=1.0, RPO)
@@ -52,6 +53,8 @@ VARIANTS = {
     "grpo": ("online GRPO with the reward model fitted on round 0's human judgments", "configs/demo_grpo.yaml",
              []),
     "rlaif": ("no people: an AI judge labels, the reward model learns from it", "configs/demo_rlaif.yaml", []),
+    "silkie": ("no people: a pool of the policy's earlier rounds, AI-judged pairs, DPO", "configs/demo_silkie.yaml",
+               []),
 }
 METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
            ("answer_accuracy", "answer acc."))
