@@ -435,7 +435,8 @@ class PolicyConfig:
     label_smoothing: float = 0.0
     """Probability that a preference label is wrong: cDPO for sigmoid, robust DPO for robust (in [0, 0.5))."""
     sft_weight: float = 0.0
-    """Weight of an added NLL loss on the chosen rationale (TRL's loss_type=[..., "sft"]; RPO); 0: none."""
+    """Weight of an added NLL loss on the chosen rationale (DPO: TRL's loss_type=[..., "sft"]; RPO) or, for GRPO,
+    on every rationale accepted so far (selection-SFT's rows); 0: none."""
     reference_as_chosen: bool = False
     """DPO: for items where nothing was accepted, pair a reference explanation (chosen) with each candidate."""
     rounds: Literal["all", "latest"] = "latest"

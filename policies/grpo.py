@@ -22,7 +22,9 @@ Per round, after the round's judgments (the loop's step 2):
    `policy.grpo_iterations` epochs over the samples with `policies.losses.grpo_loss` (TRL 1.16's maths:
    clipped ratio, k3 KL x `policy.beta`, `policy.grpo_loss_type`), plus `policy.grpo_answer_weight` x the
    token-mean NLL of answer-only rows `Q: q A: a<eos>` (one per train question) so that answer accuracy does
-   not drift; the best val epoch is kept, as every policy does.
+   not drift, and with `policy.sft_weight` > 0 the same NLL on every rationale accepted so far (selection-SFT's
+   rows, `illume.feedback.verdicts`), an anchor as RPO adds to DPO; the best val epoch is kept, as every
+   policy does.
 
 Reward hacking made visible: the round's training.json has the samples' mean reward, the fraction the
 simulated critic accepts (when the references exist), and the KL to the reference per step and per epoch;
@@ -48,6 +50,7 @@ from illume.collate import RowEncoder
 from illume.config import ConfigError, PolicyConfig, RunConfig
 from illume.critics import SimulatedCritic, candidate_scores
 from illume.data.records import CandidateSet
+from illume.feedback.verdicts import read_feedback
 from illume.models.vlm import VLM
 from illume.prompts import ANSWER_PROMPT, example_seed
 from illume.sampling import sample
@@ -91,6 +94,17 @@ REWARDS: dict[str, RewardSource] = {
 }
 """policy.reward_sources keys -> (context, candidate sets) -> a reward per candidate."""
 
+def _trl_grpo_round(context: RoundContext, **kwargs) -> PolicyResult:
+    from policies.grpo_trl import trl_grpo_round  # TRL's trainers load only for the runs that use them
+
+    return trl_grpo_round(context, **kwargs)
+
+
+GRPO_TRAINERS: dict[str, Callable[..., PolicyResult]] = {"hf": _trl_grpo_round}
+"""model.kind -> the GRPO trainer of that backend, called as `trainer(context, sources=REWARDS,
+round_warning=previous_round_warning)`: hf, TRL's GRPOTrainer (policies/grpo_trl.py); any other kind: ours
+(the rest of `grpo_round`)."""
+
 
 def check_config(cfg: RunConfig) -> None:
     """What a GRPO run needs from its config, checked before any model loads.
@@ -104,6 +118,9 @@ def check_config(cfg: RunConfig) -> None:
     unknown = sorted(set(sources) - set(REWARDS))
     if unknown:
         raise ConfigError(f"policy.reward_sources: unknown source(s) {unknown}; known: {sorted(REWARDS)}")
+    if cfg.policy.sft_weight and cfg.model.kind in GRPO_TRAINERS:
+        raise ConfigError(f"policy.sft_weight={cfg.policy.sft_weight:g}: GRPO's accepted-rationale rows are not in the "
+                          f"model.kind={cfg.model.kind} GRPO trainer (policies/grpo_trl.py) yet; set policy.sft_weight=0")
     if not any(sources.values()):
         raise ConfigError(f"policy.kind=grpo needs a reward: policy.reward_sources has no source with a non-zero "
                           f"weight ({dict(sources)})")
@@ -138,19 +155,30 @@ class SamplesDataset(torch.utils.data.Dataset):
         return self.items[index]
 
 
-ROW_KEYS = ("is_sample", "advantage", "reward", "ref_logps")
+ROW_KEYS = ("is_sample", "advantage", "reward", "ref_logps", "nll_weight")
 
 
 def collate_samples(items: list[dict], vlm: VLM) -> dict:
     batch = vlm.collate([{k: v for k, v in item.items() if k not in ROW_KEYS} for item in items])
     samples = [item for item in items if item["is_sample"]]
     batch["is_sample"] = torch.tensor([item["is_sample"] for item in items])
+    batch["nll_weights"] = torch.tensor([item["nll_weight"] for item in items if not item["is_sample"]],
+                                        dtype=torch.float32)
     batch["advantages"] = torch.tensor([item["advantage"] for item in samples], dtype=torch.float32)
     batch["rewards"] = torch.tensor([item["reward"] for item in samples], dtype=torch.float32)
     width = max((len(item["ref_logps"]) for item in samples), default=0)
     batch["ref_logps"] = torch.tensor([item["ref_logps"] + [0.0] * (width - len(item["ref_logps"]))
                                        for item in samples], dtype=torch.float32).reshape(len(samples), width)
     return batch
+
+
+def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of weight x the row's token NLL sum, over all rows' tokens; the unweighted token mean):
+    with one weight w for every row, w x the token-mean NLL."""
+    tokens, mask = per_token_logps(logits, labels)
+    total = mask.sum().clamp(min=1)
+    weighted = -(tokens * mask * weights.to(tokens.device)[:, None]).sum() / total
+    return weighted, -(tokens * mask).sum() / total
 
 
 class GRPOLossTrainer(PolicyTrainer):
@@ -164,7 +192,7 @@ class GRPOLossTrainer(PolicyTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        is_sample = inputs.pop("is_sample")
+        is_sample, nll_weights = inputs.pop("is_sample"), inputs.pop("nll_weights")
         advantages, rewards, ref = inputs.pop("advantages"), inputs.pop("rewards"), inputs.pop("ref_logps")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels" and v is not None}
         logits = model(**model_inputs, use_cache=False).logits
@@ -186,10 +214,11 @@ class GRPOLossTrainer(PolicyTrainer):
                 clipped = ((ratio - 1).abs() > p.epsilon) & sample_mask
             entry.update(kl=kl.item(), reward=rewards.mean().item(), policy_loss=policy_loss.item(),
                          clip_ratio=(clipped.sum() / sample_mask.sum().clamp(min=1)).item())
-        if p.grpo_answer_weight and (~is_sample).any():
-            answer_tokens, answer_mask = per_token_logps(logits[~is_sample], labels[~is_sample])
-            nll = -(answer_tokens * answer_mask).sum() / answer_mask.sum().clamp(min=1)
-            loss = loss + p.grpo_answer_weight * nll
+        if (~is_sample).any():
+            # The NLL rows (answer-only rows, and the accepted rationales with policy.sft_weight): each row's
+            # tokens weighted by its row's weight, over the batch's NLL tokens.
+            weighted, nll = weighted_nll(logits[~is_sample], labels[~is_sample], nll_weights)
+            loss = loss + weighted
             entry["answer_nll"] = nll.item()
         if model.training:
             self.steps.append(entry)
@@ -281,6 +310,9 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     """policy.kind=grpo as a loop policy (see the module doc)."""
     cfg, p, vlm, out_dir = context.cfg, context.cfg.policy, context.vlm, context.out_dir
     check_config(cfg)
+    trainer = GRPO_TRAINERS.get(cfg.model.kind)
+    if trainer is not None:
+        return trainer(context, sources=REWARDS, round_warning=previous_round_warning)
     sources = {name: weight for name, weight in p.reward_sources.items() if weight}
     context.say(f"round {context.round_idx}: GRPO on {p.num_generations} samples per train question, reward "
                 + " + ".join(f"{w:g} x {name}" for name, w in sources.items()))
@@ -300,7 +332,7 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     for i, cs in enumerate(sets):
         for j, candidate in enumerate(cs.candidates):
             items.append({**encode(cs.example_id, cs.prompt, candidate.text), "is_sample": True,
-                          "advantage": advantages[k], "reward": rewards[i][j], "ref_logps": []})
+                          "advantage": advantages[k], "reward": rewards[i][j], "ref_logps": [], "nll_weight": 0.0})
             manifest.append({"example_id": cs.example_id, "prompt": cs.prompt, "completion": candidate.text,
                              "reward": rewards[i][j], "advantage": advantages[k],
                              "accepted": accepted[i][j] if accepted is not None else None})
@@ -309,8 +341,16 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     if p.grpo_answer_weight:
         for example in context.train:
             items.append({**encode(example.id, ANSWER_PROMPT.format(question=example.question), example.answer),
-                          "is_sample": False, "advantage": 0.0, "reward": 0.0, "ref_logps": []})
+                          "is_sample": False, "advantage": 0.0, "reward": 0.0, "ref_logps": [],
+                          "nll_weight": p.grpo_answer_weight})
             num_answer_rows += 1
+    num_accepted_rows = 0
+    if p.sft_weight:  # selection-SFT's rationales as an NLL anchor (as RPO adds one to DPO)
+        feedback = read_feedback(context.store, upto_round=context.round_idx, aggregate=cfg.feedback.aggregate)
+        for row in feedback.accepted():
+            items.append({**encode(row.example_id, row.item.prompt, row.text), "is_sample": False,
+                          "advantage": 0.0, "reward": 0.0, "ref_logps": [], "nll_weight": p.sft_weight})
+            num_accepted_rows += 1
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         with (out_dir / SAMPLES_FILE).open("w") as f:
@@ -344,6 +384,7 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     if distributed.is_main():
         training = {k: v for k, v in result.items() if k != "log_history"}
         training.update(report, num_questions=len(sets), num_answer_rows=num_answer_rows,
+                        num_accepted_rows=num_accepted_rows,
                         reward_sources=sources, per_epoch=per_epoch, steps=steps)
         (out_dir / "training.json").write_text(json.dumps(training, indent=2))
     context.say(f"round {context.round_idx}: GRPO samples' mean reward {mean_reward:.3f}"

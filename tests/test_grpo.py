@@ -173,6 +173,61 @@ def test_grpo_round_trains_adapters_only_against_a_fixed_reference(tiny_vlm, tmp
     assert torch.allclose(saved["per_token_logps"], tokens[mask], atol=1e-5)
 
 
+def test_the_nll_rows_are_weighted_per_row_over_the_batchs_tokens():
+    from policies.grpo import weighted_nll
+
+    logits = torch.randn(3, 6, 11)
+    labels = torch.tensor([[-100, -100, 4, 5, 6, -100], [-100, -100, -100, -100, 2, 3],
+                           [-100, 1, 2, 3, 4, 5]])
+    tokens, mask = per_token_logps(logits, labels)
+    row_nll = -(tokens * mask).sum(-1)  # per row, summed over its tokens
+    weighted, plain = weighted_nll(logits, labels, torch.tensor([0.5, 2.0, 1.0]))
+    assert torch.allclose(weighted, (0.5 * row_nll[0] + 2.0 * row_nll[1] + row_nll[2]) / 10)
+    assert torch.allclose(plain, row_nll.sum() / 10)
+    same, _ = weighted_nll(logits, labels, torch.full((3,), 0.7))  # one weight: w x the token mean
+    assert torch.allclose(same, 0.7 * plain)
+
+
+def test_sft_weight_adds_every_accepted_rationale_as_an_nll_row(tiny_vlm, tmp_path, monkeypatch):
+    """policy.sft_weight: GRPO's batch gets one NLL row per rationale accepted so far (the rules of
+    illume.feedback.verdicts: the rejected and the other rounds' later ones stay out), at that weight."""
+    import policies.grpo
+    from illume.config import load_config
+    from illume.data.datasets import load_split
+    from illume.data.records import Candidate, CandidateSet
+    from illume.store import FeedbackStore
+    from policies.base import RoundContext
+    from policies.grpo import REWARDS, grpo_round
+    from tests.conftest import TINY_DATA, TINY_MODEL
+
+    monkeypatch.setitem(REWARDS, "length", _length_reward)
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY_MODEL + TINY_DATA + [
+        "policy.kind=grpo", "policy.reward_sources.reward_model=0", "policy.reward_sources.length=1.0",
+        "policy.num_generations=2", "policy.sft_weight=0.5", "policy.grpo_answer_weight=2.0",
+        "sample.max_new_tokens=4", f"output_dir={tmp_path}"])
+    train = load_split(cfg.data, "train")[:3]
+    store = FeedbackStore(tmp_path / "f.db")
+    sets = [CandidateSet(e.id, e.answer, e.answer, f"Q: {e.question} A: {e.answer}, seeing that", 1,
+                         [Candidate(f"good {i}", 0.8, 1, 0, -1.0), Candidate(f"bad {i}", 0.8, 1, 1, -1.0)])
+            for i, e in enumerate(train)]
+    store.add_candidate_sets(0, "train", sets)
+    store.add_judgments(0, [(train[0].id, ["good 0"], False, None), (train[1].id, ["good 1"], False, None),
+                            (train[2].id, [], True, None)], "simulated:x", kind="simulated")
+    seen = {}
+
+    def no_training(trainer_cls, vlm, dataset, *args, **kwargs):
+        seen["items"] = dataset.items
+        return {"best": {"epoch": 1}, "epochs": [], "losses": [], "log_history": [], "world_size": 1}
+
+    monkeypatch.setattr(policies.grpo, "train_keeping_best_epoch", no_training)
+    with pytest.raises(KeyError):  # no trainer ran, so there is no trainer's step log: stop here
+        grpo_round(RoundContext(cfg, tiny_vlm, store, 0, train, {e.id: e for e in train}, train[:1],
+                                tmp_path / "round_00", say=lambda _: None))
+    rows = [item for item in seen["items"] if not item["is_sample"]]
+    assert sorted(item["nll_weight"] for item in rows) == [0.5, 0.5, 2.0, 2.0, 2.0]  # 2 accepted, 3 answers
+    assert all(item["nll_weight"] == 0.0 for item in seen["items"] if item["is_sample"])
+
+
 def test_grpo_with_no_reward_source_fails_before_any_model_loads(tmp_path):
     from illume.config import ConfigError, load_config
     from policies.grpo import check_config
@@ -183,6 +238,10 @@ def test_grpo_with_no_reward_source_fails_before_any_model_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown source\(s\) \['nope'\]"):
         check_config(cfg)
     check_config(load_config(REPO / "configs" / "demo_grpo.yaml"))  # the demo's is fine
+    hf_with_anchor = load_config(REPO / "configs" / "demo_grpo.yaml",
+                                 ["model.kind=hf", "model.path=/some/vlm", "policy.sft_weight=1.0"])
+    with pytest.raises(ConfigError, match="accepted-rationale rows are not in the model.kind=hf GRPO trainer"):
+        check_config(hf_with_anchor)
 
 
 def test_the_loop_runs_grpo_with_the_reward_model_each_round(tmp_path):
