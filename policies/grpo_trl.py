@@ -76,7 +76,7 @@ from illume import distributed
 from illume.collate import RowEncoder
 from illume.critics import SimulatedCritic
 from illume.data.records import Candidate, CandidateSet, Example, load_image
-from illume.models.hf import HFVLM, _banned_token_ids
+from illume.models.hf import HFVLM, banned_token_ids
 from illume.models.weights import load_trainable_weights
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
 from illume.training import ADAPTERS_FILE, KeepBestEpoch, check_zero_stage, training_arguments
@@ -403,7 +403,7 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     keep_best = KeepBestEpoch(vlm, context.val, cfg.sample, cfg.train.select_metric, out_dir)
     with _undo_trl_changes(vlm.model):
         trainer = IllumeGRPOTrainer(
-            model=vlm.model, reward_funcs=reward, args=grpo_config(context, _banned_token_ids(vlm)),
+            model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm)),
             train_dataset=prompt_dataset(context.train), processing_class=trl_processor(vlm),
             callbacks=[keep_best], answer_rows=answer_rows, answer_weight=p.grpo_answer_weight,
             collate=vlm.collate, reference=reference)

@@ -12,7 +12,7 @@ from PIL import Image
 from illume.config import SampleConfig
 from illume.data.records import Example
 from illume.demo.tiny_models import build_tiny_hf_vlm
-from illume.models.hf import HFVLM, _banned_token_ids, load_hf_vlm
+from illume.models.hf import HFVLM, banned_token_ids, load_hf_vlm
 from illume.models.vlm import VLM
 from illume.prompts import example_seed
 from illume.sampling import sample
@@ -173,7 +173,7 @@ def test_candidate_logprob_matches_teacher_forcing(vlm):
             row = vlm.encode_row(example.image, candidate_set.prompt, " " + candidate.text)
             with torch.no_grad():
                 logits = vlm.model(**vlm.collate([row])).logits[0, :-1].double()  # (T - 1, V)
-            logits[:, _banned_token_ids(vlm)] = float("-inf")
+            logits[:, banned_token_ids(vlm)] = float("-inf")
             labels = torch.tensor(row["labels"][1:])
             scored = (labels != -100).nonzero().squeeze(1)  # the rationale's tokens, then EOS
             token_logprobs = torch.log_softmax(logits, -1)[scored, labels[scored]]

@@ -321,7 +321,7 @@ def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str |
 
 # --- Decoding ----------------------------------------------------------------------------------------------
 
-def _banned_token_ids(vlm: HFVLM) -> list[int]:
+def banned_token_ids(vlm: HFVLM) -> list[int]:
     """Tokens an answer or rationale never contains: every special token but EOS (padding, image slots)."""
     special = {i for i, token in vlm.tokenizer.added_tokens_decoder.items() if token.special}
     return sorted((special | set(vlm.tokenizer.all_special_ids)) - {vlm.eos_token_id})
@@ -373,7 +373,7 @@ def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int
     # every family (generate's own expansion does the same).
     copies = [{k: v for k, v in row.items() if k != "labels"} for row in rows for _ in range(num_copies)]
     batch = {k: v.to(vlm.device) for k, v in vlm.collate(copies, padding_side="left").items()}
-    sampler = _GumbelMaxSampling(_banned_token_ids(vlm), temperatures, generators)
+    sampler = _GumbelMaxSampling(banned_token_ids(vlm), temperatures, generators)
     # Explicit values, because generate fills unset ones from the checkpoint's defaults (e.g. a repetition
     # penalty), which would change what is drawn.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
