@@ -12,6 +12,7 @@ docs/compare_cider.png (val CIDEr against human judgments used, per round):
     (e) sft-ref      SFT on every reference explanation (fully supervised; no critique)
     (f) grpo         online GRPO with the reward model fitted on round 0's judgments  configs/demo_grpo.yaml
     (g) rlaif        no people: an AI judge labels, the reward model learns from it   configs/demo_rlaif.yaml
+        grpo-sft           (f) + an NLL term on every rationale accepted so far (policy.sft_weight=1.0)
     (h) silkie       no people: a pool of the policy's earlier rounds, AI-judged, DPO configs/demo_silkie.yaml
         dpo-all, kto-all   (c), (d) on the judgments of every round so far (policy.rounds=all), as SFT uses
                            them; (c) and (d) use only the round just judged (on-policy: policy.rounds=latest)
@@ -52,6 +53,8 @@ VARIANTS = {
     "sft-ref": ("SFT on all reference explanations (no critique)", "configs/demo.yaml", []),
     "grpo": ("online GRPO with the reward model fitted on round 0's human judgments", "configs/demo_grpo.yaml",
              []),
+    "grpo-sft": ("online GRPO as (f) + NLL on every rationale accepted so far (policy.sft_weight=1.0)",
+                 "configs/demo_grpo.yaml", ["policy.sft_weight=1.0"]),
     "rlaif": ("no people: an AI judge labels, the reward model learns from it", "configs/demo_rlaif.yaml", []),
     "silkie": ("no people: a pool of the policy's earlier rounds, AI-judged pairs, DPO", "configs/demo_silkie.yaml",
                []),
