@@ -89,7 +89,9 @@ def swapped_adapters(vlm: VLM, path: Path) -> Iterator[None]:
                 parameters[name].copy_(tensor)
 
 
-def _pool_sets(vlm: VLM, examples: Sequence[Example], cfg: RunConfig, round_idx: int, name: str) -> list[CandidateSet]:
+def pool_candidate_sets(vlm: VLM, examples: Sequence[Example], cfg: RunConfig, round_idx: int,
+                        name: str) -> list[CandidateSet]:
+    """One pool entry's candidate sets (`cfg.sample`, the entry's own seeds), each candidate named `name`."""
     seeds = {e.id: example_seed(cfg.sample.seed, round_idx, f"{e.id}|pool:{name}") for e in examples}
     sets = distributed.gather_objects(sample(
         vlm, distributed.shard(list(examples), cfg.sample.batch_size), cfg.sample, round_idx=round_idx,
@@ -110,7 +112,7 @@ def sample_pool(cfg: RunConfig, vlm: VLM, examples: Sequence[Example], round_idx
             say(f"round {round_idx}: sampling the pool's {name}")
             other = load_vlm(replace(cfg, model=entry.model))
             try:
-                out[name] = _pool_sets(other, examples, cfg, round_idx, name)
+                out[name] = pool_candidate_sets(other, examples, cfg, round_idx, name)
             finally:
                 del other
                 gc.collect()
@@ -123,7 +125,7 @@ def sample_pool(cfg: RunConfig, vlm: VLM, examples: Sequence[Example], round_idx
             continue
         say(f"round {round_idx}: sampling the pool's {name} ({path})")
         with swapped_adapters(vlm, path):
-            out[name] = _pool_sets(vlm, examples, cfg, round_idx, name)
+            out[name] = pool_candidate_sets(vlm, examples, cfg, round_idx, name)
     return out
 
 

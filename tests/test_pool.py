@@ -100,7 +100,7 @@ def test_a_run_pools_an_earlier_round_and_another_vlm_and_the_page_shows_neither
     from illume.exports import judgment_rows
     from illume.loading import load_vlm
     from illume.models.weights import load_trainable_weights
-    from illume.pool import _pool_sets
+    from illume.pool import pool_candidate_sets
     from illume.store import FeedbackStore
     from tests.conftest import tiny_overrides
 
@@ -129,7 +129,7 @@ def test_a_run_pools_an_earlier_round_and_another_vlm_and_the_page_shows_neither
         from illume.data.datasets import load_split
 
         train = load_split(cfg.data, "train")
-        redrawn = {cs.example_id: [c.text for c in cs.candidates] for cs in _pool_sets(vlm, train, cfg, 1, "round_0")}
+        redrawn = {cs.example_id: [c.text for c in cs.candidates] for cs in pool_candidate_sets(vlm, train, cfg, 1, "round_0")}
         policy_texts = {cs.example_id: {c.text for c in cs.candidates if c.model == POLICY_MODEL} for cs in round_1}
         for cs in round_1:
             stored = [c.text for c in cs.candidates if c.model == "round_0"]
