@@ -43,21 +43,30 @@ class Example:
 
 
 def load_image(example: Example) -> Image.Image:
-    """Return the example's image as RGB.
+    """Return the example's image in its own mode (RGB, L, P, RGBA, CMYK, ...), decoded, file closed.
+
+    The mode is kept because converting to RGB is each backend's step, at the point its pipeline does it:
+    MAGMA (CLIP's transform) resizes and crops first and converts after (illume.models.image_processing), which
+    gives other pixels than converting first for palette, RGBA and CMYK images; the HF backend converts before
+    its processor (illume.models.hf). An in-memory image (the shapes world) is returned as a copy, so a caller
+    never changes the dataset's.
 
     Raises:
         ImageNotFoundError: the file does not exist (the message names the file and the row).
-        DatasetError: the file cannot be decoded (the same), so the CLI reports a `data error:` line.
+        DatasetError: the file cannot be decoded, or its mode cannot become RGB (the same), so the CLI reports a
+            `data error:` line, and a `--verify` that passes means every backend can read the image.
     """
     if isinstance(example.image, Image.Image):
-        return example.image.convert("RGB")
+        return example.image.copy()
     path = Path(example.image)
     where = f" (row {example.source})" if example.source else ""
     if not path.is_file():
         raise ImageNotFoundError(f"image not found: {path}{where}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()  # decode everything now: a truncated file fails here, and the handle can close
+            image.crop((0, 0, 1, 1)).convert("RGB")  # a mode PIL cannot make RGB fails here too, not mid-run
+            return image.copy()  # a plain image that no longer refers to the (closed) file
     except Exception as error:  # PIL raises several types for corrupt files
         raise DatasetError(f"cannot read image {path}{where}: {error}") from error
 

@@ -5,6 +5,15 @@ CLIP composes torchvision's `Resize(n, BICUBIC)`, `CenterCrop(n)`, `convert("RGB
 short)` (truncated, not rounded; an image whose shorter side is already n is left alone) with PIL's bicubic
 resize, crop at offsets `int(round((size - n) / 2))`, then RGB, [0, 1] and CLIP's mean/std. A one-pixel
 difference in either step shifts every prefix token, so they are reproduced exactly.
+
+The order is MAGMA's (`clip_preprocess` in Aleph-Alpha/magma's transforms, which hands the PIL image over in the
+mode it was opened in): resize and crop in the image's own mode, then RGB. It matters only for images that are
+not RGB or L, because PIL's resize depends on the mode: a palette ("P") or "1" image is resized with NEAREST
+whatever resample is asked for (PIL switches silently; torchvision's Resize on a PIL image calls `Image.resize`
+and so does the same); RGBA and LA are resized premultiplied by alpha (the colour under transparent pixels does
+not bleed in) and their alpha is then dropped by the conversion; CMYK is resized per ink channel before PIL's
+CMYK -> RGB formula. Converting first would give other pixels for P, RGBA and CMYK images (RGB and L agree).
+`illume.data.records.load_image` therefore keeps the file's mode; the HF backend converts for its processor.
 """
 
 from __future__ import annotations
