@@ -1,14 +1,17 @@
 """Sampling a near-greedy answer and K candidate rationales per example: the one sampler, for every backend.
 
-For a batch of examples: the images are prepared once (`VLM.prepare_images`); the answer is decoded greedily
-from `Q: {question} A:` and ends at EOS or at one of the backend's `answer_stops`; then the rationale prompt
-`Q: {question} A: {answer}, seeing that` is decoded K times per example (`num_copies`), each row with its
-temperature, until EOS or `max_new_tokens`. How a backend decodes (MAGMA: one pre-fill per prompt and a
-repeated KV cache; HF: `generate`) is behind `VLM.decode`; this module never asks which backend it has.
+For a batch of examples: the images are prepared once (`VLM.prepare_images`); the answer is decoded from
+`Q: {question} A:` (greedily, or at `sample.answer_temperature`) and ends at EOS or at one of the backend's
+`answer_stops`; then the rationale prompt `Q: {question} A: {answer}, seeing that` is decoded K times per
+example (`num_copies`), each row with its temperature, optionally restricted to its top-k / top-p tokens
+(`sample.top_k`, `sample.top_p`, applied after the temperature), until EOS or `max_new_tokens`. How a backend
+decodes (MAGMA: one pre-fill per prompt and a repeated KV cache; HF: `generate`) is behind `VLM.decode`; this
+module never asks which backend it has.
 
 Randomness is per example: row k of example e draws its Gumbel noise from a generator seeded with e's seed
 (`illume.prompts.example_seed`), so a candidate depends only on (model, example, seed, k), not on the batch
-it was drawn in; the recorded seeds reproduce it.
+it was drawn in; the recorded seeds reproduce it. A sampled answer draws from its own generator, seeded with
+`illume.prompts.answer_seed` of the example's seed; a greedy answer (the default) draws nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tqdm.auto import tqdm
 from illume.config import SampleConfig
 from illume.data.records import Candidate, CandidateSet, Example, load_image
 from illume.models.vlm import VLM
-from illume.prompts import ANSWER_PROMPT, example_seed, rationale_prompt
+from illume.prompts import ANSWER_PROMPT, answer_seed, example_seed, rationale_prompt
 
 
 def _clean(text: str) -> str:
@@ -50,8 +53,9 @@ def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: 
            progress: bool = True) -> list[CandidateSet]:
     """Draw a near-greedy answer and K rationales for every example.
 
-    Rationales are drawn at each of `cfg.temperatures`, `cfg.samples_per_temperature` times, up to
-    `cfg.max_new_tokens`, stopped at EOS; the answer up to `cfg.answer_max_new_tokens`.
+    Rationales are drawn at each of `cfg.temperatures`, `cfg.samples_per_temperature` times, from the
+    `cfg.top_k` / `cfg.top_p` tokens (when set), up to `cfg.max_new_tokens`, stopped at EOS; the answer at
+    `cfg.answer_temperature` (0: greedy) up to `cfg.answer_max_new_tokens`.
 
     Args:
         use_reference_answer: Put the ground-truth answer into the rationale prompt (train); otherwise the
@@ -73,17 +77,24 @@ def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: 
         batch = list(examples[start:start + cfg.batch_size])
         with torch.no_grad():
             images = vlm.prepare_images([load_image(e) for e in batch])
-        # 1. The model's own answer, greedy.
+        batch_seeds = [(seeds or {}).get(e.id, example_seed(cfg.seed, round_idx, e.id)) for e in batch]
+        # 1. The model's own answer: greedy (no noise drawn), or a draw at cfg.answer_temperature.
         answer_prompts = [ANSWER_PROMPT.format(question=e.question) for e in batch]
-        answer_ids, _ = vlm.decode(images, answer_prompts, 1, cfg.answer_max_new_tokens, answer_stops)
+        if cfg.answer_temperature > 0:
+            answer_generators = [torch.Generator().manual_seed(answer_seed(s)) for s in batch_seeds]
+            answer_ids, _ = vlm.decode(images, answer_prompts, 1, cfg.answer_max_new_tokens, answer_stops,
+                                       torch.full((len(batch),), cfg.answer_temperature), answer_generators,
+                                       cfg.top_k, cfg.top_p)
+        else:
+            answer_ids, _ = vlm.decode(images, answer_prompts, 1, cfg.answer_max_new_tokens, answer_stops)
         predicted = [_answer_text(vlm, ids) for ids in answer_ids]
         answers = [e.answer if use_reference_answer else p for e, p in zip(batch, predicted)]
         # 2. K rationales per example.
         prompts = [rationale_prompt(e.question, a) for e, a in zip(batch, answers)]
-        batch_seeds = [(seeds or {}).get(e.id, example_seed(cfg.seed, round_idx, e.id)) for e in batch]
         generators = [torch.Generator().manual_seed(s) for s in batch_seeds]
         sequences, logprobs = vlm.decode(images, prompts, k, cfg.max_new_tokens, [vlm.eos_token_id],
-                                         torch.tensor(temperatures * len(batch)), generators)
+                                         torch.tensor(temperatures * len(batch)), generators,
+                                         cfg.top_k, cfg.top_p)
         texts = vlm.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         for i, example in enumerate(batch):
             seen, candidates = set(), []

@@ -355,6 +355,8 @@ def grpo_config(context: RoundContext, banned_token_ids: Sequence[int]) -> GRPOC
         seed=seed, data_seed=seed, num_train_epochs=p.grpo_iterations,
         per_device_train_batch_size=questions * p.num_generations,
         num_generations=p.num_generations, temperature=p.grpo_temperature, beta=p.beta, epsilon=p.epsilon,
+        # sample.top_k / top_p as our sampler applies them (TRL's defaults 0 and 1.0 are "off", as ours)
+        top_k=context.cfg.sample.top_k or 0, top_p=context.cfg.sample.top_p,
         loss_type=p.grpo_loss_type, scale_rewards="group" if p.grpo_scale_rewards else "none",
         max_completion_length=context.cfg.sample.max_new_tokens, num_iterations=1, use_vllm=False,
         disable_dropout=True, generation_kwargs={"suppress_tokens": list(banned_token_ids)},

@@ -49,6 +49,8 @@ from transformers import (
 )
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
+from illume.models.logits_filters import filter_logits, filters_active
+
 ADAPTER_DIR = "adapter"
 """Subfolder of a saved model holding the LoRA weights (kept apart from the base model's files, because
 `from_pretrained` would otherwise find `adapter_config.json` and attach the adapter itself)."""
@@ -136,7 +138,10 @@ class HFVLM:
             (`mm_token_type_ids` for Qwen2-VL); and the image tensors of this one image as the processor
             returns them (`pixel_values`, plus e.g. `image_grid_thw`); `collate` concatenates them on dim 0.
         """
-        encoded = self.processor(images=[image], text=[self.image_placeholder + prompt], return_tensors="pt")
+        # The processor gets RGB, converted by PIL (`load_image` keeps the file's mode): what it got before
+        # images kept their mode. Transformers' own conversion would composite RGBA/transparent images onto white.
+        encoded = self.processor(images=[image.convert("RGB")], text=[self.image_placeholder + prompt],
+                                 return_tensors="pt")
         input_ids = encoded["input_ids"][0].tolist()
         target = [] if completion is None else self.completion_ids(completion, prompt)
         row = {"input_ids": input_ids + target, "labels": [-100] * len(input_ids) + target}
@@ -176,10 +181,12 @@ class HFVLM:
 
     def decode(self, images: list[Image.Image], prompts: list[str], num_copies: int, max_new_tokens: int,
                stop_ids: Sequence[int], temperatures: torch.Tensor | None = None,
-               generators: list[torch.Generator] | None = None) -> tuple[list[list[int]], list[float]]:
+               generators: list[torch.Generator] | None = None, top_k: int | None = None,
+               top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
         """`VLM.decode` through `generate` (see `_generate`)."""
         rows = [self.encode_row(image, prompt) for image, prompt in zip(images, prompts)]
-        return _generate(self, rows, num_copies, max_new_tokens, list(stop_ids), temperatures, generators)
+        return _generate(self, rows, num_copies, max_new_tokens, list(stop_ids), temperatures, generators,
+                         top_k, top_p)
 
     # --- hidden states: the model's own forward, each row with its own image inputs
 
@@ -332,15 +339,18 @@ class _GumbelMaxSampling(LogitsProcessor):
 
     argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T) (the Gumbel-max trick). Each row has
     its own temperature (0: greedy, no noise); each example's rows draw their noise from the example's
-    generator, so a draw depends on the example's seed, not on its batch. Being the last logits processor,
-    our argmax is the token generate picks.
+    generator, so a draw depends on the example's seed, not on its batch. Sampled rows may be restricted to
+    their top-k / top-p tokens of logits / T (illume.models.logits_filters, as MAGMA's decoding). Being the
+    last logits processor, our argmax is the token generate picks.
     """
 
     def __init__(self, banned: list[int], temperatures: torch.Tensor | None = None,
-                 generators: list[torch.Generator] | None = None):
+                 generators: list[torch.Generator] | None = None, top_k: int | None = None,
+                 top_p: float = 1.0):
         self.banned = torch.tensor(banned, dtype=torch.long)
         self.temperatures = temperatures  # (R,), rows grouped by example
         self.generators = generators
+        self.top_k, self.top_p = top_k, top_p
         self.step_logprobs: list[torch.Tensor] = []  # one (R,) per step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -353,7 +363,10 @@ class _GumbelMaxSampling(LogitsProcessor):
                                  for g in self.generators]).to(logits.device)
             gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
             temperatures = self.temperatures.to(logits.device).float().unsqueeze(1)  # (R, 1)
-            chosen = torch.where(temperatures > 0, logits / temperatures.clamp(min=1e-6) + gumbel, logits)
+            scores = logits / temperatures.clamp(min=1e-6)
+            if filters_active(self.top_k, self.top_p):  # after the temperature, as transformers' warpers
+                scores = filter_logits(scores, self.top_k, self.top_p)
+            chosen = torch.where(temperatures > 0, scores + gumbel, logits)
         tokens = chosen.argmax(-1, keepdim=True)
         self.step_logprobs.append(torch.log_softmax(logits, -1).gather(1, tokens).squeeze(1).double().cpu())
         return chosen
@@ -362,8 +375,10 @@ class _GumbelMaxSampling(LogitsProcessor):
 @torch.no_grad()
 def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int, stop_ids: list[int],
               temperatures: torch.Tensor | None = None,
-              generators: list[torch.Generator] | None = None) -> tuple[list[list[int]], list[float]]:
-    """Decode `num_copies` continuations of every prompt row until a stop token.
+              generators: list[torch.Generator] | None = None, top_k: int | None = None,
+              top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
+    """Decode `num_copies` continuations of every prompt row until a stop token (top_k / top_p: see
+    `_GumbelMaxSampling`).
 
     Returns:
         The new tokens of each of the len(rows) * num_copies rows (stop token excluded), example-major, and
@@ -373,7 +388,7 @@ def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int
     # every family (generate's own expansion does the same).
     copies = [{k: v for k, v in row.items() if k != "labels"} for row in rows for _ in range(num_copies)]
     batch = {k: v.to(vlm.device) for k, v in vlm.collate(copies, padding_side="left").items()}
-    sampler = _GumbelMaxSampling(banned_token_ids(vlm), temperatures, generators)
+    sampler = _GumbelMaxSampling(banned_token_ids(vlm), temperatures, generators, top_k, top_p)
     # Explicit values, because generate fills unset ones from the checkpoint's defaults (e.g. a repetition
     # penalty), which would change what is drawn.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

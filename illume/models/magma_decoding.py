@@ -2,7 +2,8 @@
 
 `MagmaVLM.decode` calls `decode`. Each prompt (image features included) is pre-filled once and its KV cache is
 then repeated `num_copies` times, one row per candidate, so K rationales of one example cost one pre-fill;
-every row is decoded with its own temperature until it emits a stop token.
+every row is decoded with its own temperature until it emits a stop token. Sampled rows may be restricted to
+their top-k / top-p tokens (illume.models.logits_filters), applied to the temperature-scaled logits.
 
 Randomness is per prompt: the rows of prompt e draw their Gumbel noise from e's generator, so a candidate
 depends only on (model, prompt, seed, row), not on the batch it was drawn in.
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from illume.models.logits_filters import filter_logits, filters_active
 from illume.models.magma import MagmaForCausalLM
 
 
@@ -31,7 +33,8 @@ def _left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Te
 def decode(model: MagmaForCausalLM, prompts: list[list[int]], image_embeds: torch.Tensor, num_copies: int,
            temperatures: torch.Tensor, generators: list[torch.Generator] | None, max_new_tokens: int,
            stop_token_ids: Sequence[int], pad_token_id: int,
-           banned_token_ids: Sequence[int]) -> tuple[list[list[int]], list[float]]:
+           banned_token_ids: Sequence[int], top_k: int | None = None,
+           top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
     """Pre-fill each prompt once, repeat its cache `num_copies` times, decode every row until a stop token.
 
     Args:
@@ -40,6 +43,8 @@ def decode(model: MagmaForCausalLM, prompts: list[list[int]], image_embeds: torc
         temperatures: (B * num_copies,) per-row temperatures; 0 means greedy.
         generators: One per example (row block), for its Gumbel noise; None for greedy decoding.
         banned_token_ids: Tokens never drawn (padding, the image slot).
+        top_k, top_p: Sampled rows draw from their top-k / top-p tokens of logits / T (0 or None / 1.0: all);
+            greedy rows are unaffected (a filter always keeps the most probable token).
 
     Returns:
         The new tokens of every row (stop token excluded) and their summed log-probabilities at T = 1
@@ -62,6 +67,7 @@ def decode(model: MagmaForCausalLM, prompts: list[list[int]], image_embeds: torc
     stop = torch.tensor(list(stop_token_ids), device=device)
     temperatures = temperatures.to(device).float().unsqueeze(1)  # (R, 1)
     greedy_rows = temperatures.squeeze(1) <= 0
+    filtered = generators is not None and filters_active(top_k, top_p)
     next_position = position_ids[:, -1:] + 1
     tokens = torch.full((num_rows, max_new_tokens), -1, dtype=torch.long)
     logprobs = torch.zeros(num_rows, dtype=torch.float64)
@@ -69,6 +75,8 @@ def decode(model: MagmaForCausalLM, prompts: list[list[int]], image_embeds: torc
     for step in range(max_new_tokens):
         logits[:, banned] = float("-inf")
         scores = logits / temperatures.clamp(min=1e-6)
+        if filtered:  # after the temperature, as transformers' warpers
+            scores = torch.where(greedy_rows.unsqueeze(1), scores, filter_logits(scores, top_k, top_p))
         if generators is not None:
             # Gumbel-max: argmax(logits / T + G) is a sample from softmax(logits / T), with noise drawn from
             # each example's own generator so that batching does not change the draw.

@@ -5,7 +5,8 @@ between backends lives behind it:
 
 - rows: `encode_row` (image + prompt [+ completion], labels) and `collate`, for training and scoring;
 - decoding: `prepare_images` (once per batch) and `decode` (greedy or per-row-temperature Gumbel-max
-  sampling, per-example generators), which the one sampler, `illume.sampling.sample`, calls;
+  sampling, optionally top-k / top-p filtered, per-example generators), which the one sampler,
+  `illume.sampling.sample`, calls;
 - hidden states: `encode_scored` / `collate_scored` (rows a reward head reads, images shared where the backend
   can share them) and `last_hidden_states`, which `reward.model.RewardModel` pools.
 
@@ -69,13 +70,16 @@ class VLM(Protocol):
 
     def decode(self, images: object, prompts: list[str], num_copies: int, max_new_tokens: int,
                stop_ids: Sequence[int], temperatures: torch.Tensor | None = None,
-               generators: list[torch.Generator] | None = None) -> tuple[list[list[int]], list[float]]:
+               generators: list[torch.Generator] | None = None, top_k: int | None = None,
+               top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
         """Decode `num_copies` continuations of each prompt (about image i of `images`) until a stop token.
 
         Args:
             images: `prepare_images` output, one image per prompt.
             temperatures: (len(prompts) * num_copies,) per-row temperatures, rows grouped by prompt; 0 greedy.
             generators: One per prompt, for its rows' Gumbel noise; None: every row greedy.
+            top_k, top_p: Sampled rows draw only from the top-k tokens / the top-p nucleus of their
+                temperature-scaled logits (`illume.models.logits_filters`); 0 or None / 1.0: off.
 
         Returns:
             The new tokens of every row (stop token excluded), prompt-major, and their summed
@@ -179,13 +183,14 @@ class MagmaVLM:
 
     def decode(self, images: torch.Tensor, prompts: list[str], num_copies: int, max_new_tokens: int,
                stop_ids: Sequence[int], temperatures: torch.Tensor | None = None,
-               generators: list[torch.Generator] | None = None) -> tuple[list[list[int]], list[float]]:
+               generators: list[torch.Generator] | None = None, top_k: int | None = None,
+               top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
         """`VLM.decode` with our KV-cache loop: each prompt pre-filled once, its cache repeated per copy."""
         if temperatures is None:
             temperatures = torch.zeros(len(prompts) * num_copies)
         return magma_decoding.decode(self.model, [self.prompt_ids(p) for p in prompts], images, num_copies,
                                      temperatures, generators, max_new_tokens, stop_ids, self.pad_token_id,
-                                     self.banned_token_ids)
+                                     self.banned_token_ids, top_k, top_p)
 
     # --- hidden states: rows share their image's features (`image_index`)
 
