@@ -26,6 +26,9 @@ class ShapesWorldConfig:
 
     seed: int = 0
     """Seed of the generator; the same seed gives the same images, questions and splits."""
+    pretrain_seed: int | None = None
+    """Seed of the pre-training scenes only (None: `seed`). A study that varies `seed` over train/val/test
+    keeps one base model by fixing this, as ILLUME starts every run from the same pre-trained MAGMA."""
     image_size: int = 96
     """Side of the square images in pixels."""
     num_train_scenes: int = 400
@@ -197,6 +200,17 @@ class SampleConfig:
     """Longest rationale in tokens (the paper: 100 with GPT-J's tokenizer)."""
     answer_max_new_tokens: int = 6
     """Longest answer in tokens."""
+    top_k: int | None = None
+    """Rationales (and a sampled answer) are drawn from the k most probable tokens of logits / T only
+    (illume.models.logits_filters); 0 or None: no top-k filter. ILLUME: int(0.1 x vocabulary), 5040 for
+    GPT-J."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of most probable tokens of logits / T whose probability
+    reaches top_p (applied after top_k); 1.0: off. MAGMA's default is 0.9, but its filter never cuts
+    (README, "Generation recipes")."""
+    answer_temperature: float = 0.0
+    """Temperature of the model's own answer: 0 greedy; > 0 a draw (top_k / top_p applied) seeded from the
+    example's seed. ILLUME answers at 0.01, which in practice equals greedy."""
     batch_size: int = 32
     """Examples per batch (each expands to K rows)."""
     seed: int = 0
@@ -204,6 +218,15 @@ class SampleConfig:
     pool: list[PoolModelConfig] = field(default_factory=list)
     """Train rounds only: more models whose K candidates per item join the policy's (duplicates dropped), each
     stored with the model that wrote it (illume.pool). Empty: the policy alone, as the paper."""
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"sample.top_k must be >= 0 (0 or null: off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sample.top_p must be in (0, 1] (1: off), got {self.top_p}")
+        if self.answer_temperature < 0:
+            raise ValueError(f"sample.answer_temperature must be >= 0 (0: greedy), "
+                             f"got {self.answer_temperature}")
 
 
 @dataclass
@@ -437,6 +460,10 @@ class PolicyConfig:
     sft_weight: float = 0.0
     """Weight of an added NLL loss on the chosen rationale (DPO: TRL's loss_type=[..., "sft"]; RPO) or, for GRPO,
     on every rationale accepted so far (selection-SFT's rows); 0: none."""
+    answer_weight: float = 1.0
+    """DPO/KTO: weight of an NLL term on answer-only rows (`Q: q A: a<eos>`, one attached to each pair or row,
+    cycling through the train questions) that keeps answer accuracy from drifting, as selection-SFT's answer
+    rows do (GRPO: `grpo_answer_weight`); 0: none."""
     reference_as_chosen: bool = False
     """DPO: for items where nothing was accepted, pair a reference explanation (chosen) with each candidate."""
     rounds: Literal["all", "latest"] = "latest"

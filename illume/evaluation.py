@@ -15,10 +15,13 @@ from illume import distributed
 from illume.config import SampleConfig
 from illume.critics import candidate_scores
 from illume.data.records import CandidateSet, Example
-from illume.metrics.answer_accuracy import answer_accuracy
+from illume.metrics.answer_accuracy import answer_accuracy, answer_containment
 from illume.metrics.caption_scores import caption_scores
 from illume.models.vlm import VLM
 from illume.sampling import sample
+
+# What explanation_scores returns (meteor only with Java), in the order reports list them.
+SCORE_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy", "answer_contains")
 
 
 def rationale_pass_rate(candidate_sets: Sequence[CandidateSet], examples: Sequence[Example],
@@ -35,7 +38,8 @@ def explanation_scores(vlm: VLM, examples: Sequence[Example], sample_cfg: Sample
     """Answer accuracy and explanation metrics of greedy rationales for the model's own answers.
 
     Returns:
-        answer_accuracy, bleu_4, meteor (absent without Java), rouge_l, cider, all in [0, 1] except CIDEr.
+        answer_accuracy (VQA accuracy), answer_contains (ILLUME's notebook metric: predicted and reference
+        answer contain one another), bleu_4, meteor (absent without Java), rouge_l, cider, all in [0, 1] except CIDEr.
     """
     greedy = replace(sample_cfg, temperatures=[0.0], samples_per_temperature=1)
     # Several processes: each decodes its share in whole batches; rank 0 scores them all (one METEOR Java
@@ -46,7 +50,9 @@ def explanation_scores(vlm: VLM, examples: Sequence[Example], sample_cfg: Sample
     if distributed.is_main():
         predictions = [cs.candidates[0].text if cs.candidates else "" for cs in sets]
         scores = caption_scores(predictions, [e.explanations for e in examples])
-        result = answer_accuracy([cs.predicted_answer for cs in sets], [e.answers for e in examples])
+        answers, references = [cs.predicted_answer for cs in sets], [e.answers for e in examples]
+        result = answer_accuracy(answers, references)
+        result["answer_contains"] = answer_containment(answers, references)  # ILLUME's notebook metric
         result.update({k: v for k, v in scores.items()
                        if k in ("bleu_4", "meteor", "rouge_l", "cider") and v is not None})
     return distributed.broadcast_object(result)

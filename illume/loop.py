@@ -37,7 +37,7 @@ from illume.config import ConfigError, RunConfig, save_config
 from illume.critic_registry import CRITICS
 from illume.critics import CritiqueContext
 from illume.data.datasets import load_split
-from illume.evaluation import explanation_scores
+from illume.evaluation import SCORE_KEYS, explanation_scores
 from illume.feedback.verdicts import AGGREGATES, read_feedback
 from illume.loading import load_vlm
 from illume.models.weights import load_trainable_weights
@@ -52,7 +52,7 @@ from policies.registry import POLICIES, check_policy_config
 from reward.critic import check_reward_checkpoint
 
 logger = logging.getLogger(__name__)
-VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")
+VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")  # the table's columns
 
 
 # Wall-clock figures differ between two runs of the same command: results.json leaves them out, so that the
@@ -243,6 +243,6 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
     result = POLICIES[cfg.policy.kind](RoundContext(cfg, vlm, store, round_idx, train, train_by_id, val, out_dir,
                                                     say=console.print))
     metrics.update(result.report)
-    metrics.update(trained=True, val={k: result.best[k] for k in VAL_KEYS if k in result.best},
+    metrics.update(trained=True, val={k: result.best[k] for k in SCORE_KEYS if k in result.best},
                    best_epoch=result.best["epoch"], seconds=round(time.perf_counter() - start, 1))
     return metrics

@@ -27,7 +27,7 @@ from illume.models.vlm import VLM
 from illume.training import train_keeping_best_epoch
 from policies.losses import dpo_losses
 from policies.reference import batch_logps
-from policies.trainer import PolicyTrainer, score_before_training
+from policies.trainer import PolicyTrainer, answer_nll, answer_rows, score_before_training
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -35,10 +35,14 @@ REFERENCE_FILE = "reference_logps.safetensors"
 class PairsDataset(torch.utils.data.Dataset):
     """Encoded (chosen, rejected) rows per pair, with reference log-probs filled in before training."""
 
-    def __init__(self, vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example]):
+    def __init__(self, vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example],
+                 with_answer_rows: bool = False, seed: int = 0):
         encode = RowEncoder(vlm, examples_by_id)
         self.items = [{"chosen": encode(p.example_id, p.prompt, p.chosen),
                        "rejected": encode(p.example_id, p.prompt, p.rejected)} for p in pairs]
+        if with_answer_rows:  # policy.answer_weight: one answer-only row rides along with each pair
+            for item, row in zip(self.items, answer_rows(encode, examples_by_id, len(self.items), seed)):
+                item["answer"] = row
 
     def set_reference(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         for item, c, r in zip(self.items, chosen.tolist(), rejected.tolist(), strict=True):
@@ -56,6 +60,9 @@ def collate_pairs(items: list[dict], vlm: VLM) -> dict:
     batch = vlm.collate([item["chosen"] for item in items] + [item["rejected"] for item in items])
     batch["ref_chosen_logps"] = torch.tensor([item["ref_chosen_logps"] for item in items])
     batch["ref_rejected_logps"] = torch.tensor([item["ref_rejected_logps"] for item in items])
+    answers = [item["answer"] for item in items if "answer" in item]
+    if answers:
+        batch["answer"] = vlm.collate(answers)
     return batch
 
 
@@ -69,6 +76,7 @@ class DPOLossTrainer(PolicyTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         ref_chosen, ref_rejected = inputs.pop("ref_chosen_logps"), inputs.pop("ref_rejected_logps")
+        answers = inputs.pop("answer", None)
         logps, lengths = batch_logps(model, inputs)
         chosen, rejected = logps.chunk(2)
         chosen_lengths, rejected_lengths = lengths.chunk(2)
@@ -78,6 +86,11 @@ class DPOLossTrainer(PolicyTrainer):
                           chosen_lengths, rejected_lengths).mean()
         if p.sft_weight:  # TRL's "sft" loss: mean NLL over all chosen tokens of the batch
             loss = loss + p.sft_weight * (-chosen.sum() / chosen_lengths.sum().clamp(min=1))
+        nll = answer_nll(model, answers) if p.answer_weight else None
+        if nll is not None:
+            loss = loss + p.answer_weight * nll
+            if model.training:
+                self._metrics["answer_nll"].append(nll.item())
         if model.training:
             margins = p.beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).detach()
             self._metrics["rewards/margins"].append(margins.mean().item())
@@ -112,7 +125,7 @@ def optimize_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict
     """
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
-    dataset = PairsDataset(vlm, pairs, examples_by_id)
+    dataset = PairsDataset(vlm, pairs, examples_by_id, with_answer_rows=bool(policy.answer_weight), seed=policy.seed)
     result = train_keeping_best_epoch(
         DPOLossTrainer, vlm, dataset, partial(collate_pairs, vlm=vlm), val, train_cfg, sample_cfg,
         out_dir, learning_rate=policy.learning_rate, what="DPO",

@@ -30,7 +30,7 @@ from illume.training import train_keeping_best_epoch
 from policies.data import LabelledRationale
 from policies.losses import kto_losses
 from policies.reference import batch_logps
-from policies.trainer import PolicyTrainer, score_before_training
+from policies.trainer import PolicyTrainer, answer_nll, answer_rows, score_before_training
 
 
 def mismatched_completions(rows: Sequence[LabelledRationale], seed: int) -> list[str]:
@@ -47,11 +47,15 @@ def mismatched_completions(rows: Sequence[LabelledRationale], seed: int) -> list
 class LabelledDataset(torch.utils.data.Dataset):
     """Encoded rows, their mismatched (KL) rows and labels, with reference log-probs filled in later."""
 
-    def __init__(self, vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: dict[str, Example], seed: int):
+    def __init__(self, vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: dict[str, Example], seed: int,
+                 with_answer_rows: bool = False):
         encode = RowEncoder(vlm, examples_by_id)
         self.items = [{"row": encode(r.example_id, r.prompt, r.completion),
                        "kl_row": encode(r.example_id, r.prompt, other), "label": r.accepted}
                       for r, other in zip(rows, mismatched_completions(rows, seed), strict=True)]
+        if with_answer_rows:  # policy.answer_weight: one answer-only row rides along with each labelled row
+            for item, row in zip(self.items, answer_rows(encode, examples_by_id, len(self.items), seed)):
+                item["answer"] = row
 
     def set_reference(self, logps: torch.Tensor, kl_logps: torch.Tensor) -> None:
         for item, value, kl in zip(self.items, logps.tolist(), kl_logps.tolist(), strict=True):
@@ -70,6 +74,9 @@ def collate_labelled(items: list[dict], vlm: VLM) -> dict:
     batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.bool)
     batch["ref_logps"] = torch.tensor([item["ref_logps"] for item in items])
     batch["ref_kl_logps"] = torch.tensor([item["ref_kl_logps"] for item in items])
+    answers = [item["answer"] for item in items if "answer" in item]
+    if answers:
+        batch["answer"] = vlm.collate(answers)
     return batch
 
 
@@ -84,6 +91,7 @@ class KTOLossTrainer(PolicyTrainer):
         inputs = dict(inputs)
         kl_batch, labels = inputs.pop("kl"), inputs.pop("label")
         ref_logps, ref_kl_logps = inputs.pop("ref_logps"), inputs.pop("ref_kl_logps")
+        answers = inputs.pop("answer", None)
         with torch.no_grad():
             kl_logps = batch_logps(model, kl_batch)[0]
         kl = (kl_logps - ref_kl_logps.to(kl_logps.device)).mean()
@@ -100,7 +108,13 @@ class KTOLossTrainer(PolicyTrainer):
             for name, mask in (("chosen", labels), ("rejected", ~labels)):
                 if mask.any():
                     self._metrics[f"rewards/{name}"].append(rewards[mask.to(rewards.device)].mean().item())
-        return (losses.nanmean(), None) if return_outputs else losses.nanmean()
+        loss = losses.nanmean()
+        nll = answer_nll(model, answers) if self.policy.answer_weight else None
+        if nll is not None:
+            loss = loss + self.policy.answer_weight * nll
+            if model.training:
+                self._metrics["answer_nll"].append(nll.item())
+        return (loss, None) if return_outputs else loss
 
 
 def fill_reference(trainer: Trainer, dataset: LabelledDataset, vlm: VLM) -> None:
@@ -124,7 +138,7 @@ def optimize_kto(vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: di
         raise ValueError("KTO needs both accepted and rejected rationales")
     undesirable_weight = (policy.undesirable_weight if policy.undesirable_weight is not None
                           else policy.desirable_weight * num_accepted / (len(rows) - num_accepted))
-    dataset = LabelledDataset(vlm, rows, examples_by_id, policy.seed)
+    dataset = LabelledDataset(vlm, rows, examples_by_id, policy.seed, with_answer_rows=bool(policy.answer_weight))
     result = train_keeping_best_epoch(
         KTOLossTrainer, vlm, dataset, partial(collate_labelled, vlm=vlm), val, train_cfg, sample_cfg, out_dir,
         learning_rate=policy.learning_rate, what="KTO",

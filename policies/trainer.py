@@ -1,14 +1,20 @@
-"""What the DPO and KTO trainers share: per-step metrics logged next to the loss, and reference log-probs
-computed on the device and in the precision the trainer is about to train in."""
+"""What the DPO and KTO trainers share: per-step metrics logged next to the loss, reference log-probs
+computed on the device and in the precision the trainer is about to train in, and the answer-only NLL rows
+that keep answer accuracy from drifting (as selection-SFT's answer rows and GRPO's do)."""
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
 
-from policies.reference import reference_logps
+from illume.collate import RowEncoder
+from illume.data.records import Example
+from illume.prompts import ANSWER_PROMPT
+from policies.reference import batch_logps, reference_logps
 
 
 class PolicyTrainer(Trainer):
@@ -34,3 +40,26 @@ def score_before_training(trainer: Trainer, vlm, rows: list[dict]) -> torch.Tens
     args = trainer.args
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     return reference_logps(vlm.model, rows, vlm.collate, args.per_device_train_batch_size * 2, args.device, dtype)
+
+
+def answer_rows(encode: RowEncoder, examples_by_id: Mapping[str, Example], count: int, seed: int) -> list[dict]:
+    """`count` answer-only rows `Q: q A: a<eos>`, one attached to each pair (DPO) or labelled row (KTO).
+
+    They cycle through the examples in a seeded order, so every question's answer is trained about equally
+    often (count / #questions times an epoch) however many pairs a question has; with fewer pairs than
+    questions, `count` of them. Examples without an answer get none.
+    """
+    examples = [e for e in examples_by_id.values() if e.answers and e.answers[0]]
+    if not examples or not count:
+        return []
+    random.Random(f"{seed}/answer-rows").shuffle(examples)
+    return [encode(e.id, ANSWER_PROMPT.format(question=e.question), e.answer)
+            for e in (examples[i % len(examples)] for i in range(count))]
+
+
+def answer_nll(model, batch: dict | None) -> torch.Tensor | None:
+    """Token-mean NLL of a collated batch of answer rows (None: the batch has none)."""
+    if batch is None:
+        return None
+    logps, lengths = batch_logps(model, batch)
+    return -logps.sum() / lengths.sum().clamp(min=1)

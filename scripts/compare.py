@@ -1,181 +1,533 @@
-"""Which makes better use of the same human feedback: ILLUME's selection-SFT or preference optimisation?
+"""The study: ILLUME's selection-SFT beside preference optimisation, online RL, AI feedback and supervised
+fine-tuning on k written rationales, over several seeds, with final numbers on a held-out test split.
 
-Runs the study's variants, and three variants of (c)/(d), on the demo world with the same seeds,
-sampling, critic and epoch budgets, and writes
-docs/results.md (a table of final val scores, human judgments and training rationales used, wall time) and
-docs/compare_cider.png (val CIDEr against human judgments used, per round):
+    python scripts/compare.py --seeds 3            # the full study (about 2 h on 2 CPU cores) -> docs/
+    python scripts/compare.py --quick --docs /tmp/q   # a tiny version of every step (a test runs it)
 
-    (a) illume-sft   ILLUME selection-SFT, simulated critic          configs/demo.yaml
-    (b) illume-rm    ILLUME with the reward-model critic             configs/demo_reward.yaml
-    (c) dpo          iterative DPO on accepted vs rejected pairs     configs/demo_dpo.yaml
-    (d) kto          iterative KTO on accept/reject labels           configs/demo_kto.yaml
-    (e) sft-ref      SFT on every reference explanation (fully supervised; no critique)
-    (f) grpo         online GRPO with the reward model fitted on round 0's judgments  configs/demo_grpo.yaml
-    (g) rlaif        no people: an AI judge labels, the reward model learns from it   configs/demo_rlaif.yaml
-        grpo-sft           (f) + an NLL term on every rationale accepted so far (policy.sft_weight=1.0)
-    (h) silkie       no people: a pool of the policy's earlier rounds, AI-judged, DPO configs/demo_silkie.yaml
-        dpo-all, kto-all   (c), (d) on the judgments of every round so far (policy.rounds=all), as SFT uses
-                           them; (c) and (d) use only the round just judged (on-policy: policy.rounds=latest)
-        dpo-nll            (c) + an NLL term on the chosen rationale (policy.sft_weight=1.0, RPO)
+What it does, in order:
+1. A small sweep per tuned method (SWEEP: beta x learning rate for DPO, KTO and GRPO) on seed 0 with fewer
+   rounds, picked by final val CIDEr. The chosen settings are used for every seed and written in the docs.
+2. Every variant of STUDY, and SFT on one written rationale for each of k train questions (k in
+   SUPERVISED_K), for seeds 0..n-1. Seed s changes the world's train/val/test questions (data.shapes.seed)
+   and every sampling, training and reward seed; the pre-trained base model is the same for all seeds
+   (data.shapes.pretrain_seed=0), as every ILLUME run starts from the same pre-trained MAGMA.
+3. Each variant's final model (the last trained round, its epoch kept on val) is scored on the test split
+   (data.shapes.num_test_scenes questions that no epoch or setting choice saw); ILLUME's every round too,
+   for the data-efficiency table.
+4. docs/results.md: mean +- 95 % t-interval over seeds per variant on test, paired t-tests against
+   selection-SFT on the same seeds, the data-efficiency table (ILLUME round r ~ SFT on k questions) with the
+   human effort of each (selection judgments vs rationales written), the chosen settings and wall times;
+   docs/compare_cider.png (test CIDEr per variant with intervals), docs/data_efficiency.png, docs/study.json.
 
-    python scripts/compare.py [--out runs/compare] [--only dpo,kto] [--fresh]
-
-A finished variant (RUN_DIR/wall_seconds.json says complete) is not run again: its results and wall time are
-reused, so adding a variant costs only that variant. An interrupted one continues from its finished rounds
-(the loop resumes) and its wall time is summed over invocations. --fresh starts every variant over.
+Resuming: each run directory is reused. A finished run (RUN_DIR/wall_seconds.json says complete) is not run
+again; an interrupted one continues from its finished rounds and its wall time is summed over invocations;
+test scores are cached per run (RUN_DIR/heldout_test.json). --fresh starts everything over.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field, replace
+from itertools import product
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from illume.config import load_config  # noqa: E402
+from illume.metrics.stats import mean_interval, paired_comparison, t_quantile  # noqa: E402
 
-VARIANTS = {
-    "illume-sft": ("ILLUME selection-SFT, simulated critic", "configs/demo.yaml", []),
-    "illume-rm": ("ILLUME, reward-model critic after round 0", "configs/demo_reward.yaml", []),
-    "dpo": ("iterative DPO on the latest round's accepted vs rejected pairs", "configs/demo_dpo.yaml", []),
-    "kto": ("iterative KTO on the latest round's accept/reject labels", "configs/demo_kto.yaml", []),
-    "dpo-all": ("iterative DPO on the pairs of every round so far", "configs/demo_dpo.yaml",
-                ["policy.rounds=all"]),
-    "kto-all": ("iterative KTO on the labels of every round so far", "configs/demo_kto.yaml",
-                ["policy.rounds=all"]),
+# name: (what it is, config, overrides). Each keeps its demo config's settings; the sweep may add some.
+STUDY = {
+    "illume-sft": ("ILLUME selection-SFT, simulated critic (people) every round", "configs/demo.yaml", []),
+    "illume-rm": ("ILLUME, people in round 0, then the reward model as critic", "configs/demo_reward.yaml", []),
+    "hybrid": ("ILLUME, the reward model decides where it is sure, people the rest", "configs/demo_hybrid.yaml",
+               []),
+    "dpo": ("iterative DPO on each round's accepted vs rejected pairs, answer rows", "configs/demo_dpo.yaml", []),
+    "kto": ("iterative KTO on each round's accept/reject labels, answer rows", "configs/demo_kto.yaml", []),
+    "grpo": ("online GRPO, reward model fitted on round 0's human judgments", "configs/demo_grpo.yaml", []),
+    "rlaif": ("no people: AI judge -> reward model -> GRPO (VLM-RLAIF's row)", "configs/demo_rlaif.yaml", []),
+}
+# More variants on demand (--only): not in the default study.
+EXTRA = {
+    "grpo-sft": ("online GRPO + NLL on every accepted rationale", "configs/demo_grpo.yaml",
+                 ["policy.sft_weight=1.0"]),
     "dpo-nll": ("iterative DPO + NLL on the chosen rationale (RPO)", "configs/demo_dpo.yaml",
                 ["policy.sft_weight=1.0"]),
-    "sft-ref": ("SFT on all reference explanations (no critique)", "configs/demo.yaml", []),
-    "grpo": ("online GRPO with the reward model fitted on round 0's human judgments", "configs/demo_grpo.yaml",
-             []),
-    "grpo-sft": ("online GRPO as (f) + NLL on every rationale accepted so far (policy.sft_weight=1.0)",
-                 "configs/demo_grpo.yaml", ["policy.sft_weight=1.0"]),
-    "rlaif": ("no people: an AI judge labels, the reward model learns from it", "configs/demo_rlaif.yaml", []),
-    "silkie": ("no people: a pool of the policy's earlier rounds, AI-judged pairs, DPO", "configs/demo_silkie.yaml",
-               []),
+    "silkie": ("no people: a pool of earlier rounds, AI-judged pairs, DPO", "configs/demo_silkie.yaml", []),
+    "sft-ref": ("SFT on all 3 reference explanations of every train question", "configs/demo.yaml", []),
 }
+SUPERVISED_K = (25, 50, 100, 200, 400)
+SWEEP = {
+    "dpo": {"policy.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
+    "kto": {"policy.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
+    "grpo": {"policy.beta": (0.04, 0.1), "policy.learning_rate": (3e-4, 1e-3)},
+}
+SHORT = {"policy.beta": "beta", "policy.learning_rate": "lr"}  # sweep run names
 METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
-           ("answer_accuracy", "answer acc."))
+           ("answer_accuracy", "VQA acc."), ("answer_contains", "Q/A acc. (ILLUME)"))
+# Rough minutes per run on 2 CPU cores, for the first ETA; replaced by measured times as runs finish.
+GUESS_MINUTES = {"illume-sft": 1.5, "illume-rm": 1.5, "hybrid": 3.5, "dpo": 2, "kto": 3, "grpo": 4, "rlaif": 9,
+                 "grpo-sft": 4, "dpo-nll": 2, "silkie": 14, "sft-ref": 1, "sft-k": 0.8}
 
 
-def run_variant(name: str, out: Path, fresh: bool) -> dict:
-    from illume.loop import run
-    from illume.supervised import run_supervised
+@dataclass
+class Profile:
+    """Sizes of one study: the full one, or --quick's tiny version of every step."""
 
-    _, config, extra = VARIANTS[name]
-    cfg = load_config(REPO / config, extra + [f"name={name}", f"output_dir={out}"])
-    if fresh and cfg.run_dir.exists():
-        shutil.rmtree(cfg.run_dir)
-    wall_path = cfg.run_dir / "wall_seconds.json"
-    wall = json.loads(wall_path.read_text()) if wall_path.is_file() else {"seconds": 0.0}
-    if wall.get("complete"):
-        results = json.loads((cfg.run_dir / "results.json").read_text())
-        return {"name": name, "results": results, "seconds": wall["seconds"]}
-    start = time.perf_counter()
-    results = run_supervised(cfg) if name == "sft-ref" else run(cfg)
-    seconds = wall["seconds"] + time.perf_counter() - start
-    wall_path.write_text(json.dumps({"seconds": seconds, "complete": True}))
-    return {"name": name, "results": results, "seconds": seconds}
+    seed_overrides: list[str]
+    sweep_rounds: int
+    supervised_k: tuple[int, ...]
+    variants: tuple[str, ...]
+    sweep: dict = field(default_factory=lambda: SWEEP)
 
 
-def _final(results: list[dict]) -> dict:
+FULL = Profile(["data.shapes.num_test_scenes=500"], sweep_rounds=2, supervised_k=SUPERVISED_K,
+               variants=tuple(STUDY))
+# A 2-layer LM on 12 train / 8 val / 8 test questions; the random model's rationales score low, so the
+# critic's threshold is low enough to accept some (as tests/test_loop.py).
+QUICK = Profile([
+    "model.vision.width=8", "model.lm.hidden_size=32", "model.lm.num_layers=2", "model.lm.num_heads=2",
+    "model.lm.rotary_dim=8", "data.shapes.num_pretrain_scenes=40", "data.shapes.num_train_scenes=12",
+    "data.shapes.num_val_scenes=8", "data.shapes.num_test_scenes=8", "pretrain.num_steps=20",
+    "pretrain.batch_size=8", "critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_epochs=1",
+    "train.batch_size=8", "sample.samples_per_temperature=2", "sample.max_new_tokens=6", "loop.num_rounds=2",
+], sweep_rounds=1, supervised_k=(4, 8), variants=("illume-sft", "dpo"),
+    sweep={"dpo": {"policy.beta": (0.1, 0.3)}})
+
+
+def seed_overrides(seed: int) -> list[str]:
+    """Seed s: another world (its train/val/test questions) and other sampling, training and reward seeds;
+    the same pre-trained base model."""
+    return [f"seed={seed}", f"data.shapes.seed={seed}", "data.shapes.pretrain_seed=0", f"sample.seed={seed}",
+            f"train.seed={seed}", f"reward.seed={seed}", f"policy.seed={seed}"]
+
+
+@dataclass
+class Job:
+    """One run: a variant (or sweep point or supervised k) on one seed."""
+
+    variant: str
+    seed: int
+    config: str
+    overrides: list[str]
+    supervised_k: int | None = None  # SFT on k written rationales
+    all_reference: bool = False  # sft-ref
+    folders: str = "final"  # which trained folders to score on test: "final" or "all" (every round)
+    score_test: bool = True
+    setting: list[str] = field(default_factory=list)  # a sweep point's overrides
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}__seed{self.seed}"
+
+
+def _final_round(results: list[dict]) -> dict:
     trained = [r for r in results[1:] if r.get("trained")]
     return trained[-1] if trained else results[0]
 
 
-def write_table(runs: list[dict], path: Path, plot_name: str) -> None:
+def _folder(round_name) -> str:
+    return "supervised" if isinstance(round_name, str) else f"round_{round_name:02d}"
+
+
+def run_job(job: Job, out: Path, profile: Profile, fresh: bool) -> dict:
+    """Run (or reuse) one job; returns its results, test scores and wall time."""
+    from illume.heldout import BASE, heldout_scores
+    from illume.loop import run
+    from illume.supervised import run_supervised
+
+    overrides = profile.seed_overrides + seed_overrides(job.seed) + job.overrides + [
+        f"name={job.name}", f"output_dir={out}"]
+    cfg = load_config(REPO / job.config, overrides)
+    if fresh and cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)
+    wall_path = cfg.run_dir / "wall_seconds.json"
+    wall = json.loads(wall_path.read_text()) if wall_path.is_file() else {"seconds": 0.0}
+    start = time.perf_counter()
+    if wall.get("complete"):
+        results = json.loads((cfg.run_dir / "results.json").read_text())
+    else:
+        if job.supervised_k is not None or job.all_reference:
+            results = run_supervised(cfg, num_questions=job.supervised_k)
+        else:
+            results = run(cfg)
+        wall = {"seconds": wall["seconds"] + time.perf_counter() - start, "complete": True}
+        wall_path.write_text(json.dumps(wall))
+    test = {}
+    if job.score_test:
+        start = time.perf_counter()
+        trained = [r for r in results[1:] if r.get("trained")]
+        rounds = trained if job.folders == "all" else trained[-1:]
+        scores = heldout_scores(cfg, [BASE, *(_folder(r["round"]) for r in rounds)])
+        test = {"base": scores[BASE], **{str(r["round"]): scores[_folder(r["round"])] for r in rounds}}
+        if not wall.get("test_seconds"):
+            wall["test_seconds"] = time.perf_counter() - start
+            wall_path.write_text(json.dumps(wall))
+    return {"variant": job.variant, "seed": job.seed, "setting": job.setting, "results": results, "test": test,
+            "seconds": wall["seconds"] + wall.get("test_seconds", 0.0)}
+
+
+def final_test(run: dict) -> dict:
+    """Test scores of the run's final model (the base model's if it never trained)."""
+    final = _final_round(run["results"])
+    return run["test"][str(final["round"])] if final.get("trained") else run["test"]["base"]
+
+
+def human_effort(run: dict) -> tuple[int, int]:
+    """(selection judgments by people, rationales written by people) of the run's final model."""
+    final = _final_round(run["results"])
+    if run["variant"].startswith("sft-"):
+        return 0, final.get("train_rationales", 0)
+    return final.get("human_judgments", 0), 0
+
+
+class Study:
+    """Runs jobs in order with progress and an ETA from the times measured so far."""
+
+    def __init__(self, out: Path, profile: Profile, fresh: bool, total_jobs: int):
+        self.out, self.profile, self.fresh, self.total = out, profile, fresh, total_jobs
+        self.done, self.start = 0, time.perf_counter()
+        self.measured: dict[str, list[float]] = {}
+        self.remaining_guess: list[str] = []
+
+    def _minutes(self, kind: str) -> float:
+        times = self.measured.get(kind)
+        return sum(times) / len(times) / 60 if times else GUESS_MINUTES.get(kind, 2.0)
+
+    def run(self, job: Job, remaining_kinds: list[str]) -> dict:
+        kind = "sft-k" if job.supervised_k is not None else job.variant.split("@")[0]
+        eta = sum(self._minutes(k) for k in remaining_kinds)
+        elapsed = (time.perf_counter() - self.start) / 60
+        print(f"[study] run {self.done + 1}/{self.total}: {job.variant} seed {job.seed} "
+              f"(elapsed {elapsed:.1f} min, about {eta:.0f} min to go)", flush=True)
+        result = run_job(job, self.out, self.profile, self.fresh)
+        self.measured.setdefault(kind, []).append(result["seconds"])
+        self.done += 1
+        return result
+
+
+def sweep_points(method: str, grid: dict) -> list[list[str]]:
+    keys = list(grid)
+    return [[f"{k}={v}" for k, v in zip(keys, values)] for values in product(*(grid[k] for k in keys))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..n-1 for every variant (at least 2)")
+    parser.add_argument("--out", default=None, help="parent folder of the run directories "
+                        "(default runs/study, or runs/study-quick with --quick)")
+    parser.add_argument("--only", default=None, help="comma-separated variants (default: the study's); "
+                        f"more: {', '.join(EXTRA)}; 'sft-k' is the supervised curve")
+    parser.add_argument("--quick", action="store_true", help="a tiny version of every step (minutes)")
+    parser.add_argument("--fresh", action="store_true", help="delete the run directories first")
+    parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md, study.json and plots go")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (e.g. model.cache_dir=/scratch/cache)")
+    args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    if args.set:
+        profile = replace(profile, seed_overrides=profile.seed_overrides + args.set)
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: intervals and paired tests need two seeds or more")
+    names = [n.strip() for n in args.only.split(",")] if args.only else [*profile.variants, "sft-k"]
+    unknown = [n for n in names if n not in STUDY and n not in EXTRA and n != "sft-k"]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {[*STUDY, *EXTRA, 'sft-k']}")
+    out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
+    seeds = list(range(args.seeds))
+    catalogue = {**STUDY, **EXTRA}
+
+    # The jobs, in the order they run: each method's sweep right before its seeds.
+    plan: list[tuple[str, Job]] = []
+    for name in names:
+        if name == "sft-k":
+            plan += [("sft-k", Job(f"sft-{k}", s, "configs/demo.yaml", [], supervised_k=k))
+                     for s in seeds for k in profile.supervised_k]
+            continue
+        _, config, extra = catalogue[name]
+        for point in sweep_points(name, profile.sweep[name]) if name in profile.sweep else []:
+            tag = "_".join(SHORT.get(o.split("=")[0], o.split("=")[0]) + o.split("=")[1] for o in point)
+            plan.append((name, Job(f"{name}@{tag}", 0, config, extra + point + [
+                f"loop.num_rounds={profile.sweep_rounds}"], score_test=False, setting=point)))
+        plan += [(name, Job(name, s, config, extra, all_reference=name == "sft-ref",
+                            folders="all" if name == "illume-sft" else "final")) for s in seeds]
+    study = Study(out, profile, args.fresh, len(plan))
+    start = time.perf_counter()
+    runs, chosen = [], {}
+    for index, (name, job) in enumerate(plan):
+        if "@" not in job.variant and name in profile.sweep and name not in chosen:
+            chosen[name] = choose_setting(name, [r for r in runs if r["variant"].startswith(name + "@")])
+        if name in chosen and "@" not in job.variant:
+            job.overrides = job.overrides + chosen[name]["overrides"]
+        remaining = ["sft-k" if j.supervised_k is not None else j.variant.split("@")[0] for _, j in plan[index:]]
+        runs.append(study.run(job, remaining))
+    # The runs' own recorded wall times (summed over invocations when a run was resumed), sweep included.
+    minutes = sum(run["seconds"] for run in runs) / 60
+    print(f"this invocation: {(time.perf_counter() - start) / 60:.1f} min")
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    summary = summarise(runs, seeds, chosen)
+    (docs / "study.json").write_text(json.dumps(summary, indent=2))
+    write_plots(summary, docs)
+    write_markdown(summary, docs / "results.md", quick=args.quick, seeds=seeds, minutes=minutes,
+                   command="python scripts/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(f"{len(runs)} runs in {minutes:.1f} min -> {docs / 'results.md'}")
+    return 0
+
+
+def choose_setting(method: str, sweep_runs: list[dict]) -> dict:
+    """The sweep point with the best final val CIDEr (seed 0, fewer rounds)."""
+    scored = []
+    for run in sweep_runs:
+        final = _final_round(run["results"])
+        scored.append((final["val"].get("cider", -math.inf) if final.get("trained") else -math.inf, run))
+    best_score, best = max(scored, key=lambda pair: pair[0])
+    return {"setting": " ".join(best["setting"]), "val_cider": best_score, "overrides": best["setting"],
+            "tried": {" ".join(run["setting"]): score for score, run in scored}}
+
+
+def summarise(runs: list[dict], seeds: list[int], chosen: dict) -> dict:
+    """Per variant: per-seed test scores, mean +- interval, human effort, wall time; paired tests against
+    illume-sft; the data-efficiency table."""
+    by_variant: dict[str, list[dict]] = {}
+    for run in runs:
+        if "@" not in run["variant"]:
+            by_variant.setdefault(run["variant"], []).append(run)
+    variants = {}
+    for name, group in by_variant.items():
+        group = sorted(group, key=lambda r: r["seed"])
+        per_seed = {key: [100 * final_test(r).get(key, math.nan) for r in group] for key, _ in METRICS}
+        judgments, written = zip(*(human_effort(r) for r in group))
+        variants[name] = {
+            "seeds": [r["seed"] for r in group],
+            "test": per_seed,
+            "interval": {key: _interval(values) for key, values in per_seed.items()},
+            "human_judgments": sum(judgments) / len(group), "rationales_written": sum(written) / len(group),
+            "minutes": sum(r["seconds"] for r in group) / 60,
+            "val_cider": [100 * _final_round(r["results"])["val"].get("cider", math.nan) for r in group],
+            "rounds": [sum(1 for x in r["results"][1:] if x.get("trained")) for r in group],
+        }
+    first = sorted(next(iter(by_variant.values())), key=lambda r: r["seed"]) if by_variant else []
+    base = [100 * r["test"]["base"].get("cider", math.nan) for r in first if r["test"]]
+    comparisons = {}
+    if "illume-sft" in variants:
+        reference = variants["illume-sft"]["test"]
+        for name, v in variants.items():
+            if name == "illume-sft":
+                continue
+            comparisons[name] = {}
+            for key in ("cider", "answer_accuracy"):
+                if any(math.isnan(x) for x in v["test"][key] + reference[key]):
+                    continue
+                c = paired_comparison(v["test"][key], reference[key])
+                comparisons[name][key] = {"difference": c.difference.mean, "half_width": c.difference.half_width,
+                                          "t": c.t, "p": c.p_value, "significant": c.significant()}
+    sweep_minutes = {}
+    for run in runs:
+        if "@" in run["variant"]:
+            method = run["variant"].split("@")[0]
+            sweep_minutes[method] = sweep_minutes.get(method, 0.0) + run["seconds"] / 60
+    return {"variants": variants, "comparisons": comparisons, "chosen": chosen, "sweep_minutes": sweep_minutes,
+            "data_efficiency": data_efficiency(by_variant), "base_test_cider": base,
+            "descriptions": {**{k: v[0] for k, v in {**STUDY, **EXTRA}.items()}}}
+
+
+def _interval(values: list[float]) -> dict:
+    if any(math.isnan(v) for v in values):
+        return {"mean": math.nan, "half_width": math.nan}
+    i = mean_interval(values)
+    return {"mean": i.mean, "half_width": i.half_width}
+
+
+def data_efficiency(by_variant: dict[str, list[dict]]) -> dict:
+    """ILLUME's rounds against the supervised curve: test CIDEr per round and per k, and the k whose
+    supervised score each round matches (log-linear interpolation on the mean curve)."""
+    curve = {}
+    for name, group in by_variant.items():
+        if name.startswith("sft-") and name[4:].isdigit():
+            curve[int(name[4:])] = [100 * final_test(r)["cider"] for r in sorted(group, key=lambda r: r["seed"])]
+    illume = sorted(by_variant.get("illume-sft", []), key=lambda r: r["seed"])
+    rounds = []
+    if illume:
+        trained = [r["round"] for r in illume[0]["results"][1:] if r.get("trained")]
+        for round_idx in trained:
+            if not all(str(round_idx) in r["test"] for r in illume):
+                continue
+            values = [100 * r["test"][str(round_idx)]["cider"] for r in illume]
+            judgments = [next(x for x in r["results"][1:] if x["round"] == round_idx)["human_judgments"]
+                         for r in illume]
+            mean = sum(values) / len(values)
+            rounds.append({"round": round_idx, "cider": _interval(values), "per_seed": values,
+                           "judgments": sum(judgments) / len(judgments), "matched_k": match_k(mean, curve)})
+    return {"curve": {k: {"cider": _interval(v), "per_seed": v} for k, v in sorted(curve.items())},
+            "rounds": rounds}
+
+
+def match_k(score: float, curve: dict[int, list[float]]) -> str:
+    """The k of supervised rationales whose mean test CIDEr equals `score`: interpolated in log k between
+    the two points that bracket it (the first crossing), or "< k_min" / "> k_max" outside the curve."""
+    if not curve:
+        return "-"
+    points = sorted((k, sum(v) / len(v)) for k, v in curve.items())
+    if score < points[0][1]:
+        return f"< {points[0][0]}"
+    for (k0, s0), (k1, s1) in zip(points, points[1:]):
+        if s0 <= score <= s1 and s1 > s0:
+            fraction = (score - s0) / (s1 - s0)
+            return f"{math.exp(math.log(k0) + fraction * (math.log(k1) - math.log(k0))):.0f}"
+    if score >= max(s for _, s in points):
+        return f">= {points[-1][0]}" if score == points[-1][1] else f"> {points[-1][0]}"
+    return f"~{min(points, key=lambda p: abs(p[1] - score))[0]}"  # the curve is not monotone around it
+
+
+def _cell(interval: dict) -> str:
+    if math.isnan(interval["mean"]):
+        return "-"
+    return f"{interval['mean']:.1f} ± {interval['half_width']:.1f}"
+
+
+def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], minutes: float, command: str) -> None:
+    variants, comparisons = summary["variants"], summary["comparisons"]
     lines = [
-        "# Selection-SFT vs preference optimisation on the same feedback",
+        "# The study: selection-SFT, preference optimisation, online RL, AI feedback and supervised data",
         "",
-        "Written by `python scripts/compare.py` (demo world, 400 train / 100 val questions, the cached demo base "
-        "model, 2 CPU cores). Val scores x100 of the final model (the last trained round, its best epoch); "
-        "*human judgments* = judgments by the critic that stands in for people (the reward model's own are not "
-        "counted); *training rationales* = distinct rationales the last round trained on (SFT: accepted ones; "
-        "DPO: in its pairs, chosen or rejected; KTO: judged ones; sft-ref: the reference explanations).",
+        f"Written by `{command}` ({minutes:.0f} min: the wall times of all its runs, sweep and test "
+        "scoring included, on the development machine, 2 CPU cores, no GPU)" + (" — the --quick profile: a tiny model and world, numbers mean nothing." if quick
+                                  else ". The demo world: 400 train / 100 val / 500 test questions per seed, "
+                                  "the cached demo base model."),
         "",
-        "| variant | " + " | ".join(label for _, label in METRICS)
-        + " | best CIDEr (round) | human judgments | training rationales | rounds | wall time |",
-        "|---|" + "---:|" * (len(METRICS) + 5),
+        f"Seeds {', '.join(map(str, seeds))}: seed s changes the world's questions (train, val and test) and every "
+        "sampling, training and reward seed; the pre-trained base model is the same for all. Every epoch and "
+        "every setting was chosen on **val**; the scores below are on the **test** split, which none of those "
+        "choices saw. Scores x100 of each run's final model (its last trained round, the epoch kept on val), "
+        "mean ± half-width of the 95 % t-interval over seeds (t with n - 1 degrees of freedom: with "
+        f"{len(seeds)} seeds the half-width is {t_quantile(0.975, len(seeds) - 1) / math.sqrt(len(seeds)):.2f} "
+        "standard deviations of the per-seed scores, so the intervals are wide).",
+        "",
+        "*VQA acc.*: the VQA answer accuracy; *Q/A acc. (ILLUME)*: ILLUME's notebook metric, predicted and "
+        "reference answer contain one another (the paper's official VQA-X test figures are B-4 19.0, METEOR "
+        "16.5, ROUGE-L 44.2, CIDEr 60.2, Q/A acc 85.5, read this way). *Human effort*: selection judgments by "
+        "people (the simulated critic stands in for them; one judgment = one question's candidates looked at "
+        "and the fitting ones clicked) or rationales written by people (supervised rows).",
+        "",
+        "| variant | " + " | ".join(label for _, label in METRICS) + " | human effort | rounds | wall time |",
+        "|---|" + "---:|" * (len(METRICS) + 3),
     ]
-    for run in runs:
-        final = _final(run["results"])
-        scores = " | ".join(f"{100 * final['val'][key]:.1f}" if final["val"].get(key) is not None else "-"
-                            for key, _ in METRICS)
-        rounds = sum(1 for r in run["results"][1:] if r.get("trained"))
-        best = max((r for r in run["results"][1:] if r.get("trained")), key=lambda r: r["val"]["cider"])
-        lines.append(f"| {run['name']}: {VARIANTS[run['name']][0]} | {scores} "
-                     f"| {100 * best['val']['cider']:.1f} ({best['round']}) | {final.get('human_judgments', 0)} "
-                     f"| {final.get('train_rationales', '-')} | {rounds} | {run['seconds'] / 60:.1f} min |")
-    base = runs[0]["results"][0]["val"]
-    total = sum(run["seconds"] for run in runs) / 60
-    lines += ["", f"Wall time of all variants: {total:.1f} min.", "", "Base model (before any round): " + ", ".join(
-        f"{label} {100 * base[key]:.1f}" for key, label in METRICS if base.get(key) is not None) + ".", "",
-        f"![val CIDEr against human judgments]({plot_name})", "", "Per round (val CIDEr x100, human judgments):", ""]
-    for run in runs:
-        steps = [f"{r['round']}: {100 * r['val']['cider']:.1f} ({r.get('human_judgments', 0)})"
-                 for r in run["results"] if r.get("val", {}).get("cider") is not None]
-        lines.append(f"- {run['name']}: " + ", ".join(steps))
-    path.write_text("\n".join(lines) + "\n")
+    for name, v in variants.items():
+        effort = (f"{v['rationales_written']:.0f} written" if v["rationales_written"]
+                  else f"{v['human_judgments']:.0f} judgments" if v["human_judgments"] else "none")
+        description = summary["descriptions"].get(name, _sft_k_description(name))
+        lines.append(f"| **{name}**: {description} | " + " | ".join(_cell(v["interval"][k]) for k, _ in METRICS)
+                     + f" | {effort} | {'/'.join(map(str, v['rounds']))} | {v['minutes']:.1f} min |")
+    lines += ["", "Wall time: all seeds of the variant, the runs and their test scoring; the sweep is listed below.",
+              "", "![test CIDEr per variant](compare_cider.png)", ""]
+    if comparisons:
+        lines += ["## Paired comparisons against ILLUME's selection-SFT (same seeds)", "",
+                  "Difference (variant − illume-sft) of test scores x100, mean over seeds ± 95 % interval, paired "
+                  "t-test on the per-seed differences. *real* marks p < 0.05 (no correction for the number of "
+                  "comparisons: with that many tests one false alarm in twenty is expected).", "",
+                  "| variant | Δ CIDEr | p | real? | Δ VQA acc. | p | real? |", "|---|---:|---:|:---:|---:|---:|:---:|"]
+        for name, by_key in comparisons.items():
+            cells = []
+            for key in ("cider", "answer_accuracy"):
+                c = by_key.get(key)
+                cells += (["-", "-", "-"] if c is None else
+                          [f"{c['difference']:+.1f} ± {c['half_width']:.1f}", f"{c['p']:.3f}",
+                           "yes" if c["significant"] else "no"])
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    eff = summary["data_efficiency"]
+    if eff["rounds"] or eff["curve"]:
+        lines += ["## Data efficiency: ILLUME's rounds against SFT on k written rationales", "",
+                  "The paper's claim: ILLUME reaches supervised fine-tuning's scores with far fewer human-written "
+                  "rationales. Supervised rows: one reference explanation for each of k train questions (a person "
+                  "writing one rationale per question), the rest of the train questions as answer-only rows, the "
+                  "same trainer and weighting as selection-SFT, as many epochs as the loop's rounds together "
+                  "(best on val). Test CIDEr x100, mean ± 95 % interval.", "",
+                  "| supervised k (rationales written) | test CIDEr |", "|---:|---:|"]
+        for k, point in eff["curve"].items():
+            lines.append(f"| {k} | {_cell(point['cider'])} |")
+        lines += ["", "| ILLUME round | test CIDEr | selection judgments (clicks) by people | ≈ SFT on k questions |",
+                  "|---:|---:|---:|---:|"]
+        for r in eff["rounds"]:
+            lines.append(f"| {r['round']} | {_cell(r['cider'])} | {r['judgments']:.0f} (0 written) | "
+                         f"{r['matched_k']} |")
+        lines += ["", "*≈ SFT on k questions*: the k at which the mean supervised curve reaches the round's mean "
+                  "test CIDEr, interpolated in log k between the two points that bracket it.", "",
+                  "![data efficiency](data_efficiency.png)", ""]
+    if summary["chosen"]:
+        lines += ["## Settings chosen on val", "",
+                  "A small sweep per method on seed 0 (fewer rounds than the study), the setting with the best "
+                  "final val CIDEr used for every seed:", ""]
+        for method, choice in summary["chosen"].items():
+            tried = ", ".join(f"{setting}: {score:.1f}" for setting, score in
+                              ((s, 100 * c if math.isfinite(c) else math.nan) for s, c in choice["tried"].items()))
+            lines.append(f"- {method}: **{choice['setting']}** (tried, final val CIDEr: {tried}; "
+                         f"{summary['sweep_minutes'].get(method, 0):.1f} min)")
+        lines.append("")
+    lines += ["Raw per-seed numbers: `study.json`. Base model on test, per seed: "
+              + ", ".join(f"{x:.1f}" for x in summary["base_test_cider"]) + " CIDEr.", ""]
+    path.write_text("\n".join(lines))
 
 
-def write_plot(runs: list[dict], path: Path) -> None:
+def _sft_k_description(name: str) -> str:
+    k = name[4:]
+    return f"SFT on one written rationale for each of {k} train questions"
+
+
+def write_plots(summary: dict, docs: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    top = 0.0
-    reference = None
-    for run in runs:
-        rows = [r for r in run["results"] if r.get("val", {}).get("cider") is not None]
-        if run["name"] == "sft-ref":
-            reference = rows[-1]
-            continue
-        xs = [0 if r["round"] == "base" else r.get("human_judgments", 0) for r in rows]
-        ys = [100 * r["val"]["cider"] for r in rows]
-        top = max(top, *ys)
-        ax.plot(xs, ys, marker="o", label=run["name"])
-    if reference is not None:  # far above the loop's scores on this templated world: a note, not a line
-        ax.text(0.01, 0.98, f"sft-ref (SFT on all {reference['train_rationales']} reference explanations, "
-                f"no judgments): CIDEr {100 * reference['val']['cider']:.1f}, above this scale",
-                transform=ax.transAxes, va="top", fontsize=8, color="dimgrey")
-        top *= 1.12  # room for the note
-    ax.set_ylim(bottom=0, top=top * 1.05 if top else None)
-    ax.set_xlabel("human judgments used (cumulative)")
-    ax.set_ylabel("val CIDEr (x100)")
-    ax.set_title("Same feedback, different optimisers (demo world)")
+    variants = summary["variants"]
+    names = list(variants)
+    means = [variants[n]["interval"]["cider"]["mean"] for n in names]
+    errors = [variants[n]["interval"]["cider"]["half_width"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 4.5))
+    colours = ["tab:blue" if not n.startswith("sft-") else "tab:grey" for n in names]
+    ax.bar(range(len(names)), means, yerr=errors, capsize=4, color=colours)
+    for i, name in enumerate(names):
+        ax.scatter([i] * len(variants[name]["test"]["cider"]), variants[name]["test"]["cider"], color="black",
+                   s=8, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax.set_ylabel("test CIDEr (x100)")
+    ax.set_title("Final test CIDEr: mean, 95 % interval, each seed")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(docs / "compare_cider.png", dpi=120)
+    plt.close(fig)
+
+    eff = summary["data_efficiency"]
+    if not (eff["curve"] and eff["rounds"]):
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ks = list(eff["curve"])
+    ax.errorbar([int(k) for k in ks], [eff["curve"][k]["cider"]["mean"] for k in ks],
+                yerr=[eff["curve"][k]["cider"]["half_width"] for k in ks], marker="s", capsize=4,
+                label="SFT: x = rationales written")
+    ax.errorbar([max(1, r["judgments"]) for r in eff["rounds"]], [r["cider"]["mean"] for r in eff["rounds"]],
+                yerr=[r["cider"]["half_width"] for r in eff["rounds"]], marker="o", capsize=4,
+                label="ILLUME rounds: x = selection judgments (clicks)")
+    for r in eff["rounds"]:
+        ax.annotate(f"round {r['round']}", (max(1, r["judgments"]), r["cider"]["mean"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, -10))
+    ax.set_xscale("log")
+    ax.set_xlabel("human actions (log scale; a written rationale costs far more than a click)")
+    ax.set_ylabel("test CIDEr (x100)")
+    ax.set_title("Data efficiency: ILLUME vs supervised rationales (mean, 95 % interval)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(docs / "data_efficiency.png", dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/compare", help="parent folder of the variants' run directories")
-    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants to run")
-    parser.add_argument("--fresh", action="store_true", help="delete the variants' run directories first")
-    parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md and the plot go")
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    start = time.perf_counter()
-    runs = [run_variant(name, Path(args.out), args.fresh) for name in names]
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    write_plot(runs, docs / "compare_cider.png")
-    write_table(runs, docs / "results.md", "compare_cider.png")
-    print(f"{len(runs)} variants in {(time.perf_counter() - start) / 60:.1f} min -> {docs / 'results.md'}")
-    return 0
 
 
 if __name__ == "__main__":

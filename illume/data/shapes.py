@@ -274,6 +274,7 @@ class ShapesWorld:
     """Generator of the shapes world's splits; see `ShapesWorldConfig` for the fields."""
 
     seed: int = 0
+    pretrain_seed: int | None = None
     image_size: int = 96
     num_train_scenes: int = 400
     num_val_scenes: int = 100
@@ -289,7 +290,8 @@ class ShapesWorld:
 
     def rng(self, split: str, index: int, purpose: str) -> random.Random:
         # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs and machines.
-        return random.Random(f"{self.seed}/{split}/{index}/{purpose}")
+        seed = self.pretrain_seed if split == "pretrain" and self.pretrain_seed is not None else self.seed
+        return random.Random(f"{seed}/{split}/{index}/{purpose}")
 
     def scene(self, split: str, index: int) -> Scene:
         return make_scene(f"{split}-{index:05d}", self.rng(split, index, "scene"), self.max_objects)

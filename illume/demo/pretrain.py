@@ -56,10 +56,10 @@ def demo_model_dir(cfg: RunConfig) -> Path:
     for (section, name), default in _LATER_MODEL_FIELDS.items():
         if model[section][name] == default:
             del model[section][name]
-    world = cfg.data.shapes
+    world = cfg.data.shapes  # only the pre-training scenes' seed matters: train/val/test never enter the model
     relevant = {
         "model": model, "pretrain": asdict(cfg.pretrain), "version": PRETRAIN_RECIPE_VERSION,
-        "world": {"seed": world.seed, "image_size": world.image_size, "max_objects": world.max_objects,
+        "world": {"seed": world.seed if world.pretrain_seed is None else world.pretrain_seed, "image_size": world.image_size, "max_objects": world.max_objects,
                   "num_pretrain_scenes": world.num_pretrain_scenes},
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

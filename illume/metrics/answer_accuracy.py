@@ -137,6 +137,27 @@ def answer_accuracy(
     return result
 
 
+
+def answer_containment(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """ILLUME's notebook answer metric: the share of examples whose predicted answer and a reference answer
+    contain one another (either is a substring of the other), after lower-casing and stripping.
+
+    It reads the official VQA-X figures (e.g. the paper's Q/A accuracy 85.5) the way they were computed, so
+    the demo and those figures compare like for like; VQA accuracy (`answer_accuracy`) is the stricter one.
+    An empty prediction contains nothing and scores 0.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"predictions and references differ in length: {len(predictions)} and {len(references)}")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    hits = 0
+    for prediction, refs in zip(predictions, references):
+        prediction = prediction.strip().lower()
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        hits += bool(prediction) and any(prediction in r.strip().lower() or r.strip().lower() in prediction
+                                         for r in refs if r.strip())
+    return hits / len(predictions)
+
 _DESCRIPTION = """\
 VQA answer accuracy with the official answer normalisation: exact match for a single reference answer,
 the official min(1, #matching humans / 3) formula (leave-one-out averaged) for several.
