@@ -182,7 +182,7 @@ def test_dpo_training_grows_the_margin_and_keeps_the_reference_of_the_round_star
     snapshot = copy.deepcopy(tiny_vlm)
     frozen_before = {n: p.clone() for n, p in tiny_vlm.model.named_parameters() if not p.requires_grad}
     before = _margins(tiny_vlm, pairs, examples)
-    policy = PolicyConfig(kind="dpo", beta=0.5)
+    policy = PolicyConfig(kind="dpo", beta=0.5, answer_weight=0.0)  # DPO's loss alone (tests/test_answer_rows.py)
     result = optimize_dpo(tiny_vlm, pairs, examples, list(examples.values())[:2], policy, train_cfg, cfg.sample,
                           tmp_path / "dpo")
     after = _margins(tiny_vlm, pairs, examples)
@@ -213,7 +213,8 @@ def test_kto_training_raises_accepted_and_lowers_rejected_log_probs(tiny_vlm, tm
     cfg, train_cfg = _train_cfg(learning_rate=3e-2)
     before = _margins(tiny_vlm, pairs, examples)
     result = optimize_kto(tiny_vlm, rows, examples, list(examples.values())[:2],
-                          PolicyConfig(kind="kto", beta=0.5), train_cfg, cfg.sample, tmp_path / "kto")
+                          PolicyConfig(kind="kto", beta=0.5, answer_weight=0.0), train_cfg, cfg.sample,
+                          tmp_path / "kto")  # KTO's loss alone (the answer rows: tests/test_answer_rows.py)
     after = _margins(tiny_vlm, pairs, examples)
     assert after.mean() > before.mean() + 1.0, (before, after)
     assert result["undesirable_weight"] == pytest.approx(4 / 8)  # 4 accepted, 8 rejected
