@@ -61,6 +61,8 @@ EXTRA = {
                 ["policy.sft_weight=1.0"]),
     "silkie": ("no people: a pool of earlier rounds, AI-judged pairs, DPO", "configs/demo_silkie.yaml", []),
     "sft-ref": ("SFT on all 3 reference explanations of every train question", "configs/demo.yaml", []),
+    "dpo-all": ("iterative DPO on the pairs of every round so far", "configs/demo_dpo.yaml", ["policy.rounds=all"]),
+    "kto-all": ("iterative KTO on the labels of every round so far", "configs/demo_kto.yaml", ["policy.rounds=all"]),
 }
 SUPERVISED_K = (25, 50, 100, 200, 400)
 SWEEP = {
