@@ -140,8 +140,9 @@ def _folder(round_name) -> str:
     return "supervised" if isinstance(round_name, str) else f"round_{round_name:02d}"
 
 
-def run_job(job: Job, out: Path, profile: Profile, fresh: bool) -> dict:
-    """Run (or reuse) one job; returns its results, test scores and wall time."""
+def run_job(job: Job, out: Path, profile: Profile, fresh: bool, report_only: bool = False) -> dict | None:
+    """Run (or reuse) one job; returns its results, test scores and wall time (None: report_only and the run
+    has not finished)."""
     from illume.heldout import BASE, heldout_scores
     from illume.loop import run
     from illume.supervised import run_supervised
@@ -156,6 +157,8 @@ def run_job(job: Job, out: Path, profile: Profile, fresh: bool) -> dict:
     start = time.perf_counter()
     if wall.get("complete"):
         results = json.loads((cfg.run_dir / "results.json").read_text())
+    elif report_only:
+        return None
     else:
         if job.supervised_k is not None or job.all_reference:
             results = run_supervised(cfg, num_questions=job.supervised_k)
@@ -204,13 +207,15 @@ class Study:
         times = self.measured.get(kind)
         return sum(times) / len(times) / 60 if times else GUESS_MINUTES.get(kind, 2.0)
 
-    def run(self, job: Job, remaining_kinds: list[str]) -> dict:
+    def run(self, job: Job, remaining_kinds: list[str], report_only: bool = False) -> dict | None:
         kind = "sft-k" if job.supervised_k is not None else job.variant.split("@")[0]
         eta = sum(self._minutes(k) for k in remaining_kinds)
         elapsed = (time.perf_counter() - self.start) / 60
         print(f"[study] run {self.done + 1}/{self.total}: {job.variant} seed {job.seed} "
               f"(elapsed {elapsed:.1f} min, about {eta:.0f} min to go)", flush=True)
-        result = run_job(job, self.out, self.profile, self.fresh)
+        result = run_job(job, self.out, self.profile, self.fresh, report_only)
+        if result is None:
+            return None
         self.measured.setdefault(kind, []).append(result["seconds"])
         self.done += 1
         return result
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"more: {', '.join(EXTRA)}; 'sft-k' is the supervised curve")
     parser.add_argument("--quick", action="store_true", help="a tiny version of every step (minutes)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directories first")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the docs from the finished runs (a study in progress)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md, study.json and plots go")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (e.g. model.cache_dir=/scratch/cache)")
@@ -263,20 +270,27 @@ def main(argv: list[str] | None = None) -> int:
                             folders="all" if name == "illume-sft" else "final")) for s in seeds]
     study = Study(out, profile, args.fresh, len(plan))
     start = time.perf_counter()
-    runs, chosen = [], {}
+    runs, chosen, missing = [], {}, []
     for index, (name, job) in enumerate(plan):
         if "@" not in job.variant and name in profile.sweep and name not in chosen:
-            chosen[name] = choose_setting(name, [r for r in runs if r["variant"].startswith(name + "@")])
+            choice = choose_setting(name, [r for r in runs if r["variant"].startswith(name + "@")])
+            if choice is not None:  # None: --report-only before any sweep point finished
+                chosen[name] = choice
         if name in chosen and "@" not in job.variant:
             job.overrides = job.overrides + chosen[name]["overrides"]
         remaining = ["sft-k" if j.supervised_k is not None else j.variant.split("@")[0] for _, j in plan[index:]]
-        runs.append(study.run(job, remaining))
+        result = study.run(job, remaining, args.report_only)
+        if result is None:
+            missing.append(job.name)
+        else:
+            runs.append(result)
     # The runs' own recorded wall times (summed over invocations when a run was resumed), sweep included.
     minutes = sum(run["seconds"] for run in runs) / 60
     print(f"this invocation: {(time.perf_counter() - start) / 60:.1f} min")
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, seeds, chosen)
+    summary["missing"] = missing
     (docs / "study.json").write_text(json.dumps(summary, indent=2))
     write_plots(summary, docs)
     write_markdown(summary, docs / "results.md", quick=args.quick, seeds=seeds, minutes=minutes,
@@ -285,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def choose_setting(method: str, sweep_runs: list[dict]) -> dict:
-    """The sweep point with the best final val CIDEr (seed 0, fewer rounds)."""
+def choose_setting(method: str, sweep_runs: list[dict]) -> dict | None:
+    """The sweep point with the best final val CIDEr (seed 0, fewer rounds); None without any."""
+    if not sweep_runs:
+        return None
     scored = []
     for run in sweep_runs:
         final = _final_round(run["results"])
@@ -321,17 +337,23 @@ def summarise(runs: list[dict], seeds: list[int], chosen: dict) -> dict:
     base = [100 * r["test"]["base"].get("cider", math.nan) for r in first if r["test"]]
     comparisons = {}
     if "illume-sft" in variants:
-        reference = variants["illume-sft"]["test"]
+        reference = variants["illume-sft"]
         for name, v in variants.items():
             if name == "illume-sft":
                 continue
+            common = [seed for seed in v["seeds"] if seed in reference["seeds"]]  # pairs: the same seeds
+            if len(common) < 2:
+                continue
             comparisons[name] = {}
             for key in ("cider", "answer_accuracy"):
-                if any(math.isnan(x) for x in v["test"][key] + reference[key]):
+                a = [v["test"][key][v["seeds"].index(seed)] for seed in common]
+                b = [reference["test"][key][reference["seeds"].index(seed)] for seed in common]
+                if any(math.isnan(x) for x in a + b):
                     continue
-                c = paired_comparison(v["test"][key], reference[key])
+                c = paired_comparison(a, b)
                 comparisons[name][key] = {"difference": c.difference.mean, "half_width": c.difference.half_width,
-                                          "t": c.t, "p": c.p_value, "significant": c.significant()}
+                                          "t": c.t, "p": c.p_value, "significant": c.significant(),
+                                          "seeds": common}
     sweep_minutes = {}
     for run in runs:
         if "@" in run["variant"]:
@@ -429,6 +451,9 @@ def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], min
         description = summary["descriptions"].get(name, _sft_k_description(name))
         lines.append(f"| **{name}**: {description} | " + " | ".join(_cell(v["interval"][k]) for k, _ in METRICS)
                      + f" | {effort} | {'/'.join(map(str, v['rounds']))} | {v['minutes']:.1f} min |")
+    if summary.get("missing"):
+        lines += ["", f"**Not finished when this was written** ({len(summary['missing'])} runs, left out above): "
+                  + ", ".join(summary["missing"]) + "."]
     lines += ["", "Wall time: all seeds of the variant, the runs and their test scoring; the sweep is listed below.",
               "", "![test CIDEr per variant](compare_cider.png)", ""]
     if comparisons:

@@ -127,3 +127,9 @@ def test_compare_quick_end_to_end_and_resumes(tmp_path):
     assert len(walls) == 2 + 2 * 2 + 2 * 2  # the sweep's two points, two variants and two ks on two seeds
     assert compare.main(args) == 0
     assert {p: p.read_text() for p in out.glob("*/wall_seconds.json")} == walls
+    # --report-only writes the docs from finished runs and says which are missing (here: a third seed).
+    report = tmp_path / "report"
+    assert compare.main([*args[:-4], "--seeds", "3", "--docs", str(report), "--report-only", *args[-2:]]) == 0
+    assert {p: p.read_text() for p in out.glob("*/wall_seconds.json")} == walls  # nothing ran
+    text = (report / "results.md").read_text()
+    assert "Not finished when this was written" in text and "illume-sft__seed2" in text
