@@ -211,10 +211,12 @@ class Study:
         kind = "sft-k" if job.supervised_k is not None else job.variant.split("@")[0]
         eta = sum(self._minutes(k) for k in remaining_kinds)
         elapsed = (time.perf_counter() - self.start) / 60
-        print(f"[study] run {self.done + 1}/{self.total}: {job.variant} seed {job.seed} "
-              f"(elapsed {elapsed:.1f} min, about {eta:.0f} min to go)", flush=True)
+        if not report_only:
+            print(f"[study] run {self.done + 1}/{self.total}: {job.variant} seed {job.seed} "
+                  f"(elapsed {elapsed:.1f} min, about {eta:.0f} min to go)", flush=True)
         result = run_job(job, self.out, self.profile, self.fresh, report_only)
         if result is None:
+            print(f"[study] not finished, left out: {job.variant} seed {job.seed}", flush=True)
             return None
         self.measured.setdefault(kind, []).append(result["seconds"])
         self.done += 1
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"more: {', '.join(EXTRA)}; 'sft-k' is the supervised curve")
     parser.add_argument("--quick", action="store_true", help="a tiny version of every step (minutes)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directories first")
+    parser.add_argument("--run-seeds", default=None, metavar="S,S",
+                        help="run only these seeds' runs (and the sweep) now, e.g. to split a study across "
+                        "processes; finished runs of the others are still reported")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the docs from the finished runs (a study in progress)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md, study.json and plots go")
@@ -279,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in chosen and "@" not in job.variant:
             job.overrides = job.overrides + chosen[name]["overrides"]
         remaining = ["sft-k" if j.supervised_k is not None else j.variant.split("@")[0] for _, j in plan[index:]]
-        result = study.run(job, remaining, args.report_only)
+        only_report = args.report_only or (args.run_seeds is not None and "@" not in job.variant
+                                            and str(job.seed) not in args.run_seeds.split(","))
+        result = study.run(job, remaining, only_report)
         if result is None:
             missing.append(job.name)
         else:
