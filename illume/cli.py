@@ -5,6 +5,7 @@
     illume baseline configs/demo.yaml [key=value ...] how well the base model answers and rationalises
     illume annotate runs/demo [--host H --port P --token T --round N]
                                                       serve the annotation page over a run's feedback store
+    illume annotators add runs/demo NAME [--role admin]  a person's own link to the page (list, revoke)
     illume status runs/demo                           progress per round, work per person, agreement
     illume export runs/demo --format sft|dpo|kto|jsonl  the feedback as TRL-format datasets
     illume reward train runs/demo [--round N]         fit the reward model on the judgments (rounds <= N)
@@ -199,10 +200,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
     token = args.token
-    if not server.is_loopback(host) and not token:
+    store = FeedbackStore(store_url)
+    accounts = store.has_accounts()
+    if not server.is_loopback(host) and not token and not accounts:
         token = secrets.token_urlsafe(24)
         print(f"--host {host} is reachable from other machines: generated an access token: {token}")
-    store = FeedbackStore(store_url)
     assist = None
     if cfg.assist and run_dir is not None:
         from illume.annotate.assist import reward_assist
@@ -211,12 +213,53 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         print("assist: candidates ordered by the reward model, its confident accepts pre-checked" if assist
               else "assist: this run has no reward model yet (illume reward train RUN_DIR); showing plain order")
     app = server.create_app(store, run_dir, cfg, token=token, round_idx=args.round, assist=assist)
-    shown_host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
-    shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
-    url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")
-    print(f"annotation page for {store.url} ({cfg.annotations_per_item} judgment(s) per item): {url}")
+    if accounts:
+        print(f"annotation page for {store.url} ({cfg.annotations_per_item} judgment(s) per item): "
+              f"{_page_url(cfg, host, port)} with each person's own link (`illume annotators add`; "
+              "`illume annotators list`)")
+    else:
+        print(f"annotation page for {store.url} ({cfg.annotations_per_item} judgment(s) per item): "
+              f"{_page_url(cfg, host, port, token)}\n    admin page: {_page_url(cfg, host, port, token, '/admin')}")
     print("stop with Ctrl+C; judgments are saved as they are submitted")
     server.serve(app, host, port, log_level="warning")
+    return 0
+
+
+def _page_url(cfg: AnnotateConfig, host: str | None = None, port: int | None = None, token: str | None = None,
+              path: str = "/") -> str:
+    """The address people open: the configured host (this machine's name for a wildcard bind) and port."""
+    host = host or cfg.host
+    shown_host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+    return f"http://{shown_host}:{port if port is not None else cfg.port}{path}" + (f"?token={token}" if token else "")
+
+
+def cmd_annotators(args: argparse.Namespace) -> int:
+    from illume.store import FeedbackStore
+
+    _, store_url, cfg = _annotate_target(args.target)
+    store = FeedbackStore(store_url)
+    if args.action == "add":
+        try:
+            token = store.add_account(args.name, args.role)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        print(f"{args.name} ({args.role}): their own link to the annotation page (shown once; only a hash is "
+              f"stored):\n    {_page_url(cfg, token=token)}")
+        if args.role == "admin":
+            print(f"admin page:\n    {_page_url(cfg, token=token, path='/admin')}")
+        print("Once a store has accounts, the page lets in only these links (`illume annotators revoke NAME`).")
+    elif args.action == "revoke":
+        if not store.revoke_account(args.name):
+            raise ConfigError(f"{args.name!r} has no active account in {store.url}")
+        print(f"revoked {args.name}: their link stops working at their next request")
+    else:
+        accounts = store.accounts()
+        if not accounts:
+            print(f"no accounts in {store.url}: the page is open to whoever reaches it (loopback by default)")
+        for account in accounts:
+            state = "active" if account.active else f"revoked {account.revoked_at:%Y-%m-%d %H:%M}"
+            print(f"{account.name}\t{account.role}\t{state}\tsince {account.created_at:%Y-%m-%d %H:%M}")
     return 0
 
 
@@ -240,12 +283,15 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from illume.data.datasets import load_split
     from illume.loading import load_vlm, model_identity
     from illume.store import FeedbackStore
+    from illume.tracking import check_report_to, trainer_report
     from reward.model import RewardModel
     from reward.pairs import RewardDataError
     from reward.train import evaluate_saved, fit_reward_from_store
 
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    if args.action == "train":
+        check_report_to(cfg)  # before the model loads
     store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
     # Checked before the model loads: a missing image fails in a second, not after pre-training.
     examples_by_id = {e.id: e for e in load_split(cfg.data, "train", images_must_exist=True)}
@@ -255,7 +301,8 @@ def cmd_reward(args: argparse.Namespace) -> int:
             _, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
                                               upto_round=args.round, deepspeed=cfg.train.deepspeed,
                                               bf16=cfg.train.bf16, fp16=cfg.train.fp16,
-                                              backbone_id=model_identity(cfg))
+                                              backbone_id=model_identity(cfg),
+                                              report=trainer_report(cfg, out_dir))
             report, training = result["eval"], result["training"]
         else:
             rm = RewardModel.load(out_dir, load_vlm(cfg), copy_backbone=False)
@@ -369,6 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--round", type=int, default=None,
                           help="round to judge (default: the latest one that still needs judgments)")
     annotate.set_defaults(handler=cmd_annotate)
+    annotators = commands.add_parser("annotators", help="people's own links to the annotation page")
+    actions = annotators.add_subparsers(dest="action", required=True)
+    for action, help_text in (("add", "create a person's account and print their link (shown once)"),
+                              ("list", "every account, with its role and whether it is revoked"),
+                              ("revoke", "stop a person's link at once")):
+        sub = actions.add_parser(action, help=help_text)
+        sub.add_argument("target", metavar="RUN_DIR_OR_STORE_URL", help="run directory or a store URL")
+        if action != "list":
+            sub.add_argument("name", help="the person's name (their judgments are stored under it)")
+        if action == "add":
+            sub.add_argument("--role", choices=("annotator", "admin"), default="annotator",
+                             help="admin: also the admin page (progress, agreement, disagreements)")
+        sub.set_defaults(handler=cmd_annotators)
     status = commands.add_parser("status", help="progress per round, judgments and time per person, agreement")
     status.add_argument("target", metavar="RUN_DIR_OR_STORE_URL", help="run directory or a store URL")
     status.set_defaults(handler=cmd_status)

@@ -360,11 +360,27 @@ class AnnotateConfig:
     """An item handed to a browser that went away returns to the pool after this many seconds."""
     assist: bool = False
     """Order candidates by the run's latest reward model and pre-check its confident accepts."""
+    corrections: bool = False
+    """Let a person who finds that none fits write the rationale (or edit a candidate into it): stored with
+    their judgment, trained on as accepted (illume/feedback/verdicts.py, rule 8)."""
     guidelines: str = (
         "Tick every rationale that explains the answer with what is visible in the image. "
         "If none does, choose 'none fits'."
     )
     """Guidelines shown on the page."""
+    order: Literal["stored", "random", "uncertainty"] = "stored"
+    """Which items people get first (`illume.critics.ITEM_ORDERS`): `stored` (the order sampled), `random` (a
+    seeded shuffle per round) or `uncertainty` (critic.kind=hybrid: the items whose reward-model decision is
+    least certain, by `reward.uncertainty`; rounds before a reward model exists keep the stored order)."""
+    budget_per_round: int | None = None
+    """critic.kind=hybrid: people judge this many items per round from `reward.human_rounds` on, the first in
+    `annotate.order`, and the reward model decides all the others (replaces `reward.hybrid_band`); None: the
+    band rule."""
+
+    def __post_init__(self) -> None:
+        if self.budget_per_round is not None and self.budget_per_round < 0:
+            raise ValueError(f"annotate.budget_per_round must be >= 0 items per round (None: the band rule), "
+                             f"got {self.budget_per_round}")
 
 
 @dataclass
@@ -400,6 +416,12 @@ class RewardConfig:
     been fitted on this run's base model: checked before any model loads."""
     seed: int = 0
     """Seed of the split, initialisation and data order."""
+    uncertainty: str = "ensemble"
+    """How uncertain the reward model's decision on an item is, for annotate.order=uncertainty (a key of
+    `reward.uncertainty.UNCERTAINTY`): `ensemble` (the share of `ensemble_size` bootstrap heads that disagree
+    with its decision) or `margin` (closeness to the threshold: the band rule's own ranking)."""
+    ensemble_size: int = 8
+    """reward.uncertainty=ensemble: heads fitted on bootstrap resamples of the training pairs."""
 
 
 @dataclass
@@ -436,6 +458,10 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     seed: int = 0
     """Seed of data order and dropout."""
+    report_to: list[str] | str = "none"
+    """Experiment trackers every trainer (SFT, DPO, KTO, GRPO, reward model, pre-training) and the loop's round
+    table report to: the HF Trainer's integration names (tensorboard, wandb, mlflow, trackio, ...), a list of
+    them, "none" or "all" (those installed); TensorBoard files go to RUN_DIR/tracking (illume.tracking)."""
 
 
 @dataclass

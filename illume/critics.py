@@ -14,8 +14,9 @@ reward-model critics (reward, hybrid) are in `reward.critic`.
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -61,6 +62,11 @@ class CritiqueContext:
     say: Callable[[str], None] = print
     report: dict = field(default_factory=dict)
     """Keys a critic adds to the round's row of results.json (the reward model's threshold, ...)."""
+    track: Callable[[dict[str, float], int], None] = lambda metrics, step: None
+    """Where a critic reports progress (metrics, step = the round) to the run's trackers (illume.tracking)."""
+    people_order: list[str] | None = None
+    """Example ids of the items a model critic left for people, in the order to hand them out (it chose them:
+    `reward.critic`); None: every item not decided by a model, in `annotate.order` (`left_for_people`)."""
 
     def image_path(self, example_id: str) -> str | None:
         image = self.image_refs.get(example_id)
@@ -85,15 +91,59 @@ def store_reviews(context: CritiqueContext, reviews: Sequence[Review], annotator
         for r in reviews], annotator, "train", kind=kind)
 
 
+def order_items(order: str, example_ids: Sequence[str], seed: int, round_idx: int,
+                uncertainty: Mapping[str, tuple[float, float]] | None = None) -> list[str]:
+    """`example_ids` in the order people should get them (`annotate.order`, by `ITEM_ORDERS`).
+
+    Args:
+        order: `stored` (as given), `random` (shuffled by a generator seeded with (seed, round_idx), so a
+            resumed run draws the same order) or `uncertainty` (highest uncertainty first, then the smallest
+            distance to the threshold, then as given; as given when `uncertainty` is None: no reward model yet).
+        uncertainty: Example id -> (uncertainty of the reward model's decision, its score's distance to the
+            threshold), from `reward.uncertainty`.
+    """
+    return ITEM_ORDERS[order](list(example_ids), seed, round_idx, uncertainty)
+
+
+def _stored_order(ids: list[str], seed: int, round_idx: int, uncertainty) -> list[str]:
+    return ids
+
+
+def _random_order(ids: list[str], seed: int, round_idx: int, uncertainty) -> list[str]:
+    random.Random(f"annotate.order/{seed}/{round_idx}").shuffle(ids)  # a str seed hashes the same in every process
+    return ids
+
+
+def _uncertain_first(ids: list[str], seed: int, round_idx: int, uncertainty) -> list[str]:
+    if uncertainty is None:
+        return ids
+    position = {example_id: i for i, example_id in enumerate(ids)}
+    return sorted(ids, key=lambda i: (-uncertainty[i][0], uncertainty[i][1], position[i]))
+
+
+ITEM_ORDERS: dict[str, Callable[[list[str], int, int, Mapping[str, tuple[float, float]] | None], list[str]]] = {
+    "stored": _stored_order,
+    "random": _random_order,
+    "uncertainty": _uncertain_first,
+}
+"""annotate.order -> the rule ordering the items people get (`order_items`)."""
+
+
 def left_for_people(context: CritiqueContext, annotator: str) -> list[CandidateSet]:
     """The round's items `annotator` has not judged, less those a model critic (reward model, AI judge: a kind
-    not in `feedback.people`) decided in this round, in the order stored."""
+    not in `feedback.people`) decided in this round: in `context.people_order` when a model critic set it,
+    else in `annotate.order` (stored, or a seeded shuffle; uncertainty needs a reward model: stored)."""
     people = context.cfg.feedback.people
     decided = {item.example_id for item in context.store.judged_items("train", round_idx=context.round_idx)
                if any(j.annotator_kind not in people for j in item.judgments)}
-    return [context.sets[example_id]
-            for example_id in context.store.unjudged_items(context.round_idx, annotator, "train")
+    todo = [example_id for example_id in context.store.unjudged_items(context.round_idx, annotator, "train")
             if example_id not in decided]
+    if context.people_order is not None:
+        left = set(todo)
+        todo = [example_id for example_id in context.people_order if example_id in left]
+    else:
+        todo = order_items(context.cfg.annotate.order, todo, context.cfg.seed, context.round_idx)
+    return [context.sets[example_id] for example_id in todo]
 
 
 def candidate_scores(candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example],
@@ -215,8 +265,14 @@ class WebCritic:
             return True
         cfg, round_idx = self.cfg, context.round_idx
         queue = AnnotationQueue(context.store)
+        if cfg.annotate.order != "stored" or context.people_order is not None:
+            # The page hands items out by `items.priority`: the people's items in their order, first.
+            ranked = [cs.example_id for cs in left_for_people(context, annotator="")]
+            context.store.set_priorities(round_idx, {example_id: float(rank) for rank, example_id in
+                                                     enumerate(ranked)})
         wanted = cfg.annotate.annotations_per_item
         progress = queue.annotation_progress(round_idx, wanted)
+        context.track(_progress_metrics(progress), round_idx)
         if progress["complete_items"] == progress["items"]:
             return True
         context.say(f"round {round_idx}: {progress['items']} items wait for {wanted} judgment(s) each "
@@ -230,8 +286,16 @@ class WebCritic:
             while progress["complete_items"] < progress["items"]:
                 time.sleep(cfg.critic.poll_seconds)
                 progress = queue.annotation_progress(round_idx, wanted)
+                if progress["counted_judgments"] != bar.n:
+                    context.track(_progress_metrics(progress), round_idx)
                 bar.update(progress["counted_judgments"] - bar.n)
         return True
+
+
+def _progress_metrics(progress: dict[str, int]) -> dict[str, float]:
+    """The annotation progress a tracker gets: judgments counted / needed, items complete / all."""
+    return {"annotation/judged": progress["counted_judgments"], "annotation/needed": progress["needed_judgments"],
+            "annotation/complete_items": progress["complete_items"], "annotation/items": progress["items"]}
 
 
 HUMAN_UIS: dict[str, Callable[[RunConfig], Critic]] = {

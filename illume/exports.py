@@ -17,7 +17,10 @@ the same code the loop, the reward model, DPO and KTO read, so an export is exac
 - `kto`  {prompt, completion, label}: `Feedback.labelled`: one row per rationale that is not contested,
   label True = accepted.
 - `jsonl`: one flat object per decision (judgment x candidate shown) with everything the store holds,
-  including each annotator's kind.
+  including each annotator's kind and the rationale a person wrote (`correction`, else null).
+
+Corrections (`annotate.corrections`, rule 8 of the verdicts module) are accepted rationales: they appear as
+`sft` rows, as `chosen` against the item's rejected candidates in `dpo`, and as `kto` rows labelled True.
 
 `annotators` and `created_at` are parallel lists, oldest first: the judgments behind the row (SFT and
 KTO True: those that accepted it; KTO False: those that rejected it; DPO: those of the item, which saw
@@ -150,7 +153,7 @@ def judgment_rows(items: list[JudgedItem], images_of: ImagesOf | None = None) ->
             judgment_fields = {
                 "judgment_id": judgment.id, "annotator": judgment.annotator,
                 "annotator_kind": judgment.annotator_kind, "none_fit": judgment.none_fit,
-                "seconds": judgment.seconds, "created_at": _iso(judgment.created_at),
+                "correction": judgment.correction, "seconds": judgment.seconds, "created_at": _iso(judgment.created_at),
                 "updated_at": _iso(judgment.updated_at) if judgment.updated_at else None,
                 "client_token": judgment.client_token,
             }

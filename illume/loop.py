@@ -46,10 +46,11 @@ from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record
 from illume.sampling import sample
 from illume.status import POLICY_COLUMNS, policy_cell
 from illume.store import FeedbackStore
+from illume.tracking import check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext
 from policies.registry import POLICIES, check_policy_config
-from reward.critic import check_reward_checkpoint
+from reward.critic import check_critique_order, check_reward_checkpoint
 
 logger = logging.getLogger(__name__)
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")  # the table's columns
@@ -122,7 +123,9 @@ def run(cfg: RunConfig) -> list[dict]:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     check_policy_config(cfg)
     check_reward_checkpoint(cfg)  # a saved reward model fitted on another base model fails here, not rounds later
+    check_critique_order(cfg)
     check_pool(cfg)
+    check_report_to(cfg)  # an unknown tracker or a missing package fails here, not after the first round
     # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
     changes = check_resumed_settings(cfg)
     distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
@@ -141,6 +144,9 @@ def run(cfg: RunConfig) -> list[dict]:
     train_by_id = {e.id: e for e in train}
     critic = CRITICS[cfg.critic.kind](cfg)
     image_refs = save_images(run_dir, train)
+    # The round table and the annotation progress, to train.report_to's trackers (the trainers report on
+    # their own, illume.tracking); step = the round.
+    tracker = open_tracker(cfg, say=console.print)
 
     base_path = run_dir / "base_metrics.json"
     if base_path.is_file():
@@ -151,6 +157,7 @@ def run(cfg: RunConfig) -> list[dict]:
         if distributed.is_main():
             _write_json(base_path, base_scores)
     results = [{"round": "base", "val": base_scores}]
+    tracker.log(round_scalars(results[0]), step=0)
     best_score, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
 
     for round_idx in range(cfg.loop.num_rounds):
@@ -162,7 +169,7 @@ def run(cfg: RunConfig) -> list[dict]:
                 load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
         else:
             metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
-                                 image_refs)
+                                 image_refs, tracker)
             if metrics is None:  # people have not finished judging and the config says not to wait
                 break
             if distributed.is_main():
@@ -171,6 +178,7 @@ def run(cfg: RunConfig) -> list[dict]:
                 if metrics["trained"]:
                     store.mark_trained(round_idx)
         results.append(_result_row(metrics))
+        tracker.log(round_scalars(results[-1]), step=round_idx)
         if distributed.is_main():
             _write_json(run_dir / "results.json", results)
         console.print(results_table(results))
@@ -185,6 +193,7 @@ def run(cfg: RunConfig) -> list[dict]:
         if cfg.loop.patience is not None and rounds_without_gain >= cfg.loop.patience:
             console.print(f"stopping: val {cfg.train.select_metric} has not improved for {rounds_without_gain} rounds")
             break
+    tracker.close()
     console.print(f"results: {run_dir / 'results.json'}")
     return results
 
@@ -206,7 +215,7 @@ def save_images(run_dir: Path, examples) -> dict[str, str]:
 
 
 def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
-               image_refs) -> dict | None:
+               image_refs, tracker) -> dict | None:
     start = time.perf_counter()
     # 1. Sample (skipped when this round's candidates are already stored).
     if not store.is_sampled(round_idx):
@@ -225,7 +234,8 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
     sets = {cs.example_id: cs for cs in store.candidate_sets(round_idx, "train")}
     # 2. Critique (illume.critic_registry): people, their simulation or the reward model put the round's
     #    judgments into the store. Rank 0's answer counts: people work there while the others wait.
-    context = CritiqueContext(cfg, store, round_idx, sets, train_by_id, image_refs, say=console.print)
+    context = CritiqueContext(cfg, store, round_idx, sets, train_by_id, image_refs, say=console.print,
+                              track=tracker.log)
     if not distributed.broadcast_object(critic.review(context)):
         return None
     # What was accepted, by the rules of illume.feedback.verdicts: a rationale is new this round when it was

@@ -31,6 +31,7 @@ RESULT_NEUTRAL = frozenset({
     "model.cache_dir",  # where the base model is cached; the cache is keyed by every setting that changes it
     "sample.batch_size",  # candidates are the same in any batch (per-example seeds; tests/test_sampling.py)
     "train.gradient_checkpointing",  # recomputes activations in the backward pass: the same gradients
+    "train.report_to",  # where figures are reported (illume.tracking), not what is computed
     "critic.wait", "critic.poll_seconds",  # whether and how often the loop waits for people, not what they do
     "annotate.host", "annotate.port", "annotate.lease_seconds",  # where the page is served; when a lease ends
     # When to stop, like loop.num_rounds (checked below): they decide how many rounds run, not what one does.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
 
 from rich.console import Console
 from rich.table import Table
 
+from illume.feedback.agreement import krippendorff_alpha as krippendorff_alpha_nominal
 from illume.feedback.verdicts import DEFAULT_AGGREGATE, read_feedback
 from illume.store import FeedbackStore
 
@@ -22,35 +22,6 @@ round's reference; a reward that rises while acceptance falls is the policy gami
 def policy_cell(row: dict, key: str, fmt: str) -> str:
     """One POLICY_COLUMNS value of a round's row as the tables show it ("-" when the policy has none)."""
     return "-" if row.get(key) is None else fmt.format(row[key]).rstrip("%")
-
-
-def krippendorff_alpha_nominal(units: Iterable[list[int]]) -> float | None:
-    """Krippendorff's alpha for nominal values (here: accept 1 / reject 0), one list of values per unit.
-
-    Units with fewer than two values carry no agreement information and are skipped (Krippendorff 2011,
-    "Computing Krippendorff's Alpha-Reliability", Sec. C). Returns None when nothing is pairable or when every
-    value is the same (the expected disagreement is 0 and alpha is undefined).
-    """
-    coincidences: dict[tuple[int, int], float] = defaultdict(float)
-    for values in units:
-        m = len(values)
-        if m < 2:
-            continue
-        for i, a in enumerate(values):
-            for j, b in enumerate(values):
-                if i != j:
-                    coincidences[a, b] += 1 / (m - 1)
-    totals: dict[int, float] = defaultdict(float)
-    for (a, _), count in coincidences.items():
-        totals[a] += count
-    n = sum(totals.values())
-    if n <= 1:
-        return None
-    observed = sum(count for (a, b), count in coincidences.items() if a != b) / n
-    expected = sum(totals[a] * totals[b] for a in totals for b in totals if a != b) / (n * (n - 1))
-    if expected == 0:
-        return None
-    return 1 - observed / expected
 
 
 def summarize(store: FeedbackStore, aggregate: str = DEFAULT_AGGREGATE) -> dict:

@@ -15,6 +15,10 @@ Assumptions, up front:
 - Several annotators may judge one item, each once (unique (item, annotator)); many processes and threads
   may write at once. On SQLite, writes start with `BEGIN IMMEDIATE` (one writer at a time, waiting up to
   the busy timeout instead of failing with "database is locked"), and WAL lets readers run beside them.
+  On PostgreSQL (READ COMMITTED) writers run at once: the unique constraints decide which of two equal
+  judgments is stored (the other is answered as a repeat), a new round or annotator is inserted in a
+  savepoint, the annotation queue locks an item's row (SELECT ... FOR UPDATE) before counting its free
+  slots, and openers take turns creating tables (`_lock_schema`). Timestamps come back in UTC on both.
 - A `FeedbackStore` may be shared across threads (each call opens its own session).
 
 Tables: `rounds` (one per round: when sampled/trained, val metrics), `items` (one per (round, example,
@@ -22,8 +26,9 @@ split): the question, the prompt and answer the candidates continue), `candidate
 an item, in the order drawn), `annotators` (every name that judged, with its kind: person, simulated, reward
 or judge; `illume.data.records.ANNOTATOR_KINDS`), `judgments` (one per annotator per item: the current
 version), `judgment_revisions` (the earlier versions of revised judgments), `decisions` (one per candidate
-shown in a judgment: accepted or not, and where the page showed it) and `leases` (items the annotation page
-handed to a person and holds for them until their judgment or a timeout).
+shown in a judgment: accepted or not, and where the page showed it), `leases` (items the annotation page
+handed to a person and holds for them until their judgment or a timeout) and `accounts` (people with their
+own link to the page, `illume annotators add`: name, role, a hash of the token, when revoked).
 
 An annotator's kind is data: the first judgment by a name registers (name, kind) in the same transaction and
 a later write under that name with another kind is refused. Whether a judgment counts as people's is read
@@ -42,6 +47,8 @@ are registered once, with the kind the old code implied from the name (`_registe
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -68,6 +75,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
@@ -108,7 +116,9 @@ class _UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
-        return value
+        # PostgreSQL returns timestamptz in the session's time zone (the server's, e.g. local time): UTC
+        # like every other backend, so that what readers print and export does not depend on the server.
+        return value.astimezone(timezone.utc) if value is not None else None
 
 
 class Base(DeclarativeBase):
@@ -146,6 +156,9 @@ class ItemRow(Base):
     question: Mapped[str | None] = mapped_column(Text)
     """The example's question as asked (what the annotation page shows); None in stores written before it
     was kept, or when the caller did not pass it."""
+    priority: Mapped[float | None] = mapped_column(Float)
+    """Hand-out rank on the annotation page (`annotate.order`): lower first; None: after the ranked items, in
+    the order added (`set_priorities`)."""
 
     candidates: Mapped[list[CandidateRow]] = relationship(order_by="CandidateRow.position")
 
@@ -187,6 +200,9 @@ class JudgmentRow(Base):
     """Set by a client (the annotation page) so that a resubmitted form is stored once."""
     updated_at: Mapped[datetime | None] = mapped_column(_UTCDateTime())
     """When the annotator last revised the judgment (`replace_judgment`); None if never."""
+    correction: Mapped[str | None] = mapped_column(Text)
+    """A rationale the annotator wrote because none of the candidates fit (`annotate.corrections`); with it
+    the judgment is a "none fits" whose text counts as accepted (`illume.feedback.verdicts`, rule 8)."""
 
 
 class DecisionRow(Base):
@@ -249,10 +265,35 @@ class JudgmentRevisionRow(Base):
     """When this version was written (the judgment's `updated_at`, or its `created_at` for the first)."""
     revised_at: Mapped[datetime] = mapped_column(_UTCDateTime())
     """When it was replaced by the next version."""
+    correction: Mapped[str | None] = mapped_column(Text)
+    """The rationale this version wrote, if any."""
 
 
-_ADDED_COLUMNS = {"judgments": ("updated_at",), "decisions": ("position_shown",), "items": ("question",),
-                  "candidates": ("model",)}
+ACCOUNT_ROLES = ("annotator", "admin")
+"""annotator: judges on the page, sees only their own work; admin: also the admin page (progress, agreement)."""
+
+
+class AccountRow(Base):
+    """A person who may use the annotation page with their own link (`illume annotators add`).
+
+    Only a hash of the link's token is stored. Once a store has any account (even a revoked one), the page
+    takes the annotator from the token and nothing else gets in (`illume.annotate.server`).
+    """
+
+    __tablename__ = "accounts"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    """The annotator name their judgments are stored under (`judgments.annotator`)."""
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """sha256 of the token, hex (see `token_hash`)."""
+    created_at: Mapped[datetime] = mapped_column(_UTCDateTime(), default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(_UTCDateTime())
+    """When the link was revoked; the token stops working at once."""
+
+
+_ADDED_COLUMNS = {"judgments": ("updated_at", "correction"), "decisions": ("position_shown",),
+                  "items": ("question", "priority"), "candidates": ("model",), "judgment_revisions": ("correction",)}
 """Columns added after the first release: `FeedbackStore` adds them to an older database."""
 
 
@@ -297,6 +338,8 @@ class JudgmentInfo:
     """When the annotator last revised the judgment; None if never (or not recorded)."""
     positions_shown: dict[int, int | None] = field(default_factory=dict, hash=False, compare=False)
     """Candidate id -> its place in the (shuffled) list the annotator saw, when recorded."""
+    correction: str | None = None
+    """The rationale the annotator wrote because none fit (then `none_fit` is True), if any."""
 
 
 @dataclass
@@ -321,6 +364,8 @@ class JudgedItem:
     """In the order stored (judgment id)."""
     question: str | None = None
     """The question as asked; None for items stored without it (older stores)."""
+    item_id: int | None = None
+    """The item's row id in the store (`judgment_history`, the admin page); None for items built elsewhere."""
 
     def accepting(self, candidate_id: int) -> list[JudgmentInfo]:
         """The judgments that accepted the candidate."""
@@ -346,6 +391,7 @@ class FeedbackStore:
         write_engine = self._engine.execution_options(illume_begin="IMMEDIATE")
         self._write = sessionmaker(write_engine, expire_on_commit=False)
         with write_engine.begin() as connection:  # under the write lock: concurrent openers don't race
+            _lock_schema(connection)
             Base.metadata.create_all(connection)
             _add_missing_columns(connection)
             _register_older_annotators(connection)
@@ -525,7 +571,78 @@ class FeedbackStore:
                 ids.setdefault(example_id, []).append(candidate_id)
             return ids
 
+    # ---------------------------------------------------------------- accounts
+
+    def add_account(self, name: str, role: str = "annotator") -> str:
+        """Create a person's account (or give a revoked one a new link) and return their new token.
+
+        The token is shown once; only its hash is stored (`token_hash`).
+
+        Raises:
+            ValueError: An empty name, an unknown role, a name already active, or a name that has judged as
+                something other than a person (a simulated critic, the reward model, ...).
+        """
+        name = name.strip() if isinstance(name, str) else name
+        if not name or len(name) > 255 or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+            raise ValueError(f"an account name must be 1-255 printable characters, got {name!r}")
+        if role not in ACCOUNT_ROLES:
+            raise ValueError(f"role must be one of {', '.join(ACCOUNT_ROLES)}, got {role!r}")
+        token = secrets.token_urlsafe(32)
+        with self._write.begin() as session:
+            kind = session.scalar(select(AnnotatorRow.kind).where(AnnotatorRow.name == name))
+            if kind is not None and kind != "person":
+                raise ValueError(f"{name!r} has judged as {kind!r} in this store; choose another name")
+            row = session.get(AccountRow, name)
+            if row is not None and row.revoked_at is None:
+                raise ValueError(f"{name!r} already has an active account: revoke it first for a new link")
+            if row is None:
+                session.add(AccountRow(name=name, role=role, token_hash=token_hash(token)))
+            else:
+                row.role, row.token_hash, row.revoked_at, row.created_at = role, token_hash(token), None, _now()
+        return token
+
+    def revoke_account(self, name: str) -> bool:
+        """Revoke a person's link at once; False if there is no active account by that name."""
+        with self._write.begin() as session:
+            row = session.get(AccountRow, name)
+            if row is None or row.revoked_at is not None:
+                return False
+            row.revoked_at = _now()
+            return True
+
+    def accounts(self) -> list[Account]:
+        """Every account, revoked ones too, by name."""
+        with self._read() as session:
+            return [Account(r.name, r.role, r.created_at, r.revoked_at)
+                    for r in session.scalars(select(AccountRow).order_by(AccountRow.name))]
+
+    def has_accounts(self) -> bool:
+        """Whether any account was ever created (a revoked one counts: revoking everyone locks the page)."""
+        with self._read() as session:
+            return session.scalar(select(AccountRow.name).limit(1)) is not None
+
+    def account_for_token(self, token: str) -> Account | None:
+        """The active account whose token this is; None for an unknown or revoked token."""
+        if not token:
+            return None
+        with self._read() as session:
+            row = session.scalar(select(AccountRow).where(AccountRow.token_hash == token_hash(token)))
+            if row is None or row.revoked_at is not None:
+                return None
+            return Account(row.name, row.role, row.created_at, row.revoked_at)
+
     # ---------------------------------------------------------------- judgments
+
+    def set_priorities(self, round_idx: int, priorities: Mapping[str, float | None], split: str = "train") -> None:
+        """Set the hand-out rank (`items.priority`, lower first) of the round's items named by example id, in one
+        transaction; items not named keep theirs. The annotation page hands items out in this order."""
+        with self._write.begin() as session:
+            ids = dict(session.execute(select(ItemRow.example_id, ItemRow.id).where(
+                ItemRow.round_idx == round_idx, ItemRow.split == split)).all())
+            rows = [{"id": ids[example_id], "priority": priority} for example_id, priority in priorities.items()
+                    if example_id in ids]
+            if rows:
+                session.execute(update(ItemRow), rows)
 
     def unjudged_items(self, round_idx: int, annotator: str, split: str = "train") -> list[str]:
         """Example ids of the round's items that `annotator` has not judged yet, in the order added."""
@@ -551,6 +668,7 @@ class FeedbackStore:
         client_token: str | None = None,
         *,
         kind: str = "person",
+        correction: str | None = None,
     ) -> bool:
         """Store one annotator's judgment of one item, with a decision for every candidate of the item.
 
@@ -564,6 +682,7 @@ class FeedbackStore:
             split: The item's split.
             client_token: A client's id for this submission; a second submission with it is refused.
             kind: What the annotator is (`ANNOTATOR_KINDS`); the annotator's first judgment registers it.
+            correction: A rationale the annotator wrote because none fit (requires `none_fit`).
 
         Returns:
             True if stored; False (nothing written) if `annotator` already judged the item or
@@ -576,7 +695,8 @@ class FeedbackStore:
         row = (example_id, accepted, none_fit, seconds)
         try:
             with self._write.begin() as session:
-                stored = _insert_judgments(session, round_idx, split, annotator, [row], [client_token], kind)
+                stored = _insert_judgments(session, round_idx, split, annotator, [row], [client_token], kind,
+                                           [correction])
                 return stored == 1
         except IntegrityError:
             # Another writer stored the same (item, annotator) or token between our check and our
@@ -679,6 +799,13 @@ class FeedbackStore:
         with self._read() as session:
             return session.scalar(stmt)
 
+    def judgments_version(self) -> tuple:
+        """Changes whenever a judgment is added, revised or removed (count, latest id, latest revision, leases
+        aside): readers that summarise every judgment (the admin page) recompute only when it moves."""
+        with self._read() as session:
+            return tuple(session.execute(select(
+                func.count(JudgmentRow.id), func.max(JudgmentRow.id), func.max(JudgmentRow.updated_at))).one())
+
     def annotator_kinds(self) -> dict[str, str]:
         """Every annotator that has judged -> its kind (`ANNOTATOR_KINDS`), by name."""
         with self._read() as session:
@@ -692,16 +819,17 @@ class FeedbackStore:
         revision. Readers of feedback (`judged_items`, ...) see only the current version.
 
         Returns:
-            Dicts with `accepted` (candidate ids, ascending), `none_fit`, `seconds` (time spent up to that
-            version), `judged_at` (when the version was written) and `revised_at` (when it was replaced;
-            None for the current version); [] if the annotator has not judged the item.
+            Dicts with `accepted` (candidate ids, ascending), `none_fit`, `correction` (the text written, or
+            None), `seconds` (time spent up to that version), `judged_at` (when the version was written) and
+            `revised_at` (when it was replaced; None for the current version); [] if the annotator has not
+            judged the item.
         """
         if not _is_row_id(item_id):
             return []
         with self._read() as session:
             current = session.execute(
                 select(JudgmentRow.id, JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
-                       JudgmentRow.updated_at)
+                       JudgmentRow.updated_at, JudgmentRow.correction)
                 .where(JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)
             ).first()
             if current is None:
@@ -709,7 +837,7 @@ class FeedbackStore:
             revisions = session.execute(
                 select(JudgmentRevisionRow.accepted, JudgmentRevisionRow.none_fit,
                        JudgmentRevisionRow.seconds, JudgmentRevisionRow.judged_at,
-                       JudgmentRevisionRow.revised_at)
+                       JudgmentRevisionRow.revised_at, JudgmentRevisionRow.correction)
                 .where(JudgmentRevisionRow.judgment_id == current.id).order_by(JudgmentRevisionRow.id)
             ).all()
             accepted = list(session.scalars(
@@ -719,11 +847,12 @@ class FeedbackStore:
             ))
         history = [
             {"accepted": sorted(r.accepted), "none_fit": bool(r.none_fit), "seconds": r.seconds,
-             "judged_at": r.judged_at, "revised_at": r.revised_at}
+             "judged_at": r.judged_at, "revised_at": r.revised_at, "correction": r.correction}
             for r in revisions
         ]
         history.append({"accepted": accepted, "none_fit": bool(current.none_fit), "seconds": current.seconds,
-                        "judged_at": current.updated_at or current.created_at, "revised_at": None})
+                        "judged_at": current.updated_at or current.created_at, "revised_at": None,
+                        "correction": current.correction})
         return history
 
     def judged_items(
@@ -792,7 +921,7 @@ class FeedbackStore:
             for row in session.execute(
                 select(JudgmentRow.item_id, JudgmentRow.id, JudgmentRow.annotator, AnnotatorRow.kind,
                        JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
-                       JudgmentRow.client_token, JudgmentRow.updated_at)
+                       JudgmentRow.client_token, JudgmentRow.updated_at, JudgmentRow.correction)
                 .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
                 .outerjoin(AnnotatorRow, AnnotatorRow.name == JudgmentRow.annotator)
                 .where(*where).order_by(JudgmentRow.id)
@@ -801,13 +930,13 @@ class FeedbackStore:
                     id=row.id, annotator=row.annotator, annotator_kind=row.kind, none_fit=bool(row.none_fit),
                     seconds=row.seconds, created_at=row.created_at, client_token=row.client_token,
                     decisions=decisions.get(row.id, {}), updated_at=row.updated_at,
-                    positions_shown=positions.get(row.id, {}),
+                    positions_shown=positions.get(row.id, {}), correction=row.correction,
                 ))
         return [
             JudgedItem(round_idx=r.round_idx, split=r.split, example_id=r.example_id, prompt=r.prompt,
                        answer=r.answer, predicted_answer=r.predicted_answer, seed=r.seed,
                        image_ref=r.image_ref, candidates=candidates.get(r.id, []),
-                       judgments=judgments.get(r.id, []), question=r.question)
+                       judgments=judgments.get(r.id, []), question=r.question, item_id=r.id)
             for r in items
         ]
 
@@ -816,13 +945,13 @@ class FeedbackStore:
 
         A judgment of an item without candidates gives one row with `candidate_id`, `text` and
         `accepted` None. Keys: round_idx, split, example_id, annotator, annotator_kind, candidate_id, text,
-        accepted, none_fit, seconds, created_at (UTC), client_token.
+        accepted, none_fit, correction, seconds, created_at (UTC), client_token.
         """
         stmt = (
             select(ItemRow.round_idx, ItemRow.split, ItemRow.example_id, JudgmentRow.annotator,
                    AnnotatorRow.kind.label("annotator_kind"),
                    CandidateRow.id.label("candidate_id"), CandidateRow.text, DecisionRow.accepted,
-                   JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
+                   JudgmentRow.none_fit, JudgmentRow.correction, JudgmentRow.seconds, JudgmentRow.created_at,
                    JudgmentRow.client_token)
             .select_from(JudgmentRow).join(ItemRow, ItemRow.id == JudgmentRow.item_id)
             .outerjoin(AnnotatorRow, AnnotatorRow.name == JudgmentRow.annotator)
@@ -847,8 +976,10 @@ def _insert_judgments(
     rows: list[JudgmentInput],
     client_tokens: list[str | None],
     kind: str,
+    corrections: list[str | None] | None = None,
 ) -> int:
     """Validate every row, then insert the new judgments and their decisions; returns how many."""
+    corrections = corrections or [None] * len(rows)
     if not annotator:
         raise ValueError("annotator must be a non-empty name")
     registered = _check_annotator_kind(session, annotator, kind)
@@ -865,9 +996,10 @@ def _insert_judgments(
         candidates.setdefault(item_id, []).append((candidate_id, text))
 
     validated = []  # (item_id, accepted candidate ids, row, token)
-    for row, token in zip(rows, client_tokens):
+    for row, token, correction in zip(rows, client_tokens, corrections):
         example_id, accepted, none_fit, _ = row
         where = f"example {example_id!r} (round {round_idx}, {split})"
+        check_correction(correction, none_fit, where)
         if example_id not in item_ids:
             raise ValueError(f"{where} is not in the feedback store")
         if isinstance(accepted, str):
@@ -887,7 +1019,7 @@ def _insert_judgments(
                 raise ValueError(
                     f"{where}: accepted candidate {candidate!r} is not one of this item's candidates"
                 )
-        validated.append((item_id, accepted_ids, row, token))
+        validated.append((item_id, accepted_ids, row, token, correction))
 
     done = set(session.scalars(
         select(JudgmentRow.item_id).join(ItemRow).where(JudgmentRow.annotator == annotator, *in_round)
@@ -897,13 +1029,13 @@ def _insert_judgments(
         select(JudgmentRow.client_token).where(JudgmentRow.client_token.in_(tokens))
     )) if tokens else set()
     new = []
-    for item_id, accepted_ids, row, token in validated:
+    for item_id, accepted_ids, row, token, correction in validated:
         if item_id in done or (token is not None and token in used_tokens):
             continue
         done.add(item_id)
         if token is not None:
             used_tokens.add(token)
-        new.append((item_id, accepted_ids, row, token))
+        new.append((item_id, accepted_ids, row, token, correction))
     if not new:
         return 0
     if not registered:
@@ -911,15 +1043,15 @@ def _insert_judgments(
 
     judgment_rows = [
         {"item_id": item_id, "annotator": annotator, "none_fit": bool(row[2]), "seconds": row[3],
-         "client_token": token}
-        for item_id, _, row, token in new
+         "client_token": token, "correction": correction}
+        for item_id, _, row, token, correction in new
     ]
     judgment_ids = session.scalars(
         insert(JudgmentRow).returning(JudgmentRow.id, sort_by_parameter_order=True), judgment_rows
     ).all()
     decisions = [
         {"judgment_id": judgment_id, "candidate_id": candidate_id, "accepted": candidate_id in accepted_ids}
-        for judgment_id, (item_id, accepted_ids, _, _) in zip(judgment_ids, new)
+        for judgment_id, (item_id, accepted_ids, _, _, _) in zip(judgment_ids, new)
         for candidate_id, _ in candidates.get(item_id, [])
     ]
     if decisions:
@@ -928,6 +1060,44 @@ def _insert_judgments(
 
 
 _MAX_ROW_ID = 2**63 - 1
+MAX_CORRECTION_CHARS = 2000
+"""The longest rationale a person may write (a few sentences; the page's text box has the same limit)."""
+
+
+def check_correction(correction: str | None, none_fit: bool, where: str) -> None:
+    """ValueError unless `correction` is None or a non-empty text of a "none fits" judgment."""
+    if correction is None:
+        return
+    if not isinstance(correction, str) or not correction.strip():
+        raise ValueError(f"{where}: a correction must be a non-empty text")
+    if len(correction) > MAX_CORRECTION_CHARS:
+        raise ValueError(f"{where}: a correction may have at most {MAX_CORRECTION_CHARS} characters")
+    if not none_fit:
+        raise ValueError(f"{where}: a correction comes with none_fit=True (it replaces the candidates)")
+
+
+def token_hash(token: str) -> str:
+    """What the store keeps of an account's token: sha256, hex.
+
+    The tokens are 32 random bytes (`secrets.token_urlsafe(32)`), so a slow password hash would add nothing
+    against guessing, and a fast one lets the server check the token on every request (revocation is
+    immediate). Lookups go by the hash, so no comparison leaks a token's prefix.
+    """
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Account:
+    """A person with their own link (`FeedbackStore.add_account`)."""
+
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
 
 
 def _is_row_id(value: object) -> bool:
@@ -987,6 +1157,20 @@ def _implied_kind(name: str) -> str:
     return "person"
 
 
+_SCHEMA_LOCK = 0x696C6C756D65  # "illume": the advisory lock key of `_lock_schema`
+
+
+def _lock_schema(connection: Connection) -> None:
+    """Make concurrent openers of one PostgreSQL database take turns creating and migrating its tables.
+
+    On SQLite the opening transaction already holds the write lock (BEGIN IMMEDIATE). PostgreSQL does not
+    serialise writers, and two `CREATE TABLE`s of one name race ("duplicate key ... pg_type"): a
+    transaction-scoped advisory lock does it, released at commit.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
+
+
 def _add_missing_columns(connection: Connection) -> None:
     """Add the nullable columns of `_ADDED_COLUMNS` that an older database lacks."""
     inspector = inspect(connection)
@@ -1002,8 +1186,12 @@ def _add_missing_columns(connection: Connection) -> None:
 def _get_or_add_round(session: Session, round_idx: int) -> RoundRow:
     row = session.get(RoundRow, round_idx)
     if row is None:
-        row = RoundRow(round_idx=round_idx)
-        session.add(row)
+        try:
+            with session.begin_nested():  # a savepoint: off SQLite a concurrent writer may add the round first
+                session.execute(insert(RoundRow).values(round_idx=round_idx, created_at=_now()))
+        except IntegrityError:
+            pass
+        row = session.get(RoundRow, round_idx)
     return row
 
 

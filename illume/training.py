@@ -37,6 +37,7 @@ from illume.evaluation import explanation_scores
 from illume.models.vlm import VLM
 from illume.models.weights import load_trainable_weights, save_trainable_weights
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
+from illume.tracking import NO_REPORT, TrainerReport
 
 ADAPTERS_FILE = "adapters.safetensors"
 
@@ -170,8 +171,9 @@ def check_zero_stage(deepspeed_config: str | None, what: str = "selection-SFT") 
 
 
 def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example], val: Sequence[Example],
-              cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path) -> dict:
-    """Selection-SFT on `rows`; leaves the best epoch's weights in `vlm.model` and in `round_dir`.
+              cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path, report: TrainerReport = NO_REPORT) -> dict:
+    """Selection-SFT on `rows`; leaves the best epoch's weights in `vlm.model` and in `round_dir`; reports to
+    `report`'s trackers (illume.tracking.trainer_report).
 
     Returns:
         {"best": val scores of the kept epoch, "epochs": val scores per epoch, "num_rows": ..., "losses": ...}
@@ -180,32 +182,35 @@ def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example]
         raise ValueError("the training set is empty: no accepted rationale and no answer-only row")
     dataset = TrainingRowsDataset(vlm, rows, {e.id: e for e in examples})
     result = train_keeping_best_epoch(RowWeightedTrainer, vlm, dataset, partial(_collate, vlm=vlm), val, cfg,
-                                      sample_cfg, round_dir)
+                                      sample_cfg, round_dir, report=report)
     result["num_rows"] = len(rows)
     if distributed.is_main():
         (round_dir / "training.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def trainer_arguments(out_dir: Path, *, seed: int, **settings) -> TrainingArguments:
+def trainer_arguments(out_dir: Path, *, seed: int, report: TrainerReport = NO_REPORT,
+                      **settings) -> TrainingArguments:
     """The one builder of HF `TrainingArguments`: selection-SFT, DPO/KTO, the reward model and pre-training.
 
-    Fixed here for every trainer: no Trainer checkpoints (each caller saves what it keeps), no tracker, the
-    CPU when there is no GPU, gloo for several CPU processes, data loaded in the main process, our collators'
-    columns kept, progress bars on. `settings` are what differs between trainers: the schedule (epochs or
+    Fixed here for every trainer: no Trainer checkpoints (each caller saves what it keeps), the CPU when there
+    is no GPU, gloo for several CPU processes, data loaded in the main process, our collators' columns kept,
+    progress bars on. The trackers are `report`'s (train.report_to; none by default: give the Trainer
+    `report.callbacks()` too). `settings` are what differs between trainers: the schedule (epochs or
     steps, batch size, learning rate and its scheduler, logging), precision, checkpointing and DeepSpeed.
     """
     return TrainingArguments(
-        output_dir=str(out_dir / "trainer"), seed=seed, data_seed=seed, save_strategy="no", report_to="none",
+        output_dir=str(out_dir / "trainer"), seed=seed, data_seed=seed, save_strategy="no",
         use_cpu=not torch.cuda.is_available(), ddp_backend=distributed.ddp_backend(), dataloader_num_workers=0,
-        remove_unused_columns=False, disable_tqdm=False, **settings,
+        remove_unused_columns=False, disable_tqdm=False, **report.arguments(), **settings,
     )
 
 
-def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | None = None) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | None = None,
+                       report: TrainerReport = NO_REPORT) -> TrainingArguments:
     """The arguments every adapter-tuning trainer here shares (SFT, DPO, KTO), from `train.*`."""
     return trainer_arguments(
-        out_dir, seed=cfg.seed, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
+        out_dir, seed=cfg.seed, report=report, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate if learning_rate is None else learning_rate,
         weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=cfg.adam_beta2, lr_scheduler_type="constant",
@@ -217,12 +222,13 @@ def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | N
 def train_keeping_best_epoch(trainer_cls: type[Trainer], vlm: VLM, dataset, collator, val: Sequence[Example],
                              cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path,
                              learning_rate: float | None = None, what: str = "selection-SFT",
-                             before_training=None, **trainer_kwargs) -> dict:
+                             before_training=None, report: TrainerReport = NO_REPORT, **trainer_kwargs) -> dict:
     """Train the adapters with `trainer_cls`, score val after every epoch, keep (and save) the best epoch.
 
     Args:
         before_training: Called with the constructed trainer before `train()` (e.g. to compute reference
             log-probs on the device the trainer put the model on).
+        report: Where the trainer reports (train.report_to: illume.tracking.trainer_report); none by default.
 
     Returns:
         {"best": val scores of the kept epoch, "epochs": per-epoch val scores, "losses": logged losses,
@@ -232,8 +238,9 @@ def train_keeping_best_epoch(trainer_cls: type[Trainer], vlm: VLM, dataset, coll
     round_dir.mkdir(parents=True, exist_ok=True)
     vlm.set_trainable(adapters=True, prefix=cfg.train_prefix)
     keep_best = KeepBestEpoch(vlm, val, sample_cfg, cfg.select_metric, round_dir)
-    trainer = trainer_cls(model=vlm.model, args=training_arguments(cfg, round_dir, learning_rate),
-                          train_dataset=dataset, data_collator=collator, callbacks=[keep_best], **trainer_kwargs)
+    trainer = trainer_cls(model=vlm.model, args=training_arguments(cfg, round_dir, learning_rate, report),
+                          train_dataset=dataset, data_collator=collator, callbacks=[keep_best, *report.callbacks()],
+                          **trainer_kwargs)
     if before_training is not None:
         before_training(trainer)
     trainer.train()

@@ -24,6 +24,7 @@ from illume.config import PolicyConfig, SampleConfig, TrainConfig
 from illume.data.records import Example
 from illume.feedback.verdicts import PreferencePair
 from illume.models.vlm import VLM
+from illume.tracking import NO_REPORT, TrainerReport
 from illume.training import train_keeping_best_epoch
 from policies.losses import dpo_losses
 from policies.reference import batch_logps
@@ -114,8 +115,9 @@ def fill_reference(trainer: Trainer, dataset: PairsDataset, vlm: VLM) -> None:
 
 def optimize_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example],
                  val: Sequence[Example], policy: PolicyConfig, train_cfg: TrainConfig, sample_cfg: SampleConfig,
-                 out_dir: Path) -> dict:
-    """One DPO optimisation of the adapters on `pairs`, reference = the model as passed in.
+                 out_dir: Path, report: TrainerReport = NO_REPORT) -> dict:
+    """One DPO optimisation of the adapters on `pairs`, reference = the model as passed in; reports to
+    `report`'s trackers (illume.tracking.trainer_report).
 
     Leaves the best epoch's weights in `vlm.model` and `out_dir/adapters.safetensors`.
 
@@ -128,7 +130,7 @@ def optimize_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict
     dataset = PairsDataset(vlm, pairs, examples_by_id, with_answer_rows=bool(policy.answer_weight), seed=policy.seed)
     result = train_keeping_best_epoch(
         DPOLossTrainer, vlm, dataset, partial(collate_pairs, vlm=vlm), val, train_cfg, sample_cfg,
-        out_dir, learning_rate=policy.learning_rate, what="DPO",
+        out_dir, learning_rate=policy.learning_rate, what="DPO", report=report,
         before_training=lambda trainer: fill_reference(trainer, dataset, vlm), policy=policy)
     result["num_pairs"] = len(pairs)
     result["margins"] = [entry["rewards/margins"] for entry in result["log_history"] if "rewards/margins" in entry]

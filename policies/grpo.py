@@ -54,6 +54,7 @@ from illume.feedback.verdicts import read_feedback
 from illume.models.vlm import VLM
 from illume.prompts import ANSWER_PROMPT, example_seed
 from illume.sampling import sample
+from illume.tracking import trainer_report
 from illume.training import train_keeping_best_epoch
 from policies.base import PolicyResult, RoundContext
 from policies.data import PolicyDataError
@@ -367,7 +368,7 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     result = train_keeping_best_epoch(
         GRPOLossTrainer, vlm, dataset, partial(collate_samples, vlm=vlm), context.val,
         replace(cfg.train, num_epochs=p.grpo_iterations), cfg.sample, out_dir, learning_rate=p.learning_rate,
-        what="GRPO", before_training=before_training, policy=p,
+        what="GRPO", before_training=before_training, report=trainer_report(cfg, out_dir), policy=p,
         max_completion_length=cfg.sample.max_new_tokens + 1)  # + the end token the rows carry
     steps = holder["trainer"].steps
     per_epoch = []

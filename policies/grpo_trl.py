@@ -79,6 +79,7 @@ from illume.data.records import Candidate, CandidateSet, Example, load_image
 from illume.models.hf import HFVLM, banned_token_ids
 from illume.models.weights import load_trainable_weights
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
+from illume.tracking import NO_REPORT, TrainerReport, trainer_report
 from illume.training import ADAPTERS_FILE, KeepBestEpoch, check_zero_stage, training_arguments
 from policies.base import PolicyResult, RoundContext
 from policies.data import PolicyDataError
@@ -342,10 +343,12 @@ def questions_per_step(batch_size: int, num_generations: int, num_questions: int
     return max(1, min(batch_size // num_generations, num_questions // (world_size * accumulation_steps)))
 
 
-def grpo_config(context: RoundContext, banned_token_ids: Sequence[int]) -> GRPOConfig:
-    """`illume.training.training_arguments(train.*)` as a GRPOConfig, with policy.*'s GRPO settings."""
+def grpo_config(context: RoundContext, banned_token_ids: Sequence[int],
+                report: TrainerReport = NO_REPORT) -> GRPOConfig:
+    """`illume.training.training_arguments(train.*)` as a GRPOConfig (its trackers `report`'s), with
+    policy.*'s GRPO settings."""
     cfg, p = context.cfg, context.cfg.policy
-    base = training_arguments(cfg.train, context.out_dir, p.learning_rate)
+    base = training_arguments(cfg.train, context.out_dir, p.learning_rate, report)
     settings = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
     world = distributed.world_size()
     questions = questions_per_step(cfg.train.batch_size, p.num_generations, len(context.train), world,
@@ -360,7 +363,7 @@ def grpo_config(context: RoundContext, banned_token_ids: Sequence[int]) -> GRPOC
         loss_type=p.grpo_loss_type, scale_rewards="group" if p.grpo_scale_rewards else "none",
         max_completion_length=context.cfg.sample.max_new_tokens, num_iterations=1, use_vllm=False,
         disable_dropout=True, generation_kwargs={"suppress_tokens": list(banned_token_ids)},
-        report_to="none", log_completions=False,
+        log_completions=False,
     )
     return GRPOConfig(**settings)
 
@@ -403,11 +406,12 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     answer_rows = ([encode(e.id, ANSWER_PROMPT.format(question=e.question), e.answer) for e in context.train]
                    if p.grpo_answer_weight else [])
     keep_best = KeepBestEpoch(vlm, context.val, cfg.sample, cfg.train.select_metric, out_dir)
+    report = trainer_report(cfg, out_dir)
     with _undo_trl_changes(vlm.model):
         trainer = IllumeGRPOTrainer(
-            model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm)),
+            model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm), report),
             train_dataset=prompt_dataset(context.train), processing_class=trl_processor(vlm),
-            callbacks=[keep_best], answer_rows=answer_rows, answer_weight=p.grpo_answer_weight,
+            callbacks=[keep_best, *report.callbacks()], answer_rows=answer_rows, answer_weight=p.grpo_answer_weight,
             collate=vlm.collate, reference=reference)
         trainer.train()
     vlm.model.eval()

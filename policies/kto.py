@@ -26,6 +26,7 @@ from illume.collate import RowEncoder
 from illume.config import PolicyConfig, SampleConfig, TrainConfig
 from illume.data.records import Example
 from illume.models.vlm import VLM
+from illume.tracking import NO_REPORT, TrainerReport
 from illume.training import train_keeping_best_epoch
 from policies.data import LabelledRationale
 from policies.losses import kto_losses
@@ -126,8 +127,9 @@ def fill_reference(trainer: Trainer, dataset: LabelledDataset, vlm: VLM) -> None
 
 def optimize_kto(vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: dict[str, Example],
                  val: Sequence[Example], policy: PolicyConfig, train_cfg: TrainConfig, sample_cfg: SampleConfig,
-                 out_dir: Path) -> dict:
-    """One KTO optimisation of the adapters on `rows`, reference = the model as passed in.
+                 out_dir: Path, report: TrainerReport = NO_REPORT) -> dict:
+    """One KTO optimisation of the adapters on `rows`, reference = the model as passed in; reports to
+    `report`'s trackers (illume.tracking.trainer_report).
 
     Returns:
         {"best": ..., "epochs": ..., "losses": ..., "num_rows": ..., "num_accepted": ...,
@@ -141,7 +143,7 @@ def optimize_kto(vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: di
     dataset = LabelledDataset(vlm, rows, examples_by_id, policy.seed, with_answer_rows=bool(policy.answer_weight))
     result = train_keeping_best_epoch(
         KTOLossTrainer, vlm, dataset, partial(collate_labelled, vlm=vlm), val, train_cfg, sample_cfg, out_dir,
-        learning_rate=policy.learning_rate, what="KTO",
+        learning_rate=policy.learning_rate, what="KTO", report=report,
         before_training=lambda trainer: fill_reference(trainer, dataset, vlm),
         policy=policy, undesirable_weight=undesirable_weight)
     result.update(num_rows=len(rows), num_accepted=num_accepted, undesirable_weight=undesirable_weight)

@@ -16,6 +16,7 @@ from illume.config import ConfigError, RunConfig
 from illume.data.records import Example
 from illume.models.vlm import VLM
 from illume.store import FeedbackStore
+from illume.tracking import check_report_to, trainer_report
 from policies.base import PolicyResult, RoundContext
 from policies.data import store_labelled_rationales, store_pairs
 from policies.dpo import optimize_dpo
@@ -37,7 +38,8 @@ def write_jsonl(records, path: Path) -> None:
 def optimize_on_pairs(cfg: RunConfig, vlm: VLM, pairs, examples_by_id: dict[str, Example],
                       val: list[Example], out_dir: Path) -> dict:
     write_jsonl(pairs, out_dir / "training_set.jsonl")
-    result = optimize_dpo(vlm, pairs, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir)
+    result = optimize_dpo(vlm, pairs, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir,
+                          report=trainer_report(cfg, out_dir))
     result["num_rationales"] = len({(p.example_id, text) for p in pairs for text in (p.chosen, p.rejected)})
     result["num_rows"] = len(pairs)
     return result
@@ -46,7 +48,8 @@ def optimize_on_pairs(cfg: RunConfig, vlm: VLM, pairs, examples_by_id: dict[str,
 def optimize_on_labels(cfg: RunConfig, vlm: VLM, rows, examples_by_id: dict[str, Example],
                        val: list[Example], out_dir: Path) -> dict:
     write_jsonl(rows, out_dir / "training_set.jsonl")
-    result = optimize_kto(vlm, rows, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir)
+    result = optimize_kto(vlm, rows, examples_by_id, val, cfg.policy, cfg.train, cfg.sample, out_dir,
+                          report=trainer_report(cfg, out_dir))
     result["num_rationales"] = len({(r.example_id, r.completion) for r in rows})
     result["num_rows"] = len(rows)
     return result
@@ -130,6 +133,7 @@ def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: 
     out_dir = Path(out_dir) if out_dir is not None else (source if is_run else cfg.run_dir) / kind
     cfg = replace(cfg, policy=replace(cfg.policy, kind=kind))
     # Checked before the model loads: a wrong argument should fail in a second, not after minutes.
+    check_report_to(cfg)
     init_weights = remedy = None
     if init_round is not None:
         if not is_run:

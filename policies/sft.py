@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from illume import distributed
 from illume.feedback.verdicts import read_feedback
+from illume.tracking import trainer_report
 from illume.training import build_training_set, fine_tune, write_manifest
 from policies.base import PolicyResult, RoundContext
 
@@ -19,5 +20,6 @@ def sft_round(context: RoundContext) -> PolicyResult:
         write_manifest(rows, context.out_dir / "training_set.jsonl")
     context.say(f"round {round_idx}: training on {len(rows)} rows "
                 f"({sum(r.kind == 'rationale' for r in rows)} rationales)")
-    result = fine_tune(context.vlm, rows, context.train, context.val, cfg.train, cfg.sample, context.out_dir)
+    result = fine_tune(context.vlm, rows, context.train, context.val, cfg.train, cfg.sample, context.out_dir,
+                       report=trainer_report(cfg, context.out_dir))
     return PolicyResult(result["best"], result["epochs"])

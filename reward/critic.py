@@ -15,10 +15,16 @@ Per round, from round `reward.human_rounds` on:
   run, people on the annotation page meanwhile) are left alone.
 - **People for the rest.** `critic.people` (the simulated critic standing in for them, or real people)
   judges what the reward model left: everything in rounds before `reward.human_rounds`, the items it was not
-  sure of (hybrid: a candidate within `reward.hybrid_band` of the threshold).
+  sure of (hybrid: a candidate within `reward.hybrid_band` of the threshold), or with
+  `annotate.budget_per_round: N` (hybrid) the first N items in `annotate.order` (`uncertainty`: the least
+  certain by `reward.uncertainty.UNCERTAINTY`; `random`: a seeded draw; `stored`: the first N sampled), less
+  those people already judged this round. People get their items in `annotate.order` (the annotation page
+  by `items.priority`).
 - **Report.** The round's row of results.json gets the threshold, the held-out precision/recall/ROC-AUC and
   how many items the reward model decided; where the references are known (the demo), also the precision and
-  recall of its accepts against the simulated critic's.
+  recall of its accepts against the simulated critic's. With a budget or an order other than `stored`, also
+  `people_items` (left to people by the split) and `people_items_rm_wrong` (the share of them where the
+  reward model's decision differs from the simulated critic's: whether the order found its mistakes).
 """
 
 from __future__ import annotations
@@ -29,9 +35,18 @@ from pathlib import Path
 
 from illume import distributed
 from illume.config import ConfigError, RunConfig
-from illume.critics import PEOPLE_CRITICS, CritiqueContext, Review, SimulatedCritic, store_reviews
+from illume.critics import (
+    PEOPLE_CRITICS,
+    CritiqueContext,
+    Review,
+    SimulatedCritic,
+    order_items,
+    store_reviews,
+)
 from illume.data.records import CandidateSet, Example
 from illume.store import FeedbackStore
+from illume.tracking import trainer_report
+from reward.uncertainty import UNCERTAINTY
 
 REWARD_CRITIC_FILE = "reward_critic.json"
 
@@ -52,14 +67,19 @@ class RewardDecider:
         items = [(examples_by_id[cs.example_id], cs.prompt, [c.text for c in cs.candidates]) for cs in candidate_sets]
         return score(self.reward_model, items)
 
+    def confident(self, scores: Sequence[float]) -> bool:
+        """Whether the item is the model's to decide: every candidate at least `band` from the threshold."""
+        return self.band is None or all(abs(s - self.threshold) >= self.band for s in scores)
+
+    def review(self, example_id: str, scores: Sequence[float]) -> Review:
+        """The model's verdict on one item from its candidates' scores."""
+        accepted = [i for i, s in enumerate(scores) if s >= self.threshold]
+        return Review(example_id, accepted, none_fit=not accepted)
+
     def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
-        reviews = []
-        for cs, scores in zip(candidate_sets, self.scores(candidate_sets, examples_by_id)):
-            if self.band is not None and any(abs(s - self.threshold) < self.band for s in scores):
-                continue  # not confident: people decide this item
-            accepted = [i for i, s in enumerate(scores) if s >= self.threshold]
-            reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
-        return reviews
+        return [self.review(cs.example_id, scores)
+                for cs, scores in zip(candidate_sets, self.scores(candidate_sets, examples_by_id))
+                if self.confident(scores)]  # the others: not confident, people decide them
 
 
 def learn_from(cfg: RunConfig) -> list[str]:
@@ -104,6 +124,29 @@ def check_reward_checkpoint(cfg: RunConfig) -> None:
                           f"{cfg.critic.kind} needs; calibrate it with `illume reward eval`")
 
 
+def check_critique_order(cfg: RunConfig) -> None:
+    """`annotate.order` and `annotate.budget_per_round` where they mean something (before any model loads).
+
+    Raises:
+        ConfigError: a budget with a critic that does not split a round between people and the reward model,
+            order=uncertainty without a reward model whose decision it ranks, an unknown `reward.uncertainty`.
+    """
+    annotate, kind = cfg.annotate, cfg.critic.kind
+    if annotate.budget_per_round is not None and kind != "hybrid":
+        raise ConfigError(f"annotate.budget_per_round={annotate.budget_per_round} splits each round between people "
+                          f"and the reward model, which only critic.kind=hybrid does (critic.kind={kind}); set "
+                          "critic.kind=hybrid or leave annotate.budget_per_round unset")
+    if annotate.order == "uncertainty":
+        if kind != "hybrid":
+            raise ConfigError(f"annotate.order=uncertainty ranks items by the reward model's doubt about them, but "
+                              f"critic.kind={kind} has no reward model that leaves items to people; use critic."
+                              "kind=hybrid, or annotate.order=stored|random")
+        if cfg.reward.uncertainty not in UNCERTAINTY:
+            raise ConfigError(f"reward.uncertainty={cfg.reward.uncertainty!r} is not one of {', '.join(UNCERTAINTY)}")
+        if cfg.reward.ensemble_size < 1:
+            raise ConfigError(f"reward.ensemble_size must be >= 1, got {cfg.reward.ensemble_size}")
+
+
 def _load_checkpoint(cfg: RunConfig) -> tuple[object, dict]:
     from illume.loading import load_vlm
     from reward.model import RewardModel
@@ -144,7 +187,7 @@ def fit_or_reuse(cfg: RunConfig, round_idx: int, store: FeedbackStore, examples_
     rm, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
                                        upto_round=round_idx - 1, kinds=kinds, aggregate=cfg.feedback.aggregate,
                                        deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16,
-                                       backbone_id=backbone)
+                                       backbone_id=backbone, report=trainer_report(cfg, out_dir))
     report = result["eval"]
     info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
             "heldout_recall": report["recall"], "heldout_roc_auc": report["roc_auc"],
@@ -185,10 +228,13 @@ class RewardCritic:
         rm, info = fit_or_reuse(cfg, round_idx, store, context.examples_by_id, context.say)
         decider = RewardDecider(rm, info["threshold"], self.band())
         # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
+        # Example id -> whether people judged it.
         judged = distributed.broadcast_object(
-            {item.example_id for item in store.judged_items("train", round_idx=round_idx)})
+            {item.example_id: any(j.annotator_kind in cfg.feedback.people for j in item.judgments)
+             for item in store.judged_items("train", round_idx=round_idx)})
         todo = [cs for example_id, cs in sets.items() if example_id not in judged]
-        reviews = decider.decide(todo, context.examples_by_id) if todo else []
+        reviews, people_order, split_report = self._split(context, decider, todo, sum(judged.values()))
+        context.people_order = people_order
         if distributed.is_main():
             store_reviews(context, reviews, self.annotator, self.kind)
         distributed.barrier()  # the others read these judgments below
@@ -196,7 +242,7 @@ class RewardCritic:
                                 for item in store.judged_items("train", round_idx=round_idx))
         report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
                   "rm_heldout_recall": info["heldout_recall"], "rm_heldout_roc_auc": info["heldout_roc_auc"],
-                  "rm_decided_items": decided_by_models}
+                  "rm_decided_items": decided_by_models, **split_report}
         # Where the references are known (the demo), say how the reward model's decisions compare with the
         # simulated critic's: the achieved precision and recall of its accepts.
         decided_ids = {r.example_id for r in reviews}
@@ -211,10 +257,50 @@ class RewardCritic:
             report["rm_recall_vs_simulated"] = true_pos / max(1, sum(ref for _, ref in pairs))
         return report
 
+    def _split(self, context: CritiqueContext, decider: RewardDecider, todo: list[CandidateSet],
+               num_by_people: int) -> tuple[list[Review], list[str] | None, dict]:
+        """Which of the items nobody judged yet the reward model decides and which go to people.
+
+        Returns:
+            (the model's reviews; the people's items in hand-out order, None when the order is today's (no
+            budget, `annotate.order: stored`); report keys for such runs, see the module doc).
+        """
+        cfg, round_idx = self.cfg, context.round_idx
+        order, budget = cfg.annotate.order, cfg.annotate.budget_per_round
+        uncertainty = None
+        if order == "uncertainty" and todo:
+            scores, values = UNCERTAINTY[cfg.reward.uncertainty](
+                cfg, decider.reward_model, decider.threshold, context.store, round_idx, todo,
+                context.examples_by_id, learn_from(cfg))
+            uncertainty = {cs.example_id: (value, min((abs(s - decider.threshold) for s in item_scores),
+                                                      default=float("inf")))
+                           for cs, item_scores, value in zip(todo, scores, values)}
+        else:
+            scores = decider.scores(todo, context.examples_by_id) if todo else []
+        ordered = order_items(order, [cs.example_id for cs in todo], cfg.seed, round_idx, uncertainty)
+        if budget is None:  # the band rule (critic.kind=reward: no band, the model decides all)
+            people = {cs.example_id for cs, item_scores in zip(todo, scores) if not decider.confident(item_scores)}
+        else:  # the first items in annotate.order, up to what people have left of the round's budget
+            people = set(ordered[:max(0, budget - num_by_people)])
+        reviews = [decider.review(cs.example_id, item_scores) for cs, item_scores in zip(todo, scores)
+                   if cs.example_id not in people]
+        if budget is None and order == "stored":
+            return reviews, None, {}  # today's behaviour: results.json of such runs is unchanged
+        people_order = [example_id for example_id in ordered if example_id in people]
+        report = {"people_items": len(people)}
+        people_sets = [cs for cs in todo if cs.example_id in people]
+        if people_sets and all(context.examples_by_id[cs.example_id].explanations for cs in people_sets):
+            model = {cs.example_id: decider.review(cs.example_id, item_scores).accepted
+                     for cs, item_scores in zip(todo, scores) if cs.example_id in people}
+            oracle = SimulatedCritic(cfg.critic).decide(people_sets, context.examples_by_id)
+            report["people_items_rm_wrong"] = sum(model[o.example_id] != o.accepted for o in oracle) / len(oracle)
+        return reviews, people_order, report
+
 
 class HybridCritic(RewardCritic):
     """critic.kind=hybrid: the reward model decides the items it is sure of (every candidate at least
-    `reward.hybrid_band` from the threshold), people the rest."""
+    `reward.hybrid_band` from the threshold), people the rest; with `annotate.budget_per_round: N`, people the
+    first N items in `annotate.order` and the reward model the rest."""
 
     def band(self) -> float | None:
         return self.cfg.reward.hybrid_band

@@ -103,7 +103,17 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 rationale_start: torch.Tensor | None = None, **image_inputs) -> torch.Tensor:
-        """Rewards of the rows.
+        """Rewards of the rows: the head on `pooled` (same arguments).
+
+        Returns:
+            (B,) rewards in float32.
+        """
+        pooled = self.pooled(input_ids, attention_mask, rationale_start, **image_inputs)  # (B, D)
+        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               rationale_start: torch.Tensor | None = None, **image_inputs) -> torch.Tensor:
+        """The head's input for each row: the final hidden states pooled by `pooling`.
 
         Args:
             input_ids: (B, T) rows, padded (`VLM.collate_scored`).
@@ -114,7 +124,7 @@ class RewardModel(nn.Module):
                 an HF VLM: its processor's tensors).
 
         Returns:
-            (B,) rewards in float32.
+            (B, D) pooled hidden states.
         """
         hidden = self._vlm.last_hidden_states(input_ids, attention_mask, **image_inputs)  # (B, T, D)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -127,7 +137,7 @@ class RewardModel(nn.Module):
             mask = attention_mask.bool() & (positions >= rationale_start.unsqueeze(1))  # (B, T) rationale + EOS
             mask = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
-        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
+        return pooled
 
     def save(self, directory: str | Path) -> None:
         """Write the trainable backbone weights, the head and `reward_model.json`."""
@@ -194,11 +204,20 @@ def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
     Returns:
         One list of rewards per item, parallel to its rationales.
     """
+    return score_with_features(rm, items, batch_size)[0]
+
+
+@torch.no_grad()
+def score_with_features(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
+                        batch_size: int = 64) -> tuple[list[list[float]], list[torch.Tensor]]:
+    """`score`'s rewards (the same numbers) and, per item, the head's inputs: a (num rationales, D) float32
+    CPU tensor of `RewardModel.pooled` (what `reward.uncertainty` fits its second opinions on)."""
     was_training = rm.training
     rm.eval()
     vlm = rm.vlm
     rows = [(i, j) for i, (_, _, texts) in enumerate(items) for j in range(len(texts))]  # (item, rationale)
     scores: list[list[float]] = [[] for _ in items]
+    features: list[list[torch.Tensor]] = [[] for _ in items]
     encoded: dict[int, list[dict]] = {}  # item -> its rows; only the item that spans two batches stays
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -209,11 +228,14 @@ def score(rm: RewardModel, items: Sequence[tuple[Example, str, Sequence[str]]],
             encoded.update(zip(new, vlm.encode_scored(scored)))
         inputs = vlm.collate_scored([encoded[i][j] for i, j in batch], [i for i, _ in batch])
         encoded = {item_indices[-1]: encoded[item_indices[-1]]}
-        rewards = rm(**{k: v.to(rm.device) for k, v in inputs.items()})
-        for (i, _), reward in zip(batch, rewards.tolist()):
+        pooled = rm.pooled(**{k: v.to(rm.device) for k, v in inputs.items()})  # (B, D)
+        rewards = rm.head(pooled.to(rm.head.weight.dtype)).squeeze(-1).float()  # as forward() computes them
+        for (i, _), reward, row in zip(batch, rewards.tolist(), pooled.float().cpu()):
             scores[i].append(reward)
+            features[i].append(row)
     rm.train(was_training)
-    return scores
+    width = rm.head.in_features
+    return scores, [torch.stack(rows) if rows else torch.zeros(0, width) for rows in features]
 
 
 def encode_scored_rows(encode: RowEncoder, example_id: str, prompt: str,

@@ -36,6 +36,7 @@ from illume.data.records import Example
 from illume.feedback.verdicts import DEFAULT_AGGREGATE, PEOPLE, PreferencePair
 from illume.models.vlm import VLM, MagmaVLM
 from illume.store import FeedbackStore
+from illume.tracking import NO_REPORT, TrainerReport
 from illume.training import check_zero_stage, trainer_arguments
 from reward.model import RewardModel, encode_scored_rows
 from reward.pairs import (
@@ -129,7 +130,8 @@ class _RecordHeldout(TrainerCallback):
 def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair],
                pairs_eval: Sequence[PreferencePair], examples_by_id: dict[str, Example], cfg: RewardConfig,
                out_dir: str | Path, deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
-               pooling: str = "mean", backbone_id: str | None = None) -> tuple[RewardModel, dict]:
+               pooling: str = "mean", backbone_id: str | None = None,
+               report: TrainerReport = NO_REPORT) -> tuple[RewardModel, dict]:
     """Train a reward model on `pairs_train` and save it to `out_dir`.
 
     Args:
@@ -143,6 +145,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
         bf16, fp16: Mixed precision (GPUs).
         pooling: The head's input: "mean" of the rationale's hidden states, or the "last" token's.
         backbone_id: Which base model `base` is (`illume.loading.model_identity`), saved with the model.
+        report: Where the trainer reports (train.report_to: illume.tracking.trainer_report); none by default.
 
     Returns:
         (the trained model in eval mode, metrics: pair counts, seconds, losses, held-out accuracy per epoch,
@@ -167,14 +170,14 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
     dataset = PairsDataset(rm, pairs_train, examples_by_id)
     record = _RecordHeldout(rm, pairs_eval, examples_by_id)
     args = trainer_arguments(
-        out_dir, seed=cfg.seed, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
+        out_dir, seed=cfg.seed, report=report, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=min(10, math.ceil(len(dataset) / cfg.batch_size)),  # >= 1 loss per epoch
         bf16=bf16, fp16=fp16, deepspeed=deepspeed,
     )
     trainer = BradleyTerryTrainer(model=rm, args=args, train_dataset=dataset,
                                   data_collator=partial(collate_pairs, vlm=rm.vlm),
-                                  callbacks=[record])
+                                  callbacks=[record, *report.callbacks()])
     trainer.margin, trainer.center_coef = cfg.margin, cfg.center_coef
     trainer.train()
     rm.eval()
@@ -202,7 +205,8 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
                           cfg: RewardConfig, out_dir: str | Path, upto_round: int | None = None,
                           kinds: Collection[str] | None = PEOPLE, aggregate: str = DEFAULT_AGGREGATE,
                           deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
-                          pooling: str = "mean", backbone_id: str | None = None) -> tuple[RewardModel, dict]:
+                          pooling: str = "mean", backbone_id: str | None = None,
+                          report: TrainerReport = NO_REPORT) -> tuple[RewardModel, dict]:
     """The whole recipe: pairs from the store, split by example, train, evaluate and calibrate, save.
 
     Writes to `out_dir`: the model (with its calibrated threshold), `split.json` (the held-out examples, so
@@ -228,7 +232,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     pairs_heldout = [p for p in pairs if p.example_id in heldout]
     judged_heldout = labelled_candidates(feedback, example_ids=heldout)
     rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, deepspeed=deepspeed,
-                              bf16=bf16, fp16=fp16, pooling=pooling, backbone_id=backbone_id)
+                              bf16=bf16, fp16=fp16, pooling=pooling, backbone_id=backbone_id, report=report)
     if distributed.is_main():
         out_dir.joinpath(SPLIT_FILE).write_text(json.dumps({
             "upto_round": upto_round, "include_reference_pairs": cfg.include_reference_pairs,

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.postgres import postgres_cluster, postgres_url, store_url  # noqa: F401  (fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_VQAX_VAL = REPO.parent / "shared" / "data" / "vqax" / "val.json"
 

@@ -8,15 +8,18 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timezone
 
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError
 
 from illume.data.records import Candidate, CandidateSet
 from illume.feedback.verdicts import read_feedback
 from illume.store import FeedbackStore
 from tests.conftest import REPO
+from tests.postgres import is_postgres, sqlalchemy_url
 
 
 def make_sets(example_ids, num_candidates=3, prefix="because"):
@@ -36,15 +39,19 @@ def make_sets(example_ids, num_candidates=3, prefix="because"):
 
 
 @pytest.fixture
-def store(tmp_path):
-    with FeedbackStore(tmp_path / "feedback.db") as store:
+def store(store_url):
+    """A store on each backend: a SQLite file, and a fresh PostgreSQL database (tests/postgres.py)."""
+    with FeedbackStore(store_url) as store:
         yield store
 
 
-def test_candidate_sets_round_trip(store, tmp_path):
+def test_candidate_sets_round_trip(store, store_url, tmp_path):
     train, val = make_sets(["a", "b", "c"]), make_sets(["v1", "v2"], num_candidates=2)
     train[1].candidates = []  # an example without a distinct rationale is still an item
-    assert store.url == f"sqlite:///{tmp_path / 'feedback.db'}"
+    if is_postgres(store_url):
+        assert store.url.startswith("postgresql+psycopg://")
+    else:
+        assert store.url == f"sqlite:///{tmp_path / 'feedback.db'}"
     assert store.add_candidate_sets(0, "train", train, image_refs={"a": "img/a.png"}) == 3
     assert store.add_candidate_sets(0, "val", val) == 2
     assert store.candidate_sets(0) == train
@@ -87,7 +94,8 @@ def test_judgments_unique_per_annotator(store):
     assert [(r["text"], r["accepted"]) for r in table] == [
         ("because a 0", False), ("because a 1", True), ("because a 2", False)
     ]
-    assert table[0]["annotator"] == "alice" and table[0]["seconds"] == 4.5 and table[0]["created_at"].tzinfo
+    assert table[0]["annotator"] == "alice" and table[0]["seconds"] == 4.5
+    assert table[0]["created_at"].tzinfo is timezone.utc  # UTC on every backend, whatever the server's zone
     # A second judgment by alice, or a resubmitted token, writes nothing.
     assert not store.add_judgment(0, "a", "alice", [ids["a"][0]], none_fit=False)
     assert not store.add_judgment(0, "b", "bob", [], none_fit=True, client_token="t1")
@@ -204,9 +212,12 @@ def test_rounds_and_reopening(store, tmp_path):
     reopened.close()
 
 
-def test_concurrent_writers(tmp_path):
-    """8 threads, each with its own store on one file: 200 submissions of 100 distinct (item, annotator)."""
-    path = tmp_path / "feedback.db"
+def test_concurrent_writers(store_url):
+    """8 threads, each with its own store on one database: 200 submissions of 100 distinct (item, annotator).
+
+    On SQLite writers take turns at BEGIN; on PostgreSQL they run at once and the unique constraints decide
+    which copy of a pair is stored."""
+    path = store_url
     example_ids = [f"e{i}" for i in range(50)]
     with FeedbackStore(path) as store:
         store.add_candidate_sets(0, "train", make_sets(example_ids))
@@ -258,12 +269,12 @@ for n in range(10**6):
 """
 
 
-def test_kill_9_leaves_a_consistent_store(tmp_path):
-    path = tmp_path / "feedback.db"
+def test_kill_9_leaves_a_consistent_store(store_url):
+    path = store_url
     example_ids = [f"e{i}" for i in range(40)]
     with FeedbackStore(path) as store:
         store.add_candidate_sets(0, "train", make_sets(example_ids, num_candidates=8))
-        process = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], cwd=REPO,
+        process = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, path], cwd=REPO,
                                    stdout=subprocess.PIPE, text=True)
         try:
             assert process.stdout.readline().strip() == "ready"
@@ -277,18 +288,22 @@ def test_kill_9_leaves_a_consistent_store(tmp_path):
             process.stdout.close()
     assert process.returncode == -signal.SIGKILL
 
-    connection = sqlite3.connect(path)
-    assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
-    # Every judgment has one decision per candidate of its item, and every bulk call is all or nothing.
-    assert connection.execute(
-        "SELECT COUNT(*) FROM judgments j"
-        " WHERE (SELECT COUNT(*) FROM decisions d WHERE d.judgment_id = j.id) != 8"
-    ).fetchone() == (0,)
-    bulk_sizes = connection.execute(
-        "SELECT annotator, COUNT(*) FROM judgments WHERE annotator LIKE 'bulk-%' GROUP BY annotator"
-    ).fetchall()
-    connection.close()
+    if not is_postgres(path):  # PostgreSQL enforces foreign keys always, and has no such check to run
+        connection = sqlite3.connect(path)
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+        connection.close()
+    engine = create_engine(sqlalchemy_url(path))
+    with engine.connect() as connection:
+        # Every judgment has one decision per candidate of its item, and every bulk call is all or nothing.
+        assert connection.execute(text(
+            "SELECT COUNT(*) FROM judgments j"
+            " WHERE (SELECT COUNT(*) FROM decisions d WHERE d.judgment_id = j.id) != 8"
+        )).one() == (0,)
+        bulk_sizes = connection.execute(text(
+            "SELECT annotator, COUNT(*) FROM judgments WHERE annotator LIKE 'bulk-%' GROUP BY annotator"
+        )).all()
+    engine.dispose()
     assert len(bulk_sizes) >= 5 and {size for _, size in bulk_sizes} == {40}
 
     with FeedbackStore(path) as reopened:  # resuming: the store still takes writes
@@ -474,15 +489,15 @@ def test_a_revision_keeps_the_history_and_readers_see_only_the_latest(store):
     t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
     assert queue.submit_judgment(1, "ann", [c0], seconds=4.0, client_token="first", now=t0)
     assert store.judgment_history(1, "ann") == [
-        {"accepted": [c0], "none_fit": False, "seconds": 4.0, "judged_at": t0, "revised_at": None}]
+        {"accepted": [c0], "none_fit": False, "seconds": 4.0, "judged_at": t0, "revised_at": None, "correction": None}]
     t1, t2 = t0 + timedelta(minutes=1), t0 + timedelta(minutes=2)
     assert queue.replace_judgment(1, "ann", [], none_fit=True, seconds=1.0, client_token="second", now=t1)
     assert not queue.replace_judgment(1, "ann", [c0], client_token="second", now=t2)  # a repeat: no version
     assert queue.replace_judgment(1, "ann", [c2, c1], seconds=2.0, client_token="third", now=t2)
     assert store.judgment_history(1, "ann") == [
-        {"accepted": [c0], "none_fit": False, "seconds": 4.0, "judged_at": t0, "revised_at": t1},
-        {"accepted": [], "none_fit": True, "seconds": 5.0, "judged_at": t1, "revised_at": t2},
-        {"accepted": [c1, c2], "none_fit": False, "seconds": 7.0, "judged_at": t2, "revised_at": None},
+        {"accepted": [c0], "none_fit": False, "seconds": 4.0, "judged_at": t0, "revised_at": t1, "correction": None},
+        {"accepted": [], "none_fit": True, "seconds": 5.0, "judged_at": t1, "revised_at": t2, "correction": None},
+        {"accepted": [c1, c2], "none_fit": False, "seconds": 7.0, "judged_at": t2, "revised_at": None, "correction": None},
     ]
     # Every reader sees the current version only.
     assert store.num_judgments() == 1 and store.unjudged_items(0, "ann") == []
@@ -541,3 +556,76 @@ def test_a_registration_race_is_settled_by_the_kind_that_won(store):
             _register_annotator(session, "twin", "reward")
     assert store.annotator_kinds() == {"twin": "person"}
     assert store.add_judgment(0, "a", "twin", [], none_fit=True)
+
+
+def test_concurrent_first_opens_create_the_tables_once(store_url):
+    """6 threads open one new database at once (several ranks or servers starting together), then all add
+    items to the same new round at once: each gets a working store and every item is kept. PostgreSQL does not
+    serialise the CREATE TABLEs, nor the round's first row, by itself (`illume.store._lock_schema`,
+    `_get_or_add_round`)."""
+    errors = []
+    opening, adding = threading.Barrier(6, timeout=60), threading.Barrier(6, timeout=60)
+
+    def open_and_write(thread_idx):
+        try:
+            opening.wait()
+            with FeedbackStore(store_url) as own:
+                adding.wait()
+                own.add_candidate_sets(0, "train", make_sets([f"e{thread_idx}"]))
+        except Exception as error:  # collected: an exception in a thread would not fail the test
+            errors.append(error)
+            adding.abort()  # the others stop waiting for this one
+
+    threads = [threading.Thread(target=open_and_write, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with FeedbackStore(store_url) as store:
+        assert sorted(s.example_id for s in store.candidate_sets(0)) == [f"e{t}" for t in range(6)]
+
+
+def test_an_older_store_gets_the_added_columns_on_each_backend(store_url):
+    """A database from before every column of `_ADDED_COLUMNS` and the `annotators` table (dropped here with
+    the backend's own SQL) is brought up to date when opened: the same rows read back, and it takes writes
+    that use the new columns."""
+    from sqlalchemy import inspect
+
+    from illume.feedback.queue import AnnotationQueue
+    from illume.store import _ADDED_COLUMNS
+
+    if not is_postgres(store_url) and sqlite3.sqlite_version_info < (3, 35):
+        pytest.skip("SQLite before 3.35 cannot DROP COLUMN")
+    with FeedbackStore(store_url) as store:
+        store.add_candidate_sets(0, "train", make_sets(["a", "b"]))
+        ids = store.candidate_ids(0)
+        store.add_judgment(0, "a", "alice", [ids["a"][1]], seconds=2.0)
+        store.add_judgments(0, [("b", [], True, None)], "simulated:rouge_l>=0.7", kind="simulated")
+        before = store.judgments_table()
+    engine = create_engine(sqlalchemy_url(store_url))
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE annotators"))
+        for table, columns in _ADDED_COLUMNS.items():
+            for column in columns:
+                connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+
+    def columns(table):
+        with engine.connect() as connection:
+            return {c["name"]: c["type"] for c in inspect(connection).get_columns(table)}
+
+    assert not any(set(names) & set(columns(table)) for table, names in _ADDED_COLUMNS.items())
+    with FeedbackStore(store_url) as store:
+        assert store.judgments_table() == before
+        assert store.annotator_kinds() == {"alice": "person", "simulated:rouge_l>=0.7": "simulated"}
+        queue = AnnotationQueue(store)
+        item_id = queue.judgments_by(0, "alice")[0]["item_id"]
+        assert queue.replace_judgment(item_id, "alice", [ids["a"][0]], shown_order=ids["a"][::-1])
+        [_, current] = store.judgment_history(item_id, "alice")
+        assert current["accepted"] == [ids["a"][0]] and current["judged_at"].tzinfo is timezone.utc
+        assert queue.judgments_by(0, "alice")[0]["shown_order"] == ids["a"][::-1]
+    for table, names in _ADDED_COLUMNS.items():
+        assert set(names) <= set(columns(table)), table
+    if is_postgres(store_url):  # the added columns have the types the tables declare
+        assert columns("judgments")["updated_at"].timezone
+    engine.dispose()

@@ -14,7 +14,13 @@ A JSON API and one static page (static/: plain JS, no build step). Assumptions, 
 - Model-generated text is data: the API returns it as JSON strings and the page renders it with
   `textContent` only. Images are served from the item's own `image_ref` (inside RUN_DIR/images, or an
   absolute path the loop recorded) and never from a path the client sends.
-- With a token, every /api route and the page need it (`Authorization: Bearer ...` or `?token=...`).
+- Who is asking. With accounts (`illume annotators add NAME`, stored in the store's `accounts` table, only
+  a hash of each token), every route but the static files needs a personal token (`Authorization: Bearer
+  ...` or `?token=...`, the link `illume annotators add` printed); the annotator is the token's account, a
+  name sent in a request is never used to choose it (one that differs is answered 403), so a person reads,
+  leases and revises only their own judgments; a revoked or unknown token gets 401 at its next request.
+  The admin page and its API need the admin role (403 otherwise). Without accounts, the one shared token
+  (`--token`), if any, lets anyone in, who then names themselves (the one-person loopback flow).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import math
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,9 +40,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
 
+from illume.annotate.admin import admin_routes
 from illume.config import AnnotateConfig
 from illume.feedback.queue import AnnotationQueue, JudgmentConflict
-from illume.store import FeedbackStore
+from illume.store import MAX_CORRECTION_CHARS, FeedbackStore
 
 STATIC_DIR = Path(__file__).parent / "static"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -54,14 +62,15 @@ class NextRequest(BaseModel):
     """POST /api/next."""
 
     model_config = ConfigDict(extra="forbid")
-    annotator: AnnotatorName
+    annotator: AnnotatorName | None = None
+    """Who asks; with accounts it comes from the token (and may be left out)."""
 
 
 class LeaseRequest(BaseModel):
     """POST /api/lease: the page still shows this item (a heartbeat)."""
 
     model_config = ConfigDict(extra="forbid")
-    annotator: AnnotatorName
+    annotator: AnnotatorName | None = None
     item_id: Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
 
 
@@ -69,7 +78,7 @@ class JudgmentRequest(BaseModel):
     """POST and PUT /api/judgment."""
 
     model_config = ConfigDict(extra="forbid")
-    annotator: AnnotatorName
+    annotator: AnnotatorName | None = None
     item_id: Annotated[StrictInt, Field(ge=1, le=2**63 - 1)]
     accepted: CandidateIds = []
     """Ids of the accepted candidates."""
@@ -81,11 +90,16 @@ class JudgmentRequest(BaseModel):
     """The page's id for this submission (one per item shown): a repeat is stored once."""
     shown_order: CandidateIds | None = None
     """The item's candidate ids in the order shown; default: the order the server handed out."""
+    correction: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                                 max_length=MAX_CORRECTION_CHARS)] | None = None
+    """With none_fit and `annotate.corrections`: the rationale the person wrote instead."""
 
     @model_validator(mode="after")
     def _one_answer(self) -> JudgmentRequest:
         if self.none_fit and self.accepted:
             raise ValueError("none_fit=true together with accepted candidates: choose one or the other")
+        if self.correction is not None and not self.none_fit:
+            raise ValueError("a correction comes with none_fit=true (it replaces the candidates)")
         if not self.none_fit and not self.accepted:
             raise ValueError("nothing chosen: accept at least one candidate or send none_fit=true")
         if len(set(self.accepted)) != len(self.accepted):
@@ -93,6 +107,26 @@ class JudgmentRequest(BaseModel):
         if self.seconds is not None and not math.isfinite(self.seconds):
             raise ValueError("seconds must be a finite number")
         return self
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who sent a request: an account (name and role, from its token), or, without accounts, whoever holds
+    the page (name None: the request names the annotator; role admin: the one-person flow sees everything)."""
+
+    name: str | None
+    role: str
+
+    def annotator(self, named: str | None) -> str:
+        """The annotator a request acts as. With an account: the account's name; naming anyone else is a 403
+        (so no request can read or change another person's judgments). Without: the name the request sends."""
+        if self.name is None:
+            if named is None:
+                raise HTTPException(422, "annotator: say who is annotating (the page asks for a name)")
+            return named
+        if named is not None and named != self.name:
+            raise HTTPException(403, f"this link belongs to {self.name!r}: you can only act as yourself")
+        return self.name
 
 
 def create_app(
@@ -132,15 +166,32 @@ def create_app(
     def now() -> datetime | None:
         return clock() if clock is not None else None
 
-    def require_token(request: Request) -> None:
-        if token is None:
-            return
+    def identify(request: Request) -> Identity:
         header = request.headers.get("authorization", "")
         given = header[7:] if header[:7].lower() == "bearer " else request.query_params.get("token", "")
-        if not secrets.compare_digest(given.encode(), token.encode()):
+        # Looked up on every request, so that an account added or revoked while the page runs counts at once.
+        if store.has_accounts():
+            account = store.account_for_token(given)
+            if account is None:
+                raise HTTPException(401, "this link is not valid (revoked, mistyped or missing its token): ask "
+                                         "the study's admin for your link (`illume annotators add`)",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return Identity(account.name, account.role)
+        if token is not None and not secrets.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "this page needs its access token: open the URL that `illume annotate` "
                                      "printed (it ends in ?token=...)",
                                 headers={"WWW-Authenticate": "Bearer"})
+        return Identity(None, "admin")
+
+    # (Depends as a default, not in Annotated[...]: with postponed annotations FastAPI resolves names in the
+    # module's globals, where these local functions are not.)
+    def require_admin(me: Identity = Depends(identify)) -> Identity:
+        if me.role != "admin":
+            raise HTTPException(403, f"{me.name!r} is an annotator: the admin page needs the admin role "
+                                     "(`illume annotators add NAME --role admin`)")
+        return me
+
+    me_ = Depends(identify)
 
     def current_round() -> int | None:
         return round_idx if round_idx is not None else queue.open_round(per_item, SPLIT)
@@ -178,22 +229,24 @@ def create_app(
                            for candidate_id in order],
         }
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+    api = APIRouter(prefix="/api", dependencies=[Depends(identify)])
 
     @api.get("/config")
-    def get_config() -> dict[str, Any]:
+    def get_config(me: Identity = me_) -> dict[str, Any]:
         return {"guidelines": cfg.guidelines, "annotations_per_item": per_item,
-                "lease_seconds": cfg.lease_seconds, "round_idx": current_round()}
+                "lease_seconds": cfg.lease_seconds, "round_idx": current_round(), "corrections": cfg.corrections,
+                "me": {"name": me.name, "role": me.role}}
 
     @api.post("/next")
-    def next_item(body: NextRequest) -> dict[str, Any]:
+    def next_item(body: NextRequest, me: Identity = me_) -> dict[str, Any]:
+        annotator = me.annotator(body.annotator)
         round_ = current_round()
         if round_ is None:
             return {"round_idx": None, "item": None, "progress": None,
                     "message": "No candidates in the store yet: waiting for the loop to sample a round."}
-        lease = queue.lease_item(round_, body.annotator, per_item, cfg.lease_seconds, SPLIT, now=now())
+        lease = queue.lease_item(round_, annotator, per_item, cfg.lease_seconds, SPLIT, now=now())
         if lease is None:
-            counts = progress(round_, body.annotator)
+            counts = progress(round_, annotator)
             done = counts["round"]["judged"] == counts["round"]["total"]
             message = (f"Round {round_} is fully judged. Thank you! Waiting for the next round."
                        if done else f"Nothing left for you in round {round_} right now (the rest is held by "
@@ -202,26 +255,30 @@ def create_app(
         item = queue.item(lease.item_id)
         return {"round_idx": round_, "item": {**item_view(item, lease.shown_order),
                                                "lease_expires_at": lease.expires_at.isoformat()},
-                "progress": progress(round_, body.annotator), "message": None}
+                "progress": progress(round_, annotator), "message": None}
 
     @api.post("/lease")
-    def renew_lease(body: LeaseRequest) -> dict[str, Any]:
+    def renew_lease(body: LeaseRequest, me: Identity = me_) -> dict[str, Any]:
+        annotator = me.annotator(body.annotator)
         load_item(body.item_id)
-        lease = queue.renew_lease(body.item_id, body.annotator, per_item, cfg.lease_seconds, now=now())
+        lease = queue.renew_lease(body.item_id, annotator, per_item, cfg.lease_seconds, now=now())
         return {"held": lease is not None,
                 "lease_expires_at": lease.expires_at.isoformat() if lease is not None else None}
 
-    def write_judgment(body: JudgmentRequest, replace: bool) -> dict[str, Any]:
+    def write_judgment(body: JudgmentRequest, me: Identity, replace: bool) -> dict[str, Any]:
+        annotator = me.annotator(body.annotator)
+        if body.correction is not None and not cfg.corrections:
+            raise HTTPException(422, "corrections are off for this run (annotate.corrections: false)")
         item = load_item(body.item_id)
         try:
             if replace:
                 stored = queue.replace_judgment(
-                    body.item_id, body.annotator, body.accepted, body.none_fit, body.seconds,
-                    body.client_token, body.shown_order, now=now())
+                    body.item_id, annotator, body.accepted, body.none_fit, body.seconds,
+                    body.client_token, body.shown_order, now=now(), correction=body.correction)
             else:
                 stored = queue.submit_judgment(
-                    body.item_id, body.annotator, body.accepted, body.none_fit, body.seconds,
-                    body.client_token, body.shown_order, per_item, now=now())
+                    body.item_id, annotator, body.accepted, body.none_fit, body.seconds,
+                    body.client_token, body.shown_order, per_item, now=now(), correction=body.correction)
         except KeyError as error:
             raise HTTPException(404, error.args[0] if error.args else str(error)) from error
         except ValueError as error:
@@ -230,19 +287,20 @@ def create_app(
             raise HTTPException(409, str(error)) from error
         # Reached only after the store's transaction committed: an acknowledged judgment is on disk.
         return {"ok": True, "duplicate": not stored, "item_id": body.item_id,
-                "progress": progress(item["round_idx"], body.annotator)}
+                "progress": progress(item["round_idx"], annotator)}
 
     @api.post("/judgment")
-    def post_judgment(body: JudgmentRequest) -> dict[str, Any]:
-        return write_judgment(body, replace=False)
+    def post_judgment(body: JudgmentRequest, me: Identity = me_) -> dict[str, Any]:
+        return write_judgment(body, me, replace=False)
 
     @api.put("/judgment")
-    def put_judgment(body: JudgmentRequest) -> dict[str, Any]:
-        return write_judgment(body, replace=True)
+    def put_judgment(body: JudgmentRequest, me: Identity = me_) -> dict[str, Any]:
+        return write_judgment(body, me, replace=True)
 
     @api.get("/history")
-    def history(annotator: Annotated[AnnotatorName, Query()],
+    def history(me: Identity = me_, annotator: Annotated[AnnotatorName | None, Query()] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        annotator = me.annotator(annotator)
         round_ = current_round()
         if round_ is None:
             return {"round_idx": None, "items": []}
@@ -250,7 +308,7 @@ def create_app(
         for judgment in queue.judgments_by(round_, annotator, SPLIT)[:limit]:
             view = item_view(queue.item(judgment["item_id"]), judgment["shown_order"])
             items.append({**view, "accepted": judgment["accepted"], "none_fit": judgment["none_fit"],
-                          "seconds": judgment["seconds"], "judged_at": judgment["created_at"].isoformat(),
+                          "correction": judgment["correction"], "seconds": judgment["seconds"], "judged_at": judgment["created_at"].isoformat(),
                           "updated_at": judgment["updated_at"] and judgment["updated_at"].isoformat()})
         return {"round_idx": round_, "items": items}
 
@@ -266,9 +324,16 @@ def create_app(
 
     app.include_router(api)
 
-    @app.get("/", include_in_schema=False, dependencies=[Depends(require_token)])
+    @app.get("/", include_in_schema=False, dependencies=[Depends(identify)])
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache", **_PAGE_HEADERS})
+
+    admin_routes(app, store, cfg, require_admin, current_round)
+
+    @app.get("/admin", include_in_schema=False, dependencies=[Depends(require_admin)])
+    def admin_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "admin.html", media_type="text/html",
                             headers={"Cache-Control": "no-cache", **_PAGE_HEADERS})
 
     # The script and the style sheet hold no data, so they need no token.
@@ -347,12 +412,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--round", type=int, default=None, dest="round_idx")
     parser.add_argument("--annotations-per-item", type=int, default=AnnotateConfig.annotations_per_item)
     parser.add_argument("--lease-seconds", type=float, default=AnnotateConfig.lease_seconds)
+    parser.add_argument("--corrections", action="store_true", help="people may write a rationale when none fits")
     args = parser.parse_args(argv)
-    if not is_loopback(args.host) and not args.token:
-        parser.error("a non-loopback --host needs --token")
-    cfg = AnnotateConfig(host=args.host, port=args.port, annotations_per_item=args.annotations_per_item,
-                         lease_seconds=args.lease_seconds)
     store = FeedbackStore(args.store)
+    if not is_loopback(args.host) and not args.token and not store.has_accounts():
+        parser.error("a non-loopback --host needs --token (or accounts: `illume annotators add`)")
+    cfg = AnnotateConfig(host=args.host, port=args.port, annotations_per_item=args.annotations_per_item,
+                         lease_seconds=args.lease_seconds, corrections=args.corrections)
     serve(create_app(store, args.run_dir, cfg, args.token, args.round_idx), args.host, args.port)
 
 

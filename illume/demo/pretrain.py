@@ -35,6 +35,7 @@ from illume.config import PretrainConfig, RunConfig, cache_root
 from illume.data.shapes import ShapesWorld, generic_sentences, make_caption, make_question, render
 from illume.demo.tiny_models import build_demo_vlm
 from illume.models.vlm import MagmaVLM
+from illume.tracking import trainer_report
 from illume.training import trainer_arguments
 
 logger = logging.getLogger(__name__)
@@ -129,13 +130,16 @@ def pretrain_demo_model(cfg: RunConfig, out_dir: Path | None = None) -> Path:
     rows = PretrainRows(vlm, world, pcfg)
     work_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work_dir, ignore_errors=True)
+    # Reported as the run's `pretrain` (RUN_DIR/tracking/pretrain), although the model is cached elsewhere.
+    report = trainer_report(cfg, cfg.run_dir / "pretrain")
     args = trainer_arguments(
-        work_dir, seed=pcfg.seed, max_steps=pcfg.num_steps, per_device_train_batch_size=pcfg.batch_size,
+        work_dir, seed=pcfg.seed, report=report, max_steps=pcfg.num_steps, per_device_train_batch_size=pcfg.batch_size,
         learning_rate=pcfg.learning_rate, weight_decay=pcfg.weight_decay, warmup_steps=pcfg.warmup_steps,
         lr_scheduler_type="cosine", logging_steps=max(1, pcfg.num_steps // 20),
     )
     trainer = Trainer(model=vlm.model, args=args, train_dataset=rows,
-                      data_collator=partial(collate_rows, pad_token_id=vlm.pad_token_id))
+                      data_collator=partial(collate_rows, pad_token_id=vlm.pad_token_id),
+                      callbacks=report.callbacks())
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

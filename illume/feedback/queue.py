@@ -34,6 +34,7 @@ from illume.store import (
     _is_row_id,
     _now,
     _register_annotator,
+    check_correction,
 )
 
 
@@ -121,9 +122,9 @@ class AnnotationQueue:
         """Hand `annotator` the next item of the round that still needs judgments, and hold it for them.
 
         One transaction: the annotator's own live lease (a reloaded page) comes back renewed with the same
-        order; otherwise the first item (in the order added) that this annotator has not judged and whose
-        judgments plus live leases are fewer than `annotations_per_item` is leased to them until
-        now + `lease_seconds`, its candidates shuffled. Expired leases of the round are dropped (their slots
+        order; otherwise the first item (by `items.priority`, lower first, then in the order added) that this
+        annotator has not judged and whose judgments plus live leases are fewer than `annotations_per_item` is
+        leased to them until now + `lease_seconds`, its candidates shuffled. Expired leases of the round are dropped (their slots
         went back to the pool when they expired).
 
         Args:
@@ -150,7 +151,7 @@ class AnnotationQueue:
                 select(LeaseRow).join(ItemRow, ItemRow.id == LeaseRow.item_id)
                 .where(*in_round, LeaseRow.annotator == annotator, LeaseRow.expires_at > now, ~judged_by_me,
                        _num_judgments() < annotations_per_item)
-                .order_by(LeaseRow.created_at, LeaseRow.item_id).limit(1)
+                .order_by(LeaseRow.created_at, LeaseRow.item_id).limit(1).with_for_update(of=LeaseRow)
             ).first()
             if own is not None:
                 own.expires_at = expires_at
@@ -162,25 +163,33 @@ class AnnotationQueue:
                 select(func.count()).select_from(LeaseRow)
                 .where(LeaseRow.item_id == ItemRow.id, LeaseRow.expires_at > now).scalar_subquery()
             )
-            free = session.scalars(
-                select(ItemRow.id).where(*in_round, ~judged_by_me,
-                                         _num_judgments() + live_leases < annotations_per_item)
-                .order_by(ItemRow.id).limit(_LEASE_TRIES)
-            ).all()
-            for item_id in free:
-                # On SQLite this transaction holds the write lock since BEGIN, so the first is free. Other
-                # databases don't serialise writers: lock the item's row, then count again.
-                session.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update())
-                if _slots_taken(session, item_id, annotator, now) >= annotations_per_item:
-                    continue
-                order = _candidate_ids(session, item_id)
-                (rng or _SYSTEM_RANDOM).shuffle(order)
-                session.execute(delete(LeaseRow).where(LeaseRow.item_id == item_id,
-                                                       LeaseRow.annotator == annotator))
-                session.add(LeaseRow(item_id=item_id, annotator=annotator, expires_at=expires_at,
-                                     shown_order=order, created_at=now))
-                return Lease(item_id, annotator, expires_at, order)
-        return None
+            while True:
+                free = session.scalars(
+                    select(ItemRow.id).where(*in_round, ~judged_by_me,
+                                             _num_judgments() + live_leases < annotations_per_item)
+                    # `items.priority` first (annotate.order; lower first), unranked items after, each in the order added.
+                    .order_by(ItemRow.priority.is_(None), ItemRow.priority, ItemRow.id).limit(_LEASE_TRIES)
+                ).all()
+                if not free:
+                    return None
+                for item_id in free:
+                    # On SQLite this transaction holds the write lock since BEGIN, so the first is free. Other
+                    # databases don't serialise writers: lock the item's row, then count again (and look
+                    # again whether this annotator's judgment of it committed meanwhile, from another tab).
+                    session.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update())
+                    if (_slots_taken(session, item_id, annotator, now) >= annotations_per_item
+                            or session.scalar(select(JudgmentRow.id).where(
+                                JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator))):
+                        continue
+                    order = _candidate_ids(session, item_id)
+                    (rng or _SYSTEM_RANDOM).shuffle(order)
+                    session.execute(delete(LeaseRow).where(LeaseRow.item_id == item_id,
+                                                           LeaseRow.annotator == annotator))
+                    session.add(LeaseRow(item_id=item_id, annotator=annotator, expires_at=expires_at,
+                                         shown_order=order, created_at=now))
+                    return Lease(item_id, annotator, expires_at, order)
+                # Every item found free was taken by writers that committed before we locked it (PostgreSQL
+                # under load): look again. The next look sees their commits, so it ends.
 
     def renew_lease(
         self,
@@ -202,8 +211,9 @@ class AnnotationQueue:
         if not _is_row_id(item_id):
             return None
         with self._write.begin() as session:
+            # Off SQLite: the lease row, then the item's, the order every method here locks them in.
+            row = session.get(LeaseRow, (item_id, annotator), with_for_update=True)
             session.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update())
-            row = session.get(LeaseRow, (item_id, annotator))
             if row is None or row.expires_at <= now:
                 exists = session.scalar(select(ItemRow.id).where(ItemRow.id == item_id))
                 judged = session.scalar(select(JudgmentRow.id).where(
@@ -232,6 +242,7 @@ class AnnotationQueue:
         now: datetime | None = None,
         *,
         kind: str = "person",
+        correction: str | None = None,
     ) -> bool:
         """Store a judgment from the annotation page in one transaction, and release the annotator's lease.
 
@@ -252,6 +263,7 @@ class AnnotationQueue:
             now: The current time (tests); default: the clock.
             kind: What the annotator is (`illume.data.records.ANNOTATOR_KINDS`); their first judgment
                 registers it.
+            correction: The rationale the annotator wrote because none fit (`none_fit` must be True).
 
         Returns:
             True if stored; False (nothing written) for a repeat: the same `client_token` from the same
@@ -266,6 +278,7 @@ class AnnotationQueue:
                 others), or `client_token` was used for another item or annotator.
         """
         _check_annotator(annotator)
+        check_correction(correction, none_fit, f"item {item_id}")
         now = now or _now()
         try:
             with self._write.begin() as session:
@@ -282,7 +295,8 @@ class AnnotationQueue:
                 if session.scalar(select(JudgmentRow.id).where(
                         JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)) is not None:
                     return False
-                lease = session.get(LeaseRow, (item_id, annotator))
+                # Off SQLite: locked (lease, then item) so that no concurrent clean-up deletes it under us.
+                lease = session.get(LeaseRow, (item_id, annotator), with_for_update=True)
                 if annotations_per_item is not None:
                     session.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update())
                     num_judgments = session.scalar(
@@ -299,7 +313,7 @@ class AnnotationQueue:
                     _register_annotator(session, annotator, kind)
                 judgment_id = session.scalar(insert(JudgmentRow).returning(JudgmentRow.id).values(
                     item_id=item_id, annotator=annotator, none_fit=bool(none_fit), seconds=seconds,
-                    client_token=client_token, created_at=now,
+                    client_token=client_token, created_at=now, correction=correction,
                 ))
                 _insert_decisions(session, judgment_id, candidate_ids, set(accepted), shown_order)
                 if lease is not None:
@@ -324,6 +338,8 @@ class AnnotationQueue:
         client_token: str | None = None,
         shown_order: Sequence[int] | None = None,
         now: datetime | None = None,
+        *,
+        correction: str | None = None,
     ) -> bool:
         """Replace `annotator`'s own judgment of an item (they went back to change it), in one transaction.
 
@@ -342,11 +358,12 @@ class AnnotationQueue:
             ValueError, JudgmentConflict: As in `submit_judgment`.
         """
         _check_annotator(annotator)
+        check_correction(correction, none_fit, f"item {item_id}")
         now = now or _now()
         with self._write.begin() as session:
             candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
-            row = session.scalars(select(JudgmentRow).where(
-                JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)).first()
+            row = session.scalars(select(JudgmentRow).where(  # locked: two tabs revising at once, off SQLite
+                JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator).with_for_update()).first()
             if row is None:
                 raise KeyError(f"{annotator!r} has not judged item {item_id}; nothing to replace")
             if client_token is not None:
@@ -366,9 +383,10 @@ class AnnotationQueue:
                 DecisionRow.judgment_id == row.id, DecisionRow.accepted.is_(True))))
             session.execute(insert(JudgmentRevisionRow).values(
                 judgment_id=row.id, none_fit=row.none_fit, accepted=previous, seconds=row.seconds,
-                judged_at=row.updated_at or row.created_at, revised_at=now,
+                judged_at=row.updated_at or row.created_at, revised_at=now, correction=row.correction,
             ))
             row.none_fit = bool(none_fit)
+            row.correction = correction
             if seconds is not None:
                 row.seconds = (row.seconds or 0.0) + seconds
             row.updated_at = now
@@ -380,7 +398,7 @@ class AnnotationQueue:
         """`annotator`'s judgments of the round's items, newest first (the page's "go back").
 
         Returns:
-            Dicts with `judgment_id`, `item_id`, `accepted` (candidate ids), `none_fit`, `seconds`,
+            Dicts with `judgment_id`, `item_id`, `accepted` (candidate ids), `none_fit`, `correction`, `seconds`,
             `created_at`, `updated_at` and `shown_order` (candidate ids in the order shown; None if not
             recorded).
         """
@@ -388,7 +406,7 @@ class AnnotationQueue:
         with self._read() as session:
             judgments = session.execute(
                 select(JudgmentRow.id, JudgmentRow.item_id, JudgmentRow.none_fit, JudgmentRow.seconds,
-                       JudgmentRow.created_at, JudgmentRow.updated_at)
+                       JudgmentRow.created_at, JudgmentRow.updated_at, JudgmentRow.correction)
                 .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
                 .where(*mine)
                 .order_by(JudgmentRow.id.desc())
@@ -404,7 +422,7 @@ class AnnotationQueue:
             ):
                 decisions.setdefault(judgment_id, []).append((candidate_id, accepted, position))
         rows = []
-        for judgment_id, item_id, none_fit, seconds, created_at, updated_at in judgments:
+        for judgment_id, item_id, none_fit, seconds, created_at, updated_at, correction in judgments:
             mine = decisions.get(judgment_id, [])
             shown = None
             if mine and all(position is not None for _, _, position in mine):
@@ -413,7 +431,7 @@ class AnnotationQueue:
                 "judgment_id": judgment_id, "item_id": item_id,
                 "accepted": [candidate_id for candidate_id, accepted, _ in mine if accepted],
                 "none_fit": none_fit, "seconds": seconds, "created_at": created_at, "updated_at": updated_at,
-                "shown_order": shown,
+                "shown_order": shown, "correction": correction,
             })
         return rows
 
@@ -451,7 +469,7 @@ class AnnotationQueue:
 # -------------------------------------------------------------------- helpers
 
 
-_LEASE_TRIES = 20  # items tried per `lease_item` when another writer took the first free ones
+_LEASE_TRIES = 20  # items tried per look of `lease_item` when other writers took the first free ones
 _SYSTEM_RANDOM = random.SystemRandom()
 
 

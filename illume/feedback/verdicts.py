@@ -39,6 +39,12 @@ feedback through `Feedback` (usually `read_feedback(store, ...)`), so they can n
      judged `chosen` is an SFT rationale and every `rejected` a rejected one.
    - KTO rows and labelled candidates (`Feedback.labelled`): every rationale that is not contested, once,
      in order of first occurrence, label True when accepted.
+8. **Corrections** (`annotate.corrections`): a person who found that none fits may write the rationale
+   (or edit a candidate into it). The judgment is a "none fits" (rule 5: it rejects every candidate it saw)
+   that carries the text, and the text is an *accepted* rationale of the item: nobody else was shown it,
+   so it is not put to the vote of rule 4. It is an SFT target (after the item's accepted candidates), a
+   KTO row labelled True, and the chosen side of pairs against the item's rejected candidates (source
+   "correction"); an item with a correction needs no reference pairs. Counted like its judgment (rule 3).
 """
 
 from __future__ import annotations
@@ -142,8 +148,9 @@ class PreferencePair:
     rejected: str
     round_idx: int
     source: str = "judged"
-    """"judged": both candidates were judged; "reference": chosen is a reference explanation of an item
-    with no accepted candidate; "dataset": read from a saved preference dataset."""
+    """"judged": both candidates were judged; "correction": chosen is a rationale a person wrote (rule 8);
+    "reference": chosen is a reference explanation of an item with no accepted candidate; "dataset": read
+    from a saved preference dataset."""
     item: JudgedItem | None = field(default=None, repr=False, compare=False)
     """The earliest item the pair comes from (None for dataset pairs)."""
     judgments: list[JudgmentInfo] = field(default_factory=list, repr=False, compare=False)
@@ -176,10 +183,23 @@ class Feedback:
                                   else dataclasses.replace(item, judgments=counted))
         # Per item (by position in self.items): candidate id -> verdict in that item (rule 4).
         self._verdicts: list[dict[int, str]] = []
+        # Per item: the distinct corrections written in it, in judgment order (rule 8).
+        self._corrections: list[list[str]] = []
         self._status: dict[RationaleKey, set[str]] = {}
         self._accepting: dict[RationaleKey, list[JudgmentInfo]] = {}
         self._rejecting: dict[RationaleKey, list[JudgmentInfo]] = {}
         for item in self.items:
+            corrections: list[str] = []
+            for judgment in item.judgments:
+                text = (judgment.correction or "").strip()
+                if not text:
+                    continue
+                key = rationale_key(item, text)
+                self._status.setdefault(key, set()).add(ACCEPTED)
+                self._accepting.setdefault(key, []).append(judgment)
+                if text not in corrections:
+                    corrections.append(text)
+            self._corrections.append(corrections)
             verdicts = {}
             for candidate in item.candidates:
                 accepting, rejecting = item.accepting(candidate.id), item.rejecting(candidate.id)
@@ -207,6 +227,10 @@ class Feedback:
         """Each counted item with its candidates' verdicts there (candidate id -> verdict; rule 4)."""
         return list(zip(self.items, self._verdicts))
 
+    def corrections(self, item_index: int) -> list[str]:
+        """The distinct corrections written in `self.items[item_index]`, in judgment order (rule 8)."""
+        return self._corrections[item_index]
+
     def items_with_accepted(self, round_idx: int | None = None) -> int:
         """How many items (of round `round_idx`, if given) have at least one candidate accepted in them."""
         return sum(ACCEPTED in verdicts.values() for item, verdicts in self.item_verdicts()
@@ -217,18 +241,22 @@ class Feedback:
     def accepted(self) -> list[AcceptedRationale]:
         """The SFT targets: each accepted rationale once, by first accepted occurrence (rule 7)."""
         rows: dict[RationaleKey, AcceptedRationale] = {}
-        for item, verdicts in self.item_verdicts():
+        for index, (item, verdicts) in enumerate(self.item_verdicts()):
             for candidate in item.candidates:
                 key = rationale_key(item, candidate.text)
                 if verdicts.get(candidate.id) == ACCEPTED and key not in rows:
                     rows[key] = AcceptedRationale(item, candidate.text, self._accepting[key])
+            for text in self._corrections[index]:
+                key = rationale_key(item, text)
+                if key not in rows:
+                    rows[key] = AcceptedRationale(item, text, self._accepting[key])
         return list(rows.values())
 
     def labelled(self) -> list[LabelledRationale]:
         """Each rationale that is not contested once, by first occurrence, label True = accepted (rule 7)."""
         rows: dict[RationaleKey, LabelledRationale] = {}
         first_accepted = {rationale_key(r.item, r.text): r.item for r in self.accepted()}
-        for item, verdicts in self.item_verdicts():
+        for index, (item, verdicts) in enumerate(self.item_verdicts()):
             for candidate in item.candidates:
                 key = rationale_key(item, candidate.text)
                 status = self.status(item, candidate.text) if candidate.id in verdicts else None
@@ -238,6 +266,10 @@ class Feedback:
                     rows[key] = LabelledRationale(first_accepted[key], candidate.text, True, self._accepting[key])
                 else:
                     rows[key] = LabelledRationale(item, candidate.text, False, self._rejecting[key])
+            for text in self._corrections[index]:
+                key = rationale_key(item, text)
+                if key not in rows:
+                    rows[key] = LabelledRationale(first_accepted[key], text, True, self._accepting[key])
         return list(rows.values())
 
     def pairs(self, references: Mapping[str, Sequence[str]] | None = None) -> list[PreferencePair]:
@@ -258,13 +290,17 @@ class Feedback:
                                             source, item)
             pairs[key].judgments.extend(item.judgments)
 
-        for item, verdicts in self.item_verdicts():
+        for index, (item, verdicts) in enumerate(self.item_verdicts()):
             chosen = [c.text for c in item.candidates if verdicts.get(c.id) == ACCEPTED]
             rejected = [c.text for c in item.candidates
                         if c.id in verdicts and self.status(item, c.text) == REJECTED]
             for good in chosen:
                 for bad in rejected:
                     add(item, good, bad, "judged")
+            for good in self._corrections[index]:
+                for bad in rejected:
+                    add(item, good, bad, "correction")
+            chosen += self._corrections[index]
             if not chosen and references is not None:
                 explanations = references.get(item.example_id) or []
                 for i, bad in enumerate(rejected if explanations else []):

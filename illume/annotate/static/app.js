@@ -18,7 +18,8 @@
     lightbox: $("lightbox"), lightboxImage: $("lightbox-image"), help: $("help"), helpClose: $("help-close"),
     helpButton: $("help-button"), nameDialog: $("name-dialog"), nameForm: $("name-form"),
     nameInput: $("name-input"), annotatorName: $("annotator-name"), changeName: $("change-name"),
-    roundLabel: $("round-label"),
+    roundLabel: $("round-label"), adminLink: $("admin-link"), correctionHint: $("correction-hint"),
+    correctionBox: $("correction-box"), correctionInput: $("correction-input"),
   };
 
   const token = new URLSearchParams(location.search).get("token");
@@ -113,7 +114,7 @@
 
   function fail(error) {
     if (error instanceof ApiError && error.status === 401) {
-      setStatus("The server refused the access token: open the URL `illume annotate` printed.", "error");
+      setStatus(`Not let in: ${error.message}`, "error");
     } else {
       setStatus(`Error: ${error.message || error}`, "error");
     }
@@ -145,13 +146,15 @@
 
   // ------------------------------------------------------------------ views
 
-  function makeView(item, mode, accepted, noneFit) {
+  function makeView(item, mode, accepted, noneFit, correction) {
     return {
       mode,                                   // "new" (POST) or "review" (PUT)
       item,
       selected: new Set(accepted || []),
+      lastTicked: null,                       // what "e" edits
       noneFit: Boolean(noneFit),
-      original: { accepted: [...(accepted || [])].sort(), noneFit: Boolean(noneFit) },
+      correction: correction || null,         // the person's own rationale (annotate.corrections); null: none
+      original: { accepted: [...(accepted || [])].sort(), noneFit: Boolean(noneFit), correction: correction || null },
       clientToken: newToken(),                // one per item shown: retries and double clicks reuse it
       elapsedMs: 0,
       runningSince: null,
@@ -231,7 +234,37 @@
     }
     el.noneFit.classList.toggle("selected", view.noneFit);
     el.noneFit.setAttribute("aria-pressed", view.noneFit ? "true" : "false");
+    const writing = view.correction !== null;
+    el.correctionBox.hidden = !writing;
+    if (writing && el.correctionInput.value !== view.correction) el.correctionInput.value = view.correction;
+    el.correctionHint.hidden = !(state.config && state.config.corrections) || writing;
     el.submit.disabled = state.busy;
+  }
+
+  // "c": write a rationale; "e": start from the last ticked candidate (else the first). Either is a "none
+  // fits" that carries the text; ticking a candidate or Esc drops it.
+  function openCorrection(edit) {
+    const view = state.view;
+    if (!view || state.busy || !(state.config && state.config.corrections)) return;
+    let text = view.correction || "";
+    if (edit) {
+      const candidates = view.item.candidates;
+      const ticked = candidates.find((c) => c.id === view.lastTicked) || candidates.find((c) => view.selected.has(c.id));
+      text = (ticked || candidates[0] || { text: "" }).text.trim();
+    }
+    view.noneFit = true;
+    view.selected.clear();
+    view.correction = text;
+    renderSelection();
+    el.correctionInput.value = text;
+    el.correctionInput.focus();
+  }
+
+  function closeCorrection() {
+    const view = state.view;
+    if (view) view.correction = null;
+    el.correctionInput.blur();
+    if (view) renderSelection();
   }
 
   function toggle(index) {
@@ -240,8 +273,8 @@
     const candidate = view.item.candidates[index];
     if (!candidate) return;
     if (view.selected.has(candidate.id)) view.selected.delete(candidate.id);
-    else view.selected.add(candidate.id);
-    if (view.selected.size) view.noneFit = false;
+    else { view.selected.add(candidate.id); view.lastTicked = candidate.id; }
+    if (view.selected.size) { view.noneFit = false; view.correction = null; }
     renderSelection();
   }
 
@@ -250,6 +283,7 @@
     if (!view || state.busy) return;
     view.noneFit = !view.noneFit;
     if (view.noneFit) view.selected.clear();
+    else view.correction = null;
     renderSelection();
   }
 
@@ -302,6 +336,11 @@
       }
     } catch (error) {
       fail(error);
+      if (error instanceof ApiError && error.status === 401) {   // revoked while working: stop asking
+        state.current = null;
+        showEmpty("This link does not work", error.message);
+        return;
+      }
       showEmpty("Cannot reach the server", String(error.message || error));
       state.pollTimer = setTimeout(loadNext, POLL_MS);
     }
@@ -310,6 +349,7 @@
   function unchanged(view) {
     const now = [...view.selected].sort();
     return view.noneFit === view.original.noneFit
+      && (view.correction || null) === view.original.correction
       && now.length === view.original.accepted.length
       && now.every((id, i) => id === view.original.accepted[i]);
   }
@@ -319,6 +359,12 @@
     if (!view || state.busy) return;
     if (!view.noneFit && view.selected.size === 0) {
       setStatus("Tick at least one rationale, or press 0 / n for “none fits”.", "warn");
+      return;
+    }
+    if (view.correction !== null) view.correction = el.correctionInput.value.trim();
+    if (view.correction === "") {
+      setStatus("Write the rationale, or press Esc to discard it.", "warn");
+      view.correction = "";
       return;
     }
     if (view.mode === "review" && unchanged(view)) {
@@ -337,14 +383,16 @@
       client_token: view.clientToken,
       shown_order: view.item.candidates.map((c) => c.id),
     };
+    if (view.correction) body.correction = view.correction;
     try {
       const data = await apiWithRetry(view.mode === "review" ? "PUT" : "POST", "/api/judgment", body);
       setProgress(data.progress);
-      const what = view.noneFit ? "none fits" : `${view.selected.size} accepted`;
+      const what = view.correction ? "your rationale" : view.noneFit ? "none fits" : `${view.selected.size} accepted`;
       if (view.mode === "review") {
         const entry = state.history[state.reviewIndex];
         entry.accepted = [...view.selected];
         entry.none_fit = view.noneFit;
+        entry.correction = view.correction;
         setStatus(`Changed (${what}).`, "ok");
         forward();
       } else {
@@ -367,13 +415,14 @@
   }
 
   function reviewView(entry) {
-    return makeView(entry, "review", entry.accepted, entry.none_fit);
+    return makeView(entry, "review", entry.accepted, entry.none_fit, entry.correction);
   }
 
   // One request however fast Backspace is pressed; each press then goes one item further back.
   function loadHistory() {
     if (!state.historyRequest) {
-      state.historyRequest = api("GET", `/api/history?annotator=${encodeURIComponent(state.annotator)}`)
+      const query = state.me && state.me.name ? "" : `?annotator=${encodeURIComponent(state.annotator)}`;
+      state.historyRequest = api("GET", `/api/history${query}`)
         .then((data) => { state.history = data.items; state.historyStale = false; })
         .finally(() => { state.historyRequest = null; });
     }
@@ -462,6 +511,11 @@
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     if (!el.nameDialog.hidden) return;                    // typing a name
     const key = event.key;
+    if (event.target === el.correctionInput) {            // typing a rationale: only Enter and Esc act
+      if (key === "Enter" && !event.shiftKey) { submit(); event.preventDefault(); }
+      else if (key === "Escape") { closeCorrection(); event.preventDefault(); }
+      return;
+    }
     if (!el.help.hidden || !el.lightbox.hidden) {
       if (key === "Escape" || key === "?" || (key === "i" && !el.lightbox.hidden)) {
         closeOverlays();
@@ -475,6 +529,7 @@
     if (!state.view) return;
     if (/^[1-9]$/.test(key)) { toggle(Number(key) - 1); event.preventDefault(); return; }
     if (key === "0" || key === "n" || key === "N") { toggleNoneFit(); event.preventDefault(); return; }
+    if (key === "c" || key === "e") { openCorrection(key === "e"); event.preventDefault(); return; }
     if (key === "Enter") { submit(); event.preventDefault(); return; }   // also stops a focused button's click
     if (key === "i") { openImage(); event.preventDefault(); }
   });
@@ -505,10 +560,25 @@
     try {
       state.config = await api("GET", "/api/config");
       el.guidelines.textContent = state.config.guidelines;
+      // With accounts the server knows who this is (from the link's token): no name to type or change.
+      state.me = state.config.me || {};
+      if (state.me.name) {
+        state.annotator = state.me.name;
+        el.changeName.hidden = true;
+      }
+      if (state.me.role === "admin") {
+        el.adminLink.href = withToken("/admin");
+        el.adminLink.hidden = false;
+      }
+      for (const row of document.querySelectorAll(".corrections-only")) row.hidden = !state.config.corrections;
       const leaseMs = 1000 * (state.config.lease_seconds || 300);
       state.heartbeatTimer = setInterval(heartbeat, Math.max(5000, Math.min(60000, leaseMs / 3)));
     } catch (error) {
       fail(error);
+      if (error instanceof ApiError && (error.status === 401 || error.status === 403)) {
+        showEmpty("This link does not work", error.message);
+        return;
+      }
     }
     if (state.annotator) {
       el.annotatorName.textContent = state.annotator;

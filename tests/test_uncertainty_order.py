@@ -1,0 +1,229 @@
+"""Choosing what people see: annotate.order (stored, random, uncertainty), annotate.budget_per_round and the
+reward model's uncertainty (reward/uncertainty.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from illume.cli import main
+from illume.config import ConfigError, RunConfig, load_config
+from illume.critics import CritiqueContext, WebCritic, left_for_people, order_items
+from illume.data.records import Candidate, CandidateSet, Example
+from illume.feedback.queue import AnnotationQueue
+from illume.store import FeedbackStore
+from reward import critic as reward_critic
+from reward import uncertainty
+from reward.critic import HybridCritic, RewardDecider, check_critique_order
+from reward.uncertainty import fit_ensemble, item_disagreement
+from tests.conftest import REPO, tiny_overrides
+
+IDS = [f"e{i}" for i in range(6)]
+# The reward model's scores (threshold 0): e1 and e4 sit close to it, the others far.
+SCORES = {"e0": [3.0, -3.0], "e1": [0.2, -2.5], "e2": [-4.0, -3.5], "e3": [2.5, 4.0], "e4": [-0.1, -3.0],
+          "e5": [-2.2, -5.0]}
+# A second opinion that doubts e5 and e2 most (far from the threshold: the band rule would never send them).
+DOUBT = {"e0": 0.0, "e1": 0.0, "e2": 0.25, "e3": 0.0, "e4": 0.125, "e5": 0.5}
+
+
+def _sets(ids=IDS):
+    return [CandidateSet(e, "red", "red", "Q: what colour is it? A: red, seeing that", i,
+                         [Candidate(f"{e} reason {k}", 0.3, i, k, -1.0) for k in range(2)])
+            for i, e in enumerate(ids)]
+
+
+def _examples(ids=IDS):
+    return {e: Example(e, None, "what colour is it?", ["red"], [f"{e} reason 0"]) for e in ids}
+
+
+def _cfg(tmp_path, *overrides) -> RunConfig:
+    return load_config(REPO / "configs" / "demo_hybrid.yaml", [f"output_dir={tmp_path}", *overrides])
+
+
+def _hybrid_round(tmp_path, monkeypatch, *overrides, people_before: tuple[str, ...] = ()):
+    """Round 1 of a hybrid critic over IDS with fixed scores and a fixed second opinion (no model is
+    fitted); people are the simulated critic. Returns (who judged what: example -> annotator kind, report)."""
+    cfg = _cfg(tmp_path, "reward.human_rounds=1", "reward.hybrid_band=1.0", *overrides)
+    store = FeedbackStore(tmp_path / "feedback.db")
+    sets = _sets()
+    store.add_candidate_sets(1, "train", sets)
+    for example_id in people_before:  # judged by people on the annotation page before the critic ran
+        store.add_judgments(1, [(example_id, [], True, None)], "alice", "train", kind="person")
+    monkeypatch.setattr(reward_critic, "fit_or_reuse", lambda *a, **k: (None, {
+        "threshold": 0.0, "heldout_precision": None, "heldout_recall": None, "heldout_roc_auc": None}))
+    monkeypatch.setattr(RewardDecider, "scores", lambda self, todo, _: [SCORES[cs.example_id] for cs in todo])
+    monkeypatch.setitem(uncertainty.UNCERTAINTY, "ensemble", lambda cfg, rm, threshold, store, round_idx, todo, *_:
+                        ([SCORES[cs.example_id] for cs in todo], [DOUBT[cs.example_id] for cs in todo]))
+    context = CritiqueContext(cfg, store, 1, {cs.example_id: cs for cs in sets}, _examples(), say=lambda _: None)
+    assert HybridCritic(cfg).review(context)
+    judged = {item.example_id: [j.annotator_kind for j in item.judgments]
+              for item in store.judged_items("train", round_idx=1)}
+    assert all(len(kinds) == 1 for kinds in judged.values()) and set(judged) == set(IDS)  # each once, by one
+    return {e: kinds[0] for e, kinds in judged.items()}, context
+
+
+def _people(judged):
+    return {e for e, kind in judged.items() if kind != "reward"}
+
+
+# ------------------------------------------------------------------ the estimator
+
+
+def _constructed_ensemble(seed=0):
+    """Pairs that pin the first feature's weight down (chosen - rejected ~ (1, noise)) and leave the second's
+    to chance; held-out candidates that sit on the first feature only."""
+    generator = torch.Generator().manual_seed(0)
+    differences = torch.stack([1 + 0.2 * torch.randn(30, generator=generator),
+                               0.5 * torch.randn(30, generator=generator)], 1)
+    heldout = torch.tensor([[2.0, 0.0], [1.5, 0.0], [1.8, 0.0], [-2.0, 0.0], [-1.5, 0.0], [-1.8, 0.0]])
+    return fit_ensemble(differences, heldout, [True, True, True, False, False, False], 8, seed, 0.9)
+
+
+def test_the_ensemble_is_deterministic_and_doubts_what_the_pairs_leave_open():
+    heads = _constructed_ensemble()
+    again = _constructed_ensemble()
+    assert all(torch.equal(w, w2) and t == t2 for (w, t), (w2, t2) in zip(heads, again))
+    assert len({round(float(w[1]), 6) for w, _ in heads}) > 1  # the resamples give different second weights
+    # The reward model: score = first feature, threshold 0.
+    certain = torch.tensor([[-0.2, 0.0]])  # close to the threshold, but every head agrees: reject
+    doubtful = torch.tensor([[1.3, 4.0]])  # far from it (accept), on the unseen feature the heads split
+    u_certain = item_disagreement(heads, certain, [-0.2], 0.0)
+    u_doubtful = item_disagreement(heads, doubtful, [1.3], 0.0)
+    assert u_certain == 0.0 and 0.25 <= u_doubtful <= 0.75, (u_certain, u_doubtful)
+    keys = {"certain": (u_certain, 0.2), "doubtful": (u_doubtful, 1.3)}  # (uncertainty, distance)
+    assert order_items("uncertainty", ["certain", "doubtful"], 0, 1, keys) == ["doubtful", "certain"]
+    # The distance to the threshold alone (the band rule's ranking) would put the other one first.
+    assert order_items("uncertainty", ["doubtful", "certain"], 0, 1,
+                       {k: (0.0, d) for k, (_, d) in keys.items()}) == ["certain", "doubtful"]
+    assert item_disagreement(heads, torch.zeros(0, 2), [], 0.0) == 0.0
+
+
+def test_orders_are_seeded_and_stable():
+    assert order_items("stored", IDS, 0, 1) == IDS
+    shuffled = order_items("random", IDS, 0, 1)
+    assert shuffled == order_items("random", IDS, 0, 1) and sorted(shuffled) == sorted(IDS) and shuffled != IDS
+    assert order_items("random", IDS, 0, 2) != shuffled  # another round, another draw
+    assert order_items("uncertainty", IDS, 0, 1) == IDS  # no reward model yet: as stored
+    keys = {e: (DOUBT[e], min(abs(s) for s in SCORES[e])) for e in IDS}
+    # Most doubted first; the undoubted by distance to the threshold.
+    assert order_items("uncertainty", IDS, 0, 1, keys) == ["e5", "e2", "e4", "e1", "e3", "e0"]
+
+
+# ------------------------------------------------------------------ the budget
+
+
+@pytest.mark.parametrize("order", ["stored", "random", "uncertainty"])
+def test_a_budget_sends_exactly_n_items_to_people_in_the_order_and_the_model_decides_the_rest(
+        tmp_path, monkeypatch, order):
+    judged, context = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2", f"annotate.order={order}")
+    expected = {"stored": ["e0", "e1"], "random": order_items("random", IDS, 0, 1)[:2],
+                "uncertainty": ["e5", "e2"]}[order]
+    assert _people(judged) == set(expected)  # exactly N, the first N in the order
+    assert sum(kind == "reward" for kind in judged.values()) == len(IDS) - 2  # the model: exactly the rest
+    assert context.people_order == expected
+    assert context.report["people_items"] == 2 and context.report["rm_decided_items"] == 4
+    # e5 and e2: the model rejects both and the simulated critic accepts "reason 0": both are its mistakes.
+    if order == "uncertainty":
+        assert context.report["people_items_rm_wrong"] == 1.0
+
+
+def test_a_budget_counts_what_people_already_judged_this_round(tmp_path, monkeypatch):
+    judged, context = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2",
+                                    "annotate.order=uncertainty", people_before=("e3",))
+    assert _people(judged) == {"e3", "e5"}  # one of the two already spent on the page
+
+
+def test_a_budget_of_zero_leaves_everything_to_the_model(tmp_path, monkeypatch):
+    judged, _ = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=0", "annotate.order=uncertainty")
+    assert _people(judged) == set()
+
+
+def test_the_band_rule_is_unchanged_by_default(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path)
+    assert (cfg.annotate.order, cfg.annotate.budget_per_round) == ("stored", None)
+    judged, context = _hybrid_round(tmp_path, monkeypatch)
+    assert _people(judged) == {"e1", "e4"}  # a candidate within the band of 1.0
+    assert context.people_order is None and "people_items" not in context.report  # results.json as before
+    # The band rule with order=uncertainty: the same items, the least certain first.
+    (tmp_path / "feedback.db").unlink()
+    judged, context = _hybrid_round(tmp_path, monkeypatch, "annotate.order=uncertainty")
+    assert _people(judged) == {"e1", "e4"} and context.people_order == ["e4", "e1"]
+
+
+# ------------------------------------------------------------------ the annotation page
+
+
+def test_lease_item_hands_items_out_by_priority_then_in_the_order_added(tmp_path):
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        store.add_candidate_sets(0, "train", _sets())
+        store.set_priorities(0, {"e4": 0.0, "e2": 1.0, "e5": 2.0, "unknown": 3.0})
+        queue = AnnotationQueue(store)
+        handed = [_lease(queue, f"person{i}") for i in range(6)]
+        assert handed == ["e4", "e2", "e5", "e0", "e1", "e3"]
+        assert queue.lease_item(0, "person6", 1, 60.0) is None
+
+
+def _lease(queue, annotator):
+    """The example id of the item the queue hands `annotator` next (round 0, one judgment per item)."""
+    return queue.item(queue.lease_item(0, annotator, 1, 60.0).item_id)["example_id"]
+
+
+def test_the_web_critic_writes_the_hand_out_order(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "critic.kind=human", "critic.wait=false", "annotate.order=random")
+    with FeedbackStore(tmp_path / "feedback.db") as store:
+        sets = _sets()
+        store.add_candidate_sets(0, "train", sets)
+        context = CritiqueContext(cfg, store, 0, {cs.example_id: cs for cs in sets}, _examples(), say=lambda _: None)
+        assert not WebCritic(cfg).review(context)  # nobody judged yet: stops, to be continued
+        queue = AnnotationQueue(store)
+        handed = [_lease(queue, f"p{i}") for i in range(6)]
+        assert handed == order_items("random", IDS, cfg.seed, 0)
+        # A model critic's choice (people_order) wins over annotate.order, and only its items are ranked first.
+        context.people_order = ["e3", "e1"]
+        assert [cs.example_id for cs in left_for_people(context, "bob")] == ["e3", "e1"]
+
+
+# ------------------------------------------------------------------ config errors
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["annotate.budget_per_round=5"], "only critic.kind=hybrid"),
+    (["critic.kind=reward", "annotate.budget_per_round=5"], "only critic.kind=hybrid"),
+    (["critic.kind=human", "annotate.order=uncertainty"], "no reward model"),
+    (["critic.kind=hybrid", "annotate.order=uncertainty", "reward.uncertainty=vibes"], "not one of ensemble"),
+    (["critic.kind=hybrid", "annotate.order=uncertainty", "reward.ensemble_size=0"], "ensemble_size must be"),
+])
+def test_nonsense_is_a_config_error(tmp_path, overrides, message):
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_critique_order(cfg)
+
+
+def test_a_negative_budget_fails_at_load():
+    with pytest.raises(ConfigError, match="budget_per_round must be >= 0"):
+        load_config(REPO / "configs" / "demo_hybrid.yaml", ["annotate.budget_per_round=-1"])
+    check_critique_order(load_config(REPO / "configs" / "demo_hybrid.yaml",
+                                     ["annotate.budget_per_round=3", "annotate.order=uncertainty"]))
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_a_hybrid_run_with_a_budget_and_the_ensemble(tmp_path):
+    """Tiny models: round 0 by people (simulated), round 1 people judge exactly 3 items, chosen by the
+    ensemble's doubt, and the reward model the other 9."""
+    from tests.test_loop import LOOP
+
+    args = ["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), *LOOP, "name=budget",
+            "loop.num_rounds=2", "critic.kind=hybrid", "reward.human_rounds=1", "reward.num_epochs=1",
+            "reward.batch_size=8", "annotate.budget_per_round=3", "annotate.order=uncertainty"]
+    assert main(args) == 0
+    run_dir = Path(tmp_path) / "runs" / "budget"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results[1]["human_judgments"] == 12 and "people_items" not in results[1]  # round 0: all people
+    assert results[2]["human_judgments"] == 12 + 3 and results[2]["people_items"] == 3
+    assert results[2]["rm_decided_items"] == 9
