@@ -148,52 +148,54 @@ def run(cfg: RunConfig) -> list[dict]:
     # their own, illume.tracking); step = the round.
     tracker = open_tracker(cfg, say=console.print)
 
-    base_path = run_dir / "base_metrics.json"
-    if base_path.is_file():
-        base_scores = json.loads(base_path.read_text())
-    else:
-        console.print("[bold]scoring the base model on val[/bold]")
-        base_scores = explanation_scores(vlm, val, cfg.sample, progress=distributed.is_main())
-        if distributed.is_main():
-            _write_json(base_path, base_scores)
-    results = [{"round": "base", "val": base_scores}]
-    tracker.log(round_scalars(results[0]), step=0)
-    best_score, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
-
-    for round_idx in range(cfg.loop.num_rounds):
-        out_dir = round_dir(run_dir, round_idx)
-        metrics_path = out_dir / "metrics.json"
-        if metrics_path.is_file():  # finished earlier: take its weights and go on
-            metrics = json.loads(metrics_path.read_text())
-            if metrics.get("trained"):
-                load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
+    try:  # the trackers are closed (files flushed, remote runs ended) also when a round fails
+        base_path = run_dir / "base_metrics.json"
+        if base_path.is_file():
+            base_scores = json.loads(base_path.read_text())
         else:
-            metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
-                                 image_refs, tracker)
-            if metrics is None:  # people have not finished judging and the config says not to wait
-                break
+            console.print("[bold]scoring the base model on val[/bold]")
+            base_scores = explanation_scores(vlm, val, cfg.sample, progress=distributed.is_main())
             if distributed.is_main():
-                _write_json(metrics_path, metrics)
-                store.set_round_metrics(round_idx, metrics)
-                if metrics["trained"]:
-                    store.mark_trained(round_idx)
-        results.append(_result_row(metrics))
-        tracker.log(round_scalars(results[-1]), step=round_idx)
-        if distributed.is_main():
-            _write_json(run_dir / "results.json", results)
-        console.print(results_table(results))
-        if not metrics.get("trained"):
-            console.print(f"stopping: round {round_idx} accepted no new rationale")
-            break
-        score = metrics["val"][cfg.train.select_metric]
-        if score > best_score + cfg.loop.min_improvement:
-            best_score, rounds_without_gain = score, 0
-        else:
-            rounds_without_gain += 1
-        if cfg.loop.patience is not None and rounds_without_gain >= cfg.loop.patience:
-            console.print(f"stopping: val {cfg.train.select_metric} has not improved for {rounds_without_gain} rounds")
-            break
-    tracker.close()
+                _write_json(base_path, base_scores)
+        results = [{"round": "base", "val": base_scores}]
+        tracker.log(round_scalars(results[0]), step=0)
+        best_score, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
+
+        for round_idx in range(cfg.loop.num_rounds):
+            out_dir = round_dir(run_dir, round_idx)
+            metrics_path = out_dir / "metrics.json"
+            if metrics_path.is_file():  # finished earlier: take its weights and go on
+                metrics = json.loads(metrics_path.read_text())
+                if metrics.get("trained"):
+                    load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
+            else:
+                metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
+                                     image_refs, tracker)
+                if metrics is None:  # people have not finished judging and the config says not to wait
+                    break
+                if distributed.is_main():
+                    _write_json(metrics_path, metrics)
+                    store.set_round_metrics(round_idx, metrics)
+                    if metrics["trained"]:
+                        store.mark_trained(round_idx)
+            results.append(_result_row(metrics))
+            tracker.log(round_scalars(results[-1]), step=round_idx)
+            if distributed.is_main():
+                _write_json(run_dir / "results.json", results)
+            console.print(results_table(results))
+            if not metrics.get("trained"):
+                console.print(f"stopping: round {round_idx} accepted no new rationale")
+                break
+            score = metrics["val"][cfg.train.select_metric]
+            if score > best_score + cfg.loop.min_improvement:
+                best_score, rounds_without_gain = score, 0
+            else:
+                rounds_without_gain += 1
+            if cfg.loop.patience is not None and rounds_without_gain >= cfg.loop.patience:
+                console.print(f"stopping: val {cfg.train.select_metric} has not improved for {rounds_without_gain} rounds")
+                break
+    finally:
+        tracker.close()
     console.print(f"results: {run_dir / 'results.json'}")
     return results
 

@@ -190,3 +190,26 @@ def test_report_to_takes_a_name_a_list_none_and_all():
     assert report.logdir == tracking_dir(cfg.run_dir) / "reward" / "round_01"
     assert report.arguments() == {"report_to": "none", "run_name": "x/reward/round_01", "project": "x"}
     assert [type(c).__name__ for c in report.callbacks()] == ["TensorBoardCallback"]
+
+
+def test_the_loops_trackers_are_closed_when_a_round_fails(two_runs, monkeypatch):
+    """A round that raises still closes the trackers (TensorBoard files flushed, remote runs ended)."""
+    import illume.loop
+    from illume.tracking import RunTracker
+
+    closed = []
+
+    class Recording(RunTracker):
+        def close(self) -> None:
+            closed.append(True)
+
+    def failing_round(*args, **kwargs):
+        raise RuntimeError("the round failed")
+
+    monkeypatch.setattr(illume.loop, "open_tracker", lambda cfg, say: Recording())
+    monkeypatch.setattr(illume.loop, "_run_round", failing_round)
+    root = two_runs[0].parent.parent
+    cfg = load_config(REPO / "configs" / "demo.yaml", [*tiny_overrides(root), *LOOP, "name=failing"])
+    with pytest.raises(RuntimeError, match="the round failed"):
+        illume.loop.run(cfg)
+    assert closed == [True]
