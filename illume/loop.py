@@ -83,6 +83,7 @@ def round_dir(run_dir: Path, round_idx: int) -> Path:
 def _write_json(path: Path, data) -> None:
     # Write then rename: a kill mid-write never leaves a truncated file that looks complete.
     tmp = path.with_suffix(path.suffix + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # a round that trained nothing has no folder yet
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
 

@@ -48,6 +48,21 @@ def test_run_completes_two_rounds(tmp_path):
     assert _judgments(run_dir) == before
 
 
+def test_a_first_round_that_accepts_nothing_stops_the_run_cleanly(tmp_path):
+    """Round 0 accepts nothing (a threshold no rationale reaches): the run stops after it, writing its round
+    metrics (the round has no folder of its own until something trains) and results.json."""
+    args = [str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), *LOOP[2:], "critic.threshold=1.01",
+            "name=none", "loop.num_rounds=3"]
+    assert main(["run", *args]) == 0
+    run_dir = tmp_path / "runs" / "none"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results] == ["base", 0]
+    assert results[1]["trained"] is False and results[1]["new_rationales"] == 0
+    assert json.loads((run_dir / "round_00" / "metrics.json").read_text())["trained"] is False
+    assert main(["run", *args]) == 0  # run again: resumes from the metrics and stops at the same place
+    assert [r["round"] for r in json.loads((run_dir / "results.json").read_text())] == ["base", 0]
+
+
 def test_kill_during_training_then_rerun_loses_and_duplicates_nothing(tmp_path):
     main(["pretrain", *_config(tmp_path, "warm", 3)])  # cache the base model for both runs
     assert main(["run", *_config(tmp_path, "clean", 3)]) == 0
