@@ -1,97 +1,185 @@
-"""Benchmark: our batched sampler vs a naive loop (one `generate` call per candidate, image re-encoded each time).
+"""Benchmark: our sampler (`illume.sampling.sample`) vs the batched `generate()` a user would write, per backend.
 
-    python scripts/bench_sampling.py                       # the cached demo base model (pre-trains it if missing)
-    python scripts/bench_sampling.py --num-examples 64 --random-model
+    python scripts/bench_sampling.py                     # MAGMA: the cached demo base model (pre-trains it if missing)
+    python scripts/bench_sampling.py --random-model      # MAGMA: a random demo-size model (no pre-training)
+    python scripts/bench_sampling.py --backends hf --naive --num-examples 16
 
-Both produce a greedy answer and K rationales per example with the same model, prompts and settings; the
-naive loop is what a first implementation on `transformers.generate` looks like. Prints candidates per second
-for both and the ratio, and writes them to --out as JSON.
+Every method draws, for the same examples (the config's val split) and settings (`sample.*`), a greedy answer
+and K = len(temperatures) x samples_per_temperature rationales per example:
+
+- ours: `sample()`: per batch, one greedy answer decode and one decode of all K rows (per-row temperatures),
+  each prompt pre-filled once and its KV cache repeated K times (MAGMA's loop; HF: `generate` on the
+  repeated cache).
+- generate: what a user writes with transformers: per batch, `model.generate(do_sample=False)` for the
+  answers, then per temperature `model.generate(do_sample=True, temperature=t, top_k=0,
+  num_return_sequences=samples_per_temperature)`, which repeats every prompt and image per sequence.
+- naive (`--naive`, slow): one `generate()` per example's answer and per candidate.
+
+Backends: `magma` (the demo config's model) and `hf`, a random LLaVA sized like the demo's language model
+(`build_tiny_hf_vlm("llava", text_size=...)`), saved and loaded back through `model.kind=hf`, as a user's
+checkpoint would be (nothing can be downloaded here). Each method runs once on the first batch before it is
+timed (first-call overheads). Prints one table per backend (ratio = ours' candidates/s over the method's) and
+writes everything to --out as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from illume.config import load_config
+from illume.config import RunConfig, SampleConfig, load_config
 from illume.data.datasets import load_split
-from illume.data.records import load_image
+from illume.data.records import Example, load_image
+from illume.models.vlm import MagmaVLM
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
-from illume.sampling import sample
+from illume.sampling import _answer_stop_ids, _answer_text, sample
+
+DEMO_SIZED_LLAVA = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+                    "num_attention_heads": 4, "num_key_value_heads": 4}
+"""The demo MAGMA's language model (configs/demo.yaml: width 128, 4 layers, 4 heads, GPT-J's 4x MLP)."""
 
 
-def naive_sample(vlm, examples, cfg) -> int:
+def prompt_batch(vlm, images: list, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Left-padded `generate` inputs (ids, mask, image inputs) for prompts with one image each."""
+    if isinstance(vlm, MagmaVLM):
+        ids = [vlm.prompt_ids(p) for p in prompts]
+        length = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), length), vlm.pad_token_id)
+        mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for row, i in enumerate(ids):
+            input_ids[row, length - len(i):] = torch.tensor(i)
+            mask[row, length - len(i):] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": vlm.pixel_values(images)}
+    rows = [vlm.encode_row(image, prompt) for image, prompt in zip(images, prompts)]
+    batch = vlm.collate(rows, padding_side="left")
+    batch.pop("labels", None)
+    return batch
+
+
+def _generate(vlm, batch: dict, **kwargs) -> list[list[int]]:
+    out = vlm.model.generate(**batch, pad_token_id=vlm.pad_token_id, **kwargs)
+    return out[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def batched_generate(vlm, examples: list[Example], cfg: SampleConfig) -> int:
+    """Per batch: the greedy answers with one generate(), then one generate() per temperature with
+    num_return_sequences=samples_per_temperature; returns the candidates drawn."""
+    answer_stops = _answer_stop_ids(vlm)
+    drawn = 0
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = examples[start:start + cfg.batch_size]
+        images = [load_image(e) for e in batch]
+        ids = _generate(vlm, prompt_batch(vlm, images, [ANSWER_PROMPT.format(question=e.question) for e in batch]),
+                        do_sample=False, max_new_tokens=cfg.answer_max_new_tokens, eos_token_id=answer_stops)
+        answers = [_answer_text(vlm, row) for row in ids]
+        inputs = prompt_batch(vlm, images, [rationale_prompt(e.question, a) for e, a in zip(batch, answers)])
+        for temperature in cfg.temperatures:
+            rows = _generate(vlm, inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             num_return_sequences=cfg.samples_per_temperature,
+                             max_new_tokens=cfg.max_new_tokens, eos_token_id=vlm.eos_token_id)
+            drawn += len(rows)
+    return drawn
+
+
+def naive_generate(vlm, examples: list[Example], cfg: SampleConfig) -> int:
     """One generate() per answer and per candidate, each re-encoding the image; returns candidates drawn."""
+    answer_stops = _answer_stop_ids(vlm)
     drawn = 0
     for example in examples:
-        pixel_values = vlm.pixel_values([load_image(example)])
-        ids = torch.tensor([vlm.prompt_ids(ANSWER_PROMPT.format(question=example.question))])
-        out = vlm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                                 do_sample=False, max_new_tokens=cfg.answer_max_new_tokens,
-                                 eos_token_id=vlm.eos_token_id, pad_token_id=vlm.pad_token_id)
-        answer = vlm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split(",")[0].strip()
-        prompt = torch.tensor([vlm.prompt_ids(rationale_prompt(example.question, answer))])
+        image = [load_image(example)]
+        ids = _generate(vlm, prompt_batch(vlm, image, [ANSWER_PROMPT.format(question=example.question)]),
+                        do_sample=False, max_new_tokens=cfg.answer_max_new_tokens, eos_token_id=answer_stops)
+        inputs = prompt_batch(vlm, image, [rationale_prompt(example.question, _answer_text(vlm, ids[0]))])
         for temperature in cfg.temperatures:
             for _ in range(cfg.samples_per_temperature):
-                vlm.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                   pixel_values=pixel_values, do_sample=True, temperature=temperature,
-                                   top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=vlm.eos_token_id,
-                                   pad_token_id=vlm.pad_token_id)
+                _generate(vlm, inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                          max_new_tokens=cfg.max_new_tokens, eos_token_id=vlm.eos_token_id)
                 drawn += 1
     return drawn
+
+
+def ours(vlm, examples: list[Example], cfg: SampleConfig) -> int:
+    sample(vlm, examples, cfg, progress=False)
+    return len(examples) * len(cfg.temperatures) * cfg.samples_per_temperature
+
+
+def bench(vlm, examples: list[Example], cfg: SampleConfig, methods: dict[str, Callable]) -> dict:
+    """Each method once on the first batch (warm-up), then timed on all examples."""
+    results = {}
+    with torch.no_grad():
+        for name, method in methods.items():
+            method(vlm, examples[:cfg.batch_size], cfg)
+            start = time.perf_counter()
+            drawn = method(vlm, examples, cfg)
+            seconds = time.perf_counter() - start
+            results[name] = {"candidates": drawn, "seconds": round(seconds, 2),
+                             "candidates_per_second": round(drawn / seconds, 1)}
+    for r in results.values():
+        r["ours_ratio"] = round(results["ours"]["candidates_per_second"] / r["candidates_per_second"], 2)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--num-examples", type=int, default=32)
-    parser.add_argument("--random-model", action="store_true", help="a random demo-size model (no pre-training)")
+    parser.add_argument("--num-examples", type=int, default=64)
+    parser.add_argument("--backends", nargs="+", default=["magma", "hf"], choices=["magma", "hf"])
+    parser.add_argument("--random-model", action="store_true", help="MAGMA: a random demo-size model")
+    parser.add_argument("--naive", action="store_true", help="also time one generate() per candidate (slow)")
     parser.add_argument("--out", default="runs/bench_sampling.json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
-    if args.random_model:
+    examples = load_split(cfg.data, "val")[: args.num_examples]
+    methods = {"ours": ours, "generate": batched_generate}
+    if args.naive:
+        methods["naive"] = naive_generate
+    k = len(cfg.sample.temperatures) * cfg.sample.samples_per_temperature
+    report = {"examples": len(examples), "samples_per_example": k, "batch_size": cfg.sample.batch_size,
+              "max_new_tokens": cfg.sample.max_new_tokens, "threads": torch.get_num_threads(), "backends": {}}
+    print(f"{len(examples)} examples x K = {k}, batch {cfg.sample.batch_size}, "
+          f"torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as workdir:
+        for backend in args.backends:
+            if backend == "magma":
+                vlm = load_backend_magma(cfg, args.random_model)
+            else:
+                vlm = load_backend_hf(args.config, args.overrides, Path(workdir))
+            results = bench(vlm, examples, cfg.sample, methods)
+            report["backends"][backend] = results
+            print(f"\n{backend}\n{'method':<10}{'candidates':>12}{'seconds':>10}{'cand/s':>10}{'ours / it':>11}")
+            for name, r in results.items():
+                print(f"{name:<10}{r['candidates']:>12}{r['seconds']:>10.2f}{r['candidates_per_second']:>10.1f}"
+                      f"{r['ours_ratio']:>10.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+def load_backend_magma(cfg: RunConfig, random_model: bool):
+    """The demo config's MAGMA: random (`--random-model`) or the cached demo base model."""
+    if random_model:
         from illume.demo.tiny_models import build_demo_vlm
 
-        vlm = build_demo_vlm(cfg.model)
-    else:
-        from illume.loading import load_vlm
+        return build_demo_vlm(cfg.model)
+    from illume.loading import load_vlm
 
-        vlm = load_vlm(cfg)
-    examples = load_split(cfg.data, "val")[: args.num_examples]
-    k = len(cfg.sample.temperatures) * cfg.sample.samples_per_temperature
+    return load_vlm(cfg)
 
-    start = time.perf_counter()
-    sets = sample(vlm, examples, cfg.sample, progress=False)
-    ours_seconds = time.perf_counter() - start
-    ours_drawn = len(examples) * k
 
-    start = time.perf_counter()
-    with torch.no_grad():
-        naive_drawn = naive_sample(vlm, examples, cfg.sample)
-    naive_seconds = time.perf_counter() - start
+def load_backend_hf(config: str, overrides: list[str], workdir: Path):
+    """A random demo-sized LLaVA, saved and loaded back through `model.kind=hf` (`load_vlm`)."""
+    from illume.demo.tiny_models import build_tiny_hf_vlm
+    from illume.loading import load_vlm
 
-    result = {
-        "examples": len(examples), "samples_per_example": k, "threads": torch.get_num_threads(),
-        "ours": {"seconds": round(ours_seconds, 2), "candidates": ours_drawn,
-                 "distinct": sum(len(s.candidates) for s in sets),
-                 "candidates_per_second": round(ours_drawn / ours_seconds, 1)},
-        "naive": {"seconds": round(naive_seconds, 2), "candidates": naive_drawn,
-                  "candidates_per_second": round(naive_drawn / naive_seconds, 1)},
-    }
-    result["speedup"] = round(result["ours"]["candidates_per_second"] / result["naive"]["candidates_per_second"], 1)
-    print(f"{'method':<8}{'candidates':>12}{'seconds':>10}{'cand/s':>10}")
-    for name in ("ours", "naive"):
-        r = result[name]
-        print(f"{name:<8}{r['candidates']:>12}{r['seconds']:>10.2f}{r['candidates_per_second']:>10.1f}")
-    print(f"speed-up: {result['speedup']}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    build_tiny_hf_vlm("llava", text_size=DEMO_SIZED_LLAVA).save(workdir / "llava")
+    return load_vlm(load_config(config, [*overrides, "model.kind=hf", f"model.path={workdir / 'llava'}"]))
 
 
 if __name__ == "__main__":

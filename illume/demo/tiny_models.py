@@ -55,7 +55,8 @@ def _tiny_tokenizer(words: list[str], image_tokens: dict[str, str]) -> PreTraine
                                    unk_token=UNK_TOKEN, extra_special_tokens=image_tokens)
 
 
-def build_tiny_hf_vlm(family: str, seed: int = 0, vocab: list[str] | None = None) -> HFVLM:
+def build_tiny_hf_vlm(family: str, seed: int = 0, vocab: list[str] | None = None,
+                      text_size: dict | None = None) -> HFVLM:
     """A randomly initialised tiny LLaVA or Qwen2-VL (2 layers, width 16/32), its processor and LoRA (r=4),
     built offline from configs in about a second.
 
@@ -63,6 +64,8 @@ def build_tiny_hf_vlm(family: str, seed: int = 0, vocab: list[str] | None = None
         family: "llava" (CLIP vision tower, 32 px images, 16 image tokens) or "qwen2_vl" (56 x 56 pixels per
             image at any aspect ratio, 4-6 image tokens).
         vocab: Words of the tokenizer; default: the shapes world's vocabulary.
+        text_size: Overrides of the language model's config (e.g. {"hidden_size": 128, "num_hidden_layers":
+            4}; scripts/bench_sampling.py sizes a LLaVA like the demo's MAGMA).
     """
     words = vocabulary() if vocab is None else vocab
     if family == "llava":
@@ -75,10 +78,11 @@ def build_tiny_hf_vlm(family: str, seed: int = 0, vocab: list[str] | None = None
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                            num_attention_heads=4, image_size=32, patch_size=8),
-            text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=256, bos_token_id=None,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+            text_config=LlamaConfig(**{
+                "vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 256, "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id, **(text_size or {})}),
             image_token_id=tokenizer.image_token_id, image_seq_length=16, vision_feature_layer=-1,
             vision_feature_select_strategy="default",
         )
@@ -92,14 +96,14 @@ def build_tiny_hf_vlm(family: str, seed: int = 0, vocab: list[str] | None = None
         processor = without_video(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
         ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
         config = Qwen2VLConfig(
-            text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+            text_config={**dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=256,
                              # head dim 8: 4 rotary frequencies split over (time, height, width)
                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                               "mrope_section": [2, 1, 1]},
                              bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id),
+                             pad_token_id=tokenizer.pad_token_id), **(text_size or {})},
             vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=4, mlp_ratio=2),
             image_token_id=ids["image_token"], video_token_id=ids["video_token"],
             vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"],

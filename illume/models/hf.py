@@ -16,7 +16,8 @@ Only the language model's attention/MLP projections get LoRA; the vision tower s
 projector trains on request (`set_trainable(prefix=True)`).
 
 The VLM protocol's backend operations (illume.models.vlm): `decode` runs `generate` with our Gumbel-max logits
-processor (per-row temperatures, per-example generators, as MAGMA's decoding draws); the reward head reads
+processor (per-row temperatures, per-example generators, as MAGMA's decoding draws), each prompt pre-filled
+once (image included) and its KV cache repeated per candidate (`SHARED_PREFILL_FAMILIES`); the reward head reads
 the model's own last hidden states (`last_hidden_states`), each row with its own image inputs. Tiny random
 LLaVA / Qwen2-VL models for tests are built by `illume.demo.tiny_models.build_tiny_hf_vlm`.
 
@@ -372,31 +373,50 @@ class _GumbelMaxSampling(LogitsProcessor):
         return chosen
 
 
+SHARED_PREFILL_FAMILIES = frozenset({"llava", "qwen2_vl"})
+"""Families (`config.model_type`) whose K candidates of a prompt share one pre-fill (`_generate`); the
+others repeat the prompt K times. Listed once a test shows the shared path draws what the repeated path
+draws (tests/test_hf_decoding.py): the cache trick relies on the family's positions being a function of
+the prompt rows that generate accepts as `position_ids`, and on image inputs being needed only in the
+pre-fill."""
+
+
 @torch.no_grad()
 def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int, stop_ids: list[int],
               temperatures: torch.Tensor | None = None,
               generators: list[torch.Generator] | None = None, top_k: int | None = None,
-              top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
+              top_p: float = 1.0, share_prefill: bool | None = None) -> tuple[list[list[int]], list[float]]:
     """Decode `num_copies` continuations of every prompt row until a stop token (top_k / top_p: see
     `_GumbelMaxSampling`).
+
+    Args:
+        share_prefill: Pre-fill each prompt once and repeat its KV cache per copy (`_shared_prefill_inputs`)
+            instead of repeating the prompt (image through the vision tower once per copy). Default: for
+            `SHARED_PREFILL_FAMILIES` when there is more than one copy. Both draw the same candidates.
 
     Returns:
         The new tokens of each of the len(rows) * num_copies rows (stop token excluded), example-major, and
         their summed log-probabilities at T = 1 (stop token included).
     """
-    # Each prompt is repeated, so its image runs through the vision tower once per copy: simple and exact for
-    # every family (generate's own expansion does the same).
-    copies = [{k: v for k, v in row.items() if k != "labels"} for row in rows for _ in range(num_copies)]
-    batch = {k: v.to(vlm.device) for k, v in vlm.collate(copies, padding_side="left").items()}
+    rows = [{k: v for k, v in row.items() if k != "labels"} for row in rows]
+    if share_prefill is None:
+        share_prefill = num_copies > 1 and vlm.model.get_base_model().config.model_type in SHARED_PREFILL_FAMILIES
+    if share_prefill:
+        inputs = _shared_prefill_inputs(vlm, rows, num_copies)
+    else:
+        # Each prompt repeated: its image runs through the vision tower once per copy (as generate's own
+        # num_return_sequences expansion does); exact for every family.
+        copies = [row for row in rows for _ in range(num_copies)]
+        inputs = {k: v.to(vlm.device) for k, v in vlm.collate(copies, padding_side="left").items()}
     sampler = _GumbelMaxSampling(banned_token_ids(vlm), temperatures, generators, top_k, top_p)
     # Explicit values, because generate fills unset ones from the checkpoint's defaults (e.g. a repetition
     # penalty), which would change what is drawn.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
                               eos_token_id=list(stop_ids), pad_token_id=vlm.pad_token_id)
-    sequences = vlm.model.generate(**batch, generation_config=config,
+    sequences = vlm.model.generate(**inputs, generation_config=config,
                                    logits_processor=LogitsProcessorList([sampler]))
-    new_tokens = sequences[:, batch["input_ids"].shape[1]:].tolist()
+    new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
     step_logprobs = torch.stack(sampler.step_logprobs, 1)  # (R, steps)
     tokens, logprobs = [], []
     for row, row_tokens in enumerate(new_tokens):
@@ -405,3 +425,34 @@ def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int
         tokens.append(row_tokens[:end])
         logprobs.append(float(step_logprobs[row, :end + 1].sum()))  # the stop token's too, when there is one
     return tokens, logprobs
+
+
+def _shared_prefill_inputs(vlm: HFVLM, rows: list[dict], num_copies: int) -> dict:
+    """`generate` inputs for `num_copies` copies of each row that pre-fill each prompt once ("re-use a
+    prompt cache", transformers' docs).
+
+    The B prompt rows, image inputs included, are run through the model once up to their last token; the
+    cache is repeated `num_copies` times per row (rows grouped by prompt) and handed to `generate` with the
+    repeated full prompts, whose only token generate still has to run is the last one, text in every prompt
+    (ILLUME's prompts end in "A:" or ", seeing that"), so the image inputs are not needed again. The
+    positions are what generate would compute for the full prompts, by the model's own
+    `_prepare_position_ids_for_generation` (left padding; Qwen2-VL's 3-D M-RoPE positions), passed to the
+    pre-fill and to generate alike.
+    """
+    model = vlm.model.get_base_model()
+    batch = {k: v.to(vlm.device) for k, v in vlm.collate(rows, padding_side="left").items()}
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if bool((input_ids[:, -1] == vlm.image_token_id).any()):
+        raise ValueError("a prompt ends in an image token: its pre-fill cannot be shared (share_prefill=False)")
+    image_inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    position_ids = model._prepare_position_ids_for_generation(
+        input_ids, {"attention_mask": attention_mask, **image_inputs})
+    # Per-token inputs (Qwen2-VL's `mm_token_type_ids`) are cut with the tokens; image tensors stay whole.
+    prefix_inputs = {k: v[:, :-1] if v.shape == input_ids.shape else v for k, v in image_inputs.items()}
+    cache = vlm.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                      position_ids=position_ids[..., :-1], **prefix_inputs, use_cache=True,
+                      logits_to_keep=1).cache
+    cache.batch_repeat_interleave(num_copies)
+    return {"input_ids": input_ids.repeat_interleave(num_copies, 0),
+            "attention_mask": attention_mask.repeat_interleave(num_copies, 0),
+            "position_ids": position_ids.repeat_interleave(num_copies, -2), "cache": cache}

@@ -2,11 +2,15 @@
 
 `MagmaVLM.decode` calls `decode`. Each prompt (image features included) is pre-filled once and its KV cache is
 then repeated `num_copies` times, one row per candidate, so K rationales of one example cost one pre-fill;
-every row is decoded with its own temperature until it emits a stop token. Sampled rows may be restricted to
-their top-k / top-p tokens (illume.models.logits_filters), applied to the temperature-scaled logits.
+every row is decoded with its own temperature until it emits a stop token, and then leaves the batch (its
+cache rows too), so a step costs what the rows still running cost. Sampled rows may be restricted to their
+top-k / top-p tokens (illume.models.logits_filters), applied to the temperature-scaled logits.
 
 Randomness is per prompt: the rows of prompt e draw their Gumbel noise from e's generator, so a candidate
-depends only on (model, prompt, seed, row), not on the batch it was drawn in.
+depends only on (model, prompt, seed, row), not on the batch it was drawn in. Every prompt's generator draws
+its whole (num_copies, V) block each step until the last row stops, finished rows included, so a row's noise
+does not depend on when the others stopped. (Float32 logits of a row may differ in the last bits with the
+number of rows in the batch, so a log-probability may too, by ~1e-6, as between two batch sizes.)
 """
 
 from __future__ import annotations
@@ -66,32 +70,41 @@ def decode(model: MagmaForCausalLM, prompts: list[list[int]], image_embeds: torc
     banned = list(banned_token_ids)
     stop = torch.tensor(list(stop_token_ids), device=device)
     temperatures = temperatures.to(device).float().unsqueeze(1)  # (R, 1)
-    greedy_rows = temperatures.squeeze(1) <= 0
     filtered = generators is not None and filters_active(top_k, top_p)
     next_position = position_ids[:, -1:] + 1
     tokens = torch.full((num_rows, max_new_tokens), -1, dtype=torch.long)
     logprobs = torch.zeros(num_rows, dtype=torch.float64)
-    finished = torch.zeros(num_rows, dtype=torch.bool)
+    # Rows that emitted a stop token leave the batch (their cache rows too): `active` holds the original
+    # index of each row still decoded, and every per-row tensor below has one row per active row.
+    active = torch.arange(num_rows)
     for step in range(max_new_tokens):
         logits[:, banned] = float("-inf")
-        scores = logits / temperatures.clamp(min=1e-6)
+        row_temperatures = temperatures[active.to(device)]
+        greedy_rows = row_temperatures <= 0  # (A, 1)
+        scores = logits / row_temperatures.clamp(min=1e-6)
         if filtered:  # after the temperature, as transformers' warpers
-            scores = torch.where(greedy_rows.unsqueeze(1), scores, filter_logits(scores, top_k, top_p))
+            scores = torch.where(greedy_rows, scores, filter_logits(scores, top_k, top_p))
         if generators is not None:
             # Gumbel-max: argmax(logits / T + G) is a sample from softmax(logits / T), with noise drawn from
-            # each example's own generator so that batching does not change the draw.
+            # each example's own generator so that batching does not change the draw. Every example draws
+            # its whole (num_copies, V) block each step, finished rows included, so that a row's noise does
+            # not depend on when the others finished.
             uniform = torch.cat([torch.rand((num_copies, vocab), generator=g) for g in generators]).to(device)
             gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
-            scores = torch.where(greedy_rows.unsqueeze(1), scores, scores + gumbel)
-        chosen = scores.argmax(-1)  # (R,)
+            scores = torch.where(greedy_rows, scores, scores + gumbel[active.to(device)])
+        chosen = scores.argmax(-1)  # (A,)
         step_logprobs = torch.log_softmax(logits, -1).gather(1, chosen.unsqueeze(1)).squeeze(1)
-        active = ~finished
-        tokens[active, step] = chosen[active].cpu()
-        logprobs[active] += step_logprobs[active].double().cpu()
-        finished |= torch.isin(chosen, stop).cpu()
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        tokens[active, step] = chosen.cpu()
+        logprobs[active] += step_logprobs.double().cpu()
+        running = ~torch.isin(chosen, stop)
+        if step == max_new_tokens - 1 or not bool(running.any()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((num_rows, 1))], dim=1)
+        if not bool(running.all()):
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            chosen, attention_mask, next_position = chosen[keep], attention_mask[keep], next_position[keep]
+            active = active[keep.cpu()]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
         out = model(input_ids=chosen.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
                     cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()
