@@ -9,17 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from illume.config import RunConfig
-from illume.demo.pretrain import DEMO_MODEL_KIND, demo_model_dir, ensure_demo_model
+from illume.demo.pretrain import DEMO_MODEL_KIND, SHIPPED_DEMO_MODEL, demo_model_dir, ensure_demo_model
 from illume.models.loading import load_magma, load_model_path
 
 
 def load_vlm(cfg: RunConfig, device: str = "cpu"):
-    """The configured VLM: an HF VLM with LoRA (`model.kind=hf`), a saved MAGMA (`model.path`), or the cached
-    demo base model (pre-training it first if it is not cached yet)."""
+    """The configured VLM: an HF VLM with LoRA (`model.kind=hf`), a saved MAGMA (`model.path`), or the demo
+    base model (cached, shipped for configs/demo.yaml's settings, or pre-trained first: `ensure_demo_model`)."""
     if cfg.model.path is not None or cfg.model.kind != DEMO_MODEL_KIND:
         return load_model_path(cfg, device)
     directory = ensure_demo_model(cfg)
-    return load_magma(directory, device, f"delete {directory} and the demo base model is pre-trained again")
+    remedy = ("reinstall illume (the shipped demo base model is damaged)" if directory == SHIPPED_DEMO_MODEL
+              else f"delete {directory} and the demo base model is pre-trained again")
+    return load_magma(directory, device, remedy)
 
 
 def model_identity(cfg: RunConfig) -> str:

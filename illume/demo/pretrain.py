@@ -12,6 +12,12 @@ cache (`illume.config.cache_root`: `model.cache_dir`, $ILLUME_CACHE, $XDG_CACHE_
 whatever the working folder: `ensure_demo_model` (called by `illume.loading.load_vlm` when a config names no
 model) pre-trains only when that folder is missing. The architecture itself is `illume.demo.tiny_models
 .build_demo_vlm`.
+
+The base model of configs/demo.yaml's settings ships with the package (`SHIPPED_DEMO_MODEL`, 5.9 MB): a new
+machine runs the demo at once instead of pre-training for about 8 minutes on 2 cores first. It is what
+`illume pretrain configs/demo.yaml --force` makes (its `asset.json` records how it was made); the tests check
+that its settings hash is the demo config's and that the recipe still reproduces its recorded loss curve
+(tests/test_demo_asset.py). Other settings pre-train as before.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from functools import partial
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from illume import distributed
 from illume.collate import collate_rows
@@ -51,8 +57,13 @@ PRETRAIN_RECIPE_VERSION = 1
 _LATER_MODEL_FIELDS = {("lm", "vocab_size"): None, ("lm", "activation"): "gelu"}
 
 
-def demo_model_dir(cfg: RunConfig) -> Path:
-    """Cache folder of the demo base model for these settings."""
+SHIPPED_DEMO_MODEL = Path(__file__).parent / "assets" / "demo-base"
+"""The demo base model for configs/demo.yaml, shipped (see the module docstring); `asset.json` names the
+settings hash it was pre-trained for."""
+
+
+def demo_settings(cfg: RunConfig) -> dict:
+    """Every setting that changes the demo base model (the cache key's contents)."""
     model = {k: v for k, v in asdict(cfg.model).items() if k not in ("path", "cache_dir", "dtype", "lora")}
     for (section, name), default in _LATER_MODEL_FIELDS.items():
         if model[section][name] == default:
@@ -63,18 +74,41 @@ def demo_model_dir(cfg: RunConfig) -> Path:
         "world": {"seed": world.seed if world.pretrain_seed is None else world.pretrain_seed, "image_size": world.image_size, "max_objects": world.max_objects,
                   "num_pretrain_scenes": world.num_pretrain_scenes},
     }
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root(cfg.model) / f"demo-base-{digest}"
+    return relevant
+
+
+def demo_digest(cfg: RunConfig) -> str:
+    """The settings hash that names the demo base model's cache folder."""
+    return hashlib.sha256(json.dumps(demo_settings(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def demo_model_dir(cfg: RunConfig) -> Path:
+    """Cache folder of the demo base model for these settings."""
+    return cache_root(cfg.model) / f"demo-base-{demo_digest(cfg)}"
+
+
+def shipped_demo_model(cfg: RunConfig) -> Path | None:
+    """The shipped demo base model when it was pre-trained for exactly these settings, else None."""
+    info = SHIPPED_DEMO_MODEL / "asset.json"
+    if not info.is_file():
+        return None
+    return SHIPPED_DEMO_MODEL if json.loads(info.read_text())["digest"] == demo_digest(cfg) else None
 
 
 def ensure_demo_model(cfg: RunConfig) -> Path:
-    """The cache folder of the demo base model for these settings, pre-training it first if it is not cached
-    yet (once per machine)."""
+    """The folder of the demo base model for these settings: the cached one (which `illume pretrain` writes),
+    else the shipped one when it was made for these settings, else the cache folder after pre-training into
+    it (once per machine)."""
     directory = demo_model_dir(cfg)
-    if not (directory / "config.json").is_file():
-        logger.warning("no cached demo base model at %s: pre-training it now (once per machine, a few minutes)",
-                       directory)
-        pretrain_demo_model(cfg, directory)
+    if (directory / "config.json").is_file():
+        return directory
+    shipped = shipped_demo_model(cfg)
+    if shipped is not None:
+        logger.info("using the shipped demo base model %s (pre-trained for these settings)", shipped)
+        return shipped
+    logger.warning("no cached demo base model at %s: pre-training it now (once per machine, a few minutes)",
+                   directory)
+    pretrain_demo_model(cfg, directory)
     return directory
 
 
@@ -110,8 +144,24 @@ class PretrainRows(Dataset):
                 "pixel_values": self.pixel_values[scene_idx]}
 
 
-def pretrain_demo_model(cfg: RunConfig, out_dir: Path | None = None) -> Path:
+class _StopAfter(TrainerCallback):
+    """Ends training after `steps` optimizer steps, the schedule left as for the full run."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_training_stop = True
+        return control
+
+
+def pretrain_demo_model(cfg: RunConfig, out_dir: Path | None = None, stop_after: int | None = None) -> Path:
     """Pre-train the demo base model and save it (model + tokenizer + report) to `out_dir`.
+
+    Args:
+        stop_after: End after this many steps (the learning-rate schedule still that of `num_steps`): the
+            start of the run, to check that the recipe reproduces a recorded loss curve.
 
     Returns:
         The folder the model was saved to (the cache folder by default).
@@ -137,9 +187,9 @@ def pretrain_demo_model(cfg: RunConfig, out_dir: Path | None = None) -> Path:
         learning_rate=pcfg.learning_rate, weight_decay=pcfg.weight_decay, warmup_steps=pcfg.warmup_steps,
         lr_scheduler_type="cosine", logging_steps=max(1, pcfg.num_steps // 20),
     )
+    callbacks = report.callbacks() + ([_StopAfter(stop_after)] if stop_after is not None else [])
     trainer = Trainer(model=vlm.model, args=args, train_dataset=rows,
-                      data_collator=partial(collate_rows, pad_token_id=vlm.pad_token_id),
-                      callbacks=report.callbacks())
+                      data_collator=partial(collate_rows, pad_token_id=vlm.pad_token_id), callbacks=callbacks)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
