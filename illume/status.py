@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
-
 from rich.console import Console
 from rich.table import Table
 
-from illume.feedback.agreement import krippendorff_alpha as krippendorff_alpha_nominal
-from illume.feedback.verdicts import DEFAULT_AGGREGATE, read_feedback
+from illume.feedback import figures
+from illume.feedback.agreement import krippendorff_alpha as krippendorff_alpha_nominal  # noqa: F401 (tests, callers)
+from illume.feedback.verdicts import DEFAULT_AGGREGATE
 from illume.store import FeedbackStore
 
 POLICY_COLUMNS = (("grpo_reward", "reward", "{:.3f}"), ("grpo_accept", "sim. accept %", "{:.1%}"),
@@ -29,35 +27,24 @@ def summarize(store: FeedbackStore, aggregate: str = DEFAULT_AGGREGATE) -> dict:
 
     Accepted candidates are counted by the rules of illume.feedback.verdicts (`aggregate` for items with
     several annotators), the same the loop trains on; each annotator's latest judgment of an item counts.
+    Everything is counted by the database (illume.feedback.figures), so the time and memory do not grow
+    with what Python would have to hold: a few rows per round and annotator come back.
     """
-    feedback = read_feedback(store, split="train", aggregate=aggregate)
+    with_accepted = figures.items_with_accepted(store, "train", aggregate)
+    units = figures.coincidences(store, "train", kinds=None)  # every kind, as the table always showed
     rounds = {}
     for round_idx in store.rounds():
-        decisions: list[list[int]] = []
-        for item in feedback.items:
-            if item.round_idx == round_idx:
-                for candidate in item.candidates:
-                    decisions.append([int(j.decisions[candidate.id]) for j in item.judgments
-                                      if candidate.id in j.decisions])
-        overlap = any(len(values) > 1 for values in decisions)
-        metrics = store.round_status(round_idx)["metrics"] or {}
+        status = store.round_status(round_idx)
+        metrics = status["metrics"] or {}
         rounds[round_idx] = {**store.round_counts(round_idx, "train"),
                              **{key: metrics[key] for key, _, _ in POLICY_COLUMNS if key in metrics},
-                             "items_with_accepted": feedback.items_with_accepted(round_idx),
-                             "status": store.round_status(round_idx),
-                             "alpha": krippendorff_alpha_nominal(decisions) if overlap else None}
-    people: dict[str, dict] = defaultdict(lambda: {"kind": None, "judgments": 0, "seconds": []})
-    for item in feedback.items:
-        for judgment in item.judgments:
-            person = people[judgment.annotator]
-            person["kind"] = judgment.annotator_kind
-            person["judgments"] += 1
-            if judgment.seconds is not None:
-                person["seconds"].append(judgment.seconds)
+                             "items_with_accepted": with_accepted.get(round_idx, 0),
+                             "status": status,
+                             "alpha": units[round_idx].alpha() if round_idx in units else None}
     per_person = {
-        name: {"kind": p["kind"], "judgments": p["judgments"], "total_seconds": sum(p["seconds"]),
-               "median_seconds": statistics.median(p["seconds"]) if p["seconds"] else None}
-        for name, p in people.items()
+        name: {"kind": p["kind"], "judgments": p["items"], "total_seconds": p["seconds_sum"],
+               "median_seconds": p["median_seconds"]}
+        for (name,), p in sorted(figures.annotator_figures(store, "train", kinds=None).items())
     }
     return {"rounds": rounds, "people": per_person}
 

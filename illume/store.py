@@ -14,7 +14,8 @@ Assumptions, up front:
   the call it was killed in.
 - Several annotators may judge one item, each once (unique (item, annotator)); many processes and threads
   may write at once. On SQLite, writes start with `BEGIN IMMEDIATE` (one writer at a time, waiting up to
-  the busy timeout instead of failing with "database is locked"), and WAL lets readers run beside them.
+  the busy timeout instead of failing with "database is locked"), and WAL lets readers run beside them;
+  threads of one process queue for that lock on a lock of their own first (`_process_write_lock`).
   On PostgreSQL (READ COMMITTED) writers run at once: the unique constraints decide which of two equal
   judgments is stored (the other is answered as a repeat), a new round or annotator is inserted in a
   savepoint, the annotation queue locks an item's row (SELECT ... FOR UPDATE) before counting its free
@@ -43,13 +44,17 @@ Older databases open: columns added after the first release (`judgments.updated_
 `decisions.position_shown`, `items.question`) are added when the store is opened (ALTER TABLE ... ADD
 COLUMN, nullable), new tables are created, and the names of a database written before `annotators` existed
 are registered once, with the kind the old code implied from the name (`_register_older_annotators`).
+`items.num_judgments` (each item's judgment count, kept by a trigger on `judgments`) is added and counted,
+and indexes declared since are created (`_add_judgment_counts`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from numbers import Integral
@@ -63,6 +68,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -77,6 +83,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -98,6 +105,7 @@ _NAMING = {
     "pk": "pk_%(table_name)s",
 }
 _MAX_IN = 500  # look items up with IN (...) below this many ids, else read the whole round
+_JUDGED_CHUNK = 2_000  # items per range read by `judged_items`
 
 
 def _now() -> datetime:
@@ -141,7 +149,13 @@ class ItemRow(Base):
     """One example in one round and split: what its candidates continue."""
 
     __tablename__ = "items"
-    __table_args__ = (UniqueConstraint("round_idx", "example_id", "split"),)
+    __table_args__ = (
+        UniqueConstraint("round_idx", "example_id", "split"),
+        # The annotation page's hand-out: a round's items with fewer judgments than wanted, in hand-out order,
+        # found without reading the round's complete items (illume.feedback.queue).
+        Index("ix_items_handout", "round_idx", "split", "num_judgments", "priority", "id"),
+        Index("ix_items_round", "round_idx", "split", "id"),  # a round's first and last item id
+    )
 
     id: Mapped[int] = mapped_column(_Id, primary_key=True)
     round_idx: Mapped[int] = mapped_column(ForeignKey("rounds.round_idx"))
@@ -159,6 +173,10 @@ class ItemRow(Base):
     priority: Mapped[float | None] = mapped_column(Float)
     """Hand-out rank on the annotation page (`annotate.order`): lower first; None: after the ranked items, in
     the order added (`set_priorities`)."""
+    num_judgments: Mapped[int] = mapped_column(Integer, nullable=False, server_default=sql_text("0"))
+    """How many `judgments` rows the item has: kept by the database itself (a trigger on `judgments`, see
+    `_JUDGMENT_COUNT_TRIGGERS`), whoever writes, so that the annotation page finds open items and counts a
+    round's progress without counting judgments per request."""
 
     candidates: Mapped[list[CandidateRow]] = relationship(order_by="CandidateRow.position")
 
@@ -186,7 +204,10 @@ class JudgmentRow(Base):
     """One annotator's verdict on one item."""
 
     __tablename__ = "judgments"
-    __table_args__ = (UniqueConstraint("item_id", "annotator"),)
+    __table_args__ = (
+        UniqueConstraint("item_id", "annotator"),
+        Index("ix_judgments_annotator", "annotator", "item_id"),  # one person's judgments (the page's progress)
+    )
 
     id: Mapped[int] = mapped_column(_Id, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
@@ -225,6 +246,7 @@ class LeaseRow(Base):
     """
 
     __tablename__ = "leases"
+    __table_args__ = (Index("ix_leases_annotator", "annotator", "expires_at"),)  # a person's own leases
 
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
     annotator: Mapped[str] = mapped_column(String(255), primary_key=True)
@@ -389,11 +411,13 @@ class FeedbackStore:
         self._read = sessionmaker(self._engine, expire_on_commit=False)
         # Same pool; the option makes `_sqlite_begin` take the write lock at BEGIN (ignored off SQLite).
         write_engine = self._engine.execution_options(illume_begin="IMMEDIATE")
-        self._write = sessionmaker(write_engine, expire_on_commit=False)
+        self._write = _WriteSessions(sessionmaker(write_engine, expire_on_commit=False), _process_write_lock(
+            self._engine.url))
         with write_engine.begin() as connection:  # under the write lock: concurrent openers don't race
             _lock_schema(connection)
             Base.metadata.create_all(connection)
             _add_missing_columns(connection)
+            _add_judgment_counts(connection)
             _register_older_annotators(connection)
 
     @property
@@ -894,44 +918,57 @@ class FeedbackStore:
                        ItemRow.question)
                 .where(judged, *where).order_by(ItemRow.round_idx, ItemRow.id)
             ).all()
+            # The items' candidates, judgments and decisions, read by ranges of item ids (each range found
+            # through the item_id indexes): only the rows of the items asked for are read, never a whole table,
+            # and no query returns more than _JUDGED_CHUNK items' rows.
+            wanted = sorted(row.id for row in items)
             candidates: dict[int, list[CandidateInfo]] = {}
-            for row in session.execute(
-                select(CandidateRow.item_id, CandidateRow.id, CandidateRow.text, CandidateRow.temperature,
-                       CandidateRow.seed, CandidateRow.sample_idx, CandidateRow.logprob,
-                       CandidateRow.position, CandidateRow.model)
-                .join(ItemRow, ItemRow.id == CandidateRow.item_id)
-                .where(judged, *where).order_by(CandidateRow.item_id, CandidateRow.position)
-            ):
-                candidates.setdefault(row.item_id, []).append(CandidateInfo(
-                    id=row.id, text=row.text, temperature=row.temperature, seed=row.seed,
-                    sample_idx=row.sample_idx, logprob=row.logprob, position=row.position,
-                    model=row.model or POLICY_MODEL,
-                ))
             decisions: dict[int, dict[int, bool]] = {}
             positions: dict[int, dict[int, int | None]] = {}
-            for judgment_id, candidate_id, accepted, position in session.execute(
-                select(DecisionRow.judgment_id, DecisionRow.candidate_id, DecisionRow.accepted,
-                       DecisionRow.position_shown)
-                .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id)
-                .join(ItemRow, ItemRow.id == JudgmentRow.item_id).where(*where)
-            ):
-                decisions.setdefault(judgment_id, {})[candidate_id] = bool(accepted)
-                positions.setdefault(judgment_id, {})[candidate_id] = position
             judgments: dict[int, list[JudgmentInfo]] = {}
-            for row in session.execute(
-                select(JudgmentRow.item_id, JudgmentRow.id, JudgmentRow.annotator, AnnotatorRow.kind,
-                       JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
-                       JudgmentRow.client_token, JudgmentRow.updated_at, JudgmentRow.correction)
-                .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
-                .outerjoin(AnnotatorRow, AnnotatorRow.name == JudgmentRow.annotator)
-                .where(*where).order_by(JudgmentRow.id)
-            ):
-                judgments.setdefault(row.item_id, []).append(JudgmentInfo(
-                    id=row.id, annotator=row.annotator, annotator_kind=row.kind, none_fit=bool(row.none_fit),
-                    seconds=row.seconds, created_at=row.created_at, client_token=row.client_token,
-                    decisions=decisions.get(row.id, {}), updated_at=row.updated_at,
-                    positions_shown=positions.get(row.id, {}), correction=row.correction,
-                ))
+            keep = set(wanted)
+            for first in range(0, len(wanted), _JUDGED_CHUNK):
+                low, high = wanted[first], wanted[min(first + _JUDGED_CHUNK, len(wanted)) - 1]
+                for (item_id, candidate_id, text, temperature, seed, sample_idx, logprob, position,
+                     model) in session.execute(
+                    select(CandidateRow.item_id, CandidateRow.id, CandidateRow.text, CandidateRow.temperature,
+                           CandidateRow.seed, CandidateRow.sample_idx, CandidateRow.logprob,
+                           CandidateRow.position, CandidateRow.model)
+                    .where(CandidateRow.item_id.between(low, high))
+                    .order_by(CandidateRow.item_id, CandidateRow.position)
+                ):
+                    if item_id in keep:
+                        candidates.setdefault(item_id, []).append(CandidateInfo(
+                            id=candidate_id, text=text, temperature=temperature, seed=seed,
+                            sample_idx=sample_idx, logprob=logprob, position=position,
+                            model=model or POLICY_MODEL,
+                        ))
+                for judgment_id, candidate_id, accepted, position in session.execute(
+                    select(DecisionRow.judgment_id, DecisionRow.candidate_id, DecisionRow.accepted,
+                           DecisionRow.position_shown)
+                    .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id)
+                    .where(JudgmentRow.item_id.between(low, high))
+                    .order_by(DecisionRow.judgment_id, DecisionRow.candidate_id)
+                ):
+                    decisions.setdefault(judgment_id, {})[candidate_id] = bool(accepted)
+                    positions.setdefault(judgment_id, {})[candidate_id] = position
+                for row in session.execute(
+                    select(JudgmentRow.item_id, JudgmentRow.id, JudgmentRow.annotator, AnnotatorRow.kind,
+                           JudgmentRow.none_fit, JudgmentRow.seconds, JudgmentRow.created_at,
+                           JudgmentRow.client_token, JudgmentRow.updated_at, JudgmentRow.correction)
+                    .outerjoin(AnnotatorRow, AnnotatorRow.name == JudgmentRow.annotator)
+                    .where(JudgmentRow.item_id.between(low, high)).order_by(JudgmentRow.id)
+                ):
+                    if row.item_id in keep:
+                        judgments.setdefault(row.item_id, []).append(JudgmentInfo(
+                            id=row.id, annotator=row.annotator, annotator_kind=row.kind,
+                            none_fit=bool(row.none_fit), seconds=row.seconds, created_at=row.created_at,
+                            client_token=row.client_token, decisions=decisions.pop(row.id, {}),
+                            updated_at=row.updated_at, positions_shown=positions.pop(row.id, {}),
+                            correction=row.correction,
+                        ))
+                decisions.clear()  # of judgments of items in the range that were not asked for
+                positions.clear()
         return [
             JudgedItem(round_idx=r.round_idx, split=r.split, example_id=r.example_id, prompt=r.prompt,
                        answer=r.answer, predicted_answer=r.predicted_answer, seed=r.seed,
@@ -1183,6 +1220,59 @@ def _add_missing_columns(connection: Connection) -> None:
                 connection.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {column_type}")
 
 
+_JUDGMENT_COUNT_TRIGGERS = {
+    # SQLite: one trigger per event. (UPDATE OF item_id: no writer moves a judgment, but then the counts stay
+    # right too.)
+    "sqlite": [
+        "CREATE TRIGGER IF NOT EXISTS judgments_count_insert AFTER INSERT ON judgments BEGIN "
+        "UPDATE items SET num_judgments = num_judgments + 1 WHERE id = NEW.item_id; END",
+        "CREATE TRIGGER IF NOT EXISTS judgments_count_delete AFTER DELETE ON judgments BEGIN "
+        "UPDATE items SET num_judgments = num_judgments - 1 WHERE id = OLD.item_id; END",
+        "CREATE TRIGGER IF NOT EXISTS judgments_count_move AFTER UPDATE OF item_id ON judgments BEGIN "
+        "UPDATE items SET num_judgments = num_judgments - 1 WHERE id = OLD.item_id; "
+        "UPDATE items SET num_judgments = num_judgments + 1 WHERE id = NEW.item_id; END",
+    ],
+    # PostgreSQL: a trigger function; the trigger is created when missing (`_add_judgment_counts`).
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION illume_count_judgments() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF TG_OP IN ('UPDATE', 'DELETE') THEN "
+        "UPDATE items SET num_judgments = num_judgments - 1 WHERE id = OLD.item_id; END IF; "
+        "IF TG_OP IN ('UPDATE', 'INSERT') THEN "
+        "UPDATE items SET num_judgments = num_judgments + 1 WHERE id = NEW.item_id; END IF; "
+        "RETURN NULL; END $$",
+        "CREATE TRIGGER judgments_count AFTER INSERT OR DELETE OR UPDATE OF item_id ON judgments "
+        "FOR EACH ROW EXECUTE FUNCTION illume_count_judgments()",
+    ],
+}
+"""Keep `items.num_judgments` equal to the item's number of `judgments` rows, in the writer's transaction."""
+
+
+def _add_judgment_counts(connection: Connection) -> None:
+    """Bring `items.num_judgments`, its triggers and every index the tables declare to an older database.
+
+    A store from before the column gets it (0) and then its counts, in the opening transaction (which holds
+    the write lock, or on PostgreSQL the schema lock), so no judgment is missed in between. Indexes declared
+    after a table was first created are created here (`create_all` only creates missing tables).
+    """
+    dialect = connection.dialect.name
+    if "num_judgments" not in {column["name"] for column in inspect(connection).get_columns("items")}:
+        connection.exec_driver_sql("ALTER TABLE items ADD COLUMN num_judgments INTEGER DEFAULT 0 NOT NULL")
+        connection.exec_driver_sql(
+            "UPDATE items SET num_judgments = (SELECT count(*) FROM judgments WHERE judgments.item_id = items.id)")
+    statements = _JUDGMENT_COUNT_TRIGGERS.get(dialect)
+    if statements is None:
+        raise NotImplementedError(f"the feedback store keeps its judgment counts on SQLite and PostgreSQL, not {dialect}")
+    if dialect == "postgresql":
+        present = connection.scalar(sql_text(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'judgments_count' AND tgrelid = 'judgments'::regclass"))
+        statements = [] if present else statements
+    for statement in statements:
+        connection.exec_driver_sql(statement)
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(connection, checkfirst=True)
+
+
 def _get_or_add_round(session: Session, round_idx: int) -> RoundRow:
     row = session.get(RoundRow, round_idx)
     if row is None:
@@ -1219,6 +1309,40 @@ def _make_engine(url: URL) -> Engine:
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+class _WriteSessions:
+    """The store's write transactions: `with store._write.begin() as session:` (one transaction, committed at
+    the end), on SQLite behind this process's lock for the database file (`_process_write_lock`)."""
+
+    def __init__(self, maker: sessionmaker[Session], lock: threading.RLock | None) -> None:
+        self._maker = maker
+        self._lock = lock
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Session]:
+        with self._lock or contextlib.nullcontext(), self._maker.begin() as session:
+            yield session
+
+
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _process_write_lock(url: URL) -> threading.RLock | None:
+    """One lock per SQLite database in this process, taken around each write transaction; None off SQLite.
+
+    SQLite lets one writer in at a time, and a writer that finds the write lock taken does not queue: it
+    sleeps and retries (1, 2, 5, ... up to 100 ms apart) until the busy timeout. With the annotation server's
+    threads all writing (a lease per `next`, a judgment per submission), that polling made calls wait tens to
+    hundreds of ms for a lock that was free again after a few. Threads of one process queue here instead
+    and go in as soon as the previous writer committed; other processes (the loop, a CLI command) still meet
+    at SQLite's own lock. Re-entrant, so that a nested write fails as before (busy timeout), not hangs.
+    """
+    if url.get_backend_name() != "sqlite":
+        return None
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(str(url.database or ":memory:"), threading.RLock())
 
 
 def _sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:

@@ -532,7 +532,8 @@ def test_only_the_store_and_the_queue_open_its_sessions():
     """Every other module reads feedback through the store's public reads."""
     import re
 
-    allowed = {REPO / "illume" / "store.py", REPO / "illume" / "feedback" / "queue.py"}
+    allowed = {REPO / "illume" / "store.py", REPO / "illume" / "feedback" / "queue.py",
+               REPO / "illume" / "feedback" / "figures.py"}  # the store's GROUP BY counts (status, admin page)
     pattern = re.compile(r"\._(read|write)\b")
     offenders = [f"{path.relative_to(REPO)}:{number}"
                  for folder in ("illume", "reward", "policies", "scripts")
@@ -606,6 +607,8 @@ def test_an_older_store_gets_the_added_columns_on_each_backend(store_url):
     engine = create_engine(sqlalchemy_url(store_url))
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE annotators"))
+        for index in ("ix_items_handout", "ix_items_round", "ix_judgments_annotator"):  # on added columns, or later
+            connection.execute(text(f"DROP INDEX {index}"))
         for table, columns in _ADDED_COLUMNS.items():
             for column in columns:
                 connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))

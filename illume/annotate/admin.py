@@ -1,15 +1,15 @@
 """The admin page's API: progress, time per item, agreement and disagreements while people work.
 
     GET /admin                               the page (static/admin.html; polls the routes below)
-    GET /api/admin/summary                   per round and per person (illume.feedback.agreement.team_summary)
+    GET /api/admin/summary                   per round and per person (illume.feedback.figures.team_summary)
                                              and the reward model's precision/recall against people
     GET /api/admin/disagreements?round=R     the items people disagree on, most divided first
     GET /api/admin/item/ID                   who chose what on one item
 
 Every route needs the admin role (an account added with `--role admin`; without accounts, whoever holds the
-page). The figures are computed from the store on each request (one read of the judged train items), so
-the page shows what people did a moment ago; it asks again every few seconds. Model text in the answers is
-data: the page renders it with textContent only.
+page). The figures are counted by the database on each request that follows a change (illume.feedback.figures:
+a few rows per round and person come back), so the page shows what people did a moment ago; it asks again
+every few seconds. Model text in the answers is data: the page renders it with textContent only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query
 
 from illume.config import AnnotateConfig
-from illume.feedback.agreement import disagreements, item_detail, reward_vs_people, team_summary
+from illume.feedback import figures
+from illume.feedback.agreement import REWARD, disagreements, item_detail, reward_vs_people
 from illume.feedback.queue import AnnotationQueue
 from illume.store import FeedbackStore
 
@@ -47,13 +48,15 @@ def admin_routes(app: FastAPI, store: FeedbackStore, cfg: AnnotateConfig, requir
         version = (store.judgments_version(), tuple(items_per_round.items()))
         if cached["version"] != version:
             progress = {r: queue.annotation_progress(r, per_item, split=SPLIT) for r in rounds}
-            items = store.judged_items(SPLIT)
+            # Counted by the database (illume.feedback.figures); the judged items are read only when a reward
+            # model judged, to score it against people (without one there is nothing to score: None).
+            scored = any(kind in REWARD for kind in store.annotator_kinds().values())
             cached.update(version=version, figures={
                 "progress": [{"round_idx": r, "items": p["items"], "complete_items": p["complete_items"],
                               "judgments": p["counted_judgments"], "needed_judgments": p["needed_judgments"]}
                              for r, p in progress.items()],
-                "team": team_summary(items, {r: p["items"] for r, p in progress.items()}),
-                "reward_vs_people": reward_vs_people(items),
+                "team": figures.team_summary(store, {r: p["items"] for r, p in progress.items()}, split=SPLIT),
+                "reward_vs_people": reward_vs_people(store.judged_items(SPLIT)) if scored else None,
             })
         return {"generated_at": datetime.now(timezone.utc).isoformat(), "current_round": current_round(),
                 "annotations_per_item": per_item, **cached["figures"]}

@@ -170,13 +170,14 @@ def create_app(
         header = request.headers.get("authorization", "")
         given = header[7:] if header[:7].lower() == "bearer " else request.query_params.get("token", "")
         # Looked up on every request, so that an account added or revoked while the page runs counts at once.
-        if store.has_accounts():
-            account = store.account_for_token(given)
-            if account is None:
-                raise HTTPException(401, "this link is not valid (revoked, mistyped or missing its token): ask "
-                                         "the study's admin for your link (`illume annotators add`)",
-                                    headers={"WWW-Authenticate": "Bearer"})
+        # A valid account token answers it in one read; only without one: are there accounts at all?
+        account = store.account_for_token(given)
+        if account is not None:
             return Identity(account.name, account.role)
+        if store.has_accounts():
+            raise HTTPException(401, "this link is not valid (revoked, mistyped or missing its token): ask "
+                                     "the study's admin for your link (`illume annotators add`)",
+                                headers={"WWW-Authenticate": "Bearer"})
         if token is not None and not secrets.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "this page needs its access token: open the URL that `illume annotate` "
                                      "printed (it ends in ?token=...)",
@@ -305,7 +306,7 @@ def create_app(
         if round_ is None:
             return {"round_idx": None, "items": []}
         items = []
-        for judgment in queue.judgments_by(round_, annotator, SPLIT)[:limit]:
+        for judgment in queue.judgments_by(round_, annotator, SPLIT, limit=limit):
             view = item_view(queue.item(judgment["item_id"]), judgment["shown_order"])
             items.append({**view, "accepted": judgment["accepted"], "none_fit": judgment["none_fit"],
                           "correction": judgment["correction"], "seconds": judgment["seconds"], "judged_at": judgment["created_at"].isoformat(),

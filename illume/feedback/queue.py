@@ -30,6 +30,7 @@ from illume.store import (
     JudgmentRevisionRow,
     JudgmentRow,
     LeaseRow,
+    RoundRow,
     _check_annotator_kind,
     _is_row_id,
     _now,
@@ -96,18 +97,17 @@ class AnnotationQueue:
     def open_round(self, annotations_per_item: int, split: str = "train") -> int | None:
         """The round people should judge now: the latest one with an item that has fewer than
         `annotations_per_item` judgments; else the latest round with items (all judged); None if no items."""
+        latest = None
         with self._read() as session:
-            rounds = list(session.scalars(
-                select(ItemRow.round_idx).where(ItemRow.split == split).distinct()
-                .order_by(ItemRow.round_idx.desc())
-            ))
-            for round_idx in rounds:
+            # Two index lookups per round (`ix_items_handout`), never a scan of a round's items.
+            for round_idx in session.scalars(select(RoundRow.round_idx).order_by(RoundRow.round_idx.desc())):
+                in_round = (ItemRow.round_idx == round_idx, ItemRow.split == split)
                 if session.scalar(select(ItemRow.id).where(
-                    ItemRow.round_idx == round_idx, ItemRow.split == split,
-                    _num_judgments() < annotations_per_item,
-                ).limit(1)) is not None:
+                        *in_round, ItemRow.num_judgments < annotations_per_item).limit(1)) is not None:
                     return round_idx
-        return rounds[0] if rounds else None
+                if latest is None and session.scalar(select(ItemRow.id).where(*in_round).limit(1)) is not None:
+                    latest = round_idx
+        return latest
 
     def lease_item(
         self,
@@ -147,29 +147,25 @@ class AnnotationQueue:
             JudgmentRow.item_id == ItemRow.id, JudgmentRow.annotator == annotator
         ).exists()
         with self._write.begin() as session:
+            # From the person's own leases (`ix_leases_annotator`: a few rows), each item looked up by id.
             own = session.scalars(
-                select(LeaseRow).join(ItemRow, ItemRow.id == LeaseRow.item_id)
-                .where(*in_round, LeaseRow.annotator == annotator, LeaseRow.expires_at > now, ~judged_by_me,
-                       _num_judgments() < annotations_per_item)
+                select(LeaseRow)
+                .where(LeaseRow.annotator == annotator, LeaseRow.expires_at > now,
+                       select(ItemRow.id).where(ItemRow.id == LeaseRow.item_id, *in_round,
+                                                ItemRow.num_judgments < annotations_per_item).exists(),
+                       ~select(JudgmentRow.id).where(JudgmentRow.item_id == LeaseRow.item_id,
+                                                     JudgmentRow.annotator == annotator).exists())
                 .order_by(LeaseRow.created_at, LeaseRow.item_id).limit(1).with_for_update(of=LeaseRow)
             ).first()
             if own is not None:
                 own.expires_at = expires_at
                 return Lease(own.item_id, annotator, expires_at, list(own.shown_order or []))
             session.execute(delete(LeaseRow).where(
-                LeaseRow.expires_at <= now, LeaseRow.item_id.in_(select(ItemRow.id).where(*in_round))
+                LeaseRow.expires_at <= now,
+                select(ItemRow.id).where(ItemRow.id == LeaseRow.item_id, *in_round).exists(),
             ))
-            live_leases = (
-                select(func.count()).select_from(LeaseRow)
-                .where(LeaseRow.item_id == ItemRow.id, LeaseRow.expires_at > now).scalar_subquery()
-            )
             while True:
-                free = session.scalars(
-                    select(ItemRow.id).where(*in_round, ~judged_by_me,
-                                             _num_judgments() + live_leases < annotations_per_item)
-                    # `items.priority` first (annotate.order; lower first), unranked items after, each in the order added.
-                    .order_by(ItemRow.priority.is_(None), ItemRow.priority, ItemRow.id).limit(_LEASE_TRIES)
-                ).all()
+                free = _free_items(session, in_round, judged_by_me, annotations_per_item, now)
                 if not free:
                     return None
                 for item_id in free:
@@ -394,8 +390,11 @@ class AnnotationQueue:
             _insert_decisions(session, row.id, candidate_ids, set(accepted), shown_order)
             return True
 
-    def judgments_by(self, round_idx: int, annotator: str, split: str = "train") -> list[dict[str, Any]]:
-        """`annotator`'s judgments of the round's items, newest first (the page's "go back").
+    def judgments_by(
+        self, round_idx: int, annotator: str, split: str = "train", limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """`annotator`'s judgments of the round's items, newest first (the page's "go back"); with `limit`, the
+        newest `limit` of them (only theirs are read).
 
         Returns:
             Dicts with `judgment_id`, `item_id`, `accepted` (candidate ids), `none_fit`, `correction`, `seconds`,
@@ -409,17 +408,20 @@ class AnnotationQueue:
                        JudgmentRow.created_at, JudgmentRow.updated_at, JudgmentRow.correction)
                 .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
                 .where(*mine)
-                .order_by(JudgmentRow.id.desc())
+                .order_by(JudgmentRow.id.desc()).limit(limit)
             ).all()
             decisions: dict[int, list[tuple[int, bool, int | None]]] = {}
-            for judgment_id, candidate_id, accepted, position in session.execute(
+            their_decisions = (
                 select(DecisionRow.judgment_id, DecisionRow.candidate_id, DecisionRow.accepted,
                        DecisionRow.position_shown)
                 .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id)
                 .join(ItemRow, ItemRow.id == JudgmentRow.item_id)
                 .where(*mine)
                 .order_by(DecisionRow.candidate_id)
-            ):
+            )
+            if limit is not None:
+                their_decisions = their_decisions.where(DecisionRow.judgment_id.in_([row.id for row in judgments]))
+            for judgment_id, candidate_id, accepted, position in session.execute(their_decisions):
                 decisions.setdefault(judgment_id, []).append((candidate_id, accepted, position))
         rows = []
         for judgment_id, item_id, none_fit, seconds, created_at, updated_at, correction in judgments:
@@ -447,21 +449,33 @@ class AnnotationQueue:
         """
         in_round = (ItemRow.round_idx == round_idx, ItemRow.split == split)
         with self._read() as session:
-            counts = list(session.scalars(
-                select(func.count(JudgmentRow.id)).select_from(ItemRow)
-                .outerjoin(JudgmentRow, JudgmentRow.item_id == ItemRow.id)
-                .where(*in_round).group_by(ItemRow.id)
-            ))
-            mine = 0 if annotator is None else session.scalar(
-                select(func.count()).select_from(JudgmentRow).join(ItemRow, ItemRow.id == JudgmentRow.item_id)
-                .where(*in_round, JudgmentRow.annotator == annotator)
-            )
+            # Items per number of judgments, from the counts the database keeps (`items.num_judgments`), one
+            # index range per distinct number (`ix_items_handout`): no judgment is counted here.
+            by_count = []  # (judgments, items with that many)
+            count = -1
+            while (count := session.scalar(select(func.min(ItemRow.num_judgments)).where(
+                    *in_round, ItemRow.num_judgments > count))) is not None:
+                by_count.append((count, session.scalar(select(func.count()).select_from(ItemRow).where(
+                    *in_round, ItemRow.num_judgments == count))))
+            items = sum(n for _, n in by_count)
+            mine = 0
+            if annotator is not None and items:
+                # Their judgments of items in the round's id range (`ix_judgments_annotator`); only if other
+                # items' ids lie in that range (it holds more ids than the round has items) also checked item by
+                # item. (Apart: SQLite reads a lone min or max from the index's end, both at once by a scan.)
+                first = session.scalar(select(func.min(ItemRow.id)).where(*in_round))
+                last = session.scalar(select(func.max(ItemRow.id)).where(*in_round))
+                mine_in_range = (select(func.count()).select_from(JudgmentRow)
+                                 .where(JudgmentRow.annotator == annotator, JudgmentRow.item_id.between(first, last)))
+                if last - first + 1 != items:
+                    mine_in_range = mine_in_range.join(ItemRow, ItemRow.id == JudgmentRow.item_id).where(*in_round)
+                mine = session.scalar(mine_in_range)
         return {
-            "items": len(counts),
-            "complete_items": sum(count >= annotations_per_item for count in counts),
-            "judgments": sum(counts),
-            "counted_judgments": sum(min(count, annotations_per_item) for count in counts),
-            "needed_judgments": len(counts) * annotations_per_item,
+            "items": items,
+            "complete_items": sum(n for count, n in by_count if count >= annotations_per_item),
+            "judgments": sum(count * n for count, n in by_count),
+            "counted_judgments": sum(min(count, annotations_per_item) * n for count, n in by_count),
+            "needed_judgments": items * annotations_per_item,
             "mine": mine,
         }
 
@@ -478,10 +492,31 @@ def _check_annotator(annotator: str) -> None:
         raise ValueError("annotator must be a non-empty name")
 
 
-def _num_judgments() -> Any:
-    """Judgments of the enclosing query's item (a correlated scalar subquery)."""
-    return (select(func.count()).select_from(JudgmentRow)
-            .where(JudgmentRow.item_id == ItemRow.id).scalar_subquery())
+def _free_items(
+    session: Session, in_round: tuple[Any, ...], judged_by_me: Any, annotations_per_item: int, now: datetime
+) -> list[int]:
+    """Up to `_LEASE_TRIES` items of the round, in hand-out order, that the annotator has not judged and whose
+    judgments plus live leases are fewer than `annotations_per_item`.
+
+    Hand-out order: by `items.priority` (annotate.order; lower first), unranked items after, each in the
+    order added. Read from `ix_items_handout` one judgment count at a time (0, 1, .. annotations_per_item - 1;
+    ranked and unranked apart), each in index order, so a call reads the first few open items of the round
+    and never the items that already have their judgments; the (at most 2 x annotations_per_item) short
+    lists are merged here.
+    """
+    live_leases = (select(func.count()).select_from(LeaseRow)
+                   .where(LeaseRow.item_id == ItemRow.id, LeaseRow.expires_at > now).scalar_subquery())
+    found = []
+    for count in range(annotations_per_item):
+        for ranked in (ItemRow.priority.is_not(None), ItemRow.priority.is_(None)):
+            found += session.execute(
+                select(ItemRow.priority, ItemRow.id)
+                .where(*in_round, ItemRow.num_judgments == count, ranked, ~judged_by_me,
+                       count + live_leases < annotations_per_item)
+                .order_by(ItemRow.priority, ItemRow.id).limit(_LEASE_TRIES)
+            ).all()
+    found.sort(key=lambda row: (row.priority is None, row.priority or 0.0, row.id))
+    return [row.id for row in found[:_LEASE_TRIES]]
 
 
 def _slots_taken(session: Session, item_id: int, annotator: str, now: datetime) -> int:
