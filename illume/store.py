@@ -51,6 +51,7 @@ and indexes declared since are created (`_add_judgment_counts`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import secrets
 import threading
@@ -911,7 +912,7 @@ class FeedbackStore:
         if from_round is not None:
             where.append(ItemRow.round_idx >= from_round)
         judged = select(JudgmentRow.id).where(JudgmentRow.item_id == ItemRow.id).exists()
-        with self._read() as session:
+        with self._read() as session, _gc_paused():  # millions of small objects: see _gc_paused
             items = session.execute(
                 select(ItemRow.id, ItemRow.round_idx, ItemRow.split, ItemRow.example_id, ItemRow.prompt,
                        ItemRow.answer, ItemRow.predicted_answer, ItemRow.seed, ItemRow.image_ref,
@@ -1309,6 +1310,23 @@ def _make_engine(url: URL) -> Engine:
     event.listen(engine, "connect", _sqlite_connect)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a bulk read builds its objects (restored after).
+
+    A VQA-X-sized read creates millions of small objects, none of them in cycles, and every young-generation
+    collection they trigger walks them again: ~30 % of `judged_items`' time at 22,500 items. Nothing is
+    leaked: reference counting still frees everything, and the collector runs again afterwards.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class _WriteSessions:
