@@ -344,7 +344,7 @@ def bench_backend(backend: str, url: str, args: argparse.Namespace, fill: bool) 
         out["fill"].pop("people", None)
     if not args.skip_bookkeeping:
         print(f"[{backend}] bookkeeping", flush=True)
-        out["bookkeeping"] = measure_bookkeeping(url)
+        out["bookkeeping"] = measure_bookkeeping(url, steps=args.bookkeeping_steps)
     store = FeedbackStore(url)
     round_idx = open_round(store)
     names = [f"annotator-{k}" for k in range(args.annotators_concurrent)]
@@ -472,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="share of the open round judged before the 'end of round' runs")
     parser.add_argument("--annotations-per-item", type=int, default=AnnotateConfig.annotations_per_item)
     parser.add_argument("--skip-bookkeeping", action="store_true")
+    parser.add_argument("--bookkeeping-steps", nargs="+", default=None,
+                        help="only these of scripts/store_history.py's BOOKKEEPING_STEPS (default: all)")
     parser.add_argument("--skip-plans", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_store.json")
     parser.add_argument("--keep-db", type=Path, default=None,
