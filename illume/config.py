@@ -7,10 +7,11 @@ key named, and returns plain dataclasses: code never sees a DictConfig.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,6 +19,72 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: `low` <= value <= `high` (`<` where the end is open); None: no
+    bound. Each config class lists its settings' ranges in `RANGES`, checked by `check_ranges`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+COUNT = Range(1)
+"""A number of things that must not be 0: rounds, epochs, steps, rows per batch, ..."""
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, low_open=True)
+"""Rates, times and temperatures that must be above 0."""
+FRACTION = Range(0, 1)
+"""Probabilities, shares and metric scores."""
+PORT = Range(1, 65_535)
+
+
+def check_ranges(section: Any, at: str) -> None:
+    """Check every numeric setting of a config section, and of the sections inside it, against its class's
+    `RANGES`, and every float for being finite; None means "not set" and passes.
+
+    Args:
+        section: A config dataclass.
+        at: Its dotted key with a trailing dot ("sample.", "judge.model."), so that errors name the key.
+
+    Raises:
+        ValueError: naming the key, the value and what is allowed.
+    """
+    ranges = getattr(type(section), "RANGES", {})
+    for f in fields(section):
+        for key, value in _entries(f"{at}{f.name}", getattr(section, f.name)):
+            if is_dataclass(value):
+                check_ranges(value, f"{key}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise ValueError(f"{key} must be a finite number, got {value}")
+                if f.name in ranges and not ranges[f.name].allows(value):
+                    raise ValueError(f"{key} must be {ranges[f.name]}, got {value}")
+
+
+def _entries(key: str, value: Any) -> list[tuple[str, Any]]:
+    """A setting's values by the key an override names them with: a list's items as key[i], a mapping's as
+    key.name, anything else as itself."""
+    if isinstance(value, list):
+        return [(f"{key}[{i}]", item) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return [(f"{key}.{name}", item) for name, item in value.items()]
+    return [(key, value)]
 
 
 @dataclass
@@ -44,6 +111,10 @@ class ShapesWorldConfig:
     max_objects: int = 3
     """Most shapes in one scene (at least 1); at most 3, one per column."""
 
+    RANGES: ClassVar = {"image_size": Range(16), "num_train_scenes": COUNT, "num_val_scenes": COUNT,
+                        "num_test_scenes": AT_LEAST_0, "num_pretrain_scenes": COUNT, "questions_per_scene": COUNT,
+                        "max_objects": Range(1, 3)}
+
 
 @dataclass
 class DataConfig:
@@ -65,6 +136,15 @@ class DataConfig:
     """Use only the first N train examples (None: all)."""
     max_val_examples: int | None = None
     """Use only the first N val examples (None: all)."""
+    check_images: bool = True
+    """Open every image file of the run's splits before any model loads (header, size, the decompression-bomb
+    limit; illume.data.datasets), so that a bad one fails in seconds naming its file and row; false skips it
+    (each image is still decoded when first used)."""
+
+    RANGES: ClassVar = {"max_train_examples": COUNT, "max_val_examples": COUNT}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "data.")
 
 
 @dataclass
@@ -77,6 +157,8 @@ class VisionConfig:
     """Stem width; the output has width * 32 features per token."""
     image_size: int = 96
     """Input side in pixels; the prefix has (image_size / 32)^2 tokens (96 px: a 3 x 3 grid)."""
+
+    RANGES: ClassVar = {"layers": COUNT, "width": COUNT, "image_size": Range(32)}
 
 
 @dataclass
@@ -98,6 +180,9 @@ class LMConfig:
     activation: Literal["gelu", "gelu_new"] = "gelu"
     """MLP activation: exact GELU (demo) or the tanh approximation `gelu_new` (GPT-J-6B)."""
 
+    RANGES: ClassVar = {"hidden_size": COUNT, "num_layers": COUNT, "num_heads": COUNT, "rotary_dim": AT_LEAST_0,
+                        "max_positions": COUNT, "vocab_size": COUNT}
+
 
 @dataclass
 class AdapterConfig:
@@ -107,6 +192,8 @@ class AdapterConfig:
     """Factor d / bottleneck of the adapter after attention (ILLUME/MAGMA v2: 8)."""
     mlp_downsample: int = 4
     """Factor of the adapter after the MLP (MAGMA v1: 4, v2: 8)."""
+
+    RANGES: ClassVar = {"attention_downsample": AT_LEAST_0, "mlp_downsample": AT_LEAST_0}
 
 
 @dataclass
@@ -121,6 +208,8 @@ class LoraSettings:
     """Dropout on the LoRA input."""
     target_modules: str | None = None
     """Regex of the modules that get LoRA; None: the language model's attention and MLP projections."""
+
+    RANGES: ClassVar = {"r": COUNT, "alpha": POSITIVE, "dropout": Range(0, 1, high_open=True)}
 
 
 @dataclass
@@ -149,6 +238,8 @@ class ModelConfig:
     prefix_dropout: float = 0.1
     """Dropout on the projected image prefix."""
 
+    RANGES: ClassVar = {"prefix_dropout": Range(0, 1, high_open=True)}
+
 
 @dataclass
 class PretrainConfig:
@@ -171,6 +262,15 @@ class PretrainConfig:
     seed: int = 0
     """Seed of initialisation and data order."""
 
+    RANGES: ClassVar = {"num_steps": COUNT, "batch_size": COUNT, "learning_rate": POSITIVE, "weight_decay": AT_LEAST_0,
+                        "warmup_steps": AT_LEAST_0, "caption_fraction": FRACTION, "generic_fraction": FRACTION}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "pretrain.")
+        if self.caption_fraction + self.generic_fraction > 1:
+            raise ValueError(f"pretrain.caption_fraction + pretrain.generic_fraction must be <= 1 (the rest are "
+                             f"question/answer rows), got {self.caption_fraction} + {self.generic_fraction}")
+
 
 @dataclass
 class PoolModelConfig:
@@ -186,6 +286,8 @@ class PoolModelConfig:
     """An adapters.safetensors file (another run's round) for this run's base model."""
     model: ModelConfig | None = None
     """Another VLM (as `model`, e.g. kind: hf, path: ...), loaded for the pool's sampling and then released."""
+
+    RANGES: ClassVar = {"round": AT_LEAST_0}
 
 
 @dataclass
@@ -219,14 +321,14 @@ class SampleConfig:
     """Train rounds only: more models whose K candidates per item join the policy's (duplicates dropped), each
     stored with the model that wrote it (illume.pool). Empty: the policy alone, as the paper."""
 
+    RANGES: ClassVar = {"temperatures": AT_LEAST_0, "samples_per_temperature": COUNT, "max_new_tokens": COUNT,
+                        "answer_max_new_tokens": COUNT, "top_k": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
+                        "answer_temperature": AT_LEAST_0, "batch_size": COUNT}
+
     def __post_init__(self) -> None:
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"sample.top_k must be >= 0 (0 or null: off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sample.top_p must be in (0, 1] (1: off), got {self.top_p}")
-        if self.answer_temperature < 0:
-            raise ValueError(f"sample.answer_temperature must be >= 0 (0: greedy), "
-                             f"got {self.answer_temperature}")
+        if not self.temperatures:
+            raise ValueError("sample.temperatures is empty: give at least one temperature (0: greedy)")
+        check_ranges(self, "sample.")  # the pool's models too
 
 
 @dataclass
@@ -253,6 +355,12 @@ class CriticConfig:
     """Per-candidate metric of the simulated critic (pycocoevalcap's, on its tokenisation)."""
     threshold: float = 0.7
     """Accept when the metric against any single reference is >= this (the paper: ROUGE-L >= 0.7)."""
+
+    # The metrics score in [0, 1]: a threshold above 1 accepts nothing and the run would stop after a round.
+    RANGES: ClassVar = {"poll_seconds": POSITIVE, "threshold": FRACTION}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "critic.")
 
 
 JUDGE_SLOTS = ("question", "answer", "rationale", "context")
@@ -297,6 +405,9 @@ class JudgeConfig:
     batch_size: int = 32
     """Candidates scored per forward pass."""
 
+    RANGES: ClassVar = {"target_precision": Range(0, 1, low_open=True), "human_rounds": AT_LEAST_0,
+                        "batch_size": COUNT}
+
     def template(self) -> str:
         """The prompt template in use."""
         return self.prompt if self.prompt is not None else JUDGE_PROMPTS[self.method]
@@ -326,10 +437,13 @@ class JudgeConfig:
                              f"rationale is the part scored): {template!r}")
         if self.context != "none" and "context" not in slots:
             raise ValueError(f"judge.context={self.context} but judge.prompt has no {{context}} slot: {template!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"judge.batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.target_precision <= 1.0:
-            raise ValueError(f"judge.target_precision must be in (0, 1], got {self.target_precision}")
+        check_ranges(self, "judge.")  # judge.model too
+        if self.method == "yes_no" and self.threshold is not None and not FRACTION.allows(self.threshold):
+            raise ValueError(f"judge.threshold must be in [0, 1] for judge.method=yes_no (a probability), "
+                             f"got {self.threshold}")
+        if self.method == "likelihood" and self.threshold is not None and self.threshold > 0:
+            raise ValueError(f"judge.threshold must be <= 0 for judge.method=likelihood (a mean log-probability), "
+                             f"got {self.threshold}")
 
 
 @dataclass
@@ -354,6 +468,13 @@ class AnnotateConfig:
     """Interface to bind; anything but loopback requires an access token."""
     port: int = 8765
     """TCP port of the page."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host names (the `Host` header) the page answers besides the bound host's own (loopback names for a
+    loopback bind; this machine's names and addresses for a wildcard bind), e.g. the name of a reverse proxy;
+    "*.example.org" allows a domain's hosts. Other hosts get 400 (guards a loopback page against DNS
+    rebinding)."""
+    max_body_bytes: int = 65_536
+    """Largest request body the server reads; a larger one is refused (413) before it is read."""
     annotations_per_item: int = 1
     """Judgments wanted per item, each by a different person."""
     lease_seconds: float = 300.0
@@ -377,10 +498,11 @@ class AnnotateConfig:
     `annotate.order`, and the reward model decides all the others (replaces `reward.hybrid_band`); None: the
     band rule."""
 
+    RANGES: ClassVar = {"port": PORT, "annotations_per_item": COUNT, "lease_seconds": POSITIVE,
+                        "budget_per_round": AT_LEAST_0, "max_body_bytes": Range(1024)}
+
     def __post_init__(self) -> None:
-        if self.budget_per_round is not None and self.budget_per_round < 0:
-            raise ValueError(f"annotate.budget_per_round must be >= 0 items per round (None: the band rule), "
-                             f"got {self.budget_per_round}")
+        check_ranges(self, "annotate.")
 
 
 @dataclass
@@ -423,6 +545,14 @@ class RewardConfig:
     ensemble_size: int = 8
     """reward.uncertainty=ensemble: heads fitted on bootstrap resamples of the training pairs."""
 
+    RANGES: ClassVar = {"human_rounds": AT_LEAST_0, "heldout_fraction": Range(0, 1, low_open=True, high_open=True),
+                        "margin": AT_LEAST_0, "center_coef": AT_LEAST_0, "num_epochs": COUNT, "batch_size": COUNT,
+                        "learning_rate": POSITIVE, "target_precision": Range(0, 1, low_open=True),
+                        "hybrid_band": AT_LEAST_0, "ensemble_size": COUNT}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "reward.")
+
 
 @dataclass
 class TrainConfig:
@@ -462,6 +592,15 @@ class TrainConfig:
     """Experiment trackers every trainer (SFT, DPO, KTO, GRPO, reward model, pre-training) and the loop's round
     table report to: the HF Trainer's integration names (tensorboard, wandb, mlflow, trackio, ...), a list of
     them, "none" or "all" (those installed); TensorBoard files go to RUN_DIR/tracking (illume.tracking)."""
+
+    RANGES: ClassVar = {"num_epochs": COUNT, "batch_size": COUNT, "gradient_accumulation_steps": COUNT,
+                        "learning_rate": POSITIVE, "weight_decay": AT_LEAST_0, "adam_beta2": Range(0, 1, high_open=True),
+                        "rationale_weight": AT_LEAST_0, "num_answer_only_rows": AT_LEAST_0}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train.")
+        if self.bf16 and self.fp16:
+            raise ValueError("train.bf16 and train.fp16 are both true: choose one mixed precision")
 
 
 @dataclass
@@ -529,20 +668,15 @@ class PolicyConfig:
     fitted on people's judgments of this round and earlier; simulated, ROUGE-L against the references). Set a
     weight to 0 to switch a source off (overrides merge into this mapping)."""
 
+    RANGES: ClassVar = {"beta": POSITIVE, "label_smoothing": Range(0, 0.5, high_open=True), "sft_weight": AT_LEAST_0,
+                        "answer_weight": AT_LEAST_0, "desirable_weight": AT_LEAST_0, "undesirable_weight": AT_LEAST_0,
+                        "learning_rate": POSITIVE,
+                        "num_generations": Range(2),  # a group needs two samples
+                        "grpo_temperature": POSITIVE, "epsilon": Range(0, 1, low_open=True, high_open=True),
+                        "grpo_iterations": COUNT, "grpo_answer_weight": AT_LEAST_0}
+
     def __post_init__(self) -> None:
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"policy.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.beta <= 0:
-            raise ValueError(f"policy.beta must be > 0, got {self.beta}")
-        if self.num_generations < 2:
-            raise ValueError(f"policy.num_generations must be >= 2 (a group needs two samples), "
-                             f"got {self.num_generations}")
-        if not 0.0 < self.epsilon < 1.0:
-            raise ValueError(f"policy.epsilon must be in (0, 1), got {self.epsilon}")
-        if self.grpo_iterations < 1:
-            raise ValueError(f"policy.grpo_iterations must be >= 1, got {self.grpo_iterations}")
-        if self.grpo_temperature <= 0:
-            raise ValueError(f"policy.grpo_temperature must be > 0, got {self.grpo_temperature}")
+        check_ranges(self, "policy.")
         if self.kind == "grpo" and not any(self.reward_sources.values()):
             raise ValueError("policy.kind=grpo needs a reward: policy.reward_sources has no source with a "
                              f"non-zero weight ({dict(self.reward_sources)}); e.g. policy.reward_sources."
@@ -565,6 +699,11 @@ class LoopConfig:
     """Continue an existing run although settings that change results differ from its config.yaml (refused
     otherwise, listing them); config.yaml then takes the new settings and RUN_DIR/settings_changes.jsonl
     records the change and the round it applies from (illume.resume)."""
+
+    RANGES: ClassVar = {"num_rounds": COUNT, "patience": COUNT, "min_improvement": AT_LEAST_0}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "loop.")
 
 
 @dataclass
@@ -591,6 +730,13 @@ class RunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     store_url: str | None = None
     """SQLAlchemy URL of the feedback store; None: a SQLite file feedback.db in the run directory."""
+
+    def __post_init__(self) -> None:
+        # Every section with one place checked itself when it was made; the model settings (which appear in
+        # several places: model, judge.model, sample.pool[i].model) are checked where they sit.
+        check_ranges(self.model, "model.")
+        if not self.name.strip() or self.name.strip() in (".", ".."):
+            raise ValueError(f"name must name the run's folder inside output_dir, got {self.name!r}")
 
     @property
     def run_dir(self) -> Path:

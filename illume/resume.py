@@ -34,6 +34,8 @@ RESULT_NEUTRAL = frozenset({
     "train.report_to",  # where figures are reported (illume.tracking), not what is computed
     "critic.wait", "critic.poll_seconds",  # whether and how often the loop waits for people, not what they do
     "annotate.host", "annotate.port", "annotate.lease_seconds",  # where the page is served; when a lease ends
+    "annotate.allowed_hosts", "annotate.max_body_bytes",  # who may reach the page, how much it reads
+    "data.check_images",  # whether images are checked before the model loads, not what they are
     # When to stop, like loop.num_rounds (checked below): they decide how many rounds run, not what one does.
     "loop.stop_when_nothing_new", "loop.patience", "loop.min_improvement",
     "loop.allow_changed_settings",  # the opt-in itself

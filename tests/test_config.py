@@ -148,3 +148,77 @@ def test_demo_variants_state_only_what_differs_from_demo_yaml(variant):
     base = dotted_keys(asdict(load_config(CONFIGS / "demo.yaml")))
     repeated = {key: value for key, value in dotted_keys(own).items() if base[key] == value}
     assert not repeated, f"{variant} repeats what demo.yaml already resolves to: {repeated}"
+
+
+# Every numeric setting is checked for its range when the config loads (illume.config.check_ranges), so a
+# value outside its meaning fails before any work, naming the key, the value and what is allowed.
+@pytest.mark.parametrize("override, message", [
+    ("loop.num_rounds=-1", "loop.num_rounds must be >= 1, got -1"),
+    ("loop.num_rounds=0", "loop.num_rounds must be >= 1, got 0"),
+    ("loop.patience=0", "loop.patience must be >= 1, got 0"),
+    ("critic.threshold=1.5", "critic.threshold must be in [0, 1], got 1.5"),
+    ("critic.poll_seconds=0", "critic.poll_seconds must be > 0, got 0"),
+    ("sample.temperatures=[0.3,-1]", "sample.temperatures[1] must be >= 0, got -1"),
+    ("sample.temperatures=[]", "sample.temperatures is empty"),
+    ("sample.samples_per_temperature=0", "sample.samples_per_temperature must be >= 1, got 0"),
+    ("sample.top_p=1.5", "sample.top_p must be in (0, 1], got 1.5"),
+    ("sample.batch_size=0", "sample.batch_size must be >= 1, got 0"),
+    ("train.learning_rate=0", "train.learning_rate must be > 0, got 0"),
+    ("train.learning_rate=nan", "train.learning_rate must be a finite number, got nan"),
+    ("train.adam_beta2=1.0", "train.adam_beta2 must be in [0, 1), got 1.0"),
+    ("train.bf16=true", None),  # alone it is fine
+    ("policy.epsilon=1.0", "policy.epsilon must be in (0, 1), got 1.0"),
+    ("policy.num_generations=1", "policy.num_generations must be >= 2, got 1"),
+    ("policy.reward_sources.simulated=inf", "policy.reward_sources.simulated must be a finite number, got inf"),
+    ("reward.heldout_fraction=1.0", "reward.heldout_fraction must be in (0, 1), got 1.0"),
+    ("reward.target_precision=0", "reward.target_precision must be in (0, 1], got 0"),
+    ("judge.batch_size=0", "judge.batch_size must be >= 1, got 0"),
+    ("judge.threshold=0.5", "judge.threshold must be <= 0 for judge.method=likelihood"),
+    ("annotate.port=70000", "annotate.port must be in [1, 65535], got 70000"),
+    ("annotate.annotations_per_item=0", "annotate.annotations_per_item must be >= 1, got 0"),
+    ("annotate.lease_seconds=-5", "annotate.lease_seconds must be > 0, got -5"),
+    ("annotate.max_body_bytes=10", "annotate.max_body_bytes must be >= 1024, got 10"),
+    ("data.max_train_examples=0", "data.max_train_examples must be >= 1, got 0"),
+    ("data.shapes.num_train_scenes=0", "data.shapes.num_train_scenes must be >= 1, got 0"),
+    ("pretrain.caption_fraction=0.95", "pretrain.caption_fraction + pretrain.generic_fraction must be <= 1"),
+    ("model.lora.dropout=1", "model.lora.dropout must be in [0, 1), got 1"),
+    ("model.lm.num_layers=0", "model.lm.num_layers must be >= 1, got 0"),
+    ("model.vision.layers=[1,0,1,1]", "model.vision.layers[1] must be >= 1, got 0"),
+    ("judge.model={kind: hf, lora: {r: 0}}", "judge.model.lora.r must be >= 1, got 0"),
+    ("sample.pool=[{round: -1}]", "sample.pool[0].round must be >= 0, got -1"),
+])
+def test_settings_outside_their_range_fail_naming_key_value_and_range(override, message):
+    if message is None:
+        load_config(CONFIGS / "demo.yaml", [override])
+        return
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "demo.yaml", [override])
+    assert message in str(error.value)
+
+
+def test_mixed_precisions_together_are_refused():
+    with pytest.raises(ConfigError, match="train.bf16 and train.fp16 are both true"):
+        load_config(CONFIGS / "demo.yaml", ["train.bf16=true", "train.fp16=true"])
+
+
+# Settings any value of which means something: seeds (any integer) and the free-form judge threshold of
+# `likelihood` (checked against the method in JudgeConfig). Every other numeric setting must have a range.
+ANY_VALUE = {"seed", "pretrain_seed", "threshold", "reward_sources"}
+
+
+def _numeric_fields(section, at=""):
+    from dataclasses import fields, is_dataclass
+
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            yield from _numeric_fields(value, f"{at}{f.name}.")
+        elif f.type in ("int", "float", "int | None", "float | None", "list[int]", "list[float]"):
+            yield f"{at}{f.name}", type(section), f.name
+
+
+def test_every_numeric_setting_has_a_range():
+    cfg = load_config(CONFIGS / "demo.yaml", ["judge.model={kind: magma}"])
+    missing = [key for key, owner, name in _numeric_fields(cfg)
+               if name not in ANY_VALUE and name not in getattr(owner, "RANGES", {})]
+    assert not missing, f"numeric settings without a range in their class's RANGES: {missing}"
