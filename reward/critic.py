@@ -143,8 +143,6 @@ def check_critique_order(cfg: RunConfig) -> None:
                               "kind=hybrid, or annotate.order=stored|random")
         if cfg.reward.uncertainty not in UNCERTAINTY:
             raise ConfigError(f"reward.uncertainty={cfg.reward.uncertainty!r} is not one of {', '.join(UNCERTAINTY)}")
-        if cfg.reward.ensemble_size < 1:
-            raise ConfigError(f"reward.ensemble_size must be >= 1, got {cfg.reward.ensemble_size}")
 
 
 def _load_checkpoint(cfg: RunConfig) -> tuple[object, dict]:

@@ -194,7 +194,6 @@ def test_the_web_critic_writes_the_hand_out_order(tmp_path, monkeypatch):
     (["critic.kind=reward", "annotate.budget_per_round=5"], "only critic.kind=hybrid"),
     (["critic.kind=human", "annotate.order=uncertainty"], "no reward model"),
     (["critic.kind=hybrid", "annotate.order=uncertainty", "reward.uncertainty=vibes"], "not one of ensemble"),
-    (["critic.kind=hybrid", "annotate.order=uncertainty", "reward.ensemble_size=0"], "ensemble_size must be"),
 ])
 def test_nonsense_is_a_config_error(tmp_path, overrides, message):
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
@@ -202,9 +201,11 @@ def test_nonsense_is_a_config_error(tmp_path, overrides, message):
         check_critique_order(cfg)
 
 
-def test_a_negative_budget_fails_at_load():
+def test_a_negative_budget_or_an_empty_ensemble_fails_at_load():
     with pytest.raises(ConfigError, match="budget_per_round must be >= 0"):
         load_config(REPO / "configs" / "demo_hybrid.yaml", ["annotate.budget_per_round=-1"])
+    with pytest.raises(ConfigError, match="ensemble_size must be >= 1"):
+        load_config(REPO / "configs" / "demo_hybrid.yaml", ["reward.ensemble_size=0"])
     check_critique_order(load_config(REPO / "configs" / "demo_hybrid.yaml",
                                      ["annotate.budget_per_round=3", "annotate.order=uncertainty"]))
 
