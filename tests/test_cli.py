@@ -100,5 +100,5 @@ def test_corrupt_image_is_one_data_error_line_not_a_traceback(tmp_path, capsys):
                                   {"image": "bad.png", "question": "q?", "answer": "no"}])
     assert main(["run", DEMO, *tiny_overrides(tmp_path), *QUICK, *data, "loop.num_rounds=1"]) == 2
     err = capsys.readouterr().err
-    assert "data error: cannot read image" in err
+    assert "data error: train split (jsonl): cannot read image" in err  # found before the model loads
     assert str(tmp_path / "bad.png") in err and "train.jsonl:2" in err

@@ -9,7 +9,7 @@ from PIL import Image
 
 from illume.config import DataConfig
 from illume.data.errors import DatasetError
-from illume.data.records import Example
+from illume.data.records import Example, verify_image
 
 SPLITS = ("train", "val", "test")
 
@@ -18,14 +18,17 @@ def load_split(cfg: DataConfig, split: str, *, images_must_exist: bool = False) 
     """The examples of `split` ("train", "val" or "test"), truncated to the configured maximum.
 
     Args:
-        images_must_exist: Also check that every image file exists, for commands that go on to load a model:
-            a missing image then fails before the model loads (or pre-trains), not minutes later.
+        images_must_exist: Also check every image file, for commands that go on to load a model: a missing one
+            (a stat) and, unless `data.check_images` is false, an unreadable one (header, size, `Image.verify`;
+            no decoding) then fail before the model loads (or pre-trains), not minutes later.
 
     Raises:
-        DatasetError: a malformed file or row, or (images_must_exist) a missing image, named with its row.
+        DatasetError: a malformed file or row, a split with no examples, or (images_must_exist) a missing or
+            unreadable image, named with its row.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    where = f"{split} split ({cfg.kind})"
     if cfg.kind == "shapes":
         from illume.data.shapes import ShapesWorld
 
@@ -39,18 +42,58 @@ def load_split(cfg: DataConfig, split: str, *, images_must_exist: bool = False) 
         try:
             examples = load_examples_from_file(path, cfg.kind, cfg.image_dir, split_name=split)
         except (OSError, ValueError, KeyError) as error:
-            raise DatasetError(f"{split} split ({cfg.kind}): {error}") from error
-    limit = {"train": cfg.max_train_examples, "val": cfg.max_val_examples}.get(split)
-    examples = examples[:limit] if limit is not None else examples
+            raise DatasetError(f"{where}: {error}") from error
+    examples = _truncate(examples, cfg, split, where)
     if images_must_exist:
-        _check_image_files(examples, f"{split} split ({cfg.kind})")
+        _check_image_files(examples, where, open_files=cfg.check_images)
     return examples
 
 
-def _check_image_files(examples: list[Example], where: str) -> None:
-    """A stat per image file, no decoding: cheap even for thousands of COCO images. A corrupt file is still
-    found only when it is read (`records.load_image`), as a `DatasetError` too."""
-    missing = [e for e in examples if not isinstance(e.image, Image.Image) and not Path(e.image).is_file()]
+def _truncate(examples: list[Example], cfg: DataConfig, split: str, where: str) -> list[Example]:
+    """The first `data.max_<split>_examples` examples; a split left with none is an error, since a round, a
+    baseline or a score over 0 examples would run and report nothing."""
+    if not examples:
+        raise DatasetError(f"{where}: {_source(cfg, split)} has no examples")
+    key = {"train": "max_train_examples", "val": "max_val_examples"}.get(split)
+    limit = getattr(cfg, key) if key is not None else None
+    if limit is None:
+        return examples
+    if limit < 1:
+        raise DatasetError(f"{where}: data.{key}={limit} leaves no examples (must be at least 1; "
+                           f"{_source(cfg, split)} has {len(examples)})")
+    return examples[:limit]
+
+
+def _source(cfg: DataConfig, split: str) -> str:
+    """Where the split's examples come from, as the setting or file a user would change."""
+    if cfg.kind == "shapes":
+        return (f"the shapes world (data.shapes.num_{split}_scenes={getattr(cfg.shapes, f'num_{split}_scenes')}, "
+                f"data.shapes.questions_per_scene={cfg.shapes.questions_per_scene})")
+    return str(getattr(cfg, f"{split}_path"))
+
+
+def _check_image_files(examples: list[Example], where: str, *, open_files: bool) -> None:
+    """A stat per image file and, with `open_files`, `records.verify_image` (header, size, integrity, no
+    decoding). In-memory images (the shapes world) are skipped. Every file is checked, so the error can say how
+    many more are bad: fixing one and rerunning to find the next would take a run start each."""
+    files = [e for e in examples if not isinstance(e.image, Image.Image)]
+    missing = [e for e in files if not Path(e.image).is_file()]
     if missing:
         more = f"; {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
         raise DatasetError(f"{where}: image not found: {missing[0].image} (row {missing[0].source}){more}")
+    if not open_files:
+        return
+    from tqdm import tqdm  # imported here: only this path needs it
+
+    errors = []
+    # A bar only where the check takes a while (scripts/bench_images.py: 2,000 PNGs about a second, JPEGs a
+    # fifth of that); below, it is noise.
+    for example in tqdm(files, desc=f"checking {where} images", unit="img", leave=False,
+                        disable=len(files) < 2000):
+        try:
+            verify_image(example)
+        except DatasetError as error:
+            errors.append(error)
+    if errors:
+        more = f"; {len(errors) - 1} more images cannot be read" if len(errors) > 1 else ""
+        raise DatasetError(f"{where}: {errors[0]}{more}")

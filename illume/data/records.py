@@ -6,6 +6,7 @@ without importing each other.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,22 +54,74 @@ def load_image(example: Example) -> Image.Image:
 
     Raises:
         ImageNotFoundError: the file does not exist (the message names the file and the row).
-        DatasetError: the file cannot be decoded, or its mode cannot become RGB (the same), so the CLI reports a
+        DatasetError: the file cannot be decoded, has more pixels than the decompression-bomb limit
+            (`PIL.Image.MAX_IMAGE_PIXELS`), or its mode cannot become RGB (the same), so the CLI reports a
             `data error:` line, and a `--verify` that passes means every backend can read the image.
     """
     if isinstance(example.image, Image.Image):
         return example.image.copy()
+    path, where = _image_file(example)
+    with _open_image(path, where) as image:
+        try:
+            image.load()  # decode everything now: a truncated file fails here, and the handle can close
+            image.crop((0, 0, 1, 1)).convert("RGB")  # a mode PIL cannot make RGB fails here too, not mid-run
+            return image.copy()  # a plain image that no longer refers to the (closed) file
+        except Exception as error:  # PIL raises several types for corrupt files
+            raise DatasetError(f"cannot read image {path}{where}: {error}") from error
+
+
+def verify_image(example: Example) -> None:
+    """Check the example's image file without decoding its pixels, so a run can check thousands before its model
+    loads: the header parses, the size is within the decompression-bomb limit, and `Image.verify` passes.
+
+    What `verify` checks depends on the format: for PNG it reads every chunk up to IEND and checks its CRC, which
+    finds damaged and truncated files; PIL's JPEG reader checks nothing past the header, so a JPEG damaged in its
+    compressed data is found only when decoded (`load_image`). An in-memory image (the shapes world) passes.
+
+    Raises:
+        ImageNotFoundError: the file does not exist (the message names the file and the row).
+        DatasetError: the file fails one of the checks (the same).
+    """
+    if isinstance(example.image, Image.Image):
+        return
+    path, where = _image_file(example)
+    with _open_image(path, where) as image:
+        try:
+            image.verify()
+        except Exception as error:  # PIL raises several types for corrupt files
+            raise DatasetError(f"cannot read image {path}{where}: {error}") from error
+
+
+def _image_file(example: Example) -> tuple[Path, str]:
+    """The example's image file and the " (row ...)" that error messages add after it."""
     path = Path(example.image)
     where = f" (row {example.source})" if example.source else ""
     if not path.is_file():
         raise ImageNotFoundError(f"image not found: {path}{where}")
+    return path, where
+
+
+def _open_image(path: Path, where: str) -> Image.Image:
+    """The image file opened (its header read, no pixels decoded), or a DatasetError naming it.
+
+    More pixels than `PIL.Image.MAX_IMAGE_PIXELS` is an error here. PIL itself only warns up to twice that
+    limit and raises above it; a warning would scroll past in a run's log while decoding took gigabytes.
+    """
+    limit = Image.MAX_IMAGE_PIXELS  # None: the user switched PIL's check off, and so this one
     try:
-        with Image.open(path) as image:
-            image.load()  # decode everything now: a truncated file fails here, and the handle can close
-            image.crop((0, 0, 1, 1)).convert("RGB")  # a mode PIL cannot make RGB fails here too, not mid-run
-            return image.copy()  # a plain image that no longer refers to the (closed) file
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below instead
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(f"cannot read image {path}{where}: more pixels than the decompression-bomb limit of "
+                           f"{limit} (PIL.Image.MAX_IMAGE_PIXELS): {error}") from error
     except Exception as error:  # PIL raises several types for corrupt files
         raise DatasetError(f"cannot read image {path}{where}: {error}") from error
+    if limit is not None and image.width * image.height > limit:
+        image.close()
+        raise DatasetError(f"cannot read image {path}{where}: {image.width}x{image.height} pixels, more than the "
+                           f"decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
+    return image
 
 
 @dataclass
