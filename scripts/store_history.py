@@ -435,7 +435,8 @@ def _admin_client(store: FeedbackStore, run_dir: Path) -> Any:
     from illume.annotate.server import create_app
     from illume.config import AnnotateConfig
 
-    return TestClient(create_app(store, run_dir, AnnotateConfig()))
+    # The app answers only its bound host's names (127.0.0.1 by default), not TestClient's "testserver".
+    return TestClient(create_app(store, run_dir, AnnotateConfig()), base_url="http://127.0.0.1")
 
 
 @contextlib.contextmanager

@@ -31,6 +31,8 @@ from illume.feedback.queue import AnnotationQueue
 from illume.store import FeedbackStore
 from tests.conftest import REPO
 
+LOCAL = "http://127.0.0.1"
+"""Base URL of a TestClient for a loopback-bound app (TestClient's own Host, "testserver", gets 400)."""
 HOSTILE = '<script>alert("x")</script><img src=x onerror="alert(1)"> & &amp;'
 
 
@@ -91,7 +93,7 @@ def store(run_dir):
 
 def client_for(store, run_dir, token=None, round_idx=None, clock=None, **cfg) -> TestClient:
     app = create_app(store, run_dir, AnnotateConfig(**cfg), token=token, round_idx=round_idx, clock=clock)
-    return TestClient(app)
+    return TestClient(app, base_url=LOCAL)
 
 
 def take(client, annotator):
@@ -505,15 +507,15 @@ def test_cli_annotate_reads_the_run_config_and_requires_a_token_off_loopback(sto
     assert "http://127.0.0.1:8765/" in out and "token" not in out
     app, host, port = served[-1]
     assert (host, port) == ("127.0.0.1", 8765)
-    config = TestClient(app).get("/api/config").json()
+    config = TestClient(app, base_url=LOCAL).get("/api/config").json()
     assert config["annotations_per_item"] == 2 and config["guidelines"] == "Be kind."
 
     assert main(["annotate", str(run_dir), "--host", "0.0.0.0", "--port", "9000"]) == 0
     token = re.search(r"\?token=(\S+)", capsys.readouterr().out).group(1)
     app, host, port = served[-1]
     assert (host, port) == ("0.0.0.0", 9000) and len(token) >= 32
-    assert TestClient(app).get("/api/config").status_code == 401
-    assert TestClient(app).get("/api/config", params={"token": token}).status_code == 200
+    assert TestClient(app, base_url=LOCAL).get("/api/config").status_code == 401
+    assert TestClient(app, base_url=LOCAL).get("/api/config", params={"token": token}).status_code == 200
 
     assert main(["annotate", f"sqlite:///{run_dir / 'feedback.db'}", "--token", "given", "--round", "0"]) == 0
     assert "?token=given" in capsys.readouterr().out
@@ -769,7 +771,7 @@ def test_assist_orders_by_reward_and_prechecks_confident_accepts(store, run_dir)
         return {cid: -float(cid) for cid in ids}, -float(ids[0])
 
     app = create_app(store, run_dir, AnnotateConfig(), assist=assist)
-    item = TestClient(app).post("/api/next", json={"annotator": "ann"}).json()["item"]
+    item = TestClient(app, base_url=LOCAL).post("/api/next", json={"annotator": "ann"}).json()["item"]
     ids = [c["id"] for c in item["candidates"]]
     assert len(ids) > 1 and ids == sorted(ids)
     assert [c["prechecked"] for c in item["candidates"]] == [True] + [False] * (len(ids) - 1)

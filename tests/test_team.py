@@ -21,7 +21,7 @@ from illume.exports import dpo_rows, judgment_rows, kto_rows, sft_rows
 from illume.feedback.queue import AnnotationQueue
 from illume.feedback.verdicts import read_feedback
 from illume.store import FeedbackStore
-from tests.test_annotate_server import make_sets
+from tests.test_annotate_server import LOCAL, make_sets
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def store(run_dir, request):
 
 
 def client(store, run_dir, token=None, **cfg) -> TestClient:
-    return TestClient(create_app(store, run_dir, AnnotateConfig(**cfg), token=token))
+    return TestClient(create_app(store, run_dir, AnnotateConfig(**cfg), token=token), base_url=LOCAL)
 
 
 def auth(token: str) -> dict[str, str]:

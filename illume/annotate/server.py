@@ -6,8 +6,17 @@
 A JSON API and one static page (static/: plain JS, no build step). Assumptions, up front:
 - The store is the only state: leases, judgments and the order candidates were shown in are written to it,
   so the server can be killed (-9) and restarted at any time. A judgment is answered 200 only after its
-  transaction committed; a repeated submission (same `client_token`, or an item the annotator already
-  judged) is answered 200 with `duplicate: true` and stored once.
+  transaction committed; a repeated submission of an item the annotator already judged (a retry with the
+  same `client_token`, a second tab) is answered 200 with `duplicate: true` and stored once if it makes the
+  same choices, and 409 with the stored judgment (`stored`) if it makes others: the page shows what is
+  stored and offers to revise it (PUT), so a new choice is never dropped while the page says "saved".
+- Every request passes three checks before any route runs, in this order: its `Host` header must name
+  the bound host (the loopback names for a loopback bind; this machine's names and addresses for
+  0.0.0.0/::; else the host itself) or one of `annotate.allowed_hosts` (400 otherwise: a web page that
+  DNS-rebinds its own name to 127.0.0.1 reaches nothing); its body may be at most `annotate.max_body_bytes`
+  (413: refused on its Content-Length before a byte is read, a streamed body as soon as it passes the
+  limit, so the server never holds more than that); and its token (below) is checked from the headers and
+  query alone, before the body is read or parsed (401). Only the static files need no token.
 - Items are handed out so that each gets `annotations_per_item` judgments, each by a different person: an
   item handed to a page is leased to that annotator for `lease_seconds` (the page renews the lease while
   it shows the item) and goes back to the pool when the lease expires.
@@ -20,15 +29,18 @@ A JSON API and one static page (static/: plain JS, no build step). Assumptions, 
   name sent in a request is never used to choose it (one that differs is answered 403), so a person reads,
   leases and revises only their own judgments; a revoked or unknown token gets 401 at its next request.
   The admin page and its API need the admin role (403 otherwise). Without accounts, the one shared token
-  (`--token`), if any, lets anyone in, who then names themselves (the one-person loopback flow).
+  (`--token`), if any, lets anyone in, who then names themselves (the one-person loopback flow). Account
+  tokens are looked up by their hash and the shared token is compared in constant time.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import secrets
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +51,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from illume.annotate.admin import admin_routes
 from illume.config import AnnotateConfig
@@ -51,6 +67,14 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 """The only files the image route serves, by suffix."""
 SPLIT = "train"
 """People judge the train candidates (val/test candidates are for evaluation)."""
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+"""`Host` names a loopback-bound server answers to (besides `annotate.allowed_hosts`)."""
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+"""Binds that listen on every interface."""
+IDENTITY = "illume.identity"
+"""Key of the request scope where `Authenticate` puts who is asking (an `Identity`)."""
+OPEN_PREFIX = "/static/"
+"""Paths that need no token: the script and the style sheet hold no data."""
 
 AnnotatorName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255,
                                                  pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -145,7 +169,8 @@ def create_app(
         store: Where items are read from and leases and judgments written to.
         run_dir: The run directory; relative `image_ref`s are looked up in run_dir/images. None: only
             absolute image paths are served.
-        cfg: Annotations per item, lease time and guidelines.
+        cfg: Annotations per item, lease time and guidelines; `host` (the interface bound) and
+            `allowed_hosts` give the `Host` names answered, `max_body_bytes` the largest body read.
         token: Access token every /api route and the page require; None: open (loopback only).
         round_idx: The round to judge; None: the latest round with items that still need judgments,
             looked up on every request (the page moves on to a new round when the loop adds one).
@@ -159,6 +184,7 @@ def create_app(
     """
     app = FastAPI(title="illume annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(JudgmentConflict, _judgment_conflict)
     queue = AnnotationQueue(store)
     per_item = cfg.annotations_per_item
     images_dir = (run_dir / "images").resolve() if run_dir is not None else None
@@ -166,7 +192,8 @@ def create_app(
     def now() -> datetime | None:
         return clock() if clock is not None else None
 
-    def identify(request: Request) -> Identity:
+    def authenticate(request: Request) -> Identity:
+        """Who sends `request`, from its headers and query (run by `Authenticate`, before any route)."""
         header = request.headers.get("authorization", "")
         given = header[7:] if header[:7].lower() == "bearer " else request.query_params.get("token", "")
         # Looked up on every request, so that an account added or revoked while the page runs counts at once.
@@ -183,6 +210,10 @@ def create_app(
                                      "printed (it ends in ?token=...)",
                                 headers={"WWW-Authenticate": "Bearer"})
         return Identity(None, "admin")
+
+    def identify(request: Request) -> Identity:
+        """Who asks, as `Authenticate` settled it (every route but the static files is behind it)."""
+        return request.scope[IDENTITY]
 
     # (Depends as a default, not in Annotated[...]: with postponed annotations FastAPI resolves names in the
     # module's globals, where these local functions are not.)
@@ -230,7 +261,7 @@ def create_app(
                            for candidate_id in order],
         }
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(identify)])
+    api = APIRouter(prefix="/api")  # every route is behind `Authenticate` (the middleware below)
 
     @api.get("/config")
     def get_config(me: Identity = me_) -> dict[str, Any]:
@@ -284,8 +315,6 @@ def create_app(
             raise HTTPException(404, error.args[0] if error.args else str(error)) from error
         except ValueError as error:
             raise HTTPException(422, str(error)) from error
-        except JudgmentConflict as error:
-            raise HTTPException(409, str(error)) from error
         # Reached only after the store's transaction committed: an acknowledged judgment is on disk.
         return {"ok": True, "duplicate": not stored, "item_id": body.item_id,
                 "progress": progress(item["round_idx"], annotator)}
@@ -325,7 +354,7 @@ def create_app(
 
     app.include_router(api)
 
-    @app.get("/", include_in_schema=False, dependencies=[Depends(identify)])
+    @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
                             headers={"Cache-Control": "no-cache", **_PAGE_HEADERS})
@@ -337,8 +366,13 @@ def create_app(
         return FileResponse(STATIC_DIR / "admin.html", media_type="text/html",
                             headers={"Cache-Control": "no-cache", **_PAGE_HEADERS})
 
-    # The script and the style sheet hold no data, so they need no token.
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(OPEN_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
+    # Added innermost first, so a request meets them as Host check -> body limit -> token -> route: a foreign
+    # Host is refused before anything else, and nobody without a token gets their body read.
+    app.add_middleware(Authenticate, identify=authenticate)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg.host, cfg.allowed_hosts),
+                       www_redirect=False)
     return app
 
 
@@ -350,6 +384,143 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+class Authenticate:
+    """ASGI middleware: settles who is asking from the headers and query alone, before any route runs.
+
+    FastAPI reads and parses a request's body before it solves the route's dependencies, so a token
+    checked in a dependency would be checked after the body of anyone who reaches the port was read and
+    parsed. Here a request without a valid token is answered (`{"detail": ...}`, as the routes answer)
+    without its body being read; the others carry their `Identity` in the scope (`IDENTITY`) to the routes.
+
+    Args:
+        app: The app behind it.
+        identify: The request (headers and query; reading its body fails) to its `Identity`, or an
+            HTTPException (401, 403). It reads the store, so it runs in a worker thread.
+    """
+
+    def __init__(self, app: ASGIApp, identify: Callable[[Request], Identity]) -> None:
+        self.app = app
+        self.identify = identify
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(OPEN_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        try:
+            scope[IDENTITY] = await run_in_threadpool(self.identify, Request(scope))
+        except HTTPException as error:
+            await JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)(
+                scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from `receive` once a body passes the limit; an HTTPException, so that FastAPI's body reading
+    passes it on (it turns other errors into 400) and the app answers it as JSON."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over the server's limit of {max_bytes} bytes "
+                              "(annotate.max_body_bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: refuses (413) a request body over `max_bytes` without holding more than that.
+
+    A declared Content-Length over the limit is answered before anything is read; a streamed (chunked)
+    body is counted as it arrives and refused once it passes the limit. Starlette >= 1.x and FastAPI
+    >= 0.16x ship the same (`RequestBodyLimitMiddleware`, `FastAPI(max_body_size=)`), but the versions
+    pyproject.toml allows do not all have it, and FastAPI's sits outside this app's own middleware, where
+    it would run before the Host check.
+
+    Args:
+        app: The app behind it.
+        max_bytes: The largest body (bytes) passed on (`annotate.max_body_bytes`).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except _BodyTooLarge:
+            if started:  # too late to answer 413: let the server drop the connection
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = _BodyTooLarge(self.max_bytes)
+        await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, send)
+
+
+def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The `Host` header names (without port) the server answers when bound to `host`.
+
+    The bound host's own names, then `extra` (`annotate.allowed_hosts`: names, or "*.example.org" for a
+    domain's hosts): for a loopback bind the loopback names; for a wildcard bind (0.0.0.0, ::) this
+    machine's name, fully qualified name and addresses (as getaddrinfo resolves its name) and the loopback
+    names; for any other host, that host.
+
+    Raises:
+        ValueError: An `extra` pattern with a "*" anywhere but a leading "*." (or alone).
+    """
+    for pattern in extra:
+        if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
+            raise ValueError(f"annotate.allowed_hosts: {pattern!r} is not a host name or '*.domain' pattern")
+    if host in WILDCARD_HOSTS:
+        names = {socket.gethostname(), socket.getfqdn(), *_addresses(socket.gethostname()), *LOOPBACK_NAMES}
+    elif is_loopback(host):
+        names = {host, *LOOPBACK_NAMES}
+    else:
+        names = {host}
+    return sorted({_host_name(name) for name in names} | {pattern.lower() for pattern in extra})
+
+
+def _addresses(name: str) -> list[str]:
+    """The addresses `name` resolves to; none if it does not resolve."""
+    try:
+        return [info[4][0] for info in socket.getaddrinfo(name, None)]
+    except OSError:
+        return []
+
+
+def _host_name(name: str) -> str:
+    """`name` as a Host header carries it: lower case, an IPv6 address in brackets (without a zone)."""
+    bare = name.strip("[]").split("%")[0].lower()
+    try:
+        return f"[{bare}]" if ipaddress.ip_address(bare).version == 6 else bare
+    except ValueError:
+        return bare
+
+
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     """422 with one readable reason (`detail`) and the field errors (`errors`), never echoing the input."""
     errors = []
@@ -359,6 +530,13 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
         errors.append({"field": where or None, "message": message})
     detail = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
     return JSONResponse({"detail": detail or "malformed request", "errors": errors}, status_code=422)
+
+
+async def _judgment_conflict(request: Request, error: JudgmentConflict) -> JSONResponse:
+    """409 with the reason (`detail`) and, for a resubmission that differs from the stored judgment, that
+    judgment (`stored`: the page shows it and offers to revise it with a PUT)."""
+    stored = {"stored": error.stored} if error.stored is not None else {}
+    return JSONResponse({"detail": str(error), **stored}, status_code=409)
 
 
 def question_shown(item: dict[str, Any]) -> str:
@@ -414,19 +592,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--annotations-per-item", type=int, default=AnnotateConfig.annotations_per_item)
     parser.add_argument("--lease-seconds", type=float, default=AnnotateConfig.lease_seconds)
     parser.add_argument("--corrections", action="store_true", help="people may write a rationale when none fits")
+    parser.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts", metavar="NAME",
+                        help="another Host name to answer (a proxy's; '*.example.org'); repeatable")
+    parser.add_argument("--max-body-bytes", type=int, default=AnnotateConfig.max_body_bytes)
     args = parser.parse_args(argv)
-    store = FeedbackStore(args.store)
+    store = FeedbackStore(args.store, create=False)
     if not is_loopback(args.host) and not args.token and not store.has_accounts():
         parser.error("a non-loopback --host needs --token (or accounts: `illume annotators add`)")
     cfg = AnnotateConfig(host=args.host, port=args.port, annotations_per_item=args.annotations_per_item,
-                         lease_seconds=args.lease_seconds, corrections=args.corrections)
+                         lease_seconds=args.lease_seconds, corrections=args.corrections,
+                         allowed_hosts=args.allowed_hosts, max_body_bytes=args.max_body_bytes)
     serve(create_app(store, args.run_dir, cfg, args.token, args.round_idx), args.host, args.port)
 
 
 def is_loopback(host: str) -> bool:
     """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-
     if host.lower() == "localhost":
         return True
     try:

@@ -50,8 +50,20 @@ class Lease(NamedTuple):
 
 
 class JudgmentConflict(Exception):
-    """A valid judgment that cannot be stored: the item has all its judgments, or a client token was used
-    for another item or annotator. The message says which."""
+    """A valid judgment that cannot be stored: the item has all its judgments, a client token was used
+    for another item or annotator, or the annotator already judged the item differently. The message says
+    which.
+
+    Args:
+        message: What conflicts, in one sentence.
+        stored: For a differing resubmission, the annotator's stored judgment of the item.
+    """
+
+    def __init__(self, message: str, stored: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.stored = stored
+        """The stored judgment a resubmission differs from (`accepted` candidate ids, sorted; `none_fit`;
+        `correction`), so that the page can show it and offer a revision; None for other conflicts."""
 
 
 class AnnotationQueue:
@@ -262,8 +274,9 @@ class AnnotationQueue:
             correction: The rationale the annotator wrote because none fit (`none_fit` must be True).
 
         Returns:
-            True if stored; False (nothing written) for a repeat: the same `client_token` from the same
-            annotator on the same item, or an item this annotator already judged.
+            True if stored; False (nothing written) for a repeat of what is stored: an item this annotator
+            already judged with the same choices (accepted ids, `none_fit`, `correction`), whatever the
+            `client_token`.
 
         Raises:
             KeyError: No item has this id.
@@ -271,7 +284,8 @@ class AnnotationQueue:
                 `shown_order` that is not a permutation of the item's candidates, an unknown `kind`, or a
                 `kind` other than the one the annotator is registered with.
             JudgmentConflict: The item already has `annotations_per_item` judgments (or live leases of
-                others), or `client_token` was used for another item or annotator.
+                others), `client_token` was used for another item or annotator, or this annotator already
+                judged the item with other choices (`stored` holds them; `replace_judgment` changes them).
         """
         _check_annotator(annotator)
         check_correction(correction, none_fit, f"item {item_id}")
@@ -283,13 +297,12 @@ class AnnotationQueue:
                 if client_token is not None:
                     used = session.execute(select(JudgmentRow.item_id, JudgmentRow.annotator)
                                            .where(JudgmentRow.client_token == client_token)).first()
-                    if used is not None:
-                        if tuple(used) == (item_id, annotator):
-                            return False
+                    if used is not None and tuple(used) != (item_id, annotator):
                         raise JudgmentConflict(
                             f"client_token {client_token!r} was used for another submission")
-                if session.scalar(select(JudgmentRow.id).where(
-                        JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)) is not None:
+                stored = _stored_judgment(session, item_id, annotator)
+                if stored is not None:
+                    _check_same_as_stored(item_id, stored, accepted, none_fit, correction)
                     return False
                 # Off SQLite: locked (lease, then item) so that no concurrent clean-up deletes it under us.
                 lease = session.get(LeaseRow, (item_id, annotator), with_for_update=True)
@@ -319,9 +332,10 @@ class AnnotationQueue:
             # Another writer stored the same (item, annotator) or token between our check and our insert
             # (possible off SQLite, where writes are not serialised at BEGIN).
             with self._read() as session:
-                if session.scalar(select(JudgmentRow.id).where(
-                        JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)) is not None:
-                    return False
+                stored = _stored_judgment(session, item_id, annotator)
+            if stored is not None:
+                _check_same_as_stored(item_id, stored, accepted, none_fit, correction)
+                return False
             raise
 
     def replace_judgment(
@@ -552,6 +566,32 @@ def _check_item_decision(
                                     or sorted(shown_order) != sorted(candidate_ids)):
         raise ValueError(f"item {item_id}: shown_order must list each of the item's candidates once")
     return candidate_ids
+
+
+def _stored_judgment(session: Session, item_id: int, annotator: str) -> dict[str, Any] | None:
+    """`annotator`'s current judgment of the item as `JudgmentConflict.stored` holds it; None if none."""
+    row = session.execute(select(JudgmentRow.id, JudgmentRow.none_fit, JudgmentRow.correction).where(
+        JudgmentRow.item_id == item_id, JudgmentRow.annotator == annotator)).first()
+    if row is None:
+        return None
+    accepted = session.scalars(select(DecisionRow.candidate_id).where(
+        DecisionRow.judgment_id == row.id, DecisionRow.accepted.is_(True)).order_by(DecisionRow.candidate_id))
+    return {"accepted": list(accepted), "none_fit": bool(row.none_fit), "correction": row.correction}
+
+
+def _check_same_as_stored(
+    item_id: int, stored: dict[str, Any], accepted: Sequence[int], none_fit: bool, correction: str | None
+) -> None:
+    """A resubmission of a judged item: fine if it chooses what is stored (a retry, a second tab that agrees);
+    otherwise a conflict carrying the stored judgment, since silently keeping the first choice would tell the
+    person their new one was saved."""
+    if (sorted(accepted), bool(none_fit), correction) == (stored["accepted"], stored["none_fit"],
+                                                          stored["correction"]):
+        return
+    saved = ("none fits, with a written rationale" if stored["correction"] is not None
+             else "none fits" if stored["none_fit"] else f"accepted candidates {stored['accepted']}")
+    raise JudgmentConflict(f"you already judged item {item_id} differently ({saved}): revise that judgment "
+                           "to change it", stored=stored)
 
 
 def _insert_decisions(

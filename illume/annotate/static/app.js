@@ -20,6 +20,7 @@
     nameInput: $("name-input"), annotatorName: $("annotator-name"), changeName: $("change-name"),
     roundLabel: $("round-label"), adminLink: $("admin-link"), correctionHint: $("correction-hint"),
     correctionBox: $("correction-box"), correctionInput: $("correction-input"),
+    conflict: $("conflict"), conflictStored: $("conflict-stored"), conflictKeep: $("conflict-keep"),
   };
 
   const token = new URLSearchParams(location.search).get("token");
@@ -63,7 +64,7 @@
   }
 
   class ApiError extends Error {
-    constructor(status, message) { super(message); this.status = status; }
+    constructor(status, message, body) { super(message); this.status = status; this.body = body; }
   }
 
   function reason(body, status) {
@@ -84,7 +85,7 @@
     });
     let data = null;
     try { data = await response.json(); } catch (_) { data = null; }
-    if (!response.ok) throw new ApiError(response.status, reason(data, response.status));
+    if (!response.ok) throw new ApiError(response.status, reason(data, response.status), data);
     return data;
   }
 
@@ -156,6 +157,7 @@
       correction: correction || null,         // the person's own rationale (annotate.corrections); null: none
       original: { accepted: [...(accepted || [])].sort(), noneFit: Boolean(noneFit), correction: correction || null },
       clientToken: newToken(),                // one per item shown: retries and double clicks reuse it
+      conflict: null,                         // what is stored when this answer differed from it (409)
       elapsedMs: 0,
       runningSince: null,
     };
@@ -220,8 +222,35 @@
       el.reviewPosition.textContent = `${back} item${back === 1 ? "" : "s"} back`;
     }
     el.main.classList.toggle("reviewing", reviewing);
-    el.submitLabel.textContent = reviewing ? "Save change" : "Submit & next";
+    renderConflict(view);
     renderSelection();
+  }
+
+  // A "new" answer to an item this person already answered otherwise (another tab, a reload): the server
+  // kept the first (409) and sent it; the page shows it, and Enter replaces it through the revision (PUT).
+  function renderConflict(view) {
+    const stored = view.conflict;
+    el.conflict.hidden = !stored;
+    if (stored) el.conflictStored.textContent = describeStored(view.item, stored);
+    el.submitLabel.textContent = view.mode === "review" ? "Save change"
+      : stored ? "Replace saved answer" : "Submit & next";
+  }
+
+  // The stored answer in the page's own terms: the rationales' numbers as shown.
+  function describeStored(item, stored) {
+    if (stored.correction) return `none fits, with your rationale “${stored.correction}”`;
+    if (stored.none_fit) return "none of these fits";
+    const numbers = item.candidates.flatMap((c, i) => (stored.accepted.includes(c.id) ? [i + 1] : []));
+    return `rationale${numbers.length === 1 ? "" : "s"} ${numbers.join(", ")} ticked`;
+  }
+
+  function keepStored() {
+    const view = state.view;
+    if (!view || !view.conflict || state.busy) return;
+    view.conflict = null;
+    renderConflict(view);
+    setStatus("Kept your saved answer.", "ok");
+    loadNext();
   }
 
   function renderSelection() {
@@ -385,10 +414,16 @@
     };
     if (view.correction) body.correction = view.correction;
     try {
-      const data = await apiWithRetry(view.mode === "review" ? "PUT" : "POST", "/api/judgment", body);
+      const revise = view.mode === "review" || view.conflict !== null;
+      const data = await apiWithRetry(revise ? "PUT" : "POST", "/api/judgment", body);
       setProgress(data.progress);
       const what = view.correction ? "your rationale" : view.noneFit ? "none fits" : `${view.selected.size} accepted`;
-      if (view.mode === "review") {
+      if (view.conflict) {
+        view.conflict = null;
+        state.historyStale = true;
+        setStatus(`Replaced your saved answer (${what}).`, "ok");
+        await loadNext();
+      } else if (view.mode === "review") {
         const entry = state.history[state.reviewIndex];
         entry.accepted = [...view.selected];
         entry.none_fit = view.noneFit;
@@ -400,7 +435,13 @@
         await loadNext();
       }
     } catch (error) {
-      if (error instanceof ApiError && error.status === 409 && view.mode === "new") {
+      const stored = error instanceof ApiError && error.status === 409 && error.body && error.body.stored;
+      if (stored && view.mode === "new") {
+        view.conflict = stored;
+        view.clientToken = newToken();   // the revision is a new request (its retries reuse this token)
+        renderConflict(view);
+        setStatus("Not saved: you already answered this item differently.", "warn");
+      } else if (error instanceof ApiError && error.status === 409 && view.mode === "new") {
         setStatus(`Not saved: ${error.message}. Here is the next item.`, "warn");
         await loadNext();
       } else if (error instanceof ApiError) {
@@ -525,7 +566,12 @@
     }
     if (key === "?") { el.help.hidden = false; event.preventDefault(); return; }
     if (key === "Backspace") { back(); event.preventDefault(); return; }
-    if (key === "Escape") { if (state.reviewIndex >= 0) leaveReview(); event.preventDefault(); return; }
+    if (key === "Escape") {
+      if (state.view && state.view.conflict) keepStored();
+      else if (state.reviewIndex >= 0) leaveReview();
+      event.preventDefault();
+      return;
+    }
     if (!state.view) return;
     if (/^[1-9]$/.test(key)) { toggle(Number(key) - 1); event.preventDefault(); return; }
     if (key === "0" || key === "n" || key === "N") { toggleNoneFit(); event.preventDefault(); return; }
@@ -538,6 +584,7 @@
 
   el.submit.addEventListener("click", submit);
   el.back.addEventListener("click", back);
+  el.conflictKeep.addEventListener("click", keepStored);
   el.noneFit.addEventListener("click", toggleNoneFit);
   el.imageButton.addEventListener("click", openImage);
   el.lightbox.addEventListener("click", closeOverlays);
