@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import Trainer
 
 from illume.collate import RowEncoder
@@ -24,6 +23,7 @@ from illume.config import PolicyConfig, SampleConfig, TrainConfig
 from illume.data.records import Example
 from illume.feedback.verdicts import PreferencePair
 from illume.models.vlm import VLM
+from illume.models.weights import save_safetensors
 from illume.tracking import NO_REPORT, TrainerReport
 from illume.training import train_keeping_best_epoch
 from policies.losses import dpo_losses
@@ -109,8 +109,8 @@ def fill_reference(trainer: Trainer, dataset: PairsDataset, vlm: VLM) -> None:
     dataset.set_reference(chosen, rejected)
     # Kept for audits (and the test that the reference is the model the round started from).
     if trainer.args.process_index == 0:
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()},
-                  str(Path(trainer.args.output_dir).parent / REFERENCE_FILE))
+        save_safetensors({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()},
+                         Path(trainer.args.output_dir).parent / REFERENCE_FILE)
 
 
 def optimize_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example],

@@ -43,7 +43,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from illume import distributed
 from illume.collate import RowEncoder
@@ -52,6 +51,7 @@ from illume.critics import SimulatedCritic, candidate_scores
 from illume.data.records import CandidateSet
 from illume.feedback.verdicts import read_feedback
 from illume.models.vlm import VLM
+from illume.models.weights import save_safetensors
 from illume.prompts import ANSWER_PROMPT, example_seed
 from illume.sampling import sample
 from illume.tracking import trainer_report
@@ -265,7 +265,7 @@ def fill_reference(trainer, dataset: SamplesDataset, vlm: VLM, out_dir: Path) ->
     if distributed.is_main():  # for audits, and the test that the reference is the round's starting model
         flat = torch.tensor([x for item in items for x in item["ref_logps"]], dtype=torch.float32)
         lengths = torch.tensor([len(item["ref_logps"]) for item in items], dtype=torch.long)
-        save_file({"per_token_logps": flat, "lengths": lengths}, str(out_dir / REFERENCE_FILE))
+        save_safetensors({"per_token_logps": flat, "lengths": lengths}, out_dir / REFERENCE_FILE)
 
 
 def draw_samples(context: RoundContext) -> list[CandidateSet]:

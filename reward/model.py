@@ -27,13 +27,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from illume.collate import RowEncoder
 from illume.data.records import Example, load_image
 from illume.models.vlm import VLM, MagmaVLM
-from illume.models.weights import load_trainable_weights, read_safetensors, save_trainable_weights
+from illume.models.weights import (
+    load_trainable_weights,
+    read_safetensors,
+    save_safetensors,
+    save_trainable_weights,
+)
 
 POOLINGS = ("mean", "last")
 CONFIG_FILE = "reward_model.json"
@@ -144,8 +148,8 @@ class RewardModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_trainable_weights(self.backbone, directory / BACKBONE_FILE)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  str(directory / HEAD_FILE), metadata={"format": "pt"})
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                         directory / HEAD_FILE)
         config = {
             "base_model_path": None if self.base_model_path is None else str(self.base_model_path),
             "backbone": self.backbone_id,

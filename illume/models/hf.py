@@ -51,6 +51,7 @@ from transformers import (
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from illume.models.logits_filters import filter_logits, filters_active
+from illume.models.weights import check_finite, record_digests, verify_digests
 
 ADAPTER_DIR = "adapter"
 """Subfolder of a saved model holding the LoRA weights (kept apart from the base model's files, because
@@ -241,17 +242,21 @@ class HFVLM:
         base.save_pretrained(directory, state_dict=state)
         self.processor.save_pretrained(directory)
         self.model.save_pretrained(directory / ADAPTER_DIR)
+        record_digests(directory)  # the base's and the adapter's safetensors
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
              dtype: str | torch.dtype = "auto") -> HFVLM:
-        """Load what `save` wrote; the LoRA weights train, everything else is frozen."""
+        """Load what `save` wrote (the recorded digests checked first, every value finite after); the LoRA
+        weights train, everything else is frozen."""
         directory = Path(directory)
         if not (directory / ADAPTER_DIR / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no saved HF VLM in {directory} "
                                     f"({ADAPTER_DIR}/adapter_config.json missing)")
+        verify_digests(directory)
         base = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype)
         model = PeftModel.from_pretrained(base, directory / ADAPTER_DIR, is_trainable=True).to(device).eval()
+        check_finite(model.named_parameters(), directory)
         processor = load_processor(directory)
         vlm = cls(model, processor, processor.tokenizer)
         vlm.set_trainable(adapters=True)
@@ -321,6 +326,7 @@ def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str |
     """
     processor = load_processor(path_or_name)
     base = AutoModelForImageTextToText.from_pretrained(path_or_name, dtype=dtype).to(device)
+    check_finite(base.named_parameters(), path_or_name, "get an intact copy of the model")
     model = get_peft_model(base, LoraConfig(**{**DEFAULT_LORA, **(lora or {})})).eval()
     vlm = HFVLM(model, processor, processor.tokenizer)
     vlm.set_trainable(adapters=True)

@@ -33,7 +33,7 @@ def load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
     transformers reads one by one, keep transformers' own errors)."""
     weights = directory / "model.safetensors"
     with readable_safetensors(weights, remedy) if weights.is_file() else nullcontext():
-        return MagmaVLM.load(directory, device)
+        return MagmaVLM.load(directory, device, remedy)
 
 
 def _load_hf(cfg: RunConfig, device: str):

@@ -50,6 +50,8 @@ from transformers.models.gptj.modeling_gptj import GPTJRotaryEmbedding, create_s
 
 from illume.config import AdapterConfig, LMConfig, ModelConfig, VisionConfig
 from illume.models.magma import MagmaConfig, MagmaForCausalLM, build_magma_config
+from illume.models.weights import record_digests
+from illume.run_folder import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -437,6 +439,7 @@ def convert_magma(checkpoint_path: str | Path, out_dir: str | Path, version: Ver
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
+    record_digests(out_dir)  # MagmaVLM.load verifies them
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     summary = {"checkpoint": str(checkpoint_path),
@@ -450,6 +453,8 @@ def convert_magma(checkpoint_path: str | Path, out_dir: str | Path, version: Ver
 def cmd_convert_magma(args: argparse.Namespace) -> int:
     """`illume convert-magma CHECKPOINT OUT_DIR --version v1|v2 [--tokenizer DIR] [--allow-missing REGEX]`."""
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    # Before the (minutes-long) read: an earlier conversion is replaced only on request, anything else never.
+    check_output_folder(Path(args.out_dir), "conversion_report.json", args.force, "illume convert-magma")
     try:
         report = convert_magma(args.checkpoint, args.out_dir, args.version, args.tokenizer,
                                allow_missing=args.allow_missing or (),
@@ -483,4 +488,5 @@ def add_convert_magma_parser(commands) -> None:
                      help="checkpoint keys that may match nothing (skipped); repeatable")
     sub.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
                      help="store the weights in this dtype (default: the checkpoint's, fp16)")
+    sub.add_argument("--force", action="store_true", help="replace an earlier conversion in OUT_DIR")
     sub.set_defaults(handler=cmd_convert_magma)

@@ -30,6 +30,7 @@ from illume.collate import collate_rows, pad_right
 from illume.models import magma_decoding
 from illume.models.image_processing import to_pixel_values
 from illume.models.magma import MagmaForCausalLM, register_magma
+from illume.models.weights import WRITE_AGAIN, check_finite, record_digests, verify_digests
 
 ScoredItem = tuple[Image.Image, str, Sequence[str]]
 """(image, prompt, completions): one image shown with several completions of one prompt."""
@@ -245,18 +246,29 @@ class MagmaVLM:
     # --- saving and loading
 
     def save(self, directory: Path) -> None:
-        """Write the whole model (safetensors) and the tokenizer."""
+        """Write the whole model (safetensors, each with its digest) and the tokenizer."""
         self.model.save_pretrained(directory)
+        record_digests(directory)
         self.tokenizer.save_pretrained(directory)
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> MagmaVLM:
-        """Load a model written by `save` (weights from safetensors only)."""
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu",
+             remedy: str = WRITE_AGAIN) -> MagmaVLM:
+        """Load a model written by `save` (weights from safetensors only, their recorded digests checked first,
+        every value finite after).
+
+        Raises:
+            FileNotFoundError: no saved model in `directory`.
+            WeightsFileError: a weights file changed since it was written, or NaN or infinite weights; the
+                message says `remedy`.
+        """
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"no saved model in {directory} (config.json missing)")
         register_magma()
+        verify_digests(directory, remedy)
         model = MagmaForCausalLM.from_pretrained(directory, use_safetensors=True).to(device).eval()
+        check_finite(model.named_parameters(), directory, remedy)
         model.set_trainable(adapters=True)  # ILLUME's default: adapters train, everything else is frozen
         tokenizer = AutoTokenizer.from_pretrained(directory)
         return cls(model, tokenizer)
