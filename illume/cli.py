@@ -35,32 +35,48 @@ Pre-train the demo base model in one process first (`illume pretrain`); rank 0 w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import secrets
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from illume import distributed
+from illume import distributed, run_folder
 from illume.config import AnnotateConfig, ConfigError, RunConfig, load_config, save_config
 
 logger = logging.getLogger(__name__)
 
 
-def _load(args: argparse.Namespace) -> RunConfig:
+def _write_config(cfg: RunConfig) -> None:
+    """Write the resolved config into the run folder (claimed and locked: `_writing`), unless the loop has
+    started there: its config.yaml is what a resumed run is checked against, so it stays."""
     from illume.resume import loop_started
 
-    cfg = load_config(args.config, args.overrides)
-    if loop_started(cfg.run_dir):  # its config.yaml is what a resumed run is checked against: keep it
+    if loop_started(cfg.run_dir):
         logger.info("%s holds a run: its config.yaml is left as the run wrote it", cfg.run_dir)
     elif distributed.is_main():  # several processes: one writes
         save_config(cfg, cfg.run_dir / "config.yaml")
-    return cfg
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, command: str, store_url: str | None = None) -> Iterator[None]:
+    """Claim the run folder and hold its lock (illume.run_folder) for a command that writes to the run; with a
+    store elsewhere (a PostgreSQL URL), also the store's own lock, since other folders may share it."""
+    with run_folder.writing(run_dir, command):
+        if store_url is None or not distributed.is_main():
+            yield
+            return
+        from illume.store import FeedbackStore
+
+        with FeedbackStore(store_url, create=False).writer_lock(run_folder.holder_name(command)):
+            yield
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -73,30 +89,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from illume.demo.pretrain import demo_model_dir, pretrain_demo_model
 
-    cfg = _load(args)
-    directory = demo_model_dir(cfg)
-    if (directory / "config.json").is_file() and not args.force:
-        print(f"demo base model already cached at {directory} (use --force to pre-train again)")
-        return 0
-    start = time.perf_counter()
-    directory = pretrain_demo_model(cfg, directory)
+    cfg = load_config(args.config, args.overrides)
+    with _writing(cfg.run_dir, "pretrain"):
+        _write_config(cfg)
+        directory = demo_model_dir(cfg)
+        if (directory / "config.json").is_file() and not args.force:
+            print(f"demo base model already cached at {directory} (use --force to pre-train again)")
+            return 0
+        start = time.perf_counter()
+        directory = pretrain_demo_model(cfg, directory)
     print(f"pre-trained the demo base model in {time.perf_counter() - start:.0f} s -> {directory}")
     return 0
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
+    from illume.data.datasets import load_split
+
+    cfg = load_config(args.config, args.overrides)
+    # The data before the model: a bad row or an unreadable image fails in seconds, not after pre-training.
+    train = load_split(cfg.data, "train", images_must_exist=True)
+    val = load_split(cfg.data, "val", images_must_exist=True)
+    with _writing(cfg.run_dir, "baseline"):
+        if (cfg.run_dir / "baseline.json").is_file() and not args.force:
+            raise run_folder.RunFolderError(f"{cfg.run_dir / 'baseline.json'} holds an earlier baseline: pass "
+                                            "--force to measure again and replace it")
+        _write_config(cfg)
+        return _baseline(cfg, args.threshold, train, val)
+
+
+def _baseline(cfg: RunConfig, threshold: float, train: list, val: list) -> int:
+    """Sample and score the base model; write RUN_DIR/baseline.json and print the table."""
     from rich.console import Console
     from rich.table import Table
 
-    from illume.data.datasets import load_split
     from illume.evaluation import explanation_scores, rationale_pass_rate
     from illume.loading import load_vlm
     from illume.sampling import sample
 
-    cfg = _load(args)
-    # The data before the model: a bad row or a missing image fails in a second, not after pre-training.
-    train = load_split(cfg.data, "train", images_must_exist=True)
-    val = load_split(cfg.data, "val", images_must_exist=True)
     vlm = load_vlm(cfg)
     start = time.perf_counter()
     train_sets = sample(vlm, train, cfg.sample, use_reference_answer=True)
@@ -105,21 +134,21 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     k = len(cfg.sample.temperatures) * cfg.sample.samples_per_temperature
     report = {
         "num_train": len(train), "num_val": len(val), "samples_per_example": k,
-        "train_rationale_pass_rate": rationale_pass_rate(train_sets, train, args.threshold),
-        "val_rationale_pass_rate": rationale_pass_rate(val_sets, val, args.threshold),
+        "train_rationale_pass_rate": rationale_pass_rate(train_sets, train, threshold),
+        "val_rationale_pass_rate": rationale_pass_rate(val_sets, val, threshold),
         "train_answer_accuracy": sum(cs.predicted_answer == e.answer for cs, e in zip(train_sets, train)) / len(train),
         "mean_distinct_candidates": sum(len(cs.candidates) for cs in train_sets) / len(train_sets),
         "sampling_seconds": round(sampling_seconds, 1),
         "val": explanation_scores(vlm, val, cfg.sample),
-        "threshold": args.threshold,
+        "threshold": threshold,
     }
     (cfg.run_dir / "baseline.json").write_text(json.dumps(report, indent=2))
     table = Table(title=f"Base model ({len(train)} train / {len(val)} val questions, {k} samples each)")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row(f"train questions with a rationale at ROUGE-L >= {args.threshold}",
+    table.add_row(f"train questions with a rationale at ROUGE-L >= {threshold}",
                   f"{100 * report['train_rationale_pass_rate']:.1f}%")
-    table.add_row(f"val questions with a rationale at ROUGE-L >= {args.threshold}",
+    table.add_row(f"val questions with a rationale at ROUGE-L >= {threshold}",
                   f"{100 * report['val_rationale_pass_rate']:.1f}%")
     table.add_row("distinct candidates per train question", f"{report['mean_distinct_candidates']:.1f}")
     for key, value in report["val"].items():
@@ -135,7 +164,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         result = export(args.run_dir, args.format, args.out, round_idx=args.round, upto_round=args.upto_round,
                         split=args.split, aggregate=args.aggregate, as_jsonl=args.as_jsonl,
-                        conversational=args.conversational, images=not args.no_images)
+                        conversational=args.conversational, images=not args.no_images, force=args.force)
     except ExportError as error:
         print(f"export error: {error}", file=sys.stderr)
         return 2
@@ -162,6 +191,8 @@ def _add_export_parser(commands) -> None:
     sub.add_argument("--conversational", action="store_true",
                      help="TRL conversational format (user/assistant messages) for chat VLMs")
     sub.add_argument("--no-images", action="store_true", help="text only: no images column")
+    sub.add_argument("--force", action="store_true",
+                     help="replace an existing --out (an earlier export; never a run's own files)")
     sub.set_defaults(handler=cmd_export)
 
 
@@ -193,14 +224,17 @@ def _annotate_target(target: str) -> tuple[Path | None, str | Path, AnnotateConf
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from illume.annotate import server
     from illume.store import FeedbackStore
 
     run_dir, store_url, cfg = _annotate_target(args.target)
     host = args.host or cfg.host
     port = args.port if args.port is not None else cfg.port
+    cfg = replace(cfg, host=host, port=port)  # the app answers only the bound host's names (and allowed_hosts)
     token = args.token
-    store = FeedbackStore(store_url)
+    store = FeedbackStore(store_url, create=False)  # the page serves a run's store; it never makes one
     accounts = store.has_accounts()
     if not server.is_loopback(host) and not token and not accounts:
         token = secrets.token_urlsafe(24)
@@ -238,7 +272,7 @@ def cmd_annotators(args: argparse.Namespace) -> int:
     from illume.store import FeedbackStore
 
     _, store_url, cfg = _annotate_target(args.target)
-    store = FeedbackStore(store_url)
+    store = FeedbackStore(store_url, create=False)
     if args.action == "add":
         try:
             token = store.add_account(args.name, args.role)
@@ -272,7 +306,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config_path = run_dir / "config.yaml" if run_dir is not None else None
     raw = OmegaConf.load(config_path) if config_path is not None and config_path.is_file() else {}
     aggregate = OmegaConf.select(OmegaConf.create(raw), "feedback.aggregate", default=DEFAULT_AGGREGATE)
-    print_status(FeedbackStore(store_url), aggregate=aggregate)  # the rules the run trains by
+    print_status(FeedbackStore(store_url, create=False), aggregate=aggregate)  # the rules the run trains by
     return 0
 
 
@@ -284,7 +318,7 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from illume.loading import load_vlm, model_identity
     from illume.store import FeedbackStore
     from illume.tracking import check_report_to, trainer_report
-    from reward.model import RewardModel
+    from reward.model import CONFIG_FILE, RewardModel
     from reward.pairs import RewardDataError
     from reward.train import evaluate_saved, fit_reward_from_store
 
@@ -292,24 +326,29 @@ def cmd_reward(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / "config.yaml")
     if args.action == "train":
         check_report_to(cfg)  # before the model loads
-    store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
-    # Checked before the model loads: a missing image fails in a second, not after pre-training.
+    # Checked before the model loads: an unreadable image fails in seconds, not after pre-training.
     examples_by_id = {e.id: e for e in load_split(cfg.data, "train", images_must_exist=True)}
     out_dir = run_dir / "reward"
-    try:
-        if args.action == "train":
-            _, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
-                                              upto_round=args.round, deepspeed=cfg.train.deepspeed,
-                                              bf16=cfg.train.bf16, fp16=cfg.train.fp16,
-                                              backbone_id=model_identity(cfg),
-                                              report=trainer_report(cfg, out_dir))
-            report, training = result["eval"], result["training"]
-        else:
-            rm = RewardModel.load(out_dir, load_vlm(cfg), copy_backbone=False)
-            report, training = evaluate_saved(store, examples_by_id, rm, out_dir, cfg.reward.target_precision), None
-    except (RewardDataError, FileNotFoundError) as error:
-        print(f"reward error: {error}", file=sys.stderr)
-        return 2
+    with _writing(run_dir, f"reward {args.action}", cfg.store_url):
+        if args.action == "train":  # an earlier fit is replaced only on request (the loop's round_NN/ stay)
+            run_folder.check_output_folder(out_dir, CONFIG_FILE, args.force, "illume reward train",
+                                           alongside=("round_*",))
+        store = FeedbackStore(cfg.store_url or run_dir / "feedback.db", create=False)
+        try:
+            if args.action == "train":
+                _, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
+                                                  upto_round=args.round, deepspeed=cfg.train.deepspeed,
+                                                  bf16=cfg.train.bf16, fp16=cfg.train.fp16,
+                                                  backbone_id=model_identity(cfg),
+                                                  report=trainer_report(cfg, out_dir))
+                report, training = result["eval"], result["training"]
+            else:
+                rm = RewardModel.load(out_dir, load_vlm(cfg), copy_backbone=False)
+                report = evaluate_saved(store, examples_by_id, rm, out_dir, cfg.reward.target_precision)
+                training = None
+        except (RewardDataError, FileNotFoundError) as error:
+            print(f"reward error: {error}", file=sys.stderr)
+            return 2
     if not distributed.is_main():  # several processes: rank 0 reports
         return 0
     table = Table(title=f"Reward model on {report['num_examples']} held-out examples ({out_dir})")
@@ -336,6 +375,7 @@ def _add_reward_parser(commands) -> None:
     sub.add_argument("action", choices=("train", "eval"), help="train (then evaluate) | eval (the saved one)")
     sub.add_argument("run_dir", help="run directory (its config.yaml and feedback store); writes RUN_DIR/reward/")
     sub.add_argument("--round", type=int, default=None, help="train: judgments of rounds <= N (default: all)")
+    sub.add_argument("--force", action="store_true", help="train: replace the reward model an earlier train wrote")
     sub.set_defaults(handler=cmd_reward)
 
 
@@ -355,11 +395,16 @@ def cmd_policy(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     else:
         raise ConfigError(f"{source} is neither a run directory (config.yaml) nor a dataset saved with datasets")
-    try:
-        metrics = optimize_standalone(args.kind, source, cfg, args.out, args.init_round)
-    except PolicyDataError as error:
-        print(f"{args.kind} error: {error}", file=sys.stderr)
-        return 2
+    is_run = (source / "config.yaml").is_file()
+    run_dir = source if is_run else cfg.run_dir  # the run the result is written into (by default)
+    out_dir = Path(args.out) if args.out is not None else run_dir / args.kind
+    with _writing(run_dir, args.kind, cfg.store_url if is_run else None):
+        run_folder.check_output_folder(out_dir, "metrics.json", args.force, f"illume {args.kind}", kind=args.kind)
+        try:
+            metrics = optimize_standalone(args.kind, source, cfg, out_dir, args.init_round)
+        except PolicyDataError as error:
+            print(f"{args.kind} error: {error}", file=sys.stderr)
+            return 2
     if not distributed.is_main():  # several processes: rank 0 reports
         return 0
     table = Table(title=f"{args.kind.upper()} on {source}: {metrics['num_rows']} "
@@ -384,6 +429,8 @@ def _add_policy_parsers(commands) -> None:
         sub.add_argument("--out", default=None, help=f"output folder (default: RUN_DIR/{kind})")
         sub.add_argument("--init-round", type=int, default=None,
                          help="start from this round's adapters (default: the base model)")
+        sub.add_argument("--force", action="store_true", help=f"replace the result of an earlier `illume {kind}` in "
+                                                              "the output folder")
         sub.set_defaults(handler=cmd_policy, kind=kind)
 
 
@@ -402,8 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "run the ILLUME loop; running it again continues where it stopped")
     add("pretrain", cmd_pretrain, "pre-train and cache the demo base model").add_argument(
         "--force", action="store_true", help="pre-train even if a cached model exists")
-    add("baseline", cmd_baseline, "answer accuracy and rationale quality of the base model").add_argument(
-        "--threshold", type=float, default=0.7, help="ROUGE-L a rationale needs to count as acceptable")
+    baseline = add("baseline", cmd_baseline, "answer accuracy and rationale quality of the base model")
+    baseline.add_argument("--threshold", type=float, default=0.7,
+                          help="ROUGE-L a rationale needs to count as acceptable")
+    baseline.add_argument("--force", action="store_true", help="measure again, replacing RUN_DIR/baseline.json")
 
     annotate = commands.add_parser("annotate", help="serve the annotation page people critique in")
     annotate.add_argument("target", metavar="RUN_DIR_OR_STORE_URL",
@@ -450,11 +499,21 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init_if_launched()  # torchrun / accelerate launch with several processes: join the group
     from illume.data.datasets import DatasetError
     from illume.models.weights import WeightsFileError
+    from illume.store import StoreError
 
     try:
         return args.handler(args)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except run_folder.RunFolderError as error:
+        print(f"refused: {error}", file=sys.stderr)
+        return 2
+    except run_folder.RunInUse as error:
+        print(f"busy: {error}", file=sys.stderr)
+        return 2
+    except StoreError as error:
+        print(f"store error: {error}", file=sys.stderr)
         return 2
     except DatasetError as error:
         print(f"data error: {error}", file=sys.stderr)

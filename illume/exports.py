@@ -55,6 +55,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from illume.feedback.verdicts import AGGREGATES, DEFAULT_AGGREGATE, Feedback
+from illume.run_folder import RunFolderError, check_new_path
 from illume.store import FeedbackStore, JudgedItem, JudgmentInfo
 
 FORMATS = ("sft", "dpo", "kto", "jsonl")
@@ -349,11 +350,11 @@ def store_for_run(run_dir: str | Path) -> FeedbackStore:
             database = url
         if database not in (None, "", ":memory:") and not Path(database).expanduser().is_file():
             raise ExportError(f"no feedback store at {database} (store_url of {config_path})")
-        return FeedbackStore(url)
+        return FeedbackStore(url, create=False)
     path = run_dir / "feedback.db"
     if not path.is_file():
         raise ExportError(f"no feedback store at {path}: is {run_dir} a run directory?")
-    return FeedbackStore(path)
+    return FeedbackStore(path, create=False)
 
 
 def export(
@@ -368,6 +369,7 @@ def export(
     as_jsonl: bool = False,
     conversational: bool = False,
     images: bool = True,
+    force: bool = False,
 ) -> ExportResult:
     """Export a run's feedback in one format (see the module doc for the rows).
 
@@ -375,8 +377,8 @@ def export(
         run_dir: The run directory (its config.yaml and feedback.db).
         fmt: "sft", "dpo", "kto" or "jsonl".
         out: Where to write: the dataset directory, or the .jsonl file for fmt="jsonl" or `as_jsonl`.
-            Default: RUN_DIR/exports/<fmt> (a dataset) or RUN_DIR/exports/<fmt>.jsonl. An existing dataset
-            directory there is replaced; any other existing directory is an error.
+            Default: RUN_DIR/exports/<fmt> (a dataset) or RUN_DIR/exports/<fmt>.jsonl. Nothing that exists
+            is replaced unless `force`, and never a run's own files (`illume.run_folder.check_new_path`).
         round_idx: Only this round's items.
         upto_round: Only items of rounds <= upto_round.
         split: The items' split ("train", "val", "test"), or "all".
@@ -385,6 +387,7 @@ def export(
         as_jsonl: Write sft/dpo/kto as JSONL (images as absolute paths) rather than a saved dataset.
         conversational: TRL's conversational format (messages) rather than plain text.
         images: Write the `images` column.
+        force: Replace an existing `out`: a file, or a folder holding an earlier export (a saved dataset).
 
     Raises:
         ExportError: No store, no judgments, no rows (e.g. no DPO pair), an unreadable image, a bad out path.
@@ -402,10 +405,7 @@ def export(
     jsonl = as_jsonl or fmt == "jsonl"
     default = run_dir / "exports" / (f"{fmt}.jsonl" if jsonl else fmt)
     out = Path(out) if out is not None else default
-    if not jsonl:
-        _check_replaceable(out)
-    elif out.is_dir():
-        raise ExportError(f"{out} is a directory; the JSONL export needs a file path")
+    _check_out(out, jsonl, force)
 
     with store_for_run(run_dir) as store:
         items = store.judged_items(None if split == "all" else split, round_idx=round_idx,
@@ -443,6 +443,21 @@ def export(
 
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _check_out(out: Path, jsonl: bool, force: bool) -> None:
+    """Before anything is read: `out` may be written (new, or replaceable with `force`), and is of the right
+    kind (a file for JSONL, a dataset folder otherwise)."""
+    if jsonl and out.is_dir():
+        raise ExportError(f"{out} is a directory; the JSONL export needs a file path")
+    try:
+        check_new_path(out, force)
+        if jsonl:  # the PNG files of in-memory images go beside the file
+            check_new_path(out.parent / f"{out.stem}_images", force)
+    except RunFolderError as error:
+        raise ExportError(str(error)) from error
+    if not jsonl:
+        _check_replaceable(out)
 
 
 def _check_replaceable(out: Path) -> None:

@@ -23,6 +23,7 @@ Assumptions, up front:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -32,7 +33,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from illume import distributed
+from illume import distributed, run_folder
 from illume.config import ConfigError, RunConfig, save_config
 from illume.critic_registry import CRITICS
 from illume.critics import CritiqueContext
@@ -40,7 +41,7 @@ from illume.data.datasets import load_split
 from illume.evaluation import SCORE_KEYS, explanation_scores
 from illume.feedback.verdicts import AGGREGATES, read_feedback
 from illume.loading import load_vlm
-from illume.models.weights import load_trainable_weights
+from illume.models.weights import WeightsFileError, check_safetensors, load_trainable_weights
 from illume.pool import check_pool, merge_pool, sample_pool
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
@@ -66,11 +67,11 @@ def _result_row(metrics: dict) -> dict:
 
 
 def init_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory and write the resolved config first; a resumed run rewrites it, so it always
+    """Write the resolved config into the run folder first (rank 0); a resumed run rewrites it, so it always
     shows the settings of the latest invocation (the store and round folders carry what was done before; the
-    loop checks first that those settings are the run's, illume.resume)."""
+    loop checks first that those settings are the run's, illume.resume). The caller has claimed the folder
+    and holds its lock (`illume.run_folder.writing`)."""
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         save_config(cfg, run_dir / "config.yaml")
     return run_dir
@@ -114,7 +115,11 @@ def results_table(results: list[dict]) -> Table:
 
 
 def run(cfg: RunConfig) -> list[dict]:
-    """Run (or continue) the ILLUME rounds of `cfg`; returns the per-round results also in results.json."""
+    """Run (or continue) the ILLUME rounds of `cfg`; returns the per-round results also in results.json.
+
+    Everything that can be checked is checked before anything is written: the settings, the data (every
+    image opened), the store's database, then the run folder (illume's, and nobody else writing to it).
+    """
     distributed.init_if_launched()
     # Logs and pipes get 80 columns: too narrow. One process prints.
     console = Console(width=max(Console().width, 120), quiet=not distributed.is_main())
@@ -127,78 +132,106 @@ def run(cfg: RunConfig) -> list[dict]:
     check_critique_order(cfg)
     check_pool(cfg)
     check_report_to(cfg)  # an unknown tracker or a missing package fails here, not after the first round
-    # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
-    changes = check_resumed_settings(cfg)
-    distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
-    run_dir = init_run_dir(cfg)
-    if changes and distributed.is_main():  # allowed by loop.allow_changed_settings
-        record_setting_changes(cfg, changes)
-        console.print(f"continuing with changed settings ({describe(changes)}), recorded in "
-                      f"{run_dir / CHANGES_FILE}", markup=False)
-    # The data before the model: a malformed row or a missing image fails in a second, not after the model
+    # The data before the model: a malformed row or an unreadable image fails in seconds, not after the model
     # loaded (or minutes of pre-training).
     train = load_split(cfg.data, "train", images_must_exist=True)
     val = load_split(cfg.data, "val", images_must_exist=True)
-    with distributed.main_process_first():  # rank 0 creates the store's tables; the others open it after
-        store = FeedbackStore(cfg.store_url or run_dir / "feedback.db")
-    vlm = load_vlm(cfg)
-    train_by_id = {e.id: e for e in train}
-    critic = CRITICS[cfg.critic.kind](cfg)
-    image_refs = save_images(run_dir, train)
-    # The round table and the annotation progress, to train.report_to's trackers (the trainers report on
-    # their own, illume.tracking); step = the round.
-    tracker = open_tracker(cfg, say=console.print)
-
-    try:  # the trackers are closed (files flushed, remote runs ended) also when a round fails
-        base_path = run_dir / "base_metrics.json"
-        if base_path.is_file():
-            base_scores = json.loads(base_path.read_text())
-        else:
-            console.print("[bold]scoring the base model on val[/bold]")
-            base_scores = explanation_scores(vlm, val, cfg.sample, progress=distributed.is_main())
-            if distributed.is_main():
-                _write_json(base_path, base_scores)
-        results = [{"round": "base", "val": base_scores}]
-        tracker.log(round_scalars(results[0]), step=0)
-        best_score, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
-
-        for round_idx in range(cfg.loop.num_rounds):
-            out_dir = round_dir(run_dir, round_idx)
-            metrics_path = out_dir / "metrics.json"
-            if metrics_path.is_file():  # finished earlier: take its weights and go on
-                metrics = json.loads(metrics_path.read_text())
-                if metrics.get("trained"):
-                    load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
-            else:
-                metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
-                                     image_refs, tracker)
-                if metrics is None:  # people have not finished judging and the config says not to wait
-                    break
-                if distributed.is_main():
-                    _write_json(metrics_path, metrics)
-                    store.set_round_metrics(round_idx, metrics)
-                    if metrics["trained"]:
-                        store.mark_trained(round_idx)
-            results.append(_result_row(metrics))
-            tracker.log(round_scalars(results[-1]), step=round_idx)
-            if distributed.is_main():
-                _write_json(run_dir / "results.json", results)
-            console.print(results_table(results))
-            if not metrics.get("trained"):
-                console.print(f"stopping: round {round_idx} accepted no new rationale")
-                break
-            score = metrics["val"][cfg.train.select_metric]
-            if score > best_score + cfg.loop.min_improvement:
-                best_score, rounds_without_gain = score, 0
-            else:
-                rounds_without_gain += 1
-            if cfg.loop.patience is not None and rounds_without_gain >= cfg.loop.patience:
-                console.print(f"stopping: val {cfg.train.select_metric} has not improved for {rounds_without_gain} rounds")
-                break
-    finally:
-        tracker.close()
+    with contextlib.ExitStack() as held:
+        if cfg.store_url:  # a database that cannot be used fails before the run folder is touched
+            with distributed.main_process_first():  # rank 0 creates the store's tables; the others open it after
+                store = FeedbackStore(cfg.store_url)
+        run_dir = held.enter_context(run_folder.writing(cfg.run_dir, "run"))  # one writer per run
+        # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
+        changes = check_resumed_settings(cfg)
+        check_finished_rounds(run_dir)  # damaged adapters fail now, not after the model loaded
+        if not cfg.store_url:
+            with distributed.main_process_first():
+                store = FeedbackStore(run_dir / "feedback.db")
+        if distributed.is_main():  # the store's own lock: several run folders or machines may share a database
+            held.enter_context(store.writer_lock(run_folder.holder_name("run")))
+        distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
+        init_run_dir(cfg)
+        if changes and distributed.is_main():  # allowed by loop.allow_changed_settings
+            record_setting_changes(cfg, changes)
+            console.print(f"continuing with changed settings ({describe(changes)}), recorded in "
+                          f"{run_dir / CHANGES_FILE}", markup=False)
+        vlm = load_vlm(cfg)
+        critic = CRITICS[cfg.critic.kind](cfg)
+        image_refs = save_images(run_dir, train)
+        # The round table and the annotation progress, to train.report_to's trackers (the trainers report on
+        # their own, illume.tracking); step = the round. Closed (files flushed, remote runs ended) also when a
+        # round fails.
+        tracker = open_tracker(cfg, say=console.print)
+        held.callback(tracker.close)
+        results = _rounds(cfg, run_dir, store, vlm, critic, train, val, console, image_refs, tracker)
     console.print(f"results: {run_dir / 'results.json'}")
     return results
+
+
+def _rounds(cfg, run_dir, store, vlm, critic, train, val, console, image_refs, tracker) -> list[dict]:
+    """Score the base model, then run (or take from disk) each round until the loop's stopping rules say so."""
+    train_by_id = {e.id: e for e in train}
+    base_path = run_dir / "base_metrics.json"
+    if base_path.is_file():
+        base_scores = json.loads(base_path.read_text())
+    else:
+        console.print("[bold]scoring the base model on val[/bold]")
+        base_scores = explanation_scores(vlm, val, cfg.sample, progress=distributed.is_main())
+        if distributed.is_main():
+            _write_json(base_path, base_scores)
+    results = [{"round": "base", "val": base_scores}]
+    tracker.log(round_scalars(results[0]), step=0)
+    best_score, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
+
+    for round_idx in range(cfg.loop.num_rounds):
+        out_dir = round_dir(run_dir, round_idx)
+        metrics_path = out_dir / "metrics.json"
+        if metrics_path.is_file():  # finished earlier: take its weights and go on
+            metrics = json.loads(metrics_path.read_text())
+            if metrics.get("trained"):
+                load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
+        else:
+            metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
+                                 image_refs, tracker)
+            if metrics is None:  # people have not finished judging and the config says not to wait
+                break
+            if distributed.is_main():
+                _write_json(metrics_path, metrics)
+                store.set_round_metrics(round_idx, metrics)
+                if metrics["trained"]:
+                    store.mark_trained(round_idx)
+        results.append(_result_row(metrics))
+        tracker.log(round_scalars(results[-1]), step=round_idx)
+        if distributed.is_main():
+            _write_json(run_dir / "results.json", results)
+        console.print(results_table(results))
+        if not metrics.get("trained"):
+            console.print(f"stopping: round {round_idx} accepted no new rationale")
+            break
+        score = metrics["val"][cfg.train.select_metric]
+        if score > best_score + cfg.loop.min_improvement:
+            best_score, rounds_without_gain = score, 0
+        else:
+            rounds_without_gain += 1
+        if cfg.loop.patience is not None and rounds_without_gain >= cfg.loop.patience:
+            console.print(f"stopping: val {cfg.train.select_metric} has not improved for {rounds_without_gain} rounds")
+            break
+    return results
+
+
+def check_finished_rounds(run_dir: Path) -> None:
+    """Check the adapters of every finished round that trained (their recorded digest and header; the values
+    when they are loaded), so a damaged file fails before the model loads, naming the round to retrain.
+
+    Raises:
+        WeightsFileError: naming the file and the remedy (`retrain_round_remedy`).
+    """
+    for metrics_path in sorted(run_dir.glob("round_*/metrics.json")):
+        if json.loads(metrics_path.read_text()).get("trained"):
+            out_dir = metrics_path.parent
+            if not (out_dir / ADAPTERS_FILE).is_file():
+                raise WeightsFileError(f"{out_dir / ADAPTERS_FILE} is missing: {retrain_round_remedy(out_dir)}")
+            check_safetensors(out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
 
 
 def save_images(run_dir: Path, examples) -> dict[str, str]:

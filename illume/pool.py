@@ -62,8 +62,6 @@ def check_pool(cfg: RunConfig) -> None:
         if len(given) != 1:
             raise ConfigError(f"{where}: set exactly one of round, adapters and model (it has "
                               f"{', '.join(given) or 'none'})")
-        if entry.round is not None and entry.round < 0:
-            raise ConfigError(f"{where}.round={entry.round}: a finished round of this run (0, 1, ...)")
         if entry.adapters is not None and not Path(entry.adapters).is_file():
             raise ConfigError(f"{where}.adapters={entry.adapters}: no such file")
         name = pool_name(entry)

@@ -21,8 +21,16 @@ Assumptions, up front:
   savepoint, the annotation queue locks an item's row (SELECT ... FOR UPDATE) before counting its free
   slots, and openers take turns creating tables (`_lock_schema`). Timestamps come back in UTC on both.
 - A `FeedbackStore` may be shared across threads (each call opens its own session).
+- On PostgreSQL a write that loses a race (serialization failure, deadlock) is run again, up to
+  `MAX_ATTEMPTS` times with a jittered back-off (`retry_on_conflict`), instead of failing its caller.
+- Opening checks before anything is written: the database is reachable, its driver installed, it is a
+  feedback store (or empty), and no newer illume wrote it (`illume_meta.schema_version` against
+  `SCHEMA_VERSION`); each failure is one `StoreError` line. Readers (`create=False`: status, exports, the
+  annotation page) never make a store where there is none.
+- One writer per run: `writer_lock` (a PostgreSQL advisory lock held by the command that writes the run's
+  rounds) beside the run folder's own lock (`illume.run_folder`).
 
-Tables: `rounds` (one per round: when sampled/trained, val metrics), `items` (one per (round, example,
+Tables: `illume_meta` (facts about the store: its schema version), `rounds` (one per round: when sampled/trained, val metrics), `items` (one per (round, example,
 split): the question, the prompt and answer the candidates continue), `candidates` (distinct rationales of
 an item, in the order drawn), `annotators` (every name that judged, with its kind: person, simulated, reward
 or judge; `illume.data.records.ANNOTATOR_KINDS`), `judgments` (one per annotator per item: the current
@@ -51,16 +59,19 @@ and indexes declared since are created (`_add_judgment_counts`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
+import random
 import secrets
 import threading
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -86,12 +97,14 @@ from sqlalchemy import (
 )
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from illume.data.records import ANNOTATOR_KINDS, POLICY_MODEL, Candidate, CandidateSet
+from illume.run_folder import RunInUse
 
+T = TypeVar("T")
 SPLITS = ("train", "val", "test")
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 """How long a SQLite writer waits for another one before "database is locked"."""
@@ -315,6 +328,23 @@ class AccountRow(Base):
     """When the link was revoked; the token stops working at once."""
 
 
+class MetaRow(Base):
+    """Facts about the store itself: `schema_version` (the `SCHEMA_VERSION` of the newest illume that opened
+    it), so that an older illume refuses a store a newer one changed instead of misreading it."""
+
+    __tablename__ = "illume_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+SCHEMA_VERSION = 1
+"""The store layout this code reads and writes; bump it when a change would make older code misread a store."""
+CORE_TABLES = frozenset({"rounds", "items", "candidates", "judgments", "decisions"})
+"""The tables every feedback store has had since the first release (one written before `illume_meta` existed
+is recognised by them)."""
+
+
 _ADDED_COLUMNS = {"judgments": ("updated_at", "correction"), "decisions": ("position_shown",),
                   "items": ("question", "priority"), "candidates": ("model",), "judgment_revisions": ("correction",)}
 """Columns added after the first release: `FeedbackStore` adds them to an older database."""
@@ -399,27 +429,72 @@ class JudgedItem:
         return [j for j in self.judgments if j.decisions.get(candidate_id) is False]
 
 
+RETRIED_SQLSTATES = {"40001": "serialization failure", "40P01": "deadlock"}
+"""PostgreSQL errors that mean "this transaction lost a race, run it again" (its docs, chapter 13.4)."""
+MAX_ATTEMPTS = 5
+
+
+def retry_on_conflict(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a write method (ONE transaction, rolled back on failure) again when the database aborted it for a
+    serialization failure or a deadlock, up to `MAX_ATTEMPTS` times with a jittered back-off, instead of
+    failing the request; any other error, and the last attempt's, propagates."""
+
+    @functools.wraps(method)
+    def retried(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                return method(*args, **kwargs)
+            except DBAPIError as error:
+                if attempt == MAX_ATTEMPTS or _sqlstate(error) not in RETRIED_SQLSTATES:
+                    raise
+                # Jitter keeps the two losers of a deadlock from meeting again at the same moment.
+                time.sleep(random.uniform(0, 0.01 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+    return retried
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    """The SQLSTATE code of a driver error (psycopg 3: `sqlstate`, psycopg2: `pgcode`), None off PostgreSQL."""
+    return getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+
+
+class StoreError(RuntimeError):
+    """A feedback store that cannot be opened or used: the message says which, why, and what to do."""
+
+
 class FeedbackStore:
     """Candidates and judgments of an ILLUME run over SQLAlchemy (SQLite file by default).
 
     Args:
         url_or_path: A SQLAlchemy URL (`sqlite:///runs/x/feedback.db`, `postgresql+psycopg://...`) or a
             path to a SQLite file (its folder is created). Tables are created when missing.
+        create: Make a new store where there is none (the loop). False: only open an existing store (status,
+            export, the annotation page), so that a wrong path fails instead of leaving an empty database.
+
+    Raises:
+        StoreError: Nothing reachable at the URL, its driver is not installed, the file or database is not a
+            feedback store (or, with create=False, there is none), or a newer illume wrote it.
     """
 
-    def __init__(self, url_or_path: str | Path) -> None:
-        self._engine = _make_engine(_to_url(url_or_path))
+    def __init__(self, url_or_path: str | Path, *, create: bool = True) -> None:
+        url = _to_url(url_or_path, create)
+        self._engine = _make_engine(url)
         self._read = sessionmaker(self._engine, expire_on_commit=False)
         # Same pool; the option makes `_sqlite_begin` take the write lock at BEGIN (ignored off SQLite).
         write_engine = self._engine.execution_options(illume_begin="IMMEDIATE")
         self._write = _WriteSessions(sessionmaker(write_engine, expire_on_commit=False), _process_write_lock(
             self._engine.url))
-        with write_engine.begin() as connection:  # under the write lock: concurrent openers don't race
+        # Under the write lock: concurrent openers don't race. Whatever fails here (nothing reachable, not a
+        # store, a newer store) fails as one `StoreError` before this opener wrote anything.
+        with _opening(self.url), write_engine.begin() as connection:
             _lock_schema(connection)
+            _check_is_store(connection, self.url, create)
             Base.metadata.create_all(connection)
             _add_missing_columns(connection)
             _add_judgment_counts(connection)
             _register_older_annotators(connection)
+            _record_schema_version(connection)
 
     @property
     def url(self) -> str:
@@ -429,6 +504,43 @@ class FeedbackStore:
     def close(self) -> None:
         """Close the pooled connections (the store can still be used; it reconnects)."""
         self._engine.dispose()
+
+    @contextlib.contextmanager
+    def writer_lock(self, holder: str) -> Iterator[None]:
+        """Hold the store's one-writer lock for the block: a second command that writes the run's rounds to this
+        store refuses (`illume.run_folder` locks the run folder; this covers a store that several folders or
+        machines share).
+
+        On PostgreSQL, a session-level advisory lock on a connection of its own, named `holder`
+        (application_name), so a refused command can say who holds it; the server releases it when that
+        connection ends, also when the process is killed. On SQLite nothing: the database is a file of its run
+        folder, whose lock covers it.
+
+        Raises:
+            RunInUse: Another session holds it; the message names that session's `holder`.
+        """
+        if self._engine.dialect.name != "postgresql":
+            yield
+            return
+        with _opening(self.url):
+            connection = self._engine.connect()
+        connection.detach()  # its own session, closed at the end (never back to the pool with the lock held)
+        try:
+            with _opening(self.url):
+                connection.execute(select(func.set_config("application_name", holder[:63], False)))
+                held = connection.scalar(select(func.pg_try_advisory_lock(_WRITER_LOCK)))
+                other = None if held else connection.scalar(sql_text(
+                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :high AND l.objid = :low "
+                    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+                    {"high": _WRITER_LOCK >> 32, "low": _WRITER_LOCK & 0xFFFFFFFF})
+                connection.commit()
+            if not held:
+                raise RunInUse(f"the feedback store {self.url} is in use by {other or 'another session'}: wait "
+                               "for it to finish or stop it (one command writes to a run at a time)")
+            yield
+        finally:
+            connection.close()  # ends the session, and with it the lock
 
     def __enter__(self) -> FeedbackStore:
         return self
@@ -443,6 +555,7 @@ class FeedbackStore:
         with self._read() as session:
             return list(session.scalars(select(RoundRow.round_idx).order_by(RoundRow.round_idx)))
 
+    @retry_on_conflict
     def mark_sampled(self, round_idx: int) -> None:
         """Record that every candidate of the round is stored (the first call's time is kept)."""
         with self._write.begin() as session:
@@ -455,12 +568,14 @@ class FeedbackStore:
             row = session.get(RoundRow, round_idx)
             return row is not None and row.sampled_at is not None
 
+    @retry_on_conflict
     def mark_trained(self, round_idx: int) -> None:
         """Record that the round's fine-tuning finished (the first call's time is kept)."""
         with self._write.begin() as session:
             row = _get_or_add_round(session, round_idx)
             row.trained_at = row.trained_at or _now()
 
+    @retry_on_conflict
     def set_round_metrics(self, round_idx: int, metrics: Mapping[str, Any]) -> None:
         """Store (replace) the round's val metrics / summary; values must be JSON-serialisable."""
         with self._write.begin() as session:
@@ -496,6 +611,7 @@ class FeedbackStore:
 
     # ---------------------------------------------------------------- candidates
 
+    @retry_on_conflict
     def add_candidate_sets(
         self,
         round_idx: int,
@@ -598,6 +714,7 @@ class FeedbackStore:
 
     # ---------------------------------------------------------------- accounts
 
+    @retry_on_conflict
     def add_account(self, name: str, role: str = "annotator") -> str:
         """Create a person's account (or give a revoked one a new link) and return their new token.
 
@@ -626,6 +743,7 @@ class FeedbackStore:
                 row.role, row.token_hash, row.revoked_at, row.created_at = role, token_hash(token), None, _now()
         return token
 
+    @retry_on_conflict
     def revoke_account(self, name: str) -> bool:
         """Revoke a person's link at once; False if there is no active account by that name."""
         with self._write.begin() as session:
@@ -658,6 +776,7 @@ class FeedbackStore:
 
     # ---------------------------------------------------------------- judgments
 
+    @retry_on_conflict
     def set_priorities(self, round_idx: int, priorities: Mapping[str, float | None], split: str = "train") -> None:
         """Set the hand-out rank (`items.priority`, lower first) of the round's items named by example id, in one
         transaction; items not named keep theirs. The annotation page hands items out in this order."""
@@ -681,6 +800,7 @@ class FeedbackStore:
                 .order_by(ItemRow.id)
             ))
 
+    @retry_on_conflict
     def add_judgment(
         self,
         round_idx: int,
@@ -730,6 +850,7 @@ class FeedbackStore:
                 return False
             raise
 
+    @retry_on_conflict
     def add_judgments(
         self, round_idx: int, judgments: Iterable[JudgmentInput], annotator: str, split: str = "train",
         *, kind: str = "person",
@@ -1196,6 +1317,7 @@ def _implied_kind(name: str) -> str:
 
 
 _SCHEMA_LOCK = 0x696C6C756D65  # "illume": the advisory lock key of `_lock_schema`
+_WRITER_LOCK = 0x696C6C756D77  # "illumw": the advisory lock key of `FeedbackStore.writer_lock`
 
 
 def _lock_schema(connection: Connection) -> None:
@@ -1286,22 +1408,90 @@ def _get_or_add_round(session: Session, round_idx: int) -> RoundRow:
     return row
 
 
+@contextlib.contextmanager
+def _opening(url: str) -> Iterator[None]:
+    """Turn what goes wrong while a store is opened into one `StoreError` line naming the store."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except DBAPIError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
+        if error.connection_invalidated or isinstance(error, OperationalError):
+            raise StoreError(f"cannot open the feedback store {url}: {reason}") from error
+        raise StoreError(f"{url} is not a feedback store ({reason})") from error
+
+
+def _check_is_store(connection: Connection, url: str, create: bool) -> None:
+    """Refuse a database that is not a feedback store, or one a newer illume wrote, before anything is written.
+
+    A database with the store's tables is one (a store from before `illume_meta` included); an empty one
+    becomes one (with `create`); a SQLite file holding other tables, or a database holding tables of the
+    store's names but not its core, is something else and is left alone.
+    """
+    tables = set(inspect(connection).get_table_names())
+    if MetaRow.__tablename__ in tables:
+        version = connection.scalar(select(MetaRow.value).where(MetaRow.key == "schema_version"))
+        if version is not None and int(version) > SCHEMA_VERSION:
+            raise StoreError(f"{url} was written by a newer illume (store schema {version}; this illume reads up "
+                             f"to {SCHEMA_VERSION}): upgrade illume to open it")
+        return
+    if CORE_TABLES <= tables:
+        return
+    ours = tables & set(Base.metadata.tables)
+    if ours or (tables and connection.dialect.name == "sqlite"):
+        found = ", ".join(sorted(tables)[:8]) + (", ..." if len(tables) > 8 else "")
+        raise StoreError(f"{url} is not a feedback store: it holds other tables ({found})")
+    if not create:
+        raise StoreError(f"{url} holds no feedback store: start the run first (`illume run ...`)")
+
+
+def _record_schema_version(connection: Connection) -> None:
+    """Write (or raise to this code's) `schema_version`, once the tables have this code's layout."""
+    version = connection.scalar(select(MetaRow.value).where(MetaRow.key == "schema_version"))
+    if version is None:
+        connection.execute(insert(MetaRow).values(key="schema_version", value=str(SCHEMA_VERSION)))
+    elif int(version) < SCHEMA_VERSION:
+        connection.execute(update(MetaRow).where(MetaRow.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _to_url(url_or_path: str | Path) -> URL:
+def _to_url(url_or_path: str | Path, create: bool = True) -> URL:
     if isinstance(url_or_path, Path) or "://" not in url_or_path:
         path = Path(url_or_path).expanduser().resolve()
+        if not create and not path.is_file():
+            raise StoreError(f"no feedback store at {path}: start the run first (`illume run ...`)")
         path.parent.mkdir(parents=True, exist_ok=True)
         return URL.create("sqlite", database=str(path))
-    return make_url(url_or_path)
+    try:
+        url = make_url(url_or_path)
+    except ArgumentError as error:
+        raise StoreError(f"store_url {url_or_path!r} is not a database URL ({error}); e.g. "
+                         "postgresql+psycopg://USER@HOST/DB or a path to a SQLite file") from error
+    if not create and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") and not (
+            Path(url.database).expanduser().is_file()):
+        raise StoreError(f"no feedback store at {url.database}: start the run first (`illume run ...`)")
+    return url
+
+
+_DRIVER_EXTRAS = {"postgresql": "postgres"}
+"""The illume extra that installs each database's driver (pyproject.toml's optional dependencies)."""
 
 
 def _make_engine(url: URL) -> Engine:
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except (ImportError, NoSuchModuleError) as error:  # the driver (DBAPI) is imported here
+            extra = _DRIVER_EXTRAS.get(url.get_backend_name())
+            remedy = f"pip install 'illume[{extra}]'" if extra else "install its driver"
+            shown = url.render_as_string(hide_password=True)
+            raise StoreError(f"store_url {shown} needs a database driver that is not installed ({error}): "
+                             f"{remedy}") from error
     if url.database in (None, "", ":memory:"):
         # One shared connection, or every connection would see its own empty in-memory database.
         engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})

@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import replace
 
+from illume import run_folder
 from illume.config import RunConfig
 from illume.data.datasets import load_split
 from illume.evaluation import SCORE_KEYS, explanation_scores
@@ -42,9 +43,14 @@ def run_supervised(cfg: RunConfig, num_questions: int | None = None) -> list[dic
     from illume.loop import init_run_dir  # the run-directory convention only; no loop logic
 
     start = time.perf_counter()
-    run_dir = init_run_dir(cfg)
     train = load_split(cfg.data, "train", images_must_exist=True)  # the data first: bad data fail in a second
     val = load_split(cfg.data, "val", images_must_exist=True)
+    with run_folder.writing(cfg.run_dir, "supervised"):  # an illume folder, and nobody else writing to it
+        run_dir = init_run_dir(cfg)
+        return _train_supervised(cfg, num_questions, run_dir, train, val, start)
+
+
+def _train_supervised(cfg: RunConfig, num_questions: int | None, run_dir, train, val, start: float) -> list[dict]:
     vlm = load_vlm(cfg)
     missing = [e.id for e in train if not e.explanations]
     if missing:

@@ -10,6 +10,7 @@ from datasets import load_from_disk
 from PIL import Image
 
 from illume.cli import main
+from illume.config import load_config, save_config
 from illume.data.records import Candidate, CandidateSet
 from illume.exports import ExportError, export
 from illume.feedback.verdicts import read_feedback
@@ -162,7 +163,7 @@ def test_round_and_split_filters(run_dir):
     assert [(r["round_idx"], r["chosen"], r["rejected"]) for r in rows] == [(1, " " + CIRCLE, " " + BLUE_SQUARE)]
     _, rows = load(export(run_dir, "sft", upto_round=0).path)
     assert [r["annotators"] for r in rows][0] == ["alice", "bob"]  # round 1's judgment left out
-    _, rows = load(export(run_dir, "sft", split="val").path)
+    _, rows = load(export(run_dir, "sft", split="val", force=True).path)  # replaces the export above
     assert [(r["example_id"], r["completion"]) for r in rows] == [("v1", " " + SQUARE)]
     _, rows = load(export(run_dir, "kto", split="all").path)
     assert {r["example_id"] for r in rows} == {"e1", "e2", "e3", "v1"}
@@ -242,7 +243,7 @@ def test_store_url_from_config(tmp_path, run_dir):
     assert export(run_dir, "sft", images=False).num_rows == 2  # majority: RED_CIRCLE is a tie
     (run_dir / "config.yaml").write_text(f"store_url: sqlite:///{tmp_path / 'missing.db'}\n")
     with pytest.raises(ExportError, match="missing.db"):
-        export(run_dir, "sft")
+        export(run_dir, "sft", force=True)
 
 
 def test_errors(tmp_path, run_dir):
@@ -274,16 +275,44 @@ def test_errors(tmp_path, run_dir):
         export(run_dir, "kto")
     (run_dir / "not_a_dataset").mkdir()
     (run_dir / "not_a_dataset" / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match="not a saved dataset"):
+    with pytest.raises(ExportError, match="not_a_dataset exists .folder.: choose another path, or pass --force"):
         export(run_dir, "dpo", run_dir / "not_a_dataset")
+    with pytest.raises(ExportError, match="not a saved dataset"):  # --force replaces only an earlier export
+        export(run_dir, "dpo", run_dir / "not_a_dataset", force=True)
     assert (run_dir / "not_a_dataset" / "notes.txt").is_file()
 
 
-def test_export_replaces_a_previous_export(run_dir):
+def test_export_replaces_a_previous_export_only_with_force(run_dir):
     out = run_dir / "my_dpo"
     assert export(run_dir, "dpo", out).num_rows == 3
-    assert export(run_dir, "dpo", out, round_idx=1).num_rows == 1
+    with pytest.raises(ExportError, match="my_dpo exists .folder.: choose another path, or pass --force"):
+        export(run_dir, "dpo", out, round_idx=1)
+    assert len(load_from_disk(str(out))) == 3
+    assert export(run_dir, "dpo", out, round_idx=1, force=True).num_rows == 1
     assert len(load_from_disk(str(out))) == 1
+    jsonl = run_dir / "elsewhere.jsonl"
+    jsonl.write_text("someone's notes\n")
+    with pytest.raises(ExportError, match="elsewhere.jsonl exists .file."):
+        export(run_dir, "jsonl", jsonl)
+    assert jsonl.read_text() == "someone's notes\n"
+
+
+@pytest.mark.parametrize("target, fmt", [("feedback.db", "jsonl"), ("config.yaml", "jsonl"),
+                                         ("round_00/metrics.json", "jsonl"), ("round_00", "dpo"), (".", "dpo")])
+def test_export_never_replaces_a_runs_own_files(run_dir, capsys, target, fmt):
+    """Issue 24: `--out RUN/feedback.db` replaced the store with JSONL (exit 0); now refused, with --force too."""
+    save_config(load_config(), run_dir / "config.yaml")  # an illume run folder (as before illume-run.json)
+    (run_dir / "round_00").mkdir()
+    (run_dir / "round_00" / "metrics.json").write_text("{}")
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    for force in ([], ["--force"]):
+        assert main(["export", str(run_dir), "--format", fmt, "--out", str(run_dir / target), *force]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("export error: --out") and err.count("\n") == 1
+        assert "illume never replaces it" in err
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    with FeedbackStore(run_dir / "feedback.db", create=False) as store:
+        assert store.num_judgments() > 0
 
 
 def test_cli_export(run_dir, capsys):

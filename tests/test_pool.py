@@ -38,7 +38,7 @@ def test_merge_appends_each_entrys_new_texts_after_the_policys():
 @pytest.mark.parametrize(("entry", "message"), [
     ("{}", "set exactly one of round, adapters and model (it has none)"),
     ("{round: 0, adapters: /x.safetensors}", "it has round, adapters"),
-    ("{round: -1}", "sample.pool[0].round=-1"),
+    ("{round: -1}", "sample.pool[0].round must be >= 0, got -1"),
     ("{adapters: /no/such/adapters.safetensors}", "sample.pool[0].adapters=/no/such/adapters.safetensors: no such"),
     ("{round: 0, name: policy}", "the name 'policy' is taken"),
 ])
@@ -139,7 +139,8 @@ def test_a_run_pools_an_earlier_round_and_another_vlm_and_the_page_shows_neither
         assert {row["model"] for row in rows if row["round_idx"] == 1} == {POLICY_MODEL, "qwen", "round_0"}
         # The page: ids and texts, no writer anywhere in what it is sent.
         client = __import__("fastapi.testclient", fromlist=["TestClient"]).TestClient(
-            create_app(store, run, AnnotateConfig(annotations_per_item=2), round_idx=1))  # a slot left
+            create_app(store, run, AnnotateConfig(annotations_per_item=2), round_idx=1),  # a slot left
+            base_url="http://127.0.0.1")
         page = client.post("/api/next", json={"annotator": "ann"})
         assert page.status_code == 200, page.text
         item = page.json()["item"]

@@ -8,7 +8,8 @@ submission stores the judgment with the order the candidates were shown and rele
 `judgment_revisions` (`FeedbackStore.judgment_history`).
 
 Everything is in the store (`leases`, `judgments`, `decisions`, ...), so the server holding a queue can be
-killed and restarted at any time; every method that writes is one transaction, as every store write is.
+killed and restarted at any time; every method that writes is one transaction, as every store write is, run
+again when PostgreSQL aborts it for a serialization failure or a deadlock (`retry_on_conflict`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from illume.store import (
     _now,
     _register_annotator,
     check_correction,
+    retry_on_conflict,
 )
 
 
@@ -121,6 +123,7 @@ class AnnotationQueue:
                     latest = round_idx
         return latest
 
+    @retry_on_conflict
     def lease_item(
         self,
         round_idx: int,
@@ -199,6 +202,7 @@ class AnnotationQueue:
                 # Every item found free was taken by writers that committed before we locked it (PostgreSQL
                 # under load): look again. The next look sees their commits, so it ends.
 
+    @retry_on_conflict
     def renew_lease(
         self,
         item_id: int,
@@ -237,6 +241,7 @@ class AnnotationQueue:
             row.expires_at = now + timedelta(seconds=lease_seconds)
             return Lease(item_id, annotator, row.expires_at, list(row.shown_order or []))
 
+    @retry_on_conflict
     def submit_judgment(
         self,
         item_id: int,
@@ -338,6 +343,7 @@ class AnnotationQueue:
                 return False
             raise
 
+    @retry_on_conflict
     def replace_judgment(
         self,
         item_id: int,
