@@ -222,3 +222,14 @@ def test_every_numeric_setting_has_a_range():
     missing = [key for key, owner, name in _numeric_fields(cfg)
                if name not in ANY_VALUE and name not in getattr(owner, "RANGES", {})]
     assert not missing, f"numeric settings without a range in their class's RANGES: {missing}"
+
+
+@pytest.mark.parametrize("override", ["loop.num_rounds=-1", "critic.threshold=1.5", "sample.batch_size=0"])
+def test_a_setting_out_of_range_fails_before_anything_is_written(tmp_path, capsys, override):
+    """Issue 24: `loop.num_rounds=-1` scored the base model and printed a results.json that did not exist."""
+    from illume.cli import main
+
+    assert main(["run", str(CONFIGS / "demo.yaml"), f"output_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error:") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # no run folder, no config.yaml

@@ -122,7 +122,7 @@ def _store_round(store, round_idx, examples):
 
 
 def test_judge_verdicts_are_the_judges_and_count_as_people_only_if_configured(tmp_path):
-    cfg = _cfg(tmp_path, "critic.kind=judge", "judge.threshold=0.5")
+    cfg = _cfg(tmp_path, "critic.kind=judge")  # the threshold comes from people (round 0), not the config
     examples = load_split(cfg.data, "train")[:4]
     by_id = {e.id: e for e in examples}
     table = {e.explanations[0]: 0.9 for e in examples} | {"the sky is blue": 0.1}

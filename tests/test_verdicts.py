@@ -156,5 +156,5 @@ def test_export_follows_the_runs_aggregate(run_dir):
     (run_dir / "config.yaml").write_text("feedback:\n  aggregate: any\n")
     sft = load_from_disk(str(export(run_dir, "sft").path))
     assert ("q3", P) in {(r["example_id"], r["completion"].strip()) for r in sft}
-    sft = load_from_disk(str(export(run_dir, "sft", aggregate="unanimous").path))
+    sft = load_from_disk(str(export(run_dir, "sft", aggregate="unanimous", force=True).path))
     assert ("q3", P) not in {(r["example_id"], r["completion"].strip()) for r in sft}
