@@ -7,7 +7,7 @@
                                                       serve the annotation page over a run's feedback store
     illume annotators add runs/demo NAME [--role admin]  a person's own link to the page (list, revoke)
     illume status runs/demo                           progress per round, work per person, agreement
-    illume export runs/demo --format sft|dpo|kto|jsonl  the feedback as TRL-format datasets
+    illume export runs/demo --format sft|dpo|kto|jsonl [--out P --force]  the feedback as TRL-format datasets
     illume reward train runs/demo [--round N]         fit the reward model on the judgments (rounds <= N)
     illume reward eval runs/demo                      its pairwise accuracy, ROC-AUC, precision/recall, plot
     illume dpo runs/demo [key=value ...]              DPO on the run's judgments (or on a saved TRL dataset)
@@ -23,6 +23,14 @@ config.yaml as it is); `reward`, `dpo` and `kto` read RUN_DIR/config.yaml
 (plus overrides for `dpo`/`kto`); `plan` reads a config and writes nothing. `annotate` reads RUN_DIR/config.yaml (its
 `annotate` settings and `store_url`) or takes a store URL; it binds 127.0.0.1 unless --host says otherwise,
 and then needs an access token (--token, or one is generated and printed).
+
+One writer per run: `run`, `pretrain`, `baseline`, `reward`, `dpo` and `kto` hold the run folder's lock
+(RUN_DIR/run.lock; with a PostgreSQL store also the database's) while they work, and a second one refuses
+naming the holder; `annotate`, `status` and `export` only read (the page writes judgments) and run beside them.
+Nothing is written into a folder illume did not make, and an earlier result (an export, a baseline, a reward
+model, a dpo/kto folder, a conversion) is replaced only with --force, a run's own files never
+(illume.run_folder). Errors are one line: `config error:`, `data error:`, `weights error:`, `store error:`,
+`refused:` or `busy:` (exit status 2).
 
 `run`, `reward train` and `dpo`/`kto` also run as several processes (DDP; gloo on CPU, nccl on GPUs), e.g.
     torchrun --nproc_per_node 8 -m illume.cli run configs/vqax_magma.yaml \\
