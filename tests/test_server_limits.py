@@ -6,12 +6,10 @@ from the stored judgment gets 409 with the stored one (the page offers to revise
 from __future__ import annotations
 
 import json
-import os
 import select
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,31 +23,12 @@ from illume.annotate.server import LOOPBACK_NAMES, allowed_hosts, create_app
 from illume.config import AnnotateConfig
 from illume.feedback.queue import AnnotationQueue, JudgmentConflict
 from illume.store import FeedbackStore
-from tests.conftest import REPO
-from tests.test_annotate_server import LOCAL, _free_port, make_sets
+from tests.live_server import start_server
+from tests.test_annotate_server import LOCAL, make_sets
 
 TOKEN = "s3cret-token"
 LIMIT = AnnotateConfig.max_body_bytes
 MiB = 1 << 20
-
-
-def _serve(argv: list[str], log_path: Path) -> tuple[subprocess.Popen, int]:
-    """`python ARGV` (a server on 127.0.0.1), once it answers; returns the process and its port."""
-    port = _free_port()
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, *argv, "--port", str(port)], cwd=REPO, stdout=log,
-                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/static/app.js", timeout=2)
-            return process, port
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("server did not start within 60 s")
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -64,7 +43,7 @@ def guarded(tmp_path_factory):
     db = tmp / "feedback.db"
     with FeedbackStore(db) as store:
         store.add_candidate_sets(0, "train", make_sets([f"g{i}" for i in range(6)]))
-    process, port = _serve(["-m", "illume.annotate.server", "--store", str(db), "--token", TOKEN],
+    process, port = start_server(["-m", "illume.annotate.server", "--store", str(db), "--token", TOKEN],
                            tmp / "server.log")
     yield process, port, db
     _stop(process)
@@ -81,7 +60,7 @@ def open_page(tmp_path_factory):
     db = run_dir / "feedback.db"
     with FeedbackStore(db) as store:
         store.add_candidate_sets(0, "train", make_sets([f"o{i}" for i in range(8)]))
-    process, port = _serve(["-m", "illume.cli", "annotate", str(run_dir)], run_dir.parent / "server.log")
+    process, port = start_server(["-m", "illume.cli", "annotate", str(run_dir)], run_dir.parent / "server.log")
     yield process, port, db
     _stop(process)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,31 +13,16 @@ import httpx
 import pytest
 
 from illume.store import FeedbackStore
-from tests.conftest import REPO
-from tests.test_annotate_server import _free_port, make_sets, png_bytes
+from tests.live_server import start_server
+from tests.test_annotate_server import make_sets, png_bytes
 
 pytestmark = pytest.mark.slow
 
 
 def _serve(store_path: Path, run_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "illume.annotate.server", "--store", str(store_path), "--run-dir", str(run_dir),
-             "--port", str(port), "--annotations-per-item", "2", "--corrections"],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {log_path.read_text()[-2000:]}")
-        try:
-            httpx.get(f"{url}/static/app.js", timeout=2)
-            return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("server did not start within 60 s")
+    process, port = start_server(["-m", "illume.annotate.server", "--store", str(store_path), "--run-dir",
+                                  str(run_dir), "--annotations-per-item", "2", "--corrections"], log_path)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def _wait(page, script: str, wanted, timeout: float = 15.0):

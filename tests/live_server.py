@@ -1,0 +1,33 @@
+"""A server of ours started for real (uvicorn in a subprocess on 127.0.0.1), for the tests that talk HTTP to it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import REPO
+from tests.test_annotate_server import _free_port
+
+
+def start_server(argv: list[str], log_path: Path, timeout: float = 60) -> tuple[subprocess.Popen, int]:
+    """`python ARGV --port P` with a free port P, returned (process, P) once it serves its static files."""
+    port = _free_port()
+    with open(log_path, "ab") as log:  # the child writes to its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, *argv, "--port", str(port)], cwd=REPO, stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/static/app.js", timeout=2)
+            return process, port
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"server did not start within {timeout:.0f} s")
