@@ -14,7 +14,8 @@ Per backend:
    and `--annotators-concurrent` people, each a thread with its own keep-alive HTTP client and account
    token (`Authorization: Bearer`, as the page's script sends it), doing the page's loop: POST /api/next,
    wait `--think-seconds`, POST /api/judgment (0-3 of the shown candidates accepted, none_fit for 0, a fresh
-   client_token and the shown order, as the page's script sends them), again. Each call's latency is timed
+   client_token and the shown order, as the page's script sends them), again; each person's first call at a
+   random moment within one think time (`--lockstep-start`: all at once). Each call's latency is timed
    by the client (the round trip) and by the server (`x-server-ms`: first byte in to response out, added
    by a thin ASGI wrapper around the app); p50/p95/p99/max per call, and items/s.
    It runs twice per think time: at the start of the open round (nothing judged) and near its end (the
@@ -32,7 +33,7 @@ Assumptions, up front:
   say so when quoting them.
 - SQLite is the run's `feedback.db` as the loop makes it (WAL, writes serialised with BEGIN IMMEDIATE,
   durable commits); PostgreSQL is tests/postgres.py's throw-away cluster (fsync off, Unix socket),
-  ANALYZEd after the fill.
+  VACUUMed and ANALYZEd after the fill.
 - Think time 0 saturates the server (a closed loop: the latency then includes queueing behind the other
   annotators); real people take ~15 s per item, so `--think-seconds 0.5` with 20 annotators is still
   ~30x a real team's pace.
@@ -79,14 +80,12 @@ PEOPLE = 5
 
 def serve(url: str, port: int, annotations_per_item: int, lease_seconds: float) -> None:
     """Serve the annotation app over the store at `url` on 127.0.0.1:`port` (the child process's job)."""
-    import uvicorn
-
-    from illume.annotate.server import create_app
+    from illume.annotate import server
 
     store = FeedbackStore(url)
-    app = create_app(store, None, AnnotateConfig(annotations_per_item=annotations_per_item,
-                                                 lease_seconds=lease_seconds))
-    uvicorn.run(_ServerTiming(app), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    app = server.create_app(store, None, AnnotateConfig(annotations_per_item=annotations_per_item,
+                                                        lease_seconds=lease_seconds))
+    server.serve(_ServerTiming(app), "127.0.0.1", port)  # as `illume annotate` serves it (gc.freeze included)
 
 
 class _ServerTiming:
@@ -152,8 +151,14 @@ def _cpu_seconds(pid: int) -> float:
 # -------------------------------------------------------------------- the annotators (client threads)
 
 
-def annotate(base: str, tokens: Sequence[str], items_each: int, think_seconds: float, seed: int) -> dict:
-    """`len(tokens)` people doing the page's loop at once; returns their calls' latencies and outcomes."""
+def annotate(base: str, tokens: Sequence[str], items_each: int, think_seconds: float, seed: int,
+             lockstep_start: bool = False) -> dict:
+    """`len(tokens)` people doing the page's loop at once; returns their calls' latencies and outcomes.
+
+    Each person's first timed `next` comes at a random moment within one think time after the clock starts:
+    people don't press "next" in the same millisecond. `lockstep_start`: all at once, as up to issue 24; those
+    20 calls (3 % of 25 x 20) wait for each other's ~10 ms of server CPU, 40-200 ms, and made the p99 of `next`.
+    """
     calls: dict[str, list[tuple[float, float]]] = {"next": [], "judgment": []}  # (round trip ms, server ms)
     outcome = {"stored": 0, "duplicate": 0, "no_item": 0, "errors": []}
     lock = threading.Lock()
@@ -167,6 +172,8 @@ def annotate(base: str, tokens: Sequence[str], items_each: int, think_seconds: f
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
             client.post("/api/next", json={})  # connect and hold the first item before the clock starts
             barrier.wait()
+            if not lockstep_start:
+                time.sleep(rng.uniform(0, think_seconds))
             for _ in range(items_each):
                 response, ms = _timed_call(client, "/api/next", {})
                 if response.status_code != 200:
@@ -372,7 +379,8 @@ def bench_backend(backend: str, url: str, args: argparse.Namespace, fill: bool) 
             before = counts["judgments"]
             with server_process(url, per_item, lease_seconds) as (base, pid):
                 server_cpu = _cpu_seconds(pid)
-                result = annotate(base, tokens, args.requests_per_annotator, think, seed=len(out["page"]))
+                result = annotate(base, tokens, args.requests_per_annotator, think, seed=len(out["page"]),
+                                  lockstep_start=args.lockstep_start)
                 server_cpu = _cpu_seconds(pid) - server_cpu
                 if state == "end" and think == args.think_seconds[-1]:
                     out["admin_summary"] = admin_summary(base, admin_token)
@@ -475,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--bookkeeping-steps", nargs="+", default=None,
                         help="only these of scripts/store_history.py's BOOKKEEPING_STEPS (default: all)")
     parser.add_argument("--skip-plans", action="store_true")
+    parser.add_argument("--lockstep-start", action="store_true",
+                        help="every annotator's first call at the same moment (default: spread over one think time)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_store.json")
     parser.add_argument("--keep-db", type=Path, default=None,
                         help="SQLite: keep the store here (a store already there is reused, not refilled)")

@@ -20,8 +20,10 @@ Assumptions, up front:
   far longer at this size. The schema is created by `FeedbackStore` itself (so it is exactly ours, indexes
   included), and the rows are those the store's own writers would have written (see `fill_history`).
   On PostgreSQL the id sequences are moved past the assigned ids afterwards (so that the page's own inserts
-  work) and the tables are ANALYZEd (what autovacuum does to a database that has lived); SQLite gets no
-  ANALYZE, as a run's `feedback.db` never gets one.
+  work) and the tables are VACUUMed and ANALYZEd (what autovacuum does to a database that has lived: without
+  the VACUUM, autovacuum's insert-triggered pass over the fresh 10^6-row tables and the first reads' hint-bit
+  writes ran during the page benchmark's first minutes, issue 24); SQLite gets neither, as a run's
+  `feedback.db` never gets one.
 - Everything is deterministic given `seed` (texts, who judges what, what is accepted, seconds), except the
   wall-clock figures.
 - The texts have VQA-X's lengths: a question of ~6 words, a one-word answer, the prompt
@@ -192,7 +194,7 @@ def fill_history(url: str, items_per_round: int = 30_000, rounds: int = 4, candi
                 connection.execute(text(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"))
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(text("ANALYZE"))
+            connection.execute(text("VACUUM (ANALYZE)"))
     store.close()
     counts["seconds"] = round(time.perf_counter() - start, 2)
     return counts
