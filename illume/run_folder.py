@@ -69,9 +69,9 @@ def is_run_folder(run_dir: Path) -> bool:
         if not hasattr(saved, "keys") or not SAVED_SECTIONS <= set(saved.keys()):
             return False
         load_config(config)
-    except (ConfigError, OSError, ValueError):
+    except ConfigError:  # every section there, but not a config this illume reads
         return False
-    except Exception:  # noqa: BLE001  a YAML file that does not parse: someone else's
+    except Exception:  # YAML that does not parse (OmegaConf raises yaml's own errors): someone else's file
         return False
     return True
 

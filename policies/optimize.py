@@ -155,7 +155,7 @@ def optimize_standalone(kind: str, source: str | Path, cfg: RunConfig, out_dir: 
     if init_weights is not None:
         load_trainable_weights(vlm.model, init_weights, remedy)
     if is_run:
-        store = FeedbackStore(cfg.store_url or source / "feedback.db")
+        store = FeedbackStore(cfg.store_url or source / "feedback.db", create=False)  # the run's; never a new one
         result = optimize_on_store(cfg, vlm, store, train_by_id, val, out_dir)
     elif kind == "dpo":
         result = optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)

@@ -31,3 +31,15 @@ def start_server(argv: list[str], log_path: Path, timeout: float = 60) -> tuple[
             time.sleep(0.1)
     process.kill()
     raise AssertionError(f"server did not start within {timeout:.0f} s")
+
+
+def wait_in_page(page, script: str, wanted, timeout: float = 15.0):
+    """Poll `script` in a Playwright page until `wanted(value)` holds; returns the value. Polled from here, since
+    the page's CSP forbids the string eval behind Playwright's `wait_for_function`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = page.evaluate(script)
+        if wanted(value):
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{script} is {page.evaluate(script)!r}")

@@ -23,7 +23,7 @@ from illume.annotate.server import LOOPBACK_NAMES, allowed_hosts, create_app
 from illume.config import AnnotateConfig
 from illume.feedback.queue import AnnotationQueue, JudgmentConflict
 from illume.store import FeedbackStore
-from tests.live_server import start_server
+from tests.live_server import start_server, wait_in_page
 from tests.test_annotate_server import LOCAL, make_sets
 
 TOKEN = "s3cret-token"
@@ -290,15 +290,6 @@ def test_the_page_offers_to_replace_a_different_saved_answer(open_page):
     item_js = "document.getElementById('main').dataset.itemId || null"
     conflict_js = "document.getElementById('conflict').hidden ? null : document.getElementById('conflict-stored').textContent"
 
-    def wait(page, script, wanted):
-        deadline = time.monotonic() + 15  # polled here: the page's CSP forbids Playwright's string eval
-        while time.monotonic() < deadline:
-            value = page.evaluate(script)
-            if wanted(value):
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"{script} is {page.evaluate(script)!r}")
-
     errors: list[str] = []
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
@@ -309,20 +300,20 @@ def test_the_page_offers_to_replace_a_different_saved_answer(open_page):
         tab_1.wait_for_selector("#name-input", state="visible")
         tab_1.keyboard.type("pat")
         tab_1.keyboard.press("Enter")
-        item_id = wait(tab_1, item_js, lambda v: v is not None)
+        item_id = wait_in_page(tab_1, item_js, lambda v: v is not None)
         tab_2 = context.new_page()  # the same person (the name is remembered): their leased item again
         tab_2.on("pageerror", lambda error: errors.append(str(error)))
         tab_2.goto(f"http://127.0.0.1:{port}/")
-        assert wait(tab_2, item_js, lambda v: v is not None) == item_id
+        assert wait_in_page(tab_2, item_js, lambda v: v is not None) == item_id
         tab_1.keyboard.press("1")
         tab_1.keyboard.press("Enter")
-        wait(tab_1, item_js, lambda v: v != item_id)
+        wait_in_page(tab_1, item_js, lambda v: v != item_id)
         tab_2.keyboard.press("2")
         tab_2.keyboard.press("Enter")
-        assert wait(tab_2, conflict_js, lambda v: v is not None) == "rationale 1 ticked"
+        assert wait_in_page(tab_2, conflict_js, lambda v: v is not None) == "rationale 1 ticked"
         assert "Replace" in tab_2.locator("#submit-label").text_content()
         tab_2.keyboard.press("Enter")
-        wait(tab_2, item_js, lambda v: v != item_id)
+        wait_in_page(tab_2, item_js, lambda v: v != item_id)
         assert tab_2.evaluate(conflict_js) is None and "Replaced" in tab_2.locator("#status").text_content()
         browser.close()
     assert errors == []

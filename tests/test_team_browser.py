@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from illume.store import FeedbackStore
-from tests.live_server import start_server
+from tests.live_server import start_server, wait_in_page
 from tests.test_annotate_server import make_sets, png_bytes
 
 pytestmark = pytest.mark.slow
@@ -25,29 +24,18 @@ def _serve(store_path: Path, run_dir: Path, log_path: Path) -> tuple[subprocess.
     return process, f"http://127.0.0.1:{port}"
 
 
-def _wait(page, script: str, wanted, timeout: float = 15.0):
-    """Poll `script` from here (the page's CSP forbids the string eval behind Playwright's wait_for_function)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = page.evaluate(script)
-        if wanted(value):
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{script} is {page.evaluate(script)!r}")
-
-
 ITEM = "document.getElementById('main').dataset.itemId || null"
 
 
 def _judge(page, keys: list[str], text: str | None = None) -> int:
     """Judge the item on screen with keys only (typing `text` after the keys, if given); returns its id."""
-    item_id = _wait(page, ITEM, lambda v: v is not None)
+    item_id = wait_in_page(page, ITEM, lambda v: v is not None)
     for key in keys:
         page.keyboard.press(key)
     if text is not None:
         page.keyboard.type(text)
     page.keyboard.press("Enter")
-    _wait(page, f"({ITEM}) + '|' + !document.getElementById('main').hidden",
+    wait_in_page(page, f"({ITEM}) + '|' + !document.getElementById('main').hidden",
           lambda v, before=item_id: not v.startswith(f"{before}|") or v.endswith("false"))
     return int(item_id)
 
@@ -81,7 +69,7 @@ def test_a_team_in_real_browsers(tmp_path):
 
             # Alice: her link names her (no name to type); she accepts one, writes one, edits one.
             page_a = open_page(f"/?token={alice}")
-            _wait(page_a, "document.getElementById('annotator-name').textContent", lambda v: v == "alice")
+            wait_in_page(page_a, "document.getElementById('annotator-name').textContent", lambda v: v == "alice")
             assert page_a.evaluate("document.getElementById('name-dialog').hidden")
             alice_items = [_judge(page_a, ["1"]),
                            _judge(page_a, ["c"], "it is green all over"),
@@ -89,7 +77,7 @@ def test_a_team_in_real_browsers(tmp_path):
 
             # Bob judges the same three items his way.
             page_b = open_page(f"/?token={bob}")
-            _wait(page_b, "document.getElementById('annotator-name').textContent", lambda v: v == "bob")
+            wait_in_page(page_b, "document.getElementById('annotator-name').textContent", lambda v: v == "bob")
             bob_items = [_judge(page_b, keys) for keys in (["2"], ["n"], ["3"])]
             assert sorted(alice_items) == sorted(bob_items)
 
@@ -119,11 +107,11 @@ def test_a_team_in_real_browsers(tmp_path):
             # Carol's admin page shows both people's progress and opens their disagreement.
             page_c = open_page(f"/admin?token={carol}")
             people = "Array.from(document.querySelectorAll('#people tbody tr')).map(r => r.cells[0].textContent + ':' + r.cells[2].textContent).join(',')"
-            assert _wait(page_c, people, lambda v: v == "alice:3,bob:3")
-            _wait(page_c, "document.querySelectorAll('#disagreements button').length", lambda n: n >= 1)
+            assert wait_in_page(page_c, people, lambda v: v == "alice:3,bob:3")
+            wait_in_page(page_c, "document.querySelectorAll('#disagreements button').length", lambda n: n >= 1)
             page_c.locator("#disagreements button").first.click()
             detail = "document.getElementById('detail').hidden ? '' : document.getElementById('detail-table').textContent"
-            shown = _wait(page_c, detail, lambda v: "alice" in v and "bob" in v)
+            shown = wait_in_page(page_c, detail, lambda v: "alice" in v and "bob" in v)
             alpha = page_c.evaluate("document.querySelector('#rounds tbody tr').cells[4].textContent")
             page_c.screenshot(path=str(tmp_path / "admin.png"))
             if os.environ.get("ILLUME_SCREENSHOTS"):
@@ -135,7 +123,7 @@ def test_a_team_in_real_browsers(tmp_path):
             assert httpx.get(f"{url}/api/config", headers={"Authorization": f"Bearer {alice}"},
                              timeout=10).status_code == 401
             # Her open page finds out at its next request (it polls for work every 8 s).
-            _wait(page_a, "document.getElementById('empty-title').textContent",
+            wait_in_page(page_a, "document.getElementById('empty-title').textContent",
                   lambda v: v == "This link does not work", timeout=20)
             # (a new connection: Playwright may reuse one that uvicorn closed after its 5 s keep-alive)
             assert httpx.get(f"{url}/?token={alice}", timeout=10).status_code == 401
