@@ -77,14 +77,11 @@ def _write_config(cfg: RunConfig) -> None:
 def _writing(run_dir: Path, command: str, store_url: str | None = None) -> Iterator[None]:
     """Claim the run folder and hold its lock (illume.run_folder) for a command that writes to the run; with a
     store elsewhere (a PostgreSQL URL), also the store's own lock, since other folders may share it."""
-    with run_folder.writing(run_dir, command):
-        if store_url is None or not distributed.is_main():
-            yield
-            return
-        from illume.store import FeedbackStore
+    from illume.store import FeedbackStore
 
-        with FeedbackStore(store_url, create=False).writer_lock(run_folder.holder_name(command)):
-            yield
+    database_lock = FeedbackStore(store_url, create=False).writer_lock if store_url and distributed.is_main() else None
+    with run_folder.writing(run_dir, command, database_lock):
+        yield
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -140,15 +140,15 @@ def run(cfg: RunConfig) -> list[dict]:
         if cfg.store_url:  # a database that cannot be used fails before the run folder is touched
             with distributed.main_process_first():  # rank 0 creates the store's tables; the others open it after
                 store = FeedbackStore(cfg.store_url)
-        run_dir = held.enter_context(run_folder.writing(cfg.run_dir, "run"))  # one writer per run
+        # One writer per run; a store other folders or machines may share has its own lock too.
+        database_lock = store.writer_lock if cfg.store_url else None
+        run_dir = held.enter_context(run_folder.writing(cfg.run_dir, "run", database_lock))
         # Before anything is written: a run continued with other settings refuses and leaves everything as it was.
         changes = check_resumed_settings(cfg)
         check_finished_rounds(run_dir)  # damaged adapters fail now, not after the model loaded
         if not cfg.store_url:
             with distributed.main_process_first():
                 store = FeedbackStore(run_dir / "feedback.db")
-        if distributed.is_main():  # the store's own lock: several run folders or machines may share a database
-            held.enter_context(store.writer_lock(run_folder.holder_name("run")))
         distributed.barrier()  # every rank has read the old config.yaml before rank 0 rewrites it
         init_run_dir(cfg)
         if changes and distributed.is_main():  # allowed by loop.allow_changed_settings

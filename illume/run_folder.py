@@ -27,7 +27,8 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -118,36 +119,43 @@ def _write_marker(run_dir: Path, command: str) -> None:
 
 
 @contextlib.contextmanager
-def hold(run_dir: Path, command: str) -> Iterator[None]:
+def hold(run_dir: Path, command: str, database: Callable[[str], ContextManager] | None = None) -> Iterator[None]:
     """Hold the run's writer lock for the block (every rank of a launch enters and leaves it together).
 
     Call `claim` first: the lock file lives in the run folder.
 
+    Args:
+        run_dir: The run folder.
+        command: What holds it (`run`, `reward train`, ...), for the message a second writer gets.
+        database: The store's own lock (`FeedbackStore.writer_lock`, given the holder's name), taken after the
+            folder's, for a store other folders or machines may share (PostgreSQL).
+
     Raises:
-        RunInUse: Another process holds it; the message names its command, pid, host and start time.
+        RunInUse: Another process holds either; the message names it (command, pid, host, start time).
     """
     from illume import distributed
 
-    lock = _FileLock(run_dir / LOCK_FILE, command) if distributed.is_main() else None
-    refusal = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except RunInUse as error:
-            refusal = str(error)
-    refusal = distributed.broadcast_object(refusal)  # every rank stops, or none
-    if refusal is not None:
-        raise RunInUse(refusal)
-    try:
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if distributed.is_main():
+            try:
+                lock = _FileLock(run_dir / LOCK_FILE, command)
+                lock.acquire()
+                held.callback(lock.release)
+                if database is not None:
+                    held.enter_context(database(holder_name(command)))
+            except RunInUse as error:
+                refusal = str(error)
+        refusal = distributed.broadcast_object(refusal)  # every rank stops, or none
+        if refusal is not None:
+            raise RunInUse(refusal)
         yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 @contextlib.contextmanager
-def writing(run_dir: Path, command: str) -> Iterator[Path]:
-    """`claim` the run folder and `hold` its lock for the block: how every command that writes a run starts.
+def writing(run_dir: Path, command: str, database: Callable[[str], ContextManager] | None = None) -> Iterator[Path]:
+    """`claim` the run folder and `hold` its lock (and the store's, `database`) for the block: how every command
+    that writes a run starts.
 
     Yields:
         The run folder.
@@ -156,7 +164,7 @@ def writing(run_dir: Path, command: str) -> Iterator[Path]:
         RunFolderError, RunInUse: as `claim` and `hold`, before anything is written.
     """
     claim(run_dir, command)
-    with hold(run_dir, command):
+    with hold(run_dir, command, database):
         yield run_dir
 
 
