@@ -79,7 +79,9 @@ def _writing(run_dir: Path, command: str, store_url: str | None = None) -> Itera
     store elsewhere (a PostgreSQL URL), also the store's own lock, since other folders may share it."""
     from illume.store import FeedbackStore
 
-    database_lock = FeedbackStore(store_url, create=False).writer_lock if store_url and distributed.is_main() else None
+    database_lock = None
+    if store_url and distributed.is_main():  # rank 0 takes the locks for every rank of a launch
+        database_lock = FeedbackStore(store_url, create=False).writer_lock
     with run_folder.writing(run_dir, command, database_lock):
         yield
 
