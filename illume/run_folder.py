@@ -136,7 +136,6 @@ def hold(run_dir: Path, command: str, database: Callable[[str], ContextManager] 
     from illume import distributed
 
     with contextlib.ExitStack() as held:
-        refusal = None
         if distributed.is_main():
             try:
                 lock = _FileLock(run_dir / LOCK_FILE, command)
@@ -144,11 +143,13 @@ def hold(run_dir: Path, command: str, database: Callable[[str], ContextManager] 
                 held.callback(lock.release)
                 if database is not None:
                     held.enter_context(database(holder_name(command)))
-            except RunInUse as error:
-                refusal = str(error)
-        refusal = distributed.broadcast_object(refusal)  # every rank stops, or none
-        if refusal is not None:
-            raise RunInUse(refusal)
+            except Exception as error:  # the others must stop too, not wait for rank 0 at the next meeting
+                distributed.broadcast_object((isinstance(error, RunInUse), str(error)))
+                raise
+        failure = distributed.broadcast_object(None)  # (busy?, message) if rank 0 failed
+        if failure is not None:  # ranks > 0: rank 0 raised its own error
+            busy, message = failure
+            raise RunInUse(message) if busy else RuntimeError(f"rank 0 could not lock the run: {message}")
         yield
 
 

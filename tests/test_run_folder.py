@@ -256,3 +256,21 @@ def test_runs_sharing_a_postgresql_store_take_turns(pretrained, postgres_url):
             break
         time.sleep(1)
     assert after.returncode == 0, after.stderr[-4000:]
+
+
+def test_a_store_lock_that_fails_releases_the_folders_lock(tmp_path):
+    """The folder's lock is taken first; when the store's lock then fails, the folder's is released again."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def unreachable(holder):
+        raise RuntimeError(f"no database for {holder}")
+        yield  # pragma: no cover
+
+    run_folder.claim(tmp_path / "run", "run")
+    with pytest.raises(RuntimeError, match=r"no database for illume run \(pid"):
+        with run_folder.hold(tmp_path / "run", "run", database=unreachable):
+            pass
+    assert (tmp_path / "run" / run_folder.LOCK_FILE).read_text() == ""
+    with run_folder.hold(tmp_path / "run", "dpo"):  # free again
+        assert json.loads((tmp_path / "run" / run_folder.LOCK_FILE).read_text())["command"] == "dpo"
