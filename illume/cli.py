@@ -167,11 +167,15 @@ def _baseline(cfg: RunConfig, threshold: float, train: list, val: list) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from illume.exports import ExportError, export
+    from illume.models.loading import chat_format
 
+    config_path = Path(args.run_dir) / "config.yaml"
+    chat = chat_format(load_config(config_path)) if config_path.is_file() else None
     try:
         result = export(args.run_dir, args.format, args.out, round_idx=args.round, upto_round=args.upto_round,
                         split=args.split, aggregate=args.aggregate, as_jsonl=args.as_jsonl,
-                        conversational=args.conversational, images=not args.no_images, force=args.force)
+                        conversational=args.conversational, chat=chat, images=not args.no_images,
+                        force=args.force)
     except ExportError as error:
         print(f"export error: {error}", file=sys.stderr)
         return 2
@@ -196,7 +200,8 @@ def _add_export_parser(commands) -> None:
                      help="how several annotators of an item combine (default: the run's feedback.aggregate)")
     sub.add_argument("--as-jsonl", action="store_true", help="write sft/dpo/kto as JSONL (images as paths)")
     sub.add_argument("--conversational", action="store_true",
-                     help="TRL conversational format (user/assistant messages) for chat VLMs")
+                     help="plain-format runs: TRL conversational format (one user and one assistant message); "
+                          "chat-format runs always write the chat turns")
     sub.add_argument("--no-images", action="store_true", help="text only: no images column")
     sub.add_argument("--force", action="store_true",
                      help="replace an existing --out (an earlier export; never a run's own files)")

@@ -242,6 +242,33 @@ class ModelConfig:
 
 
 @dataclass
+class PromptConfig:
+    """How prompts are written for the model: ILLUME's plain completion prompt, or the model's own chat
+    template (illume.prompts.ChatStyle; the stored prompts are the plain text either way)."""
+
+    format: Literal["plain", "chat"] | None = None
+    """plain: `<image> Q: {question} A: {answer}, seeing that` continued as it is (MAGMA, base models); chat: a
+    user turn (image, `explain`) and an assistant turn starting with `connective`, rendered by the processor's
+    `apply_chat_template`, training labels on the assistant's tokens only. None: chat when the HF processor has
+    a chat template, else plain."""
+    ask: str = "Q: {question} A:"
+    """chat: the user's turn asking for the answer (slot {question})."""
+    explain: str = "Q: {question} A: {answer} Explain why."
+    """chat: the user's turn asking for a rationale (slots {question}, {answer})."""
+    connective: str = "{answer}, seeing that"
+    """chat: how the assistant's turn starts; the rationale continues it (slot {answer})."""
+
+    def __post_init__(self) -> None:
+        for key, slots in (("ask", {"question"}), ("explain", {"question", "answer"}), ("connective", {"answer"})):
+            template = getattr(self, key)
+            try:
+                template.format(**dict.fromkeys(slots, ""))
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(f"prompt.{key} may only use the slots {sorted(slots)}: {template!r} ({error})") \
+                    from error
+
+
+@dataclass
 class PretrainConfig:
     """Pre-training of the demo base model on shapes-world captions and answers (never rationales)."""
 
@@ -718,6 +745,7 @@ class RunConfig:
     """Global seed."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
@@ -735,6 +763,8 @@ class RunConfig:
         # Every section with one place checked itself when it was made; the model settings (which appear in
         # several places: model, judge.model, sample.pool[i].model) are checked where they sit.
         check_ranges(self.model, "model.")
+        if self.model.kind == "magma" and self.prompt.format == "chat":
+            raise ValueError("prompt.format=chat needs a chat template: model.kind=magma has none (use plain)")
         if not self.name.strip() or self.name.strip() in (".", ".."):
             raise ValueError(f"name must name the run's folder inside output_dir, got {self.name!r}")
 

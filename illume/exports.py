@@ -33,9 +33,13 @@ image is its stored `image_ref` (a path, relative to the run directory unless ab
 one take the image of the example in the run's dataset (config.yaml, e.g. the in-memory shapes world; those
 are written as PNG files beside a JSONL export). `--no-images` exports text only (no `images` column).
 
-`--conversational` writes TRL's conversational format instead of plain text: prompt = [{"role": "user",
-"content": prompt}], completions = [{"role": "assistant", "content": rationale}]; TRL then puts the image
-placeholder into the user turn, which chat VLMs (LLaVA, Qwen2-VL, SmolVLM: the `hf` backend) need.
+Rows follow the run's prompt format (`prompt.format`, illume.prompts). In the chat format they are TRL's
+conversational rows, as the run rendered them: prompt = [{"role": "user", "content": [{"type": "image"},
+{"type": "text", "text": the user's turn}]}], each completion = [{"role": "assistant", "content": [{"type":
+"text", "text": connective + " " + rationale}]}] (the whole assistant turn, as the run labels it), so TRL's
+trainers render them with the model's own chat template and take them as they are. In the plain format
+`--conversational` writes the plain prompt as one user message ([{"role": "user", "content": prompt}]) and the
+completion as one assistant message; TRL then puts the image placeholder into the user turn.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from illume.feedback.verdicts import AGGREGATES, DEFAULT_AGGREGATE, Feedback
+from illume.prompts import ChatStyle
 from illume.run_folder import RunFolderError, check_new_path
 from illume.store import FeedbackStore, JudgedItem, JudgmentInfo
 
@@ -84,11 +89,31 @@ def _provenance(judgments: Iterable[JudgmentInfo]) -> dict[str, list[str]]:
     return {"annotators": [j.annotator for j in unique], "created_at": [_iso(j.created_at) for j in unique]}
 
 
-def _text(value: str, role: str, conversational: bool) -> Any:
-    """A prompt (role "user") or completion (role "assistant") in TRL's standard or conversational form."""
-    if conversational:
-        return [{"role": role, "content": value}]
-    return value if role == "user" else " " + value
+@dataclass(frozen=True)
+class RowFormat:
+    """How a row writes its prompt and completions: plain text, one message each (`conversational`), or the
+    chat format's turns (`chat`; `images`: the user's turn shows the image)."""
+
+    conversational: bool = False
+    chat: ChatStyle | None = None
+    images: bool = True
+
+    @property
+    def messages(self) -> bool:
+        return self.conversational or self.chat is not None
+
+    def prompt(self, prompt: str) -> Any:
+        if self.chat is not None:
+            parts = [{"type": "image", "text": None}] if self.images else []
+            return [{"role": "user", "content": [*parts, {"type": "text", "text": self.chat.turns(prompt).user}]}]
+        return [{"role": "user", "content": prompt}] if self.conversational else prompt
+
+    def completion(self, prompt: str, text: str) -> Any:
+        if self.chat is not None:
+            reply = self.chat.turns(prompt).reply
+            content = f"{reply} {text}" if reply else text
+            return [{"role": "assistant", "content": [{"type": "text", "text": content}]}]
+        return [{"role": "assistant", "content": text}] if self.conversational else " " + text
 
 
 def _meta(item: JudgedItem, images_of: ImagesOf | None) -> dict[str, Any]:
@@ -99,28 +124,28 @@ def _meta(item: JudgedItem, images_of: ImagesOf | None) -> dict[str, Any]:
 
 
 def sft_rows(feedback: Feedback, images_of: ImagesOf | None = None,
-             conversational: bool = False) -> list[dict[str, Any]]:
+             form: RowFormat = RowFormat()) -> list[dict[str, Any]]:
     """{prompt, completion}: `Feedback.accepted`, the loop's selection-SFT targets (see the module doc)."""
     return [{
-        "prompt": _text(row.item.prompt, "user", conversational),
-        "completion": _text(row.text, "assistant", conversational),
+        "prompt": form.prompt(row.item.prompt),
+        "completion": form.completion(row.item.prompt, row.text),
         **_meta(row.item, images_of), **_provenance(row.judgments),
     } for row in feedback.accepted()]
 
 
 def kto_rows(feedback: Feedback, images_of: ImagesOf | None = None,
-             conversational: bool = False) -> list[dict[str, Any]]:
+             form: RowFormat = RowFormat()) -> list[dict[str, Any]]:
     """{prompt, completion, label}: `Feedback.labelled`, what `illume kto RUN_DIR` trains on."""
     return [{
-        "prompt": _text(row.item.prompt, "user", conversational),
-        "completion": _text(row.text, "assistant", conversational),
+        "prompt": form.prompt(row.item.prompt),
+        "completion": form.completion(row.item.prompt, row.text),
         "label": row.accepted,
         **_meta(row.item, images_of), **_provenance(row.judgments),
     } for row in feedback.labelled()]
 
 
 def dpo_rows(feedback: Feedback, images_of: ImagesOf | None = None,
-             conversational: bool = False) -> list[dict[str, Any]]:
+             form: RowFormat = RowFormat()) -> list[dict[str, Any]]:
     """{prompt, chosen, rejected}: `Feedback.pairs` (no reference pairs), what `illume dpo RUN_DIR` trains on.
 
     A pair repeated in several rounds (same example, prompt and texts) is one row with the first round and
@@ -130,9 +155,9 @@ def dpo_rows(feedback: Feedback, images_of: ImagesOf | None = None,
     for pair in feedback.pairs():
         assert pair.item is not None  # pairs from the store carry their item
         rows.append({
-            "prompt": _text(pair.prompt, "user", conversational),
-            "chosen": _text(pair.chosen, "assistant", conversational),
-            "rejected": _text(pair.rejected, "assistant", conversational),
+            "prompt": form.prompt(pair.prompt),
+            "chosen": form.completion(pair.prompt, pair.chosen),
+            "rejected": form.completion(pair.prompt, pair.rejected),
             **_meta(pair.item, images_of), **_provenance(pair.judgments),
         })
     return rows
@@ -271,12 +296,15 @@ def _file_name(text: str) -> str:
 # -------------------------------------------------------------------- datasets and files
 
 
-def features_for(fmt: str, images: bool = True, conversational: bool = False):
+def features_for(fmt: str, images: bool = True, form: RowFormat = RowFormat()):
     """The `datasets.Features` of a saved sft/dpo/kto export."""
     from datasets import Features, Image, Sequence, Value
 
     text = Value("string")
-    message = [{"role": Value("string"), "content": Value("string")}] if conversational else text
+    if form.chat is not None:
+        message = [{"role": text, "content": [{"type": text, "text": text}]}]
+    else:
+        message = [{"role": text, "content": text}] if form.conversational else text
     columns: dict[str, Any] = {"prompt": message}
     if fmt == "sft":
         columns["completion"] = message
@@ -293,11 +321,11 @@ def features_for(fmt: str, images: bool = True, conversational: bool = False):
     return Features(columns)
 
 
-def to_dataset(rows: list[dict[str, Any]], fmt: str, images: bool = True, conversational: bool = False):
+def to_dataset(rows: list[dict[str, Any]], fmt: str, images: bool = True, form: RowFormat = RowFormat()):
     """The rows as a `datasets.Dataset` with `features_for(fmt, ...)`."""
     from datasets import Dataset
 
-    features = features_for(fmt, images, conversational)
+    features = features_for(fmt, images, form)
     return Dataset.from_list([{name: row[name] for name in features} for row in rows], features=features)
 
 
@@ -368,6 +396,7 @@ def export(
     aggregate: str | None = None,
     as_jsonl: bool = False,
     conversational: bool = False,
+    chat: ChatStyle | None = None,
     images: bool = True,
     force: bool = False,
 ) -> ExportResult:
@@ -386,6 +415,8 @@ def export(
             run's `feedback.aggregate` (config.yaml), so the export is what the run trained on.
         as_jsonl: Write sft/dpo/kto as JSONL (images as absolute paths) rather than a saved dataset.
         conversational: TRL's conversational format (messages) rather than plain text.
+        chat: The run's chat format (`illume.models.loading.chat_format`; None: the plain format): TRL's
+            conversational rows in its turns, whatever `conversational` says.
         images: Write the `images` column.
         force: Replace an existing `out`: a file, or a folder holding an earlier export (a saved dataset).
 
@@ -425,7 +456,7 @@ def export(
         rows = judgment_rows(items, images_of)
     else:
         build = {"sft": sft_rows, "dpo": dpo_rows, "kto": kto_rows}[fmt]
-        rows = build(Feedback(items, aggregate), images_of, conversational)
+        rows = build(Feedback(items, aggregate), images_of, RowFormat(conversational, chat, images))
     if not rows:
         raise ExportError({
             "sft": "no accepted rationale to export (no candidate was accepted by enough judgments)",
@@ -437,7 +468,7 @@ def export(
     if jsonl:
         _write_jsonl(rows, out)
     else:
-        _save_dataset(to_dataset(rows, fmt, images, conversational), out)
+        _save_dataset(to_dataset(rows, fmt, images, RowFormat(conversational, chat, images)), out)
     return ExportResult(format=fmt, path=out, num_rows=len(rows))
 
 

@@ -5,14 +5,18 @@ adapters only, the best val epoch kept, reward / acceptance / KL reported per ro
 samples and optimises: TRL 1.16's `GRPOTrainer`, online (fresh samples for every step, from the model as it
 is at that step), instead of our sampler once per round plus our loss.
 
-- **Prompts.** One dataset row per train question: the rationale prompt exactly as our sampler builds it for
-  train (`illume.prompts.rationale_prompt(question, reference answer)`), the image, and `example_id`. TRL
-  passes images only with conversational prompts and renders them with `processing_class.apply_chat_template`;
-  our HF backend has no chat template (illume/models/hf.py: image placeholder + plain prompt). So TRL gets a
-  copy of our processor whose chat template (`plain_chat_template`) renders each image part as our
-  placeholder and each text part as it is, nothing else (no roles, no generation prompt), and which pads on
-  the left as TRL requires: TRL's prompt ids are then `HFVLM.encode_row(image, prompt)`'s, image tokens
-  expanded (tests/test_grpo_trl.py checks them, with Qwen2-VL's per-token `mm_token_type_ids`).
+- **Prompts.** One dataset row per train question: the rationale prompt as our sampler builds it for train
+  (`illume.prompts.rationale_prompt(question, reference answer)`), the image, and `example_id`. TRL passes
+  images only with conversational prompts and renders them with `processing_class.apply_chat_template`, always
+  with a generation prompt. In the chat format (`prompt.format: chat`) TRL gets the model's own template and the
+  user's turn of the chat format (`ChatStyle.turns`); the assistant's turn cannot be started for TRL, so the
+  model writes the connective ("{answer}, seeing that") itself, as selection-SFT trains it to (the chat format
+  labels the connective), and the reward reads what follows it (`_rationale_of`). In the plain format TRL gets
+  a copy of our processor whose chat template (`plain_chat_template`) renders each image part as our
+  placeholder and each text part as it is, nothing else (no roles, no generation prompt). Either way the copy
+  pads on the left as TRL requires and ends completions at our end token: TRL's prompt ids are then
+  `HFVLM.encode_row(image, prompt)`'s (chat: without the connective), image tokens expanded
+  (tests/test_grpo_trl.py checks them, with Qwen2-VL's per-token `mm_token_type_ids`).
 - **Generation.** TRL's `generate` at `policy.grpo_temperature`, `policy.num_generations` (G) completions per
   question, at most `sample.max_new_tokens` tokens, with every special token but EOS suppressed (as our
   sampler bans them). Unlike our path, duplicates and empty completions stay in their group (TRL's groups
@@ -78,7 +82,7 @@ from illume.critics import SimulatedCritic
 from illume.data.records import Candidate, CandidateSet, Example, load_image
 from illume.models.hf import HFVLM, banned_token_ids
 from illume.models.weights import load_trainable_weights
-from illume.prompts import ANSWER_PROMPT, rationale_prompt
+from illume.prompts import ANSWER_PROMPT, ChatStyle, rationale_prompt
 from illume.tracking import NO_REPORT, TrainerReport, trainer_report
 from illume.training import ADAPTERS_FILE, KeepBestEpoch, check_zero_stage, training_arguments
 from policies.base import PolicyResult, RoundContext
@@ -110,22 +114,39 @@ def plain_chat_template(image_placeholder: str) -> str:
 
 
 def trl_processor(vlm: HFVLM):
-    """A copy of the model's processor for TRL: `plain_chat_template`, padding on the left (TRL left-pads the
-    prompt ids and concatenates the processor's per-token fields, e.g. Qwen2-VL's `mm_token_type_ids`, with
-    them). The model's own processor is left as it is."""
+    """A copy of the model's processor for TRL: its own chat template in the chat format, else
+    `plain_chat_template`; padding on the left (TRL left-pads the prompt ids and concatenates the processor's
+    per-token fields, e.g. Qwen2-VL's `mm_token_type_ids`, with them); EOS our end token (TRL stops a
+    completion at the tokenizer's EOS; the chat format's is the end of the assistant's turn). The model's own
+    processor is left as it is."""
     processor = copy.deepcopy(vlm.processor)
-    processor.chat_template = plain_chat_template(vlm.image_placeholder)
+    if vlm.chat is None:
+        processor.chat_template = plain_chat_template(vlm.image_placeholder)
     processor.tokenizer.padding_side = "left"
+    processor.tokenizer.eos_token = processor.tokenizer.convert_ids_to_tokens(vlm.eos_token_id)
     return processor
 
 
-def prompt_dataset(examples: Sequence[Example]) -> Dataset:
-    """One row per train question: the conversational rationale prompt (one user turn, the text our sampler
-    puts after the image), the image (RGB; a file path stays a path, read when a row is) and `example_id`."""
+def user_text(vlm: HFVLM, prompt: str) -> str:
+    """What TRL puts after the image in the user's turn: the chat format's user turn, or the plain prompt."""
+    return prompt if vlm.chat is None else vlm.chat.turns(prompt).user
+
+
+def _rationale_of(chat: ChatStyle | None, prompt: str, text: str) -> str:
+    """The rationale in a completion TRL drew: in the chat format the text after the connective the model
+    wrote (the whole text when it wrote another one), else the text."""
+    reply = "" if chat is None else _clean(chat.turns(prompt).reply)
+    return text[len(reply):].strip() if reply and text.startswith(reply) else text
+
+
+def prompt_dataset(vlm: HFVLM, examples: Sequence[Example]) -> Dataset:
+    """One row per train question: the conversational rationale prompt (one user turn, `user_text`), the image
+    (RGB; a file path stays a path, read when a row is) and `example_id`."""
     features = Features({"prompt": [{"role": Value("string"), "content": Value("string")}],
                          "image": ImageFeature(mode="RGB"), "example_id": Value("string")})
     return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": rationale_prompt(e.question, e.answer)}] for e in examples],
+        "prompt": [[{"role": "user", "content": user_text(vlm, rationale_prompt(e.question, e.answer))}]
+                   for e in examples],
         "image": [e.image if isinstance(e.image, Image.Image) else str(e.image) for e in examples],
         "example_id": [e.id for e in examples],
     }, features=features)
@@ -178,14 +199,15 @@ class RewardFunction:
     Per call the rows are grouped by `example_id` into candidate sets (prompt: the example's rationale prompt);
     each example the sources read carries the image TRL passed with its rows, checked to be that example's
     image (PolicyDataError otherwise). Reward = sum of weight x source. Each scored sample is appended to
-    `samples` (example_id, prompt, completion, reward, accepted: the simulated critic's verdict or None without
+    `samples` (example_id, prompt, completion (chat: after the connective, `_rationale_of`), reward, accepted: the simulated critic's verdict or None without
     references, step and epoch of the trainer when it was drawn).
     """
 
     __name__ = "illume_reward"  # TRL logs rewards/<name>/mean
 
-    def __init__(self, context: RoundContext, sources: Mapping[str, RewardSource], weights: Mapping[str, float]):
-        self.context, self.sources, self.weights = context, dict(sources), dict(weights)
+    def __init__(self, context: RoundContext, sources: Mapping[str, RewardSource], weights: Mapping[str, float],
+                 chat: ChatStyle | None = None):
+        self.context, self.sources, self.weights, self.chat = context, dict(sources), dict(weights), chat
         self.samples: list[dict] = []
 
     def _examples_with_images(self, example_ids: Sequence[str], images: Sequence) -> dict[str, Example]:
@@ -208,13 +230,14 @@ class RewardFunction:
 
     def __call__(self, prompts, completions, example_id, image, trainer_state=None, **kwargs) -> list[float]:
         examples = self._examples_with_images(example_id, image)
-        texts = [_completion_text(c) for c in completions]
+        prompts_of = {eid: rationale_prompt(examples[eid].question, examples[eid].answer) for eid in examples}
+        texts = [_rationale_of(self.chat, prompts_of[eid], _completion_text(c))
+                 for eid, c in zip(example_id, completions, strict=True)]
         rows: dict[str, list[int]] = {}
         for i, eid in enumerate(example_id):
             rows.setdefault(eid, []).append(i)
         temperature = self.context.cfg.policy.grpo_temperature
-        sets = [CandidateSet(eid, examples[eid].answer, examples[eid].answer,
-                             rationale_prompt(examples[eid].question, examples[eid].answer), 0,
+        sets = [CandidateSet(eid, examples[eid].answer, examples[eid].answer, prompts_of[eid], 0,
                              [Candidate(texts[i], temperature, 0, j, 0.0) for j, i in enumerate(indices)])
                 for eid, indices in rows.items()]
         context = dataclasses.replace(self.context, train_by_id={**self.context.train_by_id, **examples})
@@ -399,7 +422,7 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     check_zero_stage(cfg.train.deepspeed, "GRPO")
     out_dir.mkdir(parents=True, exist_ok=True)
     vlm.set_trainable(adapters=True, prefix=cfg.train.train_prefix)
-    reward = RewardFunction(context, round_sources(context, sources, weights), weights)
+    reward = RewardFunction(context, round_sources(context, sources, weights), weights, vlm.chat)
     # The projector is a base weight: TRL's reference adapter would not keep it as the round found it.
     reference = copy.deepcopy(vlm.model) if cfg.train.train_prefix else None
     encode = RowEncoder(vlm, context.train_by_id)
@@ -410,7 +433,7 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     with _undo_trl_changes(vlm.model):
         trainer = IllumeGRPOTrainer(
             model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm), report),
-            train_dataset=prompt_dataset(context.train), processing_class=trl_processor(vlm),
+            train_dataset=prompt_dataset(vlm, context.train), processing_class=trl_processor(vlm),
             callbacks=[keep_best, *report.callbacks()], answer_rows=answer_rows, answer_weight=p.grpo_answer_weight,
             collate=vlm.collate, reference=reference)
         trainer.train()

@@ -52,6 +52,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from illume.models.logits_filters import filter_logits, filters_active
 from illume.models.weights import check_finite, record_digests, verify_digests
+from illume.prompts import ChatStyle, ChatTurns
 
 ADAPTER_DIR = "adapter"
 """Subfolder of a saved model holding the LoRA weights (kept apart from the base model's files, because
@@ -79,24 +80,38 @@ IMAGE_PLACEHOLDERS = {
 
 @dataclass
 class HFVLM:
-    """A PEFT-wrapped HF VLM with its processor; `encode_row` builds rows, `collate` batches them."""
+    """A PEFT-wrapped HF VLM with its processor; `encode_row` builds rows, `collate` batches them.
+
+    Prompts come as ILLUME's plain text (illume.prompts) in either format: `chat` None writes them after the
+    image placeholder as they are; a `ChatStyle` renders them as a conversation through the processor's own
+    `apply_chat_template` (`render`).
+    """
 
     model: PreTrainedModel
     """The PEFT model (LoRA on the language model's projections)."""
     processor: ProcessorMixin
     tokenizer: PreTrainedTokenizerBase
+    chat: ChatStyle | None = None
+    """The chat format's style (`prompt.format: chat`); None: the plain format."""
     answer_stops = ("\n", ",")
     """Chat-tuned VLMs end an answer with a newline as often as with EOS."""
 
-    @property
+    @functools.cached_property
     def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+        """The token that ends a completion: EOS in the plain format, the template's end of the assistant's turn
+        in the chat format (`<|im_end|>`, `<end_of_turn>`, ...; EOS when the template writes none)."""
+        if self.chat is None:
+            return self.tokenizer.eos_token_id
+        marker = "\x00illume\x00"
+        text = self._apply_template(ChatTurns("x"), marker)
+        tail = self.tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+        return tail[0] if tail else self.tokenizer.eos_token_id
 
     @property
     def pad_token_id(self) -> int:
         # Several VLM tokenizers have no pad token; padded positions are masked anyway.
         pad = self.tokenizer.pad_token_id
-        return self.eos_token_id if pad is None else pad
+        return self.tokenizer.eos_token_id if pad is None else pad
 
     @property
     def image_token_id(self) -> int:
@@ -111,6 +126,46 @@ class HFVLM:
         model_type = self.model.get_base_model().config.model_type
         template = IMAGE_PLACEHOLDERS.get(model_type, "{image_token}")
         return template.format(image_token=self.processor.image_token)
+
+    # --- prompts: the text the processor reads
+
+    def _apply_template(self, turns: ChatTurns, reply: str | None = None) -> str:
+        """The processor's chat template over one user turn (image, then text) and, when `reply` is given,
+        the assistant's turn holding it (closed), else the turn `turns.reply` starts (left open)."""
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns.user}]}
+        if reply is not None:
+            messages = [user, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+            return self.processor.apply_chat_template(messages, tokenize=False)
+        if not turns.reply:
+            return self.processor.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        messages = [user, {"role": "assistant", "content": [{"type": "text", "text": turns.reply}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+    def render(self, prompt: str) -> str:
+        """The text of a prompt as the processor reads it (image placeholder unexpanded): the plain format's
+        placeholder + prompt, or the chat template's conversation up to where the model continues."""
+        if self.chat is None:
+            return self.image_placeholder + prompt
+        return self._apply_template(self.chat.turns(prompt))
+
+    def _reply_length(self, prompt: str) -> int:
+        """How many of the prompt's last tokens are the assistant's (the chat format's `connective`): they are
+        the model's words, so training labels them."""
+        if self.chat is None:
+            return 0
+        turns = self.chat.turns(prompt)
+        if not turns.reply:
+            return 0
+        head, full = self._apply_template(ChatTurns(turns.user)), self._apply_template(turns)
+        if not full.startswith(head):
+            raise ValueError(f"{type(self.processor).__name__}'s chat template renders an assistant turn that "
+                             f"does not continue its generation prompt; use prompt.format=plain")
+        return len(self.text_ids(full)) - len(self.text_ids(head))
+
+    def _tokenizer_kwargs(self, text: str) -> dict:
+        # As `apply_chat_template(tokenize=True)`: a template that writes BOS itself gets no second one.
+        bos = self.tokenizer.bos_token
+        return {"add_special_tokens": False} if self.chat is not None and bos and text.startswith(bos) else {}
 
     def _completion_ids(self, prompt: str, completion: str) -> list[int]:
         # Tokenized in context: sentencepiece tokenizers (LLaVA's Llama) add a prefix space to text encoded on
@@ -127,26 +182,34 @@ class HFVLM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def completion_ids(self, text: str, prompt: str = "") -> list[int]:
-        """The target ids of a completion after `prompt`: ` text` tokenized in context, then EOS."""
-        return self._completion_ids(prompt, " " + text.strip()) + [self.eos_token_id]
+        """The target ids of a completion after `prompt`: ` text` tokenized in context (in the chat format
+        without the space when it opens the assistant's turn), then the end token (`eos_token_id`)."""
+        if self.chat is None:
+            return self._completion_ids(prompt, " " + text.strip()) + [self.eos_token_id]
+        separator = " " if self.chat.turns(prompt).reply else ""
+        return self._completion_ids(self.render(prompt), separator + text.strip()) + [self.eos_token_id]
 
     def encode_row(self, image: Image.Image, prompt: str, completion: str | None = None) -> dict:
         """One training/scoring row for one image.
 
         Returns:
-            `input_ids` (list): the processor's encoding of placeholder + prompt (image tokens expanded),
-            then the completion's ids and EOS when a completion is given; `labels` (list): -100 over image and
-            prompt, the completion's ids and EOS after; other per-token lists the model needs
-            (`mm_token_type_ids` for Qwen2-VL); and the image tensors of this one image as the processor
-            returns them (`pixel_values`, plus e.g. `image_grid_thw`); `collate` concatenates them on dim 0.
+            `input_ids` (list): the processor's encoding of the rendered prompt (`render`; image tokens
+            expanded), then the completion's ids and end token when a completion is given; `labels` (list): -100
+            over the image and the prompt, except the assistant's own words in the chat format (the connective),
+            then the completion's ids; other per-token lists the model needs (`mm_token_type_ids` for Qwen2-VL);
+            and the image tensors of this one image as the processor returns them (`pixel_values`, plus e.g.
+            `image_grid_thw`); `collate` concatenates them on dim 0.
         """
         # The processor gets RGB, converted by PIL (`load_image` keeps the file's mode): what it got before
         # images kept their mode. Transformers' own conversion would composite RGBA/transparent images onto white.
-        encoded = self.processor(images=[image.convert("RGB")], text=[self.image_placeholder + prompt],
-                                 return_tensors="pt")
+        text = self.render(prompt)
+        encoded = self.processor(images=[image.convert("RGB")], text=[text], return_tensors="pt",
+                                 **self._tokenizer_kwargs(text))
         input_ids = encoded["input_ids"][0].tolist()
         target = [] if completion is None else self.completion_ids(completion, prompt)
-        row = {"input_ids": input_ids + target, "labels": [-100] * len(input_ids) + target}
+        reply = self._reply_length(prompt)
+        labels = [-100] * (len(input_ids) - reply) + input_ids[len(input_ids) - reply:]
+        row = {"input_ids": input_ids + target, "labels": labels + target}
         for key, value in encoded.items():
             if key in ("input_ids", "attention_mask"):  # the mask is rebuilt by `collate`
                 continue
@@ -246,9 +309,10 @@ class HFVLM:
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = "auto") -> HFVLM:
+             dtype: str | torch.dtype = "auto", prompt_format: str | None = None,
+             chat: ChatStyle = ChatStyle()) -> HFVLM:
         """Load what `save` wrote (the recorded digests checked first, every value finite after); the LoRA
-        weights train, everything else is frozen."""
+        weights train, everything else is frozen. `prompt_format`, `chat`: as `load_hf_vlm`'s."""
         directory = Path(directory)
         if not (directory / ADAPTER_DIR / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no saved HF VLM in {directory} "
@@ -258,7 +322,7 @@ class HFVLM:
         model = PeftModel.from_pretrained(base, directory / ADAPTER_DIR, is_trainable=True).to(device).eval()
         check_finite(model.named_parameters(), directory)
         processor = load_processor(directory)
-        vlm = cls(model, processor, processor.tokenizer)
+        vlm = cls(model, processor, processor.tokenizer, chat_style(processor, prompt_format, chat))
         vlm.set_trainable(adapters=True)
         return vlm
 
@@ -316,19 +380,34 @@ def load_processor(path_or_name: str | Path, **kwargs) -> ProcessorMixin:
     return without_video(PROCESSOR_MAPPING[type(config)]).from_pretrained(path_or_name, **kwargs)
 
 
+def chat_style(processor: ProcessorMixin, prompt_format: str | None, chat: ChatStyle) -> ChatStyle | None:
+    """The style of `prompt.format` for this processor: `chat` for "chat", None (plain) for "plain", and for
+    None `chat` when the processor has a chat template, else plain (base models)."""
+    has_template = bool(getattr(processor, "chat_template", None))
+    if prompt_format == "chat" and not has_template:
+        raise ValueError(f"prompt.format=chat, but the model's processor ({type(processor).__name__}) has no chat "
+                         f"template; use prompt.format=plain")
+    if prompt_format == "plain" or (prompt_format is None and not has_template):
+        return None
+    return chat
+
+
 def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str | torch.dtype = "auto",
-                device: str | torch.device = "cpu") -> HFVLM:
+                device: str | torch.device = "cpu", prompt_format: str | None = None,
+                chat: ChatStyle = ChatStyle()) -> HFVLM:
     """A pretrained VLM (local directory or hub name) with fresh LoRA adapters.
 
     Args:
         lora: `peft.LoraConfig` fields overriding `DEFAULT_LORA` (e.g. {"r": 16, "lora_alpha": 32}).
         dtype: Weights' dtype ("auto": as stored; e.g. torch.bfloat16 on GPUs).
+        prompt_format: "plain", "chat" or None (chat when the processor has a chat template: `chat_style`).
+        chat: How the chat format words the prompts (`prompt.*`).
     """
     processor = load_processor(path_or_name)
     base = AutoModelForImageTextToText.from_pretrained(path_or_name, dtype=dtype).to(device)
     check_finite(base.named_parameters(), path_or_name, "get an intact copy of the model")
     model = get_peft_model(base, LoraConfig(**{**DEFAULT_LORA, **(lora or {})})).eval()
-    vlm = HFVLM(model, processor, processor.tokenizer)
+    vlm = HFVLM(model, processor, processor.tokenizer, chat_style(processor, prompt_format, chat))
     vlm.set_trainable(adapters=True)
     return vlm
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from illume.config import ConfigError, RunConfig
 from illume.models.vlm import MagmaVLM
 from illume.models.weights import readable_safetensors
+from illume.prompts import ChatStyle
 
 
 def load_model_path(cfg: RunConfig, device: str = "cpu"):
@@ -42,12 +43,28 @@ def _load_hf(cfg: RunConfig, device: str):
     if cfg.model.path is None:
         raise ConfigError("model.kind=hf needs model.path: a hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local "
                          "directory")
+    prompt = cfg.prompt
+    chat = ChatStyle(prompt.ask, prompt.explain, prompt.connective)
     if (Path(cfg.model.path) / ADAPTER_DIR / "adapter_config.json").is_file():  # saved by HFVLM.save
-        return HFVLM.load(cfg.model.path, device, cfg.model.dtype)
+        return HFVLM.load(cfg.model.path, device, cfg.model.dtype, prompt.format, chat)
     lora = cfg.model.lora
     settings = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
                 "target_modules": lora.target_modules or DEFAULT_LORA["target_modules"]}
-    return load_hf_vlm(cfg.model.path, settings, cfg.model.dtype, device)
+    return load_hf_vlm(cfg.model.path, settings, cfg.model.dtype, device, prompt.format, chat)
+
+
+def chat_format(cfg: RunConfig) -> ChatStyle | None:
+    """How the run's prompts read (`prompt.*`): its chat style, or None for the plain format. Decided as the
+    model loads them (`illume.models.hf.chat_style`): MAGMA is plain; an HF VLM's processor is read when
+    `prompt.format` leaves it to whether the model has a chat template."""
+    chat = ChatStyle(cfg.prompt.ask, cfg.prompt.explain, cfg.prompt.connective)
+    if cfg.model.kind != "hf" or cfg.prompt.format == "plain":
+        return None
+    if cfg.prompt.format == "chat":
+        return chat
+    from illume.models.hf import chat_style, load_processor
+
+    return chat_style(load_processor(cfg.model.path), cfg.prompt.format, chat)
 
 
 BACKENDS = {"magma": _load_saved_magma, "hf": _load_hf}
