@@ -117,13 +117,67 @@ class ShapesWorldConfig:
 
 
 @dataclass
+class HFColumnsConfig:
+    """Which column of a `datasets` dataset holds each field of an example (kind=hf). The optional ones
+    (explanations, id, question_type) may be missing from the dataset under their default names; a name set
+    here must be there."""
+
+    image: str = "image"
+    """The image: an `Image` feature, image file bytes, or a path (relative to `data.image_dir`, else to the
+    folder of `data.hf.path`)."""
+    question: str = "question"
+    """The question (a non-empty string)."""
+    answer: str = "answer"
+    """The answer: a string, or a list of strings whose first is the canonical answer."""
+    explanations: str = "explanations"
+    """Reference explanations: a list of strings, or one string (optional)."""
+    id: str = "id"
+    """Stable example id, a string or an integer (optional; missing: `<dataset split>-<row index>`)."""
+    question_type: str = "question_type"
+    """Question category for per-type reports (optional)."""
+
+
+@dataclass
+class HFSplitsConfig:
+    """The dataset's split each of the run's splits reads (kind=hf), in `datasets`' split syntax: a name, a
+    slice or a sum ("train[:90%]", "train[90%:]", "validation+test")."""
+
+    train: str = "train"
+    """The split sampled and tuned on."""
+    val: str = "validation"
+    """The split scored each round."""
+    test: str = "test"
+    """The held-out split (read only by the commands that score it)."""
+
+
+@dataclass
+class HFDataConfig:
+    """A Hugging Face `datasets` dataset on disk (kind=hf; illume.data.hf_datasets)."""
+
+    path: str | None = None
+    """A `save_to_disk` folder (a DatasetDict, or one Dataset read as the split `train`), a parquet / JSON(L) /
+    CSV file or a folder of them (splits named by the files, as `load_dataset` names them), or an image folder
+    with a metadata.jsonl / metadata.csv (`load_dataset("imagefolder")`)."""
+    format: Literal["disk", "parquet", "json", "csv", "imagefolder"] | None = None
+    """How to read `path`; None: from the path (a folder with dataset_dict.json or state.json: disk; with a
+    metadata file: imagefolder; a file or folder of .parquet, .json/.jsonl or .csv files: that format)."""
+    columns: HFColumnsConfig = field(default_factory=HFColumnsConfig)
+    """The dataset's column for each field of an example."""
+    splits: HFSplitsConfig = field(default_factory=HFSplitsConfig)
+    """The dataset's split for each of the run's splits."""
+
+
+@dataclass
 class DataConfig:
     """Which examples the run uses."""
 
-    kind: Literal["shapes", "vqax", "vqax_nle", "jsonl"] = "shapes"
-    """Dataset: the built-in shapes world, VQA-X (ILLUME's column JSON or e-ViL/NLX-GPT JSON), or JSONL."""
+    kind: Literal["shapes", "vqax", "vqax_nle", "jsonl", "hf"] = "shapes"
+    """Dataset: the built-in shapes world, VQA-X (ILLUME's column JSON or e-ViL/NLX-GPT JSON), JSONL, or a
+    Hugging Face `datasets` dataset on disk (`hf`)."""
     shapes: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
     """Settings of the shapes world (kind=shapes)."""
+    hf: HFDataConfig = field(default_factory=HFDataConfig)
+    """Where and how a `datasets` dataset is read (kind=hf)."""
     train_path: str | None = None
     """Train annotations file (file-based kinds)."""
     val_path: str | None = None
@@ -131,7 +185,7 @@ class DataConfig:
     test_path: str | None = None
     """Test annotations file (file-based kinds); optional."""
     image_dir: str | None = None
-    """Folder the images are read from (COCO folder for VQA-X)."""
+    """Folder the images are read from (COCO folder for VQA-X; kind=hf: where relative image paths start)."""
     max_train_examples: int | None = None
     """Use only the first N train examples (None: all)."""
     max_val_examples: int | None = None
@@ -220,7 +274,10 @@ class ModelConfig:
     """Backend: our MAGMA implementation, or an `AutoModelForImageTextToText` VLM with LoRA (peft)."""
     path: str | None = None
     """magma: directory of a saved model (save_pretrained + tokenizer; `illume convert-magma` writes one), None:
-    the cached demo base model. hf: a hub name or local directory (`HFVLM.save` output keeps its LoRA)."""
+    the cached demo base model. hf: a hub name or local directory (`HFVLM.save` output keeps its LoRA).
+    `illume:demo` (DEMO_MODEL_PATH), either kind: the demo base model of that kind, pre-trained on the shapes
+    world for these settings by `illume pretrain` (shipped for configs/demo.yaml and configs/demo_hf.yaml;
+    hf: a tiny Qwen2-VL with its chat template, sized by `lm` and `vision`)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """hf: dtype the weights load in ("auto": as stored)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -239,6 +296,14 @@ class ModelConfig:
     """Dropout on the projected image prefix."""
 
     RANGES: ClassVar = {"prefix_dropout": Range(0, 1, high_open=True)}
+
+    def names_demo_model(self) -> bool:
+        """Whether this is the demo base model: `path: illume:demo`, or a MAGMA without a path."""
+        return self.path == DEMO_MODEL_PATH or (self.path is None and self.kind == "magma")
+
+
+DEMO_MODEL_PATH = "illume:demo"
+"""The `model.path` that names the demo base model of `model.kind` (illume.demo.pretrain.ensure_demo_model)."""
 
 
 @dataclass

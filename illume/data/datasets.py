@@ -1,4 +1,4 @@
-"""Loading a split of the configured dataset (the shapes world or an annotation file)."""
+"""Loading a split of the configured dataset (the shapes world, an annotation file or a `datasets` dataset)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def load_split(cfg: DataConfig, split: str, *, images_must_exist: bool = False) 
         from illume.data.shapes import ShapesWorld
 
         examples = ShapesWorld(**asdict(cfg.shapes)).examples(split)
+    elif cfg.kind == "hf":
+        from illume.data.hf_datasets import load_hf_split  # imports `datasets`: only for this kind
+
+        try:
+            # Only the rows the run uses are read; images held as bytes are checked while read (those given as
+            # files below, as every kind's are).
+            examples = load_hf_split(cfg.hf, split, cfg.image_dir, limit=_max_examples(cfg, split)[1],
+                                     verify_images=images_must_exist and cfg.check_images)
+        except (OSError, ValueError, KeyError) as error:
+            raise DatasetError(f"{where}: {error}") from error
     else:
         from illume.data.loaders import load_examples_from_file
 
@@ -54,8 +64,7 @@ def _truncate(examples: list[Example], cfg: DataConfig, split: str, where: str) 
     baseline or a score over 0 examples would run and report nothing."""
     if not examples:
         raise DatasetError(f"{where}: {_source(cfg, split)} has no examples")
-    key = {"train": "max_train_examples", "val": "max_val_examples"}.get(split)
-    limit = getattr(cfg, key) if key is not None else None
+    key, limit = _max_examples(cfg, split)
     if limit is None:
         return examples
     if limit < 1:
@@ -64,11 +73,19 @@ def _truncate(examples: list[Example], cfg: DataConfig, split: str, where: str) 
     return examples[:limit]
 
 
+def _max_examples(cfg: DataConfig, split: str) -> tuple[str | None, int | None]:
+    """The setting that caps the split's examples and its value (None, None for the test split, which has none)."""
+    key = {"train": "max_train_examples", "val": "max_val_examples"}.get(split)
+    return key, getattr(cfg, key) if key is not None else None
+
+
 def _source(cfg: DataConfig, split: str) -> str:
     """Where the split's examples come from, as the setting or file a user would change."""
     if cfg.kind == "shapes":
         return (f"the shapes world (data.shapes.num_{split}_scenes={getattr(cfg.shapes, f'num_{split}_scenes')}, "
                 f"data.shapes.questions_per_scene={cfg.shapes.questions_per_scene})")
+    if cfg.kind == "hf":
+        return f"{cfg.hf.path} (data.hf.splits.{split}={getattr(cfg.hf.splits, split)!r})"
     return str(getattr(cfg, f"{split}_path"))
 
 

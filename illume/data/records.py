@@ -6,6 +6,7 @@ without importing each other.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from illume.data.errors import DatasetError, ImageNotFoundError
 class Example:
     """One visual question with its answer(s) and reference explanations.
 
-    `image` is either a path (loaded lazily by `load_image`) or an in-memory PIL image (the shapes world).
+    `image` is either a path (loaded lazily by `load_image`) or an in-memory PIL image (the shapes world, or an
+    image file held as bytes by a `datasets` dataset: `image_from_bytes`).
     """
 
     id: str
@@ -49,8 +51,9 @@ def load_image(example: Example) -> Image.Image:
     The mode is kept because converting to RGB is each backend's step, at the point its pipeline does it:
     MAGMA (CLIP's transform) resizes and crops first and converts after (illume.models.image_processing), which
     gives other pixels than converting first for palette, RGBA and CMYK images; the HF backend converts before
-    its processor (illume.models.hf). An in-memory image (the shapes world) is returned as a copy, so a caller
-    never changes the dataset's.
+    its processor (illume.models.hf). An in-memory image (the shapes world, `image_from_bytes`) is returned as a
+    copy, so a caller never changes the dataset's; one opened from bytes is decoded by that copy (a truncated
+    one fails there, naming its row).
 
     Raises:
         ImageNotFoundError: the file does not exist (the message names the file and the row).
@@ -59,7 +62,11 @@ def load_image(example: Example) -> Image.Image:
             `data error:` line, and a `--verify` that passes means every backend can read the image.
     """
     if isinstance(example.image, Image.Image):
-        return example.image.copy()
+        where = f" (row {example.source})" if example.source else ""
+        try:
+            return example.image.copy()  # an image opened from bytes decodes here: a truncated one fails
+        except Exception as error:  # PIL raises several types for corrupt files
+            raise DatasetError(f"cannot read the in-memory image{where}: {error}") from error
     path, where = _image_file(example)
     with _open_image(path, where) as image:
         try:
@@ -92,6 +99,28 @@ def verify_image(example: Example) -> None:
             raise DatasetError(f"cannot read image {path}{where}: {error}") from error
 
 
+def image_from_bytes(data: bytes, name: str, where: str = "", *, verify: bool = False) -> Image.Image:
+    """An image file held in memory (a `datasets` Image feature's bytes) as an `Example.image`, with the checks
+    `verify_image` makes of a file on disk: the header parses and the size is within the decompression-bomb
+    limit, and with `verify` also `Image.verify`. No pixels are decoded here; `load_image` decodes them.
+
+    Args:
+        data: The encoded image file (PNG, JPEG, ...).
+        name: What error messages call the image (its file name in the dataset, or the column).
+        where: Appended to that name in error messages, e.g. " (row train.parquet:train:3)".
+
+    Raises:
+        DatasetError: the bytes fail one of the checks (the message names `name` and `where`).
+    """
+    if verify:
+        with _open_image(io.BytesIO(data), where, name=name) as image:
+            try:
+                image.verify()  # leaves the image unusable, so the one returned is opened afresh
+            except Exception as error:  # PIL raises several types for corrupt files
+                raise DatasetError(f"cannot read image {name}{where}: {error}") from error
+    return _open_image(io.BytesIO(data), where, name=name)
+
+
 def _image_file(example: Example) -> tuple[Path, str]:
     """The example's image file and the " (row ...)" that error messages add after it."""
     path = Path(example.image)
@@ -101,25 +130,27 @@ def _image_file(example: Example) -> tuple[Path, str]:
     return path, where
 
 
-def _open_image(path: Path, where: str) -> Image.Image:
-    """The image file opened (its header read, no pixels decoded), or a DatasetError naming it.
+def _open_image(path: Path | io.BytesIO, where: str, name: str | None = None) -> Image.Image:
+    """The image file opened (its header read, no pixels decoded), or a DatasetError naming it (`name`, when
+    given, instead of `path`: an image file held in memory).
 
     More pixels than `PIL.Image.MAX_IMAGE_PIXELS` is an error here. PIL itself only warns up to twice that
     limit and raises above it; a warning would scroll past in a run's log while decoding took gigabytes.
     """
+    label = name if name is not None else path
     limit = Image.MAX_IMAGE_PIXELS  # None: the user switched PIL's check off, and so this one
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below instead
             image = Image.open(path)
     except Image.DecompressionBombError as error:
-        raise DatasetError(f"cannot read image {path}{where}: more pixels than the decompression-bomb limit of "
+        raise DatasetError(f"cannot read image {label}{where}: more pixels than the decompression-bomb limit of "
                            f"{limit} (PIL.Image.MAX_IMAGE_PIXELS): {error}") from error
     except Exception as error:  # PIL raises several types for corrupt files
-        raise DatasetError(f"cannot read image {path}{where}: {error}") from error
+        raise DatasetError(f"cannot read image {label}{where}: {error}") from error
     if limit is not None and image.width * image.height > limit:
         image.close()
-        raise DatasetError(f"cannot read image {path}{where}: {image.width}x{image.height} pixels, more than the "
+        raise DatasetError(f"cannot read image {label}{where}: {image.width}x{image.height} pixels, more than the "
                            f"decompression-bomb limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
     return image
 
