@@ -8,6 +8,9 @@
     illume annotators add runs/demo NAME [--role admin]  a person's own link to the page (list, revoke)
     illume status runs/demo                           progress per round, work per person, agreement
     illume export runs/demo --format sft|dpo|kto|jsonl [--out P --force]  the feedback as TRL-format datasets
+    illume export-model runs/demo OUT [--round N] [--merge] [--reward]
+                                                      the tuned model (or the reward model) as a folder
+                                                      stock transformers / PEFT load, with a model card
     illume reward train runs/demo [--round N]         fit the reward model on the judgments (rounds <= N)
     illume reward eval runs/demo                      its pairwise accuracy, ROC-AUC, precision/recall, plot
     illume dpo runs/demo [key=value ...]              DPO on the run's judgments (or on a saved TRL dataset)
@@ -26,7 +29,8 @@ and then needs an access token (--token, or one is generated and printed).
 
 One writer per run: `run`, `pretrain`, `baseline`, `reward`, `dpo` and `kto` hold the run folder's lock
 (RUN_DIR/run.lock; with a PostgreSQL store also the database's) while they work, and a second one refuses
-naming the holder; `annotate`, `status` and `export` only read (the page writes judgments) and run beside them.
+naming the holder; `annotate`, `status`, `export` and `export-model` only read (the page writes judgments)
+and run beside them.
 Nothing is written into a folder illume did not make, and an earlier result (an export, a baseline, a reward
 model, a dpo/kto folder, a conversion) is replaced only with --force, a run's own files never
 (illume.run_folder). Errors are one line: `config error:`, `data error:`, `weights error:`, `store error:`,
@@ -57,7 +61,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from illume import distributed, run_folder
-from illume.config import AnnotateConfig, ConfigError, RunConfig, load_config, save_config
+from illume.config import DEMO_MODEL_PATH, AnnotateConfig, ConfigError, RunConfig, load_config, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from illume.demo.pretrain import demo_model_dir, pretrain_demo_model
 
     cfg = load_config(args.config, args.overrides)
+    if not cfg.model.names_demo_model():
+        raise ConfigError(f"illume pretrain makes the demo base model, but model.path names {cfg.model.path} "
+                          f"(leave it unset for MAGMA, or set it to {DEMO_MODEL_PATH})")
     with _writing(cfg.run_dir, "pretrain"):
         _write_config(cfg)
         directory = demo_model_dir(cfg)
@@ -206,6 +213,42 @@ def _add_export_parser(commands) -> None:
     sub.add_argument("--force", action="store_true",
                      help="replace an existing --out (an earlier export; never a run's own files)")
     sub.set_defaults(handler=cmd_export)
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    import shlex
+
+    from illume.export_model import ExportModelError, export_model
+
+    command = shlex.join(["illume", "export-model", args.run_dir, args.out,
+                          *(["--round", str(args.round)] if args.round is not None else []),
+                          *(["--reward"] if args.reward else []), *(["--merge"] if args.merge else []),
+                          *(["--force"] if args.force else [])])
+    try:
+        result = export_model(args.run_dir, args.out, round_idx=args.round, merge=args.merge, reward=args.reward,
+                              force=args.force, command=command)
+    except ExportModelError as error:
+        print(f"export-model error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {result.what} of {args.run_dir} ({result.exported.description}) -> {result.path}")
+    return 0
+
+
+def _add_export_model_parser(commands) -> None:
+    sub = commands.add_parser("export-model", help="the tuned model (or the reward model) as a folder stock "
+                                                   "transformers / PEFT load, with a model card",
+                              description="What the folder holds: see the illume.export_model module doc.")
+    sub.add_argument("run_dir", help="run directory (its config.yaml, round_NN/ folders and feedback store)")
+    sub.add_argument("out", help="folder to write (new, or an earlier export-model folder with --force)")
+    sub.add_argument("--round", type=int, default=None,
+                     help="the model after this round (default: the last that trained); with --reward: "
+                          "RUN_DIR/reward/round_NN (default: RUN_DIR/reward, else the latest round's)")
+    sub.add_argument("--merge", action="store_true",
+                     help="model.kind=hf: merge the LoRA into a standalone model (default: a PEFT adapter "
+                          "folder); MAGMA's adapters are always part of the model")
+    sub.add_argument("--reward", action="store_true", help="export the run's reward model instead")
+    sub.add_argument("--force", action="store_true", help="replace an earlier export-model folder at OUT")
+    sub.set_defaults(handler=cmd_export_model)
 
 
 def _annotate_target(target: str) -> tuple[Path | None, str | Path, AnnotateConfig]:
@@ -494,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("target", metavar="RUN_DIR_OR_STORE_URL", help="run directory or a store URL")
     status.set_defaults(handler=cmd_status)
     _add_export_parser(commands)
+    _add_export_model_parser(commands)
     _add_reward_parser(commands)
     _add_policy_parsers(commands)
     from illume.models.magma_checkpoint import add_convert_magma_parser
