@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -120,11 +121,28 @@ def trl_processor(vlm: HFVLM):
     completion at the tokenizer's EOS; the chat format's is the end of the assistant's turn). The model's own
     processor is left as it is."""
     processor = copy.deepcopy(vlm.processor)
+    processor.__class__ = _model_inputs_only(type(processor))
     if vlm.chat is None:
         processor.chat_template = plain_chat_template(vlm.image_placeholder)
     processor.tokenizer.padding_side = "left"
     processor.tokenizer.eos_token = processor.tokenizer.convert_ids_to_tokens(vlm.eos_token_id)
     return processor
+
+
+@functools.cache
+def _model_inputs_only(processor_class: type) -> type:
+    """`processor_class` whose outputs hold model inputs only: LLaVA-OneVision's processor also returns
+    `batch_num_images`, which TRL hands to its log-prob function with the image inputs, where it fails (one
+    image per prompt is the model's default anyway)."""
+
+    class ModelInputsOnly(processor_class):
+        def __call__(self, *args, **kwargs):
+            out = super().__call__(*args, **kwargs)
+            out.pop("batch_num_images", None)
+            return out
+
+    ModelInputsOnly.__name__ = ModelInputsOnly.__qualname__ = processor_class.__name__
+    return ModelInputsOnly
 
 
 def user_text(vlm: HFVLM, prompt: str) -> str:

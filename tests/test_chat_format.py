@@ -37,3 +37,12 @@ def test_prompt_settings_are_checked():
     with pytest.raises(ConfigError, match="prompt.connective may only use the slots"):
         load_config(None, ["prompt.connective='{question}, seeing that'"])
     assert load_config(None, []).prompt.format is None  # decided by the model: plain for MAGMA
+
+
+def test_trls_completions_are_read_after_the_connective_the_model_wrote():
+    from policies.grpo_trl import _rationale_of
+
+    prompt = rationale_prompt("what colour is the circle?", "red")
+    assert _rationale_of(ChatStyle(), prompt, "red, seeing that the circle is red") == "the circle is red"
+    assert _rationale_of(ChatStyle(), prompt, "blue, seeing that it is") == "blue, seeing that it is"  # another
+    assert _rationale_of(None, prompt, "the circle is red") == "the circle is red"  # plain: as it is

@@ -5,6 +5,7 @@ the simulated critic's metric as the reward and with an AI judge (no people) fee
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from illume.config import load_config
 from illume.data.datasets import load_split
 from illume.data.records import load_image
 from illume.demo.tiny_models import build_tiny_hf_vlm
-from illume.prompts import rationale_prompt
+from illume.prompts import ChatStyle, rationale_prompt
 from illume.store import FeedbackStore
 from policies.base import RoundContext
 from policies.data import PolicyDataError
@@ -79,22 +80,28 @@ def _spy(monkeypatch, cls, name):
     return calls
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_trls_prompt_ids_and_image_inputs_are_encode_rows(family, questions, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, chat", [("qwen2_vl", False), ("llava", False), ("qwen2_vl", True),
+                                          ("llava", True)])
+def test_trls_prompt_ids_and_image_inputs_are_encode_rows(family, chat, questions, tmp_path, monkeypatch):
     """What TRL generated from and trained on: each row's unpadded prompt ids are `encode_row(image, prompt)`'s
-    prompt part, its per-token fields (Qwen2-VL's mm_token_type_ids) line up with them under TRL's left
-    padding, and the image tensors are the rows' own, in order."""
+    prompt part (chat format: the user's turn and the generation prompt, rendered by the model's own template;
+    the model writes the connective), its per-token fields (Qwen2-VL's mm_token_type_ids) line up with them
+    under TRL's left padding, and the image tensors are the rows' own, in order."""
     import trl
 
     calls = _spy(monkeypatch, trl.GRPOTrainer, "_generate_and_score_completions")
     vlm = build_tiny_hf_vlm(family)
+    vlm = dataclasses.replace(vlm, chat=ChatStyle() if chat else None)
     cfg = _cfg(tmp_path, "policy.num_generations=2", "policy.grpo_answer_weight=0", "train.batch_size=6")
     _round(cfg, vlm, questions, tmp_path, {"probe": _length_source()})
     by_id = {e.id: e for e in questions[0]}
     assert calls
     for _, (inputs,), _, out in calls:
         examples = [by_id[x["example_id"]] for x in inputs]
-        rows = [vlm.encode_row(load_image(e), rationale_prompt(e.question, e.answer)) for e in examples]
+        prompts = [rationale_prompt(e.question, e.answer) for e in examples]
+        if chat:  # the user's turn alone (not an ILLUME prompt: `ChatStyle.turns` keeps it as it is)
+            prompts = [vlm.chat.turns(p).user for p in prompts]
+        rows = [vlm.encode_row(load_image(e), p) for e, p in zip(examples, prompts)]
         mask = out["prompt_mask"].bool()
         assert mask.shape[0] == len(rows) and len({len(r["input_ids"]) for r in rows}) > 1  # padding matters
         for i, row in enumerate(rows):
@@ -241,7 +248,8 @@ def test_the_loop_runs_trl_grpo_with_an_ai_judge_and_no_people(tmp_path):
 
     # The random model's mean log-prob per token is about -log(vocabulary) = -5.07 (its round-0 candidates
     # score -5.09 .. -4.88): -5.03 accepts some and rejects others, as a reward model needs.
-    run, results = _loop(tmp_path, "rlaif", "loop.num_rounds=1", "critic.kind=judge", "judge.method=likelihood",
+    run, results = _loop(tmp_path, "rlaif", "loop.num_rounds=1", "prompt.format=plain", "critic.kind=judge",
+                         "judge.method=likelihood",
                          "judge.context=references", "judge.threshold=-5.03", "reward.learn_from=[judge]",
                          "reward.num_epochs=1", "reward.batch_size=8")
     (row,) = results[1:]

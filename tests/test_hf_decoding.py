@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from illume.demo.tiny_models import build_tiny_hf_vlm
-from illume.models.hf import HFVLM, SHARED_PREFILL_FAMILIES, _generate
+from illume.models.hf import HFVLM, SHARED_PREFILL_FAMILIES, _decode_loop, _generate
 
 # Different lengths (left padding differs per row) and image sizes (Qwen2-VL: different numbers of image tokens).
 PROMPTS = ["Q: what color is the circle ? A: red, seeing that", "Q: is there a square ? A: no, seeing that",
@@ -75,3 +75,33 @@ def test_both_tiny_families_share_by_default(vlm, monkeypatch):
               [torch.Generator().manual_seed(0) for _ in PROMPTS])
     _generate(vlm, _rows(vlm), 1, 2, [vlm.eos_token_id])  # one copy: nothing to share
     assert used == [1]
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_k": 5}, {"top_p": 0.6}])
+def test_our_decode_loop_draws_what_generate_draws(vlm, filters):
+    """`HFVLM.decode`'s own loop (one pre-fill, finished rows dropped) gives `generate`'s tokens and
+    log-probabilities, for K sampled rows and for one greedy row per prompt that stops at an answer stop."""
+    generators = [torch.Generator().manual_seed(100 + i) for i in range(len(PROMPTS))]
+    tokens, logprobs = _decode_loop(vlm, _rows(vlm), K, MAX_NEW_TOKENS, [vlm.eos_token_id], TEMPERATURES,
+                                    generators, **filters)
+    reference_tokens, reference_logprobs = _decode(vlm, share_prefill=True, **filters)
+    assert tokens == reference_tokens
+    assert logprobs == pytest.approx(reference_logprobs, abs=1e-5)
+    # Greedy, stopping at the most probable first token of some row: rows stop at different steps.
+    stops = [vlm.eos_token_id, reference_tokens[0][1]]
+    greedy = _decode_loop(vlm, _rows(vlm), 1, MAX_NEW_TOKENS, stops)
+    reference = _generate(vlm, _rows(vlm), 1, MAX_NEW_TOKENS, stops)
+    assert greedy[0] == reference[0] and greedy[1] == pytest.approx(reference[1], abs=1e-5)
+
+
+def test_our_decode_loop_drops_finished_rows(vlm):
+    """Rows that stopped leave the batch: later steps run fewer rows (generate runs all until the last stops)."""
+    steps: list[int] = []
+    vlm.model.get_base_model().register_forward_hook(lambda module, args, kwargs, output: steps.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    generators = [torch.Generator().manual_seed(100 + i) for i in range(len(PROMPTS))]
+    tokens, _ = _decode_loop(vlm, _rows(vlm), K, MAX_NEW_TOKENS, [vlm.eos_token_id, *range(5, 40)],
+                             TEMPERATURES, generators)
+    assert steps[0] == len(PROMPTS)  # the pre-fill: each prompt once
+    assert steps[1] == len(PROMPTS) * K - sum(len(t) == 0 for t in tokens)
+    assert steps[1:] == sorted(steps[1:], reverse=True) and steps[-1] < steps[1]

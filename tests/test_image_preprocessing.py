@@ -10,6 +10,7 @@ therefore keep the file's mode.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +22,6 @@ from PIL import Image
 from illume.data.errors import DatasetError
 from illume.data.loaders import load_jsonl
 from illume.data.records import Example, load_image
-from illume.models.hf import HFVLM
 from illume.models.image_processing import to_pixel_values
 from illume.models.vlm import MagmaVLM
 
@@ -180,26 +180,35 @@ def test_truncated_file_is_a_data_error(tmp_path):
 
 
 class RecordingProcessor:
-    """A stand-in HF processor that records the images it is given."""
+    """An HF processor that records the images it is given and hands the call on."""
 
-    def __init__(self):
+    def __init__(self, processor):
+        self.processor = processor
         self.images: list[Image.Image] = []
 
-    def __call__(self, images, text, return_tensors):
-        self.images.extend(images)
-        return {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-                "pixel_values": torch.zeros(1, 3, 4, 4)}
+    def __call__(self, images=None, **kwargs):
+        self.images.extend(images or [])
+        return self.processor(images=images, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    from illume.demo.tiny_models import build_tiny_hf_vlm
+
+    return build_tiny_hf_vlm("llava")
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_hf_backend_still_gives_its_processor_pil_rgb(mode):
+def test_hf_backend_still_gives_its_processor_pil_rgb(mode, tiny_llava):
     """The HF backend's behaviour is unchanged: its processor gets the image as PIL's convert("RGB") makes it
     (before images kept their mode, load_image did that), not an RGBA/P/CMYK image it would convert its own way."""
-    processor = RecordingProcessor()
-    stand_in = SimpleNamespace(processor=processor, image_placeholder="<image>")
+    vlm = replace(tiny_llava, processor=RecordingProcessor(tiny_llava.processor))
     image = synthetic(mode)
-    row = HFVLM.encode_row(stand_in, image, "What is it?")
-    assert row["input_ids"] == [5, 6, 7] and row["labels"] == [-100] * 3
-    (given,) = processor.images
+    row = vlm.encode_row(image, "What is it?")
+    assert set(row["labels"]) == {-100} and len(row["labels"]) == len(row["input_ids"])
+    (given,) = vlm.processor.images
     assert given.mode == "RGB" and given.tobytes() == image.convert("RGB").tobytes()
     assert image.mode == mode

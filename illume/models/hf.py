@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,22 +61,41 @@ ADAPTER_DIR = "adapter"
 
 LANGUAGE_MODEL_PROJECTIONS = (r".*(language_model|text_model).*\."
                               r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-"""LoRA targets: the language model's attention and MLP projections (LLaVA/Qwen name it `language_model`,
-Idefics3/SmolVLM `text_model`); the vision tower's projections do not match."""
+"""LoRA targets: the language model's attention and MLP projections. The language model is `language_model`
+(LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma3, InternVL, Mistral3, PaliGemma)
+or `text_model` (Idefics3, SmolVLM). Vision towers with projections of the same names do not match:
+SigLIP/CLIP (`vision_tower`, `vision_model`: q/k/v_proj), InternViT (`vision_tower`: q/k/v_proj), Pixtral
+(`vision_tower`: q/k/v/o_proj and gate/up/down_proj), Qwen2.5-VL's (`visual`: gate/up/down_proj); tested per
+family in tests/test_families.py."""
 
 DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": LANGUAGE_MODEL_PROJECTIONS}
 
-PROJECTOR_MODULES = ("multi_modal_projector", "visual.merger", "connector")
-"""The multimodal projector (image features -> LM width): LLaVA, Qwen2-VL, Idefics3/SmolVLM."""
+PROJECTOR_MODULES = ("multi_modal_projector", "image_newline", "visual.merger",
+                     "visual.deepstack_merger_list", "connector")
+"""The multimodal projector (image features -> LM width), as substrings of parameter names:
+`multi_modal_projector` (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma3, InternVL, Mistral3, PaliGemma), with
+`image_newline` (LLaVA-NeXT, LLaVA-OneVision: the learned embedding that ends each row of image features);
+`visual.merger` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) and `visual.deepstack_merger_list` (Qwen3-VL: the mergers
+that feed vision features to the first text layers); `connector` (Idefics3, SmolVLM)."""
+
+_MARKER = "\x00illume\x00"
+"""Text no template writes: where a rendered assistant turn's content ends (`HFVLM._apply_template`)."""
 
 _QWEN_IMAGE = "<|vision_start|>{image_token}<|vision_end|>"  # Qwen's chat template wraps the image pads so
 IMAGE_PLACEHOLDERS = {
     "llava": "{image_token}\n",  # LLaVA-1.5 was trained with a newline after the image
+    "llava_next": "{image_token}\n",  # as LLaVA-1.5: "[INST] <image>\n..."
+    "llava_onevision": "{image_token}\n",  # "<|im_start|>user <image>\n..."
+    "internvl": "{image_token}\n",  # "<|im_start|>user\n<IMG_CONTEXT>\n..."
     "qwen2_vl": _QWEN_IMAGE,
     "qwen2_5_vl": _QWEN_IMAGE,
     "qwen3_vl": _QWEN_IMAGE,
 }
-"""Text put in front of the prompt, by `config.model_type`; other families: the processor's image token."""
+"""Text put in front of the prompt, by `config.model_type`, as the family's chat template puts it around the
+image; other families: the processor's image token alone, text right after it, as their templates have it
+(Idefics3, SmolVLM: "User:<image>..."; Gemma3: "<start_of_image>...", which the processor wraps in blank
+lines; Mistral3: "[INST][IMG]..."; PaliGemma: "<image>", to which the processor adds BOS before and "\n" after
+the prompt, PaliGemma's prefix format)."""
 
 
 @dataclass
@@ -102,9 +122,8 @@ class HFVLM:
         in the chat format (`<|im_end|>`, `<end_of_turn>`, ...; EOS when the template writes none)."""
         if self.chat is None:
             return self.tokenizer.eos_token_id
-        marker = "\x00illume\x00"
-        text = self._apply_template(ChatTurns("x"), marker)
-        tail = self.tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+        text = self._apply_template(ChatTurns("x"), _MARKER)
+        tail = self.tokenizer(text[text.rindex(_MARKER) + len(_MARKER):], add_special_tokens=False)["input_ids"]
         return tail[0] if tail else self.tokenizer.eos_token_id
 
     @property
@@ -115,6 +134,12 @@ class HFVLM:
 
     @property
     def image_token_id(self) -> int:
+        """The token the model fills with image features: the config's (Gemma 3's processor names the
+        token that opens an image, `<start_of_image>`), else the processor's."""
+        config = self.model.get_base_model().config
+        for key in ("image_token_id", "image_token_index"):
+            if getattr(config, key, None) is not None:
+                return getattr(config, key)
         return self.processor.image_token_id
 
     @property
@@ -127,26 +152,48 @@ class HFVLM:
         template = IMAGE_PLACEHOLDERS.get(model_type, "{image_token}")
         return template.format(image_token=self.processor.image_token)
 
+    @property
+    def max_length(self) -> int | None:
+        """The most tokens a row may have: the language model's `max_position_embeddings` (None: unknown)."""
+        config = self.model.get_base_model().config
+        return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+    def check_length(self, length: int, image_tokens: int) -> None:
+        """Rows are never truncated, since a cut would fall in the image tokens or leave a completion without
+        its prompt (TRL refuses to truncate VLM prompts for the first reason); a row longer than the model
+        reads is an error."""
+        if self.max_length is not None and length > self.max_length:
+            raise ValueError(f"a row of {length} tokens ({image_tokens} of them the image's) is longer than the "
+                             f"model's {self.max_length} positions; illume does not truncate rows (the image "
+                             f"tokens would be cut): use smaller images (the processor's size settings), a shorter "
+                             f"prompt or sample.max_new_tokens")
+
     # --- prompts: the text the processor reads
 
-    def _apply_template(self, turns: ChatTurns, reply: str | None = None) -> str:
-        """The processor's chat template over one user turn (image, then text) and, when `reply` is given,
-        the assistant's turn holding it (closed), else the turn `turns.reply` starts (left open)."""
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns.user}]}
-        if reply is not None:
-            messages = [user, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
-            return self.processor.apply_chat_template(messages, tokenize=False)
-        if not turns.reply:
-            return self.processor.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-        messages = [user, {"role": "assistant", "content": [{"type": "text", "text": turns.reply}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    def _apply_template(self, turns: ChatTurns, reply: str | None = None, image: bool = True) -> str:
+        """The processor's chat template over one user turn (image unless not `image`, then text) and, when
+        `reply` is given, the assistant's turn holding it (closed), else the assistant's turn up to the end of
+        `turns.reply` (left open, empty or not).
 
-    def render(self, prompt: str) -> str:
+        The open turn is the closed one cut where its text ends (a marker's place), so it is by construction
+        the prefix of the whole conversation as the template writes it. Not `add_generation_prompt`: some
+        templates open an assistant turn in a conversation otherwise than in their generation prompt
+        (LLaVA-OneVision: "assistant \\n" vs "assistant\\n"), and the model continues what training showed it.
+        """
+        text = [{"type": "text", "text": turns.user}]
+        user = {"role": "user", "content": [{"type": "image"}, *text] if image else text}
+        closed = turns.reply + _MARKER if reply is None else reply
+        messages = [user, {"role": "assistant", "content": [{"type": "text", "text": closed}]}]
+        rendered = self.processor.apply_chat_template(messages, tokenize=False)
+        return rendered if reply is not None else rendered[:rendered.rindex(_MARKER)]
+
+    def render(self, prompt: str, image: bool = True) -> str:
         """The text of a prompt as the processor reads it (image placeholder unexpanded): the plain format's
-        placeholder + prompt, or the chat template's conversation up to where the model continues."""
+        placeholder + prompt, or the chat template's conversation up to where the model continues; without
+        `image`, the same without the image."""
         if self.chat is None:
-            return self.image_placeholder + prompt
-        return self._apply_template(self.chat.turns(prompt))
+            return self.image_placeholder + prompt if image else prompt
+        return self._apply_template(self.chat.turns(prompt), image=image)
 
     def _reply_length(self, prompt: str) -> int:
         """How many of the prompt's last tokens are the assistant's (the chat format's `connective`): they are
@@ -157,9 +204,9 @@ class HFVLM:
         if not turns.reply:
             return 0
         head, full = self._apply_template(ChatTurns(turns.user)), self._apply_template(turns)
-        if not full.startswith(head):
-            raise ValueError(f"{type(self.processor).__name__}'s chat template renders an assistant turn that "
-                             f"does not continue its generation prompt; use prompt.format=plain")
+        if not full.startswith(head):  # a template that rewrites the assistant's text (strips, ...)
+            raise ValueError(f"{type(self.processor).__name__}'s chat template does not write the assistant's "
+                             f"turn {turns.reply!r} after its start; use prompt.format=plain")
         return len(self.text_ids(full)) - len(self.text_ids(head))
 
     def _tokenizer_kwargs(self, text: str) -> dict:
@@ -189,8 +236,9 @@ class HFVLM:
         separator = " " if self.chat.turns(prompt).reply else ""
         return self._completion_ids(self.render(prompt), separator + text.strip()) + [self.eos_token_id]
 
-    def encode_row(self, image: Image.Image, prompt: str, completion: str | None = None) -> dict:
-        """One training/scoring row for one image.
+    def encode_row(self, image: Image.Image | None, prompt: str, completion: str | None = None) -> dict:
+        """One training/scoring row for one image, or without an image (None: a text-only row, no image
+        tensors; the demo's pre-training has them).
 
         Returns:
             `input_ids` (list): the processor's encoding of the rendered prompt (`render`; image tokens
@@ -202,16 +250,18 @@ class HFVLM:
         """
         # The processor gets RGB, converted by PIL (`load_image` keeps the file's mode): what it got before
         # images kept their mode. Transformers' own conversion would composite RGBA/transparent images onto white.
-        text = self.render(prompt)
-        encoded = self.processor(images=[image.convert("RGB")], text=[text], return_tensors="pt",
-                                 **self._tokenizer_kwargs(text))
+        text = self.render(prompt, image=image is not None)
+        images = {} if image is None else {"images": [image.convert("RGB")]}
+        encoded = self.processor(**images, text=[text], return_tensors="pt", **self._tokenizer_kwargs(text))
         input_ids = encoded["input_ids"][0].tolist()
         target = [] if completion is None else self.completion_ids(completion, prompt)
+        self.check_length(len(input_ids) + len(target), input_ids.count(self.image_token_id))
         reply = self._reply_length(prompt)
         labels = [-100] * (len(input_ids) - reply) + input_ids[len(input_ids) - reply:]
         row = {"input_ids": input_ids + target, "labels": labels + target}
         for key, value in encoded.items():
-            if key in ("input_ids", "attention_mask"):  # the mask is rebuilt by `collate`
+            # the mask is rebuilt by `collate`; labels are ours (PaliGemma's processor writes its own)
+            if key in ("input_ids", "attention_mask", "labels"):
                 continue
             if value.shape == encoded["input_ids"].shape:  # per-token types: the completion is text (0)
                 row[key] = value[0].tolist() + [0] * len(target)
@@ -223,6 +273,8 @@ class HFVLM:
         """Pad the per-token lists (`input_ids` with pad, `labels` with -100, others with 0), add the
         attention mask, and concatenate the image tensors along dim 0 (zero-padding trailing dims when rows
         differ, e.g. Idefics3's number of crops; the model skips all-zero images). Other keys are left out.
+        Text-only rows add no image tensors and 0s to the per-token lists they lack (the families whose image
+        tensors are matched to the image tokens in order, as Qwen2-VL's and LLaVA's are, take such a mix).
 
         Args:
             padding_side: "right" for training and scoring, "left" for generation.
@@ -230,11 +282,13 @@ class HFVLM:
         length = max(len(row["input_ids"]) for row in rows)
         pad_values = {"input_ids": self.pad_token_id, "labels": -100}
         batch = {}
-        for key, value in rows[0].items():
+        for key in dict.fromkeys(key for row in rows for key in row):  # every row's keys, in order
+            value = next(row[key] for row in rows if key in row)
             if isinstance(value, list):
-                batch[key] = _pad([row[key] for row in rows], pad_values.get(key, 0), length, padding_side)
+                batch[key] = _pad([row.get(key, [0] * len(row["input_ids"])) for row in rows],
+                                  pad_values.get(key, 0), length, padding_side)
             elif isinstance(value, torch.Tensor):
-                batch[key] = _concat([row[key] for row in rows])
+                batch[key] = _concat([row[key] for row in rows if key in row])
         batch["attention_mask"] = _pad([[1] * len(row["input_ids"]) for row in rows], 0, length, padding_side)
         return batch
 
@@ -248,10 +302,14 @@ class HFVLM:
                stop_ids: Sequence[int], temperatures: torch.Tensor | None = None,
                generators: list[torch.Generator] | None = None, top_k: int | None = None,
                top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
-        """`VLM.decode` through `generate` (see `_generate`)."""
+        """`VLM.decode`: our decode loop (`_decode_loop`: one pre-fill per prompt, finished rows leave the batch)
+        for `SHARED_PREFILL_FAMILIES`, else `generate` on repeated prompts (`_generate`); both draw alike."""
         rows = [self.encode_row(image, prompt) for image, prompt in zip(images, prompts)]
-        return _generate(self, rows, num_copies, max_new_tokens, list(stop_ids), temperatures, generators,
-                         top_k, top_p)
+        for row in rows:
+            self.check_length(len(row["input_ids"]) + max_new_tokens, row["input_ids"].count(self.image_token_id))
+        family = self.model.get_base_model().config.model_type
+        decode = _decode_loop if family in SHARED_PREFILL_FAMILIES else _generate
+        return decode(self, rows, num_copies, max_new_tokens, list(stop_ids), temperatures, generators, top_k, top_p)
 
     # --- hidden states: the model's own forward, each row with its own image inputs
 
@@ -286,10 +344,14 @@ class HFVLM:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                           use_cache=False, **image_inputs).hidden_states[-1]
 
-    def set_trainable(self, adapters: bool = True, prefix: bool = False) -> None:
-        """LoRA weights train when `adapters`, the multimodal projector when `prefix`; the rest is frozen."""
+    def set_trainable(self, adapters: bool = True, prefix: bool = False, everything: bool = False) -> None:
+        """LoRA weights train when `adapters`, the multimodal projector when `prefix`; the rest is frozen. With
+        `everything`, every weight of the base model trains and LoRA is frozen (pre-training the demo base
+        model, which is saved without LoRA)."""
         for name, parameter in self.model.named_parameters():
-            if "lora_" in name:
+            if everything:
+                parameter.requires_grad = "lora_" not in name
+            elif "lora_" in name:
                 parameter.requires_grad = adapters
             else:
                 parameter.requires_grad = prefix and any(part in name for part in PROJECTOR_MODULES)
@@ -361,6 +423,10 @@ def without_video(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]
         return processor_class
 
     class ImageOnlyProcessor(processor_class):
+        # What `apply_chat_template` of some processors reads from their video processor (SmolVLM's: its
+        # frame sampling defaults) even for a conversation without video: none.
+        video_processor = types.SimpleNamespace(num_frames=None, fps=None)
+
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                              chat_template=chat_template, **kwargs)
@@ -394,7 +460,7 @@ def chat_style(processor: ProcessorMixin, prompt_format: str | None, chat: ChatS
 
 def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str | torch.dtype = "auto",
                 device: str | torch.device = "cpu", prompt_format: str | None = None,
-                chat: ChatStyle = ChatStyle()) -> HFVLM:
+                chat: ChatStyle = ChatStyle(), remedy: str = "get an intact copy of the model") -> HFVLM:
     """A pretrained VLM (local directory or hub name) with fresh LoRA adapters.
 
     Args:
@@ -402,10 +468,13 @@ def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str |
         dtype: Weights' dtype ("auto": as stored; e.g. torch.bfloat16 on GPUs).
         prompt_format: "plain", "chat" or None (chat when the processor has a chat template: `chat_style`).
         chat: How the chat format words the prompts (`prompt.*`).
+        remedy: What the error says to do about damaged weights (a digest that differs, NaN or infinity).
     """
+    if Path(path_or_name).is_dir():
+        verify_digests(path_or_name, remedy)  # the digests a folder illume wrote records (others have none)
     processor = load_processor(path_or_name)
     base = AutoModelForImageTextToText.from_pretrained(path_or_name, dtype=dtype).to(device)
-    check_finite(base.named_parameters(), path_or_name, "get an intact copy of the model")
+    check_finite(base.named_parameters(), path_or_name, remedy)
     model = get_peft_model(base, LoraConfig(**{**DEFAULT_LORA, **(lora or {})})).eval()
     vlm = HFVLM(model, processor, processor.tokenizer, chat_style(processor, prompt_format, chat))
     vlm.set_trainable(adapters=True)
@@ -441,29 +510,48 @@ class _GumbelMaxSampling(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float().index_fill(1, self.banned.to(scores.device), float("-inf"))  # (R, V)
-        if self.generators is None:
-            chosen = logits
-        else:
-            rows_per_example = len(logits) // len(self.generators)
-            uniform = torch.cat([torch.rand((rows_per_example, logits.shape[1]), generator=g)
-                                 for g in self.generators]).to(logits.device)
-            gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
-            temperatures = self.temperatures.to(logits.device).float().unsqueeze(1)  # (R, 1)
-            scores = logits / temperatures.clamp(min=1e-6)
-            if filters_active(self.top_k, self.top_p):  # after the temperature, as transformers' warpers
-                scores = filter_logits(scores, self.top_k, self.top_p)
-            chosen = torch.where(temperatures > 0, scores + gumbel, logits)
+        chosen = _choice_scores(logits, self.temperatures, self.generators, self.top_k, self.top_p)
         tokens = chosen.argmax(-1, keepdim=True)
         self.step_logprobs.append(torch.log_softmax(logits, -1).gather(1, tokens).squeeze(1).double().cpu())
         return chosen
 
 
-SHARED_PREFILL_FAMILIES = frozenset({"llava", "qwen2_vl"})
+def _choice_scores(logits: torch.Tensor, temperatures: torch.Tensor | None,
+                   generators: list[torch.Generator] | None, top_k: int | None, top_p: float,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores whose argmax is each row's token (`_GumbelMaxSampling`): the logits for greedy rows (T = 0, or
+    no generators), else logits / T, top-k / top-p filtered, plus the row's Gumbel noise.
+
+    Args:
+        logits: (A, V) float logits, banned tokens at -inf, of the rows `rows` of all R rows (None: all).
+        temperatures: (R,) per-row temperatures, rows grouped by example.
+        generators: One per example: each draws its rows' whole (R / #examples, V) block of noise, whichever
+            of its rows are still decoded, so a draw does not depend on when other rows stopped.
+    """
+    if generators is None:
+        return logits
+    num_rows = len(temperatures)
+    uniform = torch.cat([torch.rand((num_rows // len(generators), logits.shape[1]), generator=g)
+                         for g in generators]).to(logits.device)  # (R, V)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
+    temperatures = temperatures.to(logits.device).float().unsqueeze(1)  # (R, 1)
+    if rows is not None:
+        gumbel, temperatures = gumbel[rows.to(logits.device)], temperatures[rows.to(logits.device)]
+    scores = logits / temperatures.clamp(min=1e-6)
+    if filters_active(top_k, top_p):  # after the temperature, as transformers' warpers
+        scores = filter_logits(scores, top_k, top_p)
+    return torch.where(temperatures > 0, scores + gumbel, logits)
+
+
+SHARED_PREFILL_FAMILIES = frozenset({"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
+                                     "qwen3_vl", "idefics3", "smolvlm", "gemma3", "internvl"})
 """Families (`config.model_type`) whose K candidates of a prompt share one pre-fill (`_generate`); the
 others repeat the prompt K times. Listed once a test shows the shared path draws what the repeated path
-draws (tests/test_hf_decoding.py): the cache trick relies on the family's positions being a function of
-the prompt rows that generate accepts as `position_ids`, and on image inputs being needed only in the
-pre-fill."""
+draws (tests/test_hf_decoding.py for LLaVA and Qwen2-VL, tests/test_families.py for each): the cache trick
+relies on the family's positions being a function of the prompt rows that generate accepts as
+`position_ids`, and on image inputs being needed only in the pre-fill. Not PaliGemma: its positions start at
+1 (added in `prepare_inputs_for_generation`, not by `_prepare_position_ids_for_generation`), and its prefix
+attends bidirectionally by `token_type_ids`, which generate would not get."""
 
 
 @torch.no_grad()
@@ -510,6 +598,70 @@ def _generate(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int
         tokens.append(row_tokens[:end])
         logprobs.append(float(step_logprobs[row, :end + 1].sum()))  # the stop token's too, when there is one
     return tokens, logprobs
+
+
+@torch.no_grad()
+def _decode_loop(vlm: HFVLM, rows: list[dict], num_copies: int, max_new_tokens: int, stop_ids: list[int],
+                 temperatures: torch.Tensor | None = None, generators: list[torch.Generator] | None = None,
+                 top_k: int | None = None, top_p: float = 1.0) -> tuple[list[list[int]], list[float]]:
+    """`_generate`'s draws by our own loop, as MAGMA's (illume.models.magma_decoding): the prompt rows (image
+    inputs included) are pre-filled once, the cache and last logits repeated `num_copies` times per row, then
+    every row is drawn as `_GumbelMaxSampling` draws it (`_choice_scores`) until it emits a stop token, when
+    it leaves the batch with its cache rows, so a step costs what the rows still running cost (`generate`
+    runs every row until the last one stops). The positions are the model's own for generation
+    (`_prepare_position_ids_for_generation`: left padding, Qwen2-VL's M-RoPE), each step one further, as
+    `generate` advances them; for `SHARED_PREFILL_FAMILIES`, whose decoding steps need no image inputs.
+
+    Returns:
+        As `_generate`: the new tokens of each row (stop token excluded), example-major, and their summed
+        log-probabilities at T = 1 (stop token included).
+    """
+    model = vlm.model.get_base_model()
+    batch = {k: v.to(vlm.device)
+             for k, v in vlm.collate([{k: v for k, v in row.items() if k != "labels"} for row in rows],
+                                     padding_side="left").items()}
+    input_ids, attention_mask = batch.pop("input_ids"), batch.pop("attention_mask")
+    position_ids = model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask, **batch})
+    out = vlm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **batch,
+                    use_cache=True, logits_to_keep=1)
+    cache, logits = out.cache, out.logits[:, -1].float()  # (B, V)
+    if num_copies > 1:
+        cache.batch_repeat_interleave(num_copies)
+        logits = logits.repeat_interleave(num_copies, 0)
+        attention_mask = attention_mask.repeat_interleave(num_copies, 0)
+        position_ids = position_ids.repeat_interleave(num_copies, -2)  # (..., R, T): Qwen2-VL's are (4, R, T)
+    num_rows = len(logits)
+    banned = torch.tensor(banned_token_ids(vlm), dtype=torch.long, device=logits.device)
+    stop = torch.tensor(stop_ids, device=logits.device)
+    next_position = position_ids[..., -1:] + 1
+    tokens = torch.full((num_rows, max_new_tokens), -1, dtype=torch.long)
+    logprobs = torch.zeros(num_rows, dtype=torch.float64)
+    # `active` holds the original index of each row still decoded; every per-row tensor has one row per active row.
+    active = torch.arange(num_rows)
+    for step in range(max_new_tokens):
+        logits = logits.index_fill(1, banned, float("-inf"))
+        chosen = _choice_scores(logits, temperatures, generators, top_k, top_p, active).argmax(-1)  # (A,)
+        tokens[active, step] = chosen.cpu()
+        logprobs[active] += torch.log_softmax(logits, -1).gather(1, chosen.unsqueeze(1)).squeeze(1).double().cpu()
+        running = ~torch.isin(chosen, stop)
+        if step == max_new_tokens - 1 or not bool(running.any()):
+            break
+        if not bool(running.all()):
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            chosen, attention_mask = chosen[keep], attention_mask[keep]
+            next_position = next_position.index_select(-2, keep)
+            active = active[keep.cpu()]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+        out = vlm.model(input_ids=chosen.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
+                        cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+        next_position = next_position + 1
+    sequences = []
+    for row in tokens.tolist():
+        new = [t for t in row if t >= 0]
+        sequences.append(new[:-1] if new and new[-1] in stop_ids else new)
+    return sequences, logprobs.tolist()
 
 
 def _shared_prefill_inputs(vlm: HFVLM, rows: list[dict], num_copies: int) -> dict:
