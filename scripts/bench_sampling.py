@@ -1,6 +1,6 @@
 """Benchmark: our sampler (`illume.sampling.sample`) vs the batched `generate()` a user would write, per backend.
 
-    python scripts/bench_sampling.py                     # MAGMA: the cached demo base model (pre-trains it if missing)
+    python scripts/bench_sampling.py                     # MAGMA and HF: the demo base models (shipped)
     python scripts/bench_sampling.py --random-model      # MAGMA: a random demo-size model (no pre-training)
     python scripts/bench_sampling.py --backends hf --naive --num-examples 16
 
@@ -8,25 +8,25 @@ Every method draws, for the same examples (the config's val split) and settings 
 and K = len(temperatures) x samples_per_temperature rationales per example:
 
 - ours: `sample()`: per batch, one greedy answer decode and one decode of all K rows (per-row temperatures),
-  each prompt pre-filled once and its KV cache repeated K times (MAGMA's loop; HF: `generate` on the
-  repeated cache).
+  each prompt pre-filled once and its KV cache repeated K times, finished rows leaving the batch (MAGMA's
+  loop; HF: `illume.models.hf._decode_loop`).
 - generate: what a user writes with transformers: per batch, `model.generate(do_sample=False)` for the
   answers, then per temperature `model.generate(do_sample=True, temperature=t, top_k=0,
   num_return_sequences=samples_per_temperature)`, which repeats every prompt and image per sequence.
 - naive (`--naive`, slow): one `generate()` per example's answer and per candidate.
 
-Backends: `magma` (the demo config's model) and `hf`, a random LLaVA sized like the demo's language model
-(`build_tiny_hf_vlm("llava", text_size=...)`), saved and loaded back through `model.kind=hf`, as a user's
-checkpoint would be (nothing can be downloaded here). Each method runs once on the first batch before it is
-timed (first-call overheads). Prints one table per backend (ratio = ours' candidates/s over the method's) and
-writes everything to --out as JSON.
+Backends, each with its demo config (--config, --hf-config), examples and settings: `magma`, the demo base model
+of configs/demo.yaml, and `hf`, the HF demo base model of configs/demo_hf.yaml (a tiny Qwen2-VL pre-trained on
+the shapes world in the chat format, shipped as illume/demo/assets/demo-hf), loaded through `model.kind: hf`
+as a user's checkpoint is (nothing can be downloaded here); both are trained, so their rationales stop. Each
+method runs once on the first batch before it is timed (first-call overheads). Prints one table per backend
+(ratio = ours' candidates/s over the method's) and writes everything to --out as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,10 +39,6 @@ from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
 from illume.sampling import _answer_stop_ids, _answer_text, sample
-
-DEMO_SIZED_LLAVA = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                    "num_attention_heads": 4, "num_key_value_heads": 4}
-"""The demo MAGMA's language model (configs/demo.yaml: width 128, 4 layers, 4 heads, GPT-J's 4x MLP)."""
 
 
 def prompt_batch(vlm, images: list, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -127,37 +123,35 @@ def bench(vlm, examples: list[Example], cfg: SampleConfig, methods: dict[str, Ca
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--config", default="configs/demo.yaml", help="the magma backend's config")
+    parser.add_argument("--hf-config", default="configs/demo_hf.yaml", help="the hf backend's config")
     parser.add_argument("--num-examples", type=int, default=64)
     parser.add_argument("--backends", nargs="+", default=["magma", "hf"], choices=["magma", "hf"])
     parser.add_argument("--random-model", action="store_true", help="MAGMA: a random demo-size model")
     parser.add_argument("--naive", action="store_true", help="also time one generate() per candidate (slow)")
     parser.add_argument("--out", default="runs/bench_sampling.json")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of both configs")
     args = parser.parse_args()
 
-    cfg = load_config(args.config, args.overrides)
-    examples = load_split(cfg.data, "val")[: args.num_examples]
     methods = {"ours": ours, "generate": batched_generate}
     if args.naive:
         methods["naive"] = naive_generate
-    k = len(cfg.sample.temperatures) * cfg.sample.samples_per_temperature
-    report = {"examples": len(examples), "samples_per_example": k, "batch_size": cfg.sample.batch_size,
-              "max_new_tokens": cfg.sample.max_new_tokens, "threads": torch.get_num_threads(), "backends": {}}
-    print(f"{len(examples)} examples x K = {k}, batch {cfg.sample.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
-    with tempfile.TemporaryDirectory() as workdir:
-        for backend in args.backends:
-            if backend == "magma":
-                vlm = load_backend_magma(cfg, args.random_model)
-            else:
-                vlm = load_backend_hf(args.config, args.overrides, Path(workdir))
-            results = bench(vlm, examples, cfg.sample, methods)
-            report["backends"][backend] = results
-            print(f"\n{backend}\n{'method':<10}{'candidates':>12}{'seconds':>10}{'cand/s':>10}{'ours / it':>11}")
-            for name, r in results.items():
-                print(f"{name:<10}{r['candidates']:>12}{r['seconds']:>10.2f}{r['candidates_per_second']:>10.1f}"
-                      f"{r['ours_ratio']:>10.2f}x")
+    report = {"threads": torch.get_num_threads(), "backends": {}}
+    print(f"torch threads {torch.get_num_threads()}")
+    for backend in args.backends:
+        cfg = load_config(args.config if backend == "magma" else args.hf_config, args.overrides)
+        examples = load_split(cfg.data, "val")[: args.num_examples]
+        k = len(cfg.sample.temperatures) * cfg.sample.samples_per_temperature
+        vlm = load_backend_magma(cfg, args.random_model) if backend == "magma" else load_backend_hf(cfg)
+        results = bench(vlm, examples, cfg.sample, methods)
+        report["backends"][backend] = {"examples": len(examples), "samples_per_example": k,
+                                       "batch_size": cfg.sample.batch_size,
+                                       "max_new_tokens": cfg.sample.max_new_tokens, "methods": results}
+        print(f"\n{backend}: {len(examples)} examples x K = {k}, batch {cfg.sample.batch_size}\n"
+              f"{'method':<10}{'candidates':>12}{'seconds':>10}{'cand/s':>10}{'ours / it':>11}")
+        for name, r in results.items():
+            print(f"{name:<10}{r['candidates']:>12}{r['seconds']:>10.2f}{r['candidates_per_second']:>10.1f}"
+                  f"{r['ours_ratio']:>10.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
@@ -173,13 +167,11 @@ def load_backend_magma(cfg: RunConfig, random_model: bool):
     return load_vlm(cfg)
 
 
-def load_backend_hf(config: str, overrides: list[str], workdir: Path):
-    """A random demo-sized LLaVA, saved and loaded back through `model.kind=hf` (`load_vlm`)."""
-    from illume.demo.tiny_models import build_tiny_hf_vlm
+def load_backend_hf(cfg: RunConfig):
+    """The HF demo config's model (`model.kind: hf`, `model.path: illume:demo`: the shipped HF demo base model)."""
     from illume.loading import load_vlm
 
-    build_tiny_hf_vlm("llava", text_size=DEMO_SIZED_LLAVA).save(workdir / "llava")
-    return load_vlm(load_config(config, [*overrides, "model.kind=hf", f"model.path={workdir / 'llava'}"]))
+    return load_vlm(cfg)
 
 
 if __name__ == "__main__":

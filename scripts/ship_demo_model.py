@@ -1,16 +1,19 @@
-"""Pre-train the demo base model for configs/demo.yaml and ship it with the package (illume/demo/assets).
+"""Pre-train a demo base model for its demo config and ship it with the package (illume/demo/assets).
 
-    python scripts/ship_demo_model.py            # about 4 min on 2 cores; then commit illume/demo/assets/demo-base
+    python scripts/ship_demo_model.py         # MAGMA, configs/demo.yaml: about 4 min on 2 cores -> assets/demo-base
+    python scripts/ship_demo_model.py --hf    # HF (a tiny Qwen2-VL), configs/demo_hf.yaml -> assets/demo-hf
 
-Run it when a change makes tests/test_demo_asset.py fail (the demo's settings, the model code, the recipe or the
-pre-training data changed). It pre-trains in ONE thread, as the asset records: thread counts change float sums,
-and over 1,200 steps those give a visibly different model. `asset.json` records the settings hash
-(`illume.demo.pretrain.demo_digest`), the settings themselves, the thread count, the library versions and the
-weights' sha256; `pretrain_report.json` the loss curve the test reproduces.
+then commit the asset folder. Run it when a change makes tests/test_demo_asset.py (MAGMA) or tests/test_demo_hf.py
+(HF) fail (the demo's settings, the model code, the recipe or the pre-training data changed). It pre-trains in
+ONE thread, as the asset records: thread counts change float sums, and over hundreds of steps those give a
+visibly different model. `asset.json` records the settings hash (`illume.demo.pretrain.demo_digest`), the settings
+themselves, the thread count, the library versions and the weights' sha256; `pretrain_report.json` the loss curve
+the test reproduces.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -18,28 +21,37 @@ import sys
 import tempfile
 from pathlib import Path
 
+import peft
 import torch
 import transformers
 
 from illume.config import load_config
-from illume.demo.pretrain import SHIPPED_DEMO_MODEL, demo_digest, demo_settings, pretrain_demo_model
+from illume.demo.pretrain import SHIPPED_DEMO_MODELS, demo_digest, demo_settings, pretrain_demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", action="store_true", help="the HF demo model (configs/demo_hf.yaml)")
+    args = parser.parse_args(argv)
+    config = REPO / "configs" / ("demo_hf.yaml" if args.hf else "demo.yaml")
     torch.set_num_threads(1)
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"output_dir={tempfile.mkdtemp()}"])
+    cfg = load_config(config, [f"output_dir={tempfile.mkdtemp()}"])
+    shipped = SHIPPED_DEMO_MODELS[cfg.model.kind]
     with tempfile.TemporaryDirectory() as tmp:
-        made = pretrain_demo_model(cfg, Path(tmp) / "demo-base")
-        shutil.rmtree(SHIPPED_DEMO_MODEL, ignore_errors=True)
-        shutil.copytree(made, SHIPPED_DEMO_MODEL)
-    weights = (SHIPPED_DEMO_MODEL / "model.safetensors").read_bytes()
-    info = {"digest": demo_digest(cfg), "made_by": "python scripts/ship_demo_model.py", "threads": 1,
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
+        made = pretrain_demo_model(cfg, Path(tmp) / shipped.name)
+        shutil.rmtree(shipped, ignore_errors=True)
+        shutil.copytree(made, shipped)
+    weights = (shipped / "model.safetensors").read_bytes()
+    info = {"digest": demo_digest(cfg), "made_by": "python scripts/ship_demo_model.py" + (" --hf" if args.hf else ""),
+            "config": str(config.relative_to(REPO)), "threads": 1, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "python": sys.version.split()[0],
             "model_sha256": hashlib.sha256(weights).hexdigest(), "settings": demo_settings(cfg)}
-    (SHIPPED_DEMO_MODEL / "asset.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"shipped {SHIPPED_DEMO_MODEL} (settings hash {info['digest']}, {len(weights) / 1e6:.1f} MB of weights)")
+    (shipped / "asset.json").write_text(json.dumps(info, indent=2) + "\n")
+    size = sum(path.stat().st_size for path in shipped.iterdir())
+    print(f"shipped {shipped} (settings hash {info['digest']}, {len(weights) / 1e6:.1f} MB of weights, "
+          f"{size / 1e6:.1f} MB in all)")
 
 
 if __name__ == "__main__":

@@ -10,23 +10,24 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-from illume.config import ConfigError, RunConfig
+from illume.config import DEMO_MODEL_PATH, ConfigError, RunConfig
 from illume.models.vlm import MagmaVLM
 from illume.models.weights import readable_safetensors
 from illume.prompts import ChatStyle
 
 
-def load_model_path(cfg: RunConfig, device: str = "cpu"):
-    """The VLM `model.path` names, loaded by the backend of `model.kind` (BACKENDS)."""
-    return BACKENDS[cfg.model.kind](cfg, device)
+def load_model_path(cfg: RunConfig, device: str = "cpu", remedy: str | None = None):
+    """The VLM `model.path` names, loaded by the backend of `model.kind` (BACKENDS); damaged weights are
+    reported with `remedy` (None: the backend's own advice)."""
+    return BACKENDS[cfg.model.kind](cfg, device, remedy)
 
 
-def _load_saved_magma(cfg: RunConfig, device: str) -> MagmaVLM:
+def _load_saved_magma(cfg: RunConfig, device: str, remedy: str | None) -> MagmaVLM:
     if cfg.model.path is None:
         raise ConfigError("model.path is not set: name a saved MAGMA folder (or leave it unset for the demo "
                           "base model, through illume.loading.load_vlm)")
     return load_magma(Path(cfg.model.path), device,
-                      "write it again (save_pretrained or `illume convert-magma`)")
+                      remedy or "write it again (save_pretrained or `illume convert-magma`)")
 
 
 def load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
@@ -37,12 +38,12 @@ def load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
         return MagmaVLM.load(directory, device, remedy)
 
 
-def _load_hf(cfg: RunConfig, device: str):
+def _load_hf(cfg: RunConfig, device: str, remedy: str | None):
     from illume.models.hf import ADAPTER_DIR, DEFAULT_LORA, HFVLM, load_hf_vlm
 
     if cfg.model.path is None:
-        raise ConfigError("model.kind=hf needs model.path: a hub name (e.g. llava-hf/llava-1.5-7b-hf) or a local "
-                         "directory")
+        raise ConfigError("model.kind=hf needs model.path: a hub name (e.g. llava-hf/llava-1.5-7b-hf), a local "
+                          f"directory, or {DEMO_MODEL_PATH} (the demo base model, a tiny Qwen2-VL)")
     prompt = cfg.prompt
     chat = ChatStyle(prompt.ask, prompt.explain, prompt.connective)
     if (Path(cfg.model.path) / ADAPTER_DIR / "adapter_config.json").is_file():  # saved by HFVLM.save
@@ -50,7 +51,8 @@ def _load_hf(cfg: RunConfig, device: str):
     lora = cfg.model.lora
     settings = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
                 "target_modules": lora.target_modules or DEFAULT_LORA["target_modules"]}
-    return load_hf_vlm(cfg.model.path, settings, cfg.model.dtype, device, prompt.format, chat)
+    return load_hf_vlm(cfg.model.path, settings, cfg.model.dtype, device, prompt.format, chat,
+                       remedy or "get an intact copy of the model")
 
 
 def chat_format(cfg: RunConfig) -> ChatStyle | None:
@@ -60,7 +62,7 @@ def chat_format(cfg: RunConfig) -> ChatStyle | None:
     chat = ChatStyle(cfg.prompt.ask, cfg.prompt.explain, cfg.prompt.connective)
     if cfg.model.kind != "hf" or cfg.prompt.format == "plain":
         return None
-    if cfg.prompt.format == "chat":
+    if cfg.prompt.format == "chat" or cfg.model.names_demo_model():  # the HF demo model has a chat template
         return chat
     from illume.models.hf import chat_style, load_processor
 
@@ -68,4 +70,4 @@ def chat_format(cfg: RunConfig) -> ChatStyle | None:
 
 
 BACKENDS = {"magma": _load_saved_magma, "hf": _load_hf}
-"""model.kind -> (cfg, device) -> the VLM at model.path: the one place a backend is chosen."""
+"""model.kind -> (cfg, device, remedy) -> the VLM at model.path: the one place a backend is chosen."""

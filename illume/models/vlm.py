@@ -60,7 +60,9 @@ class VLM(Protocol):
 
     # --- rows, for training and scoring
 
-    def encode_row(self, image: Image.Image, prompt: str, completion: str | None = None) -> dict: ...
+    def encode_row(self, image: Image.Image | None, prompt: str, completion: str | None = None) -> dict:
+        """One training/scoring row: the image (None: a text-only row), the prompt, the completion and its end
+        token; `labels` -100 where no loss."""
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor | None]: ...
 
@@ -104,7 +106,9 @@ class VLM(Protocol):
 
     # --- training and saving
 
-    def set_trainable(self, adapters: bool = True, prefix: bool = False) -> None: ...
+    def set_trainable(self, adapters: bool = True, prefix: bool = False, everything: bool = False) -> None:
+        """Choose what trains: the adapters (ILLUME's default), optionally the image prefix/projector, or every
+        weight of the model (`everything`: pre-training the demo base model)."""
 
     def save(self, directory: Path) -> None: ...
 
@@ -154,17 +158,19 @@ class MagmaVLM:
         and GPT-2 tokenizers encode it the same whatever the prompt)."""
         return self.text_ids(" " + text.strip()) + [self.eos_token_id]
 
-    def set_trainable(self, adapters: bool = True, prefix: bool = False) -> None:
-        """MAGMA's adapters train (optionally the prefix projection); everything else is frozen."""
-        self.model.set_trainable(adapters=adapters, prefix=prefix)
+    def set_trainable(self, adapters: bool = True, prefix: bool = False, everything: bool = False) -> None:
+        """MAGMA's adapters train (optionally the prefix projection); everything else is frozen, unless
+        `everything`."""
+        self.model.set_trainable(adapters=adapters, prefix=prefix, everything=everything)
 
-    def encode_row(self, image: Image.Image, prompt: str, completion: str | None = None) -> dict:
+    def encode_row(self, image: Image.Image | None, prompt: str, completion: str | None = None) -> dict:
         """One training/scoring row: `input_ids`, `labels` (-100 over the image slots and the prompt) and the
-        image's `pixel_values` (3, S, S). Without a completion it is the exact prefix generation continues."""
-        prompt_ids = self.prompt_ids(prompt)
+        image's `pixel_values` (3, S, S); without an image, no image slots and `pixel_values` None. Without a
+        completion it is the exact prefix generation continues."""
+        prompt_ids = self.prompt_ids(prompt) if image is not None else self.text_ids(prompt)
         target = self.completion_ids(completion) if completion is not None else []
         return {"input_ids": prompt_ids + target, "labels": [-100] * len(prompt_ids) + target,
-                "pixel_values": self.pixel_values([image])[0]}
+                "pixel_values": self.pixel_values([image])[0] if image is not None else None}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor | None]:
         """Right-padded batch of `encode_row` rows (images stacked in row order)."""
