@@ -61,7 +61,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from illume import distributed, run_folder
-from illume.config import DEMO_MODEL_PATH, AnnotateConfig, ConfigError, RunConfig, load_config, save_config
+from illume.config import (
+    DEMO_MODEL_PATH,
+    AnnotateConfig,
+    ConfigError,
+    RunConfig,
+    load_config,
+    load_run_config,
+    save_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +185,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from illume.models.loading import chat_format
 
     config_path = Path(args.run_dir) / "config.yaml"
-    chat = chat_format(load_config(config_path)) if config_path.is_file() else None
+    chat = chat_format(load_run_config(config_path)) if config_path.is_file() else None
     try:
         result = export(args.run_dir, args.format, args.out, round_idx=args.round, upto_round=args.upto_round,
                         split=args.split, aggregate=args.aggregate, as_jsonl=args.as_jsonl,
@@ -298,7 +306,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if cfg.assist and run_dir is not None:
         from illume.annotate.assist import reward_assist
 
-        assist = reward_assist(run_dir, load_config(run_dir / "config.yaml"))
+        assist = reward_assist(run_dir, load_run_config(run_dir / "config.yaml"))
         print("assist: candidates ordered by the reward model, its confident accepts pre-checked" if assist
               else "assist: this run has no reward model yet (illume reward train RUN_DIR); showing plain order")
     app = server.create_app(store, run_dir, cfg, token=token, round_idx=args.round, assist=assist)
@@ -378,7 +386,7 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from reward.train import evaluate_saved, fit_reward_from_store
 
     run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     if args.action == "train":
         check_report_to(cfg)  # before the model loads
     # Checked before the model loads: an unreadable image fails in seconds, not after pre-training.
@@ -443,7 +451,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     if (source / "config.yaml").is_file():
-        cfg = load_config(args.config or source / "config.yaml", args.overrides)
+        cfg = (load_config(args.config, args.overrides) if args.config
+               else load_run_config(source / "config.yaml", args.overrides))
     elif (source / "dataset_info.json").is_file() or (source / "state.json").is_file():
         if args.config is None:
             raise ConfigError(f"{source} is a dataset: say which model and val split with --config CONFIG")
@@ -478,7 +487,7 @@ def _add_policy_parsers(commands) -> None:
         sub = commands.add_parser(kind, help=f"{text}, on a run's store or a saved TRL dataset")
         sub.add_argument("source", help="run directory (its feedback store) or a dataset saved with datasets "
                                         f"(illume export --format {kind})")
-        sub.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. policy.beta=0.2")
+        sub.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. policy.dpo.beta=0.2")
         sub.add_argument("--config", default=None,
                          help="config file (default: RUN_DIR/config.yaml; required for a dataset)")
         sub.add_argument("--out", default=None, help=f"output folder (default: RUN_DIR/{kind})")

@@ -7,14 +7,15 @@ key named, and returns plain dataclasses: code never sees a DictConfig.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -427,8 +428,8 @@ class SampleConfig:
 class CriticConfig:
     """Who judges the candidates. `simulated` stands in for people in the paper's experiments."""
 
-    kind: str = "simulated"
-    """Critic, a key of illume.critics.CRITICS: `simulated` accepts a candidate whose metric against any reference reaches the threshold;
+    kind: Literal["simulated", "human", "reward", "hybrid", "judge"] = "simulated"
+    """Critic (illume.critic_registry.CRITICS): `simulated` accepts a candidate whose metric against any reference reaches the threshold;
     `human`: people judge in the annotation page (or the terminal) and the loop waits for them;
     `reward`: the reward model judges (after `reward.human_rounds` rounds judged by people);
     `hybrid`: the reward model decides the confident items, people the rest;
@@ -696,18 +697,9 @@ class TrainConfig:
 
 
 @dataclass
-class PolicyConfig:
-    """How the accepted/rejected feedback tunes the model each round (policies/; sft = ILLUME's selection-SFT).
+class DPOPolicyConfig:
+    """policy.kind=dpo: accepted vs rejected rationales of one item as pairs (policies/dpo.py; TRL's names)."""
 
-    dpo/kto use train.* for epochs, batch size, weight decay, precision, DeepSpeed and the kept epoch; the
-    reference model is the model as it was before the round (its log-probabilities are computed once,
-    before the round's training, as TRL's `precompute_ref_log_probs=True` does).
-    """
-
-    kind: str = "sft"
-    """A key of `policies.registry.POLICIES` (checked when the loop starts): sft: selection fine-tuning on
-    accepted rationales; dpo: accepted vs rejected pairs; kto: unpaired labels; grpo: online RL on G sampled
-    rationales per question scored by `reward_sources` (policies/grpo.py)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """DPO loss, by TRL's names (DPOConfig.loss_type)."""
     beta: float = 0.1
@@ -715,64 +707,108 @@ class PolicyConfig:
     label_smoothing: float = 0.0
     """Probability that a preference label is wrong: cDPO for sigmoid, robust DPO for robust (in [0, 0.5))."""
     sft_weight: float = 0.0
-    """Weight of an added NLL loss on the chosen rationale (DPO: TRL's loss_type=[..., "sft"]; RPO) or, for GRPO,
-    on every rationale accepted so far (selection-SFT's rows); 0: none."""
+    """Weight of an added NLL loss on the chosen rationale (TRL's loss_type=[..., "sft"]; RPO); 0: none."""
     answer_weight: float = 1.0
-    """DPO/KTO: weight of an NLL term on answer-only rows (`Q: q A: a<eos>`, one attached to each pair or row,
-    cycling through the train questions) that keeps answer accuracy from drifting, as selection-SFT's answer
-    rows do (GRPO: `grpo_answer_weight`); 0: none."""
+    """Weight of an NLL term on answer-only rows (`Q: q A: a<eos>`, one attached to each pair, cycling through
+    the train questions) that keeps answer accuracy from drifting, as selection-SFT's answer rows do; 0: none."""
     reference_as_chosen: bool = False
-    """DPO: for items where nothing was accepted, pair a reference explanation (chosen) with each candidate."""
-    rounds: Literal["all", "latest"] = "latest"
-    """Train on the judgments of the round just judged (on-policy iterative DPO/KTO) or of every round so far,
-    as ILLUME's SFT does; on the demo "all" drifts over rounds (docs/results.md)."""
+    """For items where nothing was accepted, pair a reference explanation (chosen) with each candidate."""
+
+    RANGES: ClassVar = {"beta": POSITIVE, "label_smoothing": Range(0, 0.5, high_open=True),
+                        "sft_weight": AT_LEAST_0, "answer_weight": AT_LEAST_0}
+
+
+@dataclass
+class KTOPolicyConfig:
+    """policy.kind=kto: each judged rationale on its own, accepted (desirable) or rejected (policies/kto.py)."""
+
+    beta: float = 0.1
+    """Strength of the pull towards the reference model (TRL's beta)."""
     desirable_weight: float = 1.0
-    """KTO: weight of the accepted rationales' losses."""
+    """Weight of the accepted rationales' losses."""
     undesirable_weight: float | None = None
-    """KTO: weight of the rejected ones; None: #accepted / #rejected, so both sides weigh the same in total."""
+    """Weight of the rejected ones; None: #accepted / #rejected, so both sides weigh the same in total."""
+    answer_weight: float = 1.0
+    """Weight of an NLL term on answer-only rows (one attached to each labelled row), as `dpo.answer_weight`."""
+
+    RANGES: ClassVar = {"beta": POSITIVE, "desirable_weight": AT_LEAST_0, "undesirable_weight": AT_LEAST_0,
+                        "answer_weight": AT_LEAST_0}
+
+
+@dataclass
+class GRPOPolicyConfig:
+    """policy.kind=grpo: online RL on G rationales sampled per train question, scored by `reward_sources`
+    (policies/grpo.py; TRL's GRPOTrainer for model.kind=hf, policies/grpo_trl.py)."""
+
+    num_generations: int = 8
+    """Rationales drawn per train question each round (G; TRL's num_generations), before duplicates are merged."""
+    temperature: float = 0.8
+    """The temperature the G rationales are drawn at."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "dr_grpo"
+    """Loss normalisation, by TRL's names: grpo (each sequence's token mean, then the batch mean: a length bias),
+    bnpo (token mean over the batch), dr_grpo (token sum / (sequences x max completion length): Dr. GRPO, no
+    length bias and independent of how many answer rows share the batch; the default)."""
+    beta: float = 0.1
+    """Weight of the k3 KL term towards the round's starting weights (TRL's beta; its default is 0)."""
+    epsilon: float = 0.2
+    """Clipping range of the probability ratio (TRL's epsilon, low and high alike)."""
+    iterations: int = 2
+    """Passes over the round's samples (TRL's num_iterations; epochs, the best on val is kept)."""
+    scale_rewards: bool = True
+    """Divide each group's centred rewards by its std (TRL's scale_rewards="group"; False: "none")."""
+    baseline: Literal["group", "rloo"] = "group"
+    """The advantage baseline: the group's mean ("group", then `scale_rewards`), or RLOO's leave-one-out mean of
+    the other samples of the question ("rloo", never scaled)."""
+    answer_weight: float = 1.0
+    """Weight of the NLL term on answer-only rows (`Q: q A: a<eos>`, one per train question) that keeps answer
+    accuracy from drifting; 0: none."""
+    accepted_weight: float = 0.0
+    """Weight of an NLL term on every rationale accepted so far (selection-SFT's rows, an anchor as RPO adds to
+    DPO); 0: none."""
+    reward_sources: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
+    """reward = sum of weight x source (keys of `policies.grpo.REWARDS`: reward_model, the reward model fitted
+    on people's judgments of this round and earlier; simulated, ROUGE-L against the references). Set a weight
+    to 0 to switch a source off (overrides merge into this mapping)."""
+
+    RANGES: ClassVar = {"num_generations": Range(2),  # a group needs two samples
+                        "temperature": POSITIVE, "beta": AT_LEAST_0,
+                        "epsilon": Range(0, 1, low_open=True, high_open=True), "iterations": COUNT,
+                        "answer_weight": AT_LEAST_0, "accepted_weight": AT_LEAST_0}
+
+
+@dataclass
+class PolicyConfig:
+    """How the accepted/rejected feedback tunes the model each round (policies/; sft = ILLUME's selection-SFT).
+    Each preference algorithm's settings are in its own section: `policy.dpo.*`, `policy.kto.*`, `policy.grpo.*`.
+
+    dpo/kto use train.* for epochs, batch size, weight decay, precision, DeepSpeed and the kept epoch; the
+    reference model is the model as it was before the round (its log-probabilities are computed once,
+    before the round's training, as TRL's `precompute_ref_log_probs=True` does).
+    """
+
+    kind: Literal["sft", "dpo", "kto", "grpo"] = "sft"
+    """The policy (policies.registry.POLICIES): sft: selection fine-tuning on accepted rationales; dpo: accepted
+    vs rejected pairs; kto: unpaired labels; grpo: online RL on G sampled rationales per question scored by
+    `grpo.reward_sources` (policies/grpo.py)."""
     learning_rate: float | None = None
     """Learning rate of dpo/kto/grpo; None: train.learning_rate."""
+    rounds: Literal["all", "latest"] = "latest"
+    """DPO/KTO: train on the judgments of the round just judged (on-policy iterative DPO/KTO) or of every round
+    so far, as ILLUME's SFT does; on the demo "all" drifts over rounds (docs/results.md)."""
     seed: int = 0
-    """Seed of the KTO mismatched (KL) completions."""
-    num_generations: int = 8
-    """GRPO: rationales drawn per train question each round (G; TRL's num_generations), before duplicates are
-    merged (policies/grpo.py)."""
-    grpo_temperature: float = 0.8
-    """GRPO: the temperature the G rationales are drawn at."""
-    grpo_loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "dr_grpo"
-    """GRPO loss normalisation, by TRL's names: grpo (each sequence's token mean, then the batch mean: a
-    length bias), bnpo (token mean over the batch), dr_grpo (token sum / (sequences x max completion length):
-    Dr. GRPO, no length bias and independent of how many answer rows share the batch; the default)."""
-    epsilon: float = 0.2
-    """GRPO: clipping range of the probability ratio (TRL's epsilon, low and high alike)."""
-    grpo_iterations: int = 2
-    """GRPO: passes over the round's samples (TRL's num_iterations; epochs, the best on val is kept)."""
-    grpo_scale_rewards: bool = True
-    """GRPO: divide each group's centred rewards by its std (TRL's scale_rewards="group"; False: "none")."""
-    grpo_baseline: Literal["group", "rloo"] = "group"
-    """GRPO's advantage baseline: the group's mean ("group", then grpo_scale_rewards), or RLOO's leave-one-out
-    mean of the other samples of the question ("rloo", never scaled)."""
-    grpo_answer_weight: float = 1.0
-    """GRPO: weight of the NLL term on answer-only rows (`Q: q A: a<eos>`, one per train question) that keeps
-    answer accuracy from drifting; 0: none."""
-    reward_sources: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
-    """GRPO: reward = sum of weight x source (keys of `policies.grpo.REWARDS`: reward_model, the reward model
-    fitted on people's judgments of this round and earlier; simulated, ROUGE-L against the references). Set a
-    weight to 0 to switch a source off (overrides merge into this mapping)."""
+    """Seed of the order in which answer-only rows ride along (DPO/KTO) and of KTO's mismatched (KL) completions."""
+    dpo: DPOPolicyConfig = field(default_factory=DPOPolicyConfig)
+    kto: KTOPolicyConfig = field(default_factory=KTOPolicyConfig)
+    grpo: GRPOPolicyConfig = field(default_factory=GRPOPolicyConfig)
 
-    RANGES: ClassVar = {"beta": POSITIVE, "label_smoothing": Range(0, 0.5, high_open=True), "sft_weight": AT_LEAST_0,
-                        "answer_weight": AT_LEAST_0, "desirable_weight": AT_LEAST_0, "undesirable_weight": AT_LEAST_0,
-                        "learning_rate": POSITIVE,
-                        "num_generations": Range(2),  # a group needs two samples
-                        "grpo_temperature": POSITIVE, "epsilon": Range(0, 1, low_open=True, high_open=True),
-                        "grpo_iterations": COUNT, "grpo_answer_weight": AT_LEAST_0}
+    RANGES: ClassVar = {"learning_rate": POSITIVE}
 
     def __post_init__(self) -> None:
         check_ranges(self, "policy.")
-        if self.kind == "grpo" and not any(self.reward_sources.values()):
-            raise ValueError("policy.kind=grpo needs a reward: policy.reward_sources has no source with a "
-                             f"non-zero weight ({dict(self.reward_sources)}); e.g. policy.reward_sources."
-                             "reward_model=1.0 or policy.reward_sources.simulated=1.0")
+        if self.kind == "grpo" and not any(self.grpo.reward_sources.values()):
+            raise ValueError("policy.kind=grpo needs a reward: policy.grpo.reward_sources has no source with a "
+                             f"non-zero weight ({dict(self.grpo.reward_sources)}); e.g. policy.grpo.reward_sources."
+                             "reward_model=1.0 or policy.grpo.reward_sources.simulated=1.0")
 
 
 @dataclass
@@ -883,10 +919,67 @@ def _file_layers(path: Path, chain: tuple[Path, ...]) -> list:
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     base = loaded.pop(BASE_KEY, None)
     if base is None:
-        return [loaded]
+        return [(path, loaded)]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: '{BASE_KEY}' must be the path of another config file, not {base!r}")
-    return [*_file_layers(path.parent / base, (*chain, path)), loaded]
+    return [*_file_layers(path.parent / base, (*chain, path)), (path, loaded)]
+
+
+RENAMED_POLICY_KEYS: dict[str, dict[str, str]] = {
+    "loss_type": {"dpo": "dpo.loss_type"},
+    "beta": {"dpo": "dpo.beta", "kto": "kto.beta", "grpo": "grpo.beta"},
+    "label_smoothing": {"dpo": "dpo.label_smoothing"},
+    "sft_weight": {"dpo": "dpo.sft_weight", "grpo": "grpo.accepted_weight"},
+    "answer_weight": {"dpo": "dpo.answer_weight", "kto": "kto.answer_weight"},
+    "reference_as_chosen": {"dpo": "dpo.reference_as_chosen"},
+    "desirable_weight": {"kto": "kto.desirable_weight"},
+    "undesirable_weight": {"kto": "kto.undesirable_weight"},
+    "num_generations": {"grpo": "grpo.num_generations"},
+    "grpo_temperature": {"grpo": "grpo.temperature"},
+    "grpo_loss_type": {"grpo": "grpo.loss_type"},
+    "epsilon": {"grpo": "grpo.epsilon"},
+    "grpo_iterations": {"grpo": "grpo.iterations"},
+    "grpo_scale_rewards": {"grpo": "grpo.scale_rewards"},
+    "grpo_baseline": {"grpo": "grpo.baseline"},
+    "grpo_answer_weight": {"grpo": "grpo.answer_weight"},
+    "reward_sources": {"grpo": "grpo.reward_sources"},
+}
+"""The flat `policy.*` keys of configs before the per-algorithm sections: old key -> {policy.kind: new key under
+`policy.`}. Refused in a config file or an override (with what to write instead); moved in a run folder's
+config.yaml that illume wrote before (`load_run_config`), into the section of that run's policy.kind."""
+
+
+def _refuse_renamed(layer: DictConfig, where: str) -> None:
+    policy = layer.get("policy")
+    renamed = [key for key in policy if key in RENAMED_POLICY_KEYS] if isinstance(policy, DictConfig) else []
+    if renamed:
+        key = renamed[0]
+        instead = " or ".join(f"policy.{new}" for new in RENAMED_POLICY_KEYS[key].values())
+        raise ConfigError(f"{where}: key 'policy.{key}' was renamed (each algorithm has its own section): "
+                          f"did you mean {instead}?")
+
+
+def _upgrade_renamed(layer: DictConfig) -> None:
+    """Move a run's flat policy keys into the section of its policy.kind (the other kinds never read them; a
+    key that none of the run's kind reads goes to the first section that has it)."""
+    policy = layer.get("policy")
+    if not isinstance(policy, DictConfig):
+        return
+    kind = policy.get("kind", "sft")
+    for key in [key for key in policy if key in RENAMED_POLICY_KEYS]:
+        targets = RENAMED_POLICY_KEYS[key]
+        section, name = targets.get(kind, next(iter(targets.values()))).split(".")
+        value = policy.pop(key)
+        if section not in policy:
+            policy[section] = {}
+        policy[section][name] = value
+
+
+def _unknown_key_hint(key: str) -> str:
+    """" (did you mean ...?)" for an unknown dotted key that is close to a known one, else ""."""
+    known = dotted_keys(asdict(RunConfig()))
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -894,25 +987,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     overrides into a `RunConfig`.
 
     Raises:
-        ConfigError: naming the file and the key for an unknown key, a wrong type or a malformed override.
+        ConfigError: naming the file and the key for an unknown key (with the known keys it is close to, and
+            for a renamed key what it is called now), a wrong type or a malformed override.
     """
+    return _load(path, overrides, upgrade=False)
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """`load_config` of a run folder's config.yaml (what `save_config` wrote): a config that an earlier illume
+    wrote with keys renamed since is read with them moved to their new place (RENAMED_POLICY_KEYS), so a
+    run started before a rename continues and exports."""
+    return _load(path, overrides, upgrade=True)
+
+
+def _load(path: str | Path | None, overrides: list[str] | tuple[str, ...], upgrade: bool) -> RunConfig:
     schema = OmegaConf.structured(RunConfig)
     where = str(path) if path is not None else "defaults"
     try:
         layers = [schema]
-        if path is not None:
-            layers += _file_layers(Path(path), ())
+        for file, layer in _file_layers(Path(path), ()) if path is not None else ():
+            if upgrade:
+                _upgrade_renamed(layer)
+            else:
+                _refuse_renamed(layer, str(file))
+            layers.append(layer)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         if overrides:
             where = f"{where} + overrides {list(overrides)}"
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+            _refuse_renamed(layers[-1], f"overrides {list(overrides)}")
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         reason = str(error).splitlines()[0]
+        if key and isinstance(error, ConfigKeyError) and "did you mean" not in reason.lower():
+            reason += _unknown_key_hint(key)
         raise ConfigError(f"{where}: key '{key}': {reason}" if key else f"{where}: {reason}") from error
     except ValueError as error:  # a dataclass's __post_init__ check; its message names the key
         if isinstance(error, ConfigError):

@@ -34,7 +34,7 @@ from pathlib import Path
 from PIL import Image
 from rich.table import Table
 
-from illume.config import RunConfig, load_config
+from illume.config import RunConfig, load_run_config
 from illume.data.datasets import SPLITS, DatasetError, load_split
 from illume.data.records import Example, load_image
 from illume.exports import ExportError, store_for_run
@@ -164,7 +164,7 @@ def export_model(run_dir: str | Path, out: str | Path, *, round_idx: int | None 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file():
         raise ExportModelError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     check_output_folder(out, MARKER_FILE, force, COMMAND)  # before any model loads
     if reward:
         source = _choose_reward(run_dir, round_idx)

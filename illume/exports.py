@@ -13,7 +13,7 @@ the same code the loop, the reward model, DPO and KTO read, so an export is exac
   " " + rationale (the prompt ends with "seeing that"): the loop's selection-SFT targets.
 - `dpo`  {prompt, chosen, rejected}: `Feedback.pairs`: a candidate accepted in an item against a candidate
   of the same item whose rationale is rejected, deduplicated; `illume dpo` trains on the same pairs whether it
-  reads RUN_DIR or this export (reference pairs, `policy.reference_as_chosen`, are not exported).
+  reads RUN_DIR or this export (reference pairs, `policy.dpo.reference_as_chosen`, are not exported).
 - `kto`  {prompt, completion, label}: `Feedback.labelled`: one row per rationale that is not contested,
   label True = accepted.
 - `jsonl`: one flat object per decision (judgment x candidate shown) with everything the store holds,
@@ -269,7 +269,7 @@ class ImageResolver:
             ) from None
 
     def _load_split(self, item: JudgedItem) -> None:
-        from illume.config import ConfigError, load_config
+        from illume.config import ConfigError, load_run_config
         from illume.data.datasets import DatasetError, load_split
 
         config_path = self.run_dir / "config.yaml"
@@ -279,7 +279,7 @@ class ImageResolver:
                 "its dataset; export with --no-images for text only"
             )
         try:
-            examples = load_split(load_config(config_path).data, item.split)
+            examples = load_split(load_run_config(config_path).data, item.split)
         except (ConfigError, DatasetError, OSError, ValueError) as error:
             raise ExportError(
                 f"items have no image_ref and the run's {item.split} dataset cannot be loaded: {error}"

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from illume.config import ConfigError, RunConfig, dotted_keys, load_config
+from illume.config import ConfigError, RunConfig, dotted_keys, load_run_config
 
 CHANGES_FILE = "settings_changes.jsonl"
 
@@ -82,7 +82,7 @@ def check_resumed_settings(cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     stored = cfg.run_dir / "config.yaml"
     if not loop_started(cfg.run_dir) or not stored.is_file():
         return {}
-    changes = setting_changes(load_config(stored), cfg, finished_rounds(cfg.run_dir))
+    changes = setting_changes(load_run_config(stored), cfg, finished_rounds(cfg.run_dir))
     if changes and not cfg.loop.allow_changed_settings:
         raise ConfigError(f"{cfg.run_dir} was started with other settings: {describe(changes)}; continue it "
                           f"with the settings of {stored}, or pass loop.allow_changed_settings=true to "

@@ -63,13 +63,13 @@ def is_run_folder(run_dir: Path) -> bool:
         return False
     from omegaconf import OmegaConf
 
-    from illume.config import ConfigError, load_config
+    from illume.config import ConfigError, load_run_config
 
     try:
         saved = OmegaConf.load(config)
         if not hasattr(saved, "keys") or not SAVED_SECTIONS <= set(saved.keys()):
             return False
-        load_config(config)
+        load_run_config(config)
     except ConfigError:  # every section there, but not a config this illume reads
         return False
     except Exception:  # YAML that does not parse (OmegaConf raises yaml's own errors): someone else's file

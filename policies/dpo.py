@@ -41,7 +41,7 @@ class PairsDataset(torch.utils.data.Dataset):
         encode = RowEncoder(vlm, examples_by_id)
         self.items = [{"chosen": encode(p.example_id, p.prompt, p.chosen),
                        "rejected": encode(p.example_id, p.prompt, p.rejected)} for p in pairs]
-        if with_answer_rows:  # policy.answer_weight: one answer-only row rides along with each pair
+        if with_answer_rows:  # policy.dpo.answer_weight: one answer-only row rides along with each pair
             for item, row in zip(self.items, answer_rows(encode, examples_by_id, len(self.items), seed)):
                 item["answer"] = row
 
@@ -82,7 +82,7 @@ class DPOLossTrainer(PolicyTrainer):
         chosen, rejected = logps.chunk(2)
         chosen_lengths, rejected_lengths = lengths.chunk(2)
         ref_chosen, ref_rejected = ref_chosen.to(chosen.device), ref_rejected.to(chosen.device)
-        p = self.policy
+        p = self.policy.dpo
         loss = dpo_losses(chosen, rejected, ref_chosen, ref_rejected, p.loss_type, p.beta, p.label_smoothing,
                           chosen_lengths, rejected_lengths).mean()
         if p.sft_weight:  # TRL's "sft" loss: mean NLL over all chosen tokens of the batch
@@ -127,7 +127,7 @@ def optimize_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict
     """
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
-    dataset = PairsDataset(vlm, pairs, examples_by_id, with_answer_rows=bool(policy.answer_weight), seed=policy.seed)
+    dataset = PairsDataset(vlm, pairs, examples_by_id, with_answer_rows=bool(policy.dpo.answer_weight), seed=policy.seed)
     result = train_keeping_best_epoch(
         DPOLossTrainer, vlm, dataset, partial(collate_pairs, vlm=vlm), val, train_cfg, sample_cfg,
         out_dir, learning_rate=policy.learning_rate, what="DPO", report=report,

@@ -1,28 +1,28 @@
 """GRPO: online RL on rationales the policy draws itself, scored by a configurable reward (policy.kind=grpo).
 
 Per round, after the round's judgments (the loop's step 2):
-1. **Sample.** `policy.num_generations` (G) rationales per train question from the model as the round found
-   it, by the shared sampler (image encoded once, K-way cache reuse) at `policy.grpo_temperature`, with
+1. **Sample.** `policy.grpo.num_generations` (G) rationales per train question from the model as the round found
+   it, by the shared sampler (image encoded once, K-way cache reuse) at `policy.grpo.temperature`, with
    seeds of their own per round (not the round's candidates' seeds). The sampler keeps distinct rationales
    only, so a group is a question's *distinct* rationales (at most G): each counts once in its group's mean
    and std. A duplicate carries no new information about the ranking; counting it twice (TRL) would weigh
    the mode of the policy more. A question with one distinct rationale has advantage 0 (only KL and the
    answer rows move it).
-2. **Reward.** sum over `policy.reward_sources` of weight x source, sources in `REWARDS`: `reward_model` (the
+2. **Reward.** sum over `policy.grpo.reward_sources` of weight x source, sources in `REWARDS`: `reward_model` (the
    reward model fitted on people's judgments of this round and earlier, `reward.critic.fit_or_reuse`; saved
    to RUN_DIR/reward/round_{r+1}, which a reward critic's next round then reuses) and `simulated` (the
    critic's metric, ROUGE-L, against the reference explanations). A new source (an AI judge) is one entry.
 3. **Advantages.** Normalised within each group (`policies.losses.group_advantages`, TRL's epsilon), or
-   RLOO's leave-one-out baseline (`policy.grpo_baseline=rloo`).
+   RLOO's leave-one-out baseline (`policy.grpo.baseline=rloo`).
 4. **Reference.** Per-token log-probs of every sample under the model as the round found it, at the
-   sampling temperature (logits / `policy.grpo_temperature`, as TRL; so are the policy's), computed once
+   sampling temperature (logits / `policy.grpo.temperature`, as TRL; so are the policy's), computed once
    in eval mode before the first update (the reference cannot drift during the round). The samples were
    drawn by that same model, so these are also the "old" log-probs of the clipped ratio.
 5. **Train.** Adapters only (the shared HF Trainer, `illume.training.train_keeping_best_epoch`),
-   `policy.grpo_iterations` epochs over the samples with `policies.losses.grpo_loss` (TRL 1.16's maths:
-   clipped ratio, k3 KL x `policy.beta`, `policy.grpo_loss_type`), plus `policy.grpo_answer_weight` x the
+   `policy.grpo.iterations` epochs over the samples with `policies.losses.grpo_loss` (TRL 1.16's maths:
+   clipped ratio, k3 KL x `policy.grpo.beta`, `policy.grpo.loss_type`), plus `policy.grpo.answer_weight` x the
    token-mean NLL of answer-only rows `Q: q A: a<eos>` (one per train question) so that answer accuracy does
-   not drift, and with `policy.sft_weight` > 0 the same NLL on every rationale accepted so far (selection-SFT's
+   not drift, and with `policy.grpo.accepted_weight` > 0 the same NLL on every rationale accepted so far (selection-SFT's
    rows, `illume.feedback.verdicts`), an anchor as RPO adds to DPO; the best val epoch is kept, as every
    policy does.
 
@@ -46,7 +46,7 @@ import torch
 
 from illume import distributed
 from illume.collate import RowEncoder
-from illume.config import ConfigError, PolicyConfig, RunConfig
+from illume.config import ConfigError, GRPOPolicyConfig, RunConfig
 from illume.critics import SimulatedCritic, candidate_scores
 from illume.data.records import CandidateSet
 from illume.feedback.verdicts import read_feedback
@@ -84,7 +84,7 @@ def simulated_source(context: RoundContext, sets: Sequence[CandidateSet]) -> lis
     """The simulated critic's metric (critic.metric, ROUGE-L by default) against the reference explanations."""
     missing = [cs.example_id for cs in sets if not context.train_by_id[cs.example_id].explanations]
     if missing:
-        raise PolicyDataError(f"policy.reward_sources.simulated needs reference explanations; {len(missing)} "
+        raise PolicyDataError(f"policy.grpo.reward_sources.simulated needs reference explanations; {len(missing)} "
                               f"train examples have none, e.g. {missing[:3]}")
     return candidate_scores(sets, context.train_by_id, context.cfg.critic.metric)
 
@@ -93,7 +93,7 @@ REWARDS: dict[str, RewardSource] = {
     "reward_model": reward_model_source,
     "simulated": simulated_source,
 }
-"""policy.reward_sources keys -> (context, candidate sets) -> a reward per candidate."""
+"""policy.grpo.reward_sources keys -> (context, candidate sets) -> a reward per candidate."""
 
 def _trl_grpo_round(context: RoundContext, **kwargs) -> PolicyResult:
     from policies.grpo_trl import trl_grpo_round  # TRL's trainers load only for the runs that use them
@@ -115,22 +115,23 @@ def check_config(cfg: RunConfig) -> None:
     """
     if cfg.policy.kind != "grpo":
         return
-    sources = cfg.policy.reward_sources
+    sources = cfg.policy.grpo.reward_sources
     unknown = sorted(set(sources) - set(REWARDS))
     if unknown:
-        raise ConfigError(f"policy.reward_sources: unknown source(s) {unknown}; known: {sorted(REWARDS)}")
-    if cfg.policy.sft_weight and cfg.model.kind in GRPO_TRAINERS:
-        raise ConfigError(f"policy.sft_weight={cfg.policy.sft_weight:g}: GRPO's accepted-rationale rows are not in the "
-                          f"model.kind={cfg.model.kind} GRPO trainer (policies/grpo_trl.py) yet; set policy.sft_weight=0")
+        raise ConfigError(f"policy.grpo.reward_sources: unknown source(s) {unknown}; known: {sorted(REWARDS)}")
+    if cfg.policy.grpo.accepted_weight and cfg.model.kind in GRPO_TRAINERS:
+        raise ConfigError(f"policy.grpo.accepted_weight={cfg.policy.grpo.accepted_weight:g}: GRPO's accepted-rationale "
+                          f"rows are not in the model.kind={cfg.model.kind} GRPO trainer (policies/grpo_trl.py) yet; "
+                          "set policy.grpo.accepted_weight=0")
     if not any(sources.values()):
-        raise ConfigError(f"policy.kind=grpo needs a reward: policy.reward_sources has no source with a non-zero "
+        raise ConfigError(f"policy.kind=grpo needs a reward: policy.grpo.reward_sources has no source with a non-zero "
                           f"weight ({dict(sources)})")
 
 
 def rewards_of(context: RoundContext, sets: Sequence[CandidateSet]) -> list[list[float]]:
-    """sum of weight x source over `policy.reward_sources`, per candidate."""
+    """sum of weight x source over `policy.grpo.reward_sources`, per candidate."""
     total = [[0.0] * len(cs.candidates) for cs in sets]
-    for name, weight in context.cfg.policy.reward_sources.items():
+    for name, weight in context.cfg.policy.grpo.reward_sources.items():
         if not weight:
             continue
         for row, scores in zip(total, REWARDS[name](context, sets), strict=True):
@@ -185,7 +186,7 @@ def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
 class GRPOLossTrainer(PolicyTrainer):
     """HF Trainer whose loss is GRPO's on the sample rows plus an NLL term on the answer-only rows."""
 
-    def __init__(self, *args, policy: PolicyConfig, max_completion_length: int, **kwargs):
+    def __init__(self, *args, policy: GRPOPolicyConfig, max_completion_length: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.policy, self.max_completion_length = policy, max_completion_length
         self.steps: list[dict] = []
@@ -202,12 +203,12 @@ class GRPOLossTrainer(PolicyTrainer):
         entry = {"step": self.state.global_step, "epoch": self.state.epoch}
         if is_sample.any():
             # The samples' log-probs at the temperature they were drawn at (as TRL, and as the reference).
-            tokens, mask = per_token_logps(logits[is_sample] / p.grpo_temperature, labels[is_sample])
+            tokens, mask = per_token_logps(logits[is_sample] / p.temperature, labels[is_sample])
             width = ref.size(1)
             logps, sample_mask = tokens[:, :width], mask[:, :width]
             ref, advantages = ref.to(logps.device), advantages.to(logps.device)
             policy_loss = grpo_loss(logps, ref, ref, advantages, sample_mask, p.beta, p.epsilon, p.epsilon,
-                                    p.grpo_loss_type, self.max_completion_length)
+                                    p.loss_type, self.max_completion_length)
             loss = loss + policy_loss
             with torch.no_grad():
                 kl = (grpo_per_token_kl(logps, ref) * sample_mask).sum() / sample_mask.sum().clamp(min=1)
@@ -216,7 +217,7 @@ class GRPOLossTrainer(PolicyTrainer):
             entry.update(kl=kl.item(), reward=rewards.mean().item(), policy_loss=policy_loss.item(),
                          clip_ratio=(clipped.sum() / sample_mask.sum().clamp(min=1)).item())
         if (~is_sample).any():
-            # The NLL rows (answer-only rows, and the accepted rationales with policy.sft_weight): each row's
+            # The NLL rows (answer-only rows, and the accepted rationales with policy.grpo.accepted_weight): each row's
             # tokens weighted by its row's weight, over the batch's NLL tokens.
             weighted, nll = weighted_nll(logits[~is_sample], labels[~is_sample], nll_weights)
             loss = loss + weighted
@@ -259,7 +260,7 @@ def reference_per_token_logps(trainer, vlm: VLM, rows: list[dict], temperature: 
 def fill_reference(trainer, dataset: SamplesDataset, vlm: VLM, out_dir: Path) -> None:
     items = dataset.sample_items()
     rows = [{k: v for k, v in item.items() if k not in ROW_KEYS} for item in items]
-    temperature = trainer.policy.grpo_temperature  # the samples' log-probs at the temperature they were drawn at
+    temperature = trainer.policy.temperature  # the samples' log-probs at the temperature they were drawn at
     for item, logps in zip(items, reference_per_token_logps(trainer, vlm, rows, temperature), strict=True):
         item["ref_logps"] = logps
     if distributed.is_main():  # for audits, and the test that the reference is the round's starting model
@@ -270,8 +271,8 @@ def fill_reference(trainer, dataset: SamplesDataset, vlm: VLM, out_dir: Path) ->
 
 def draw_samples(context: RoundContext) -> list[CandidateSet]:
     """G rationales per train question from the current model, with this round's own GRPO seeds."""
-    cfg, p = context.cfg, context.cfg.policy
-    sample_cfg = replace(cfg.sample, temperatures=[p.grpo_temperature], samples_per_temperature=p.num_generations)
+    cfg, p = context.cfg, context.cfg.policy.grpo
+    sample_cfg = replace(cfg.sample, temperatures=[p.temperature], samples_per_temperature=p.num_generations)
     seeds = {e.id: example_seed(cfg.sample.seed, SEED_ROUND_OFFSET + context.round_idx, e.id) for e in context.train}
     sets = sample(context.vlm, context.train, sample_cfg, round_idx=context.round_idx, use_reference_answer=True,
                   seeds=seeds, progress=distributed.is_main())
@@ -309,7 +310,7 @@ def previous_round_warning(out_dir: Path, round_idx: int, reward: float, accept:
 
 def grpo_round(context: RoundContext) -> PolicyResult:
     """policy.kind=grpo as a loop policy (see the module doc)."""
-    cfg, p, vlm, out_dir = context.cfg, context.cfg.policy, context.vlm, context.out_dir
+    cfg, p, vlm, out_dir = context.cfg, context.cfg.policy.grpo, context.vlm, context.out_dir
     check_config(cfg)
     trainer = GRPO_TRAINERS.get(cfg.model.kind)
     if trainer is not None:
@@ -322,8 +323,8 @@ def grpo_round(context: RoundContext) -> PolicyResult:
         raise PolicyDataError("GRPO drew no non-empty rationale for any train question")
     rewards = rewards_of(context, sets)
     flat = torch.tensor([r for row in rewards for r in row], dtype=torch.float32)
-    advantages = group_advantages(flat, [len(cs.candidates) for cs in sets], scale=p.grpo_scale_rewards,
-                                  baseline=p.grpo_baseline).tolist()
+    advantages = group_advantages(flat, [len(cs.candidates) for cs in sets], scale=p.scale_rewards,
+                                  baseline=p.baseline).tolist()
     accepted = acceptance(context, sets)
     accept = (_mean([float(a) for row in accepted for a in row]) if accepted is not None else None)
     mean_reward = flat.mean().item()
@@ -339,18 +340,18 @@ def grpo_round(context: RoundContext) -> PolicyResult:
                              "accepted": accepted[i][j] if accepted is not None else None})
             k += 1
     num_answer_rows = 0
-    if p.grpo_answer_weight:
+    if p.answer_weight:
         for example in context.train:
             items.append({**encode(example.id, ANSWER_PROMPT.format(question=example.question), example.answer),
                           "is_sample": False, "advantage": 0.0, "reward": 0.0, "ref_logps": [],
-                          "nll_weight": p.grpo_answer_weight})
+                          "nll_weight": p.answer_weight})
             num_answer_rows += 1
     num_accepted_rows = 0
-    if p.sft_weight:  # selection-SFT's rationales as an NLL anchor (as RPO adds one to DPO)
+    if p.accepted_weight:  # selection-SFT's rationales as an NLL anchor (as RPO adds one to DPO)
         feedback = read_feedback(context.store, upto_round=context.round_idx, aggregate=cfg.feedback.aggregate)
         for row in feedback.accepted():
             items.append({**encode(row.example_id, row.item.prompt, row.text), "is_sample": False,
-                          "advantage": 0.0, "reward": 0.0, "ref_logps": [], "nll_weight": p.sft_weight})
+                          "advantage": 0.0, "reward": 0.0, "ref_logps": [], "nll_weight": p.accepted_weight})
             num_accepted_rows += 1
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,12 +368,12 @@ def grpo_round(context: RoundContext) -> PolicyResult:
 
     result = train_keeping_best_epoch(
         GRPOLossTrainer, vlm, dataset, partial(collate_samples, vlm=vlm), context.val,
-        replace(cfg.train, num_epochs=p.grpo_iterations), cfg.sample, out_dir, learning_rate=p.learning_rate,
+        replace(cfg.train, num_epochs=p.iterations), cfg.sample, out_dir, learning_rate=cfg.policy.learning_rate,
         what="GRPO", before_training=before_training, report=trainer_report(cfg, out_dir), policy=p,
         max_completion_length=cfg.sample.max_new_tokens + 1)  # + the end token the rows carry
     steps = holder["trainer"].steps
     per_epoch = []
-    for epoch in range(1, p.grpo_iterations + 1):
+    for epoch in range(1, p.iterations + 1):
         in_epoch = [s for s in steps if epoch - 1 <= (s["epoch"] or 0) < epoch]
         per_epoch.append({"epoch": epoch, "kl": _mean(s.get("kl") for s in in_epoch),
                           "policy_loss": _mean(s.get("policy_loss") for s in in_epoch),

@@ -1,6 +1,6 @@
 """GRPO for `model.kind=hf` with TRL's own `GRPOTrainer` (policy.kind=grpo; policies/grpo.py dispatches here).
 
-The policy is the same as policies/grpo.py's (reward = sum of weight x source over `policy.reward_sources`,
+The policy is the same as policies/grpo.py's (reward = sum of weight x source over `policy.grpo.reward_sources`,
 adapters only, the best val epoch kept, reward / acceptance / KL reported per round); what differs is who
 samples and optimises: TRL 1.16's `GRPOTrainer`, online (fresh samples for every step, from the model as it
 is at that step), instead of our sampler once per round plus our loss.
@@ -17,7 +17,7 @@ is at that step), instead of our sampler once per round plus our loss.
   pads on the left as TRL requires and ends completions at our end token: TRL's prompt ids are then
   `HFVLM.encode_row(image, prompt)`'s (chat: without the connective), image tokens expanded
   (tests/test_grpo_trl.py checks them, with Qwen2-VL's per-token `mm_token_type_ids`).
-- **Generation.** TRL's `generate` at `policy.grpo_temperature`, `policy.num_generations` (G) completions per
+- **Generation.** TRL's `generate` at `policy.grpo.temperature`, `policy.grpo.num_generations` (G) completions per
   question, at most `sample.max_new_tokens` tokens, with every special token but EOS suppressed (as our
   sampler bans them). Unlike our path, duplicates and empty completions stay in their group (TRL's groups
   are always G samples); TRL computes log-probs at the sampling temperature.
@@ -35,12 +35,12 @@ is at that step), instead of our sampler once per round plus our loss.
   trains too and the "ref" adapter would see it move: then TRL gets a frozen copy of the whole model as the
   round found it as its `ref_model` instead (memory: a second model). tests/test_grpo_trl.py starts a round
   with adapters away from zero and checks that the first step's KL, before any update, is 0.
-- **Answer rows.** As our path, `policy.grpo_answer_weight` x the token-mean NLL of answer-only rows
+- **Answer rows.** As our path, `policy.grpo.answer_weight` x the token-mean NLL of answer-only rows
   `Q: q A: a<eos>` is added to TRL's loss: one extra forward per step on as many answer rows as the step has
   questions, cycling through the train questions (so one row per question per epoch). Tested in one process;
   under DDP it is a second forward before the backward (all trainable weights are used by both).
 - **Schedule.** `train.*` through `illume.training.training_arguments` (then a GRPOConfig with the same
-  values), `policy.grpo_iterations` epochs over the questions (TRL's num_train_epochs; its num_iterations
+  values), `policy.grpo.iterations` epochs over the questions (TRL's num_train_epochs; its num_iterations
   stays 1), `policy.learning_rate`, `train.batch_size` completions per device step rounded down to whole
   groups (at least one; TRL drops each epoch's last incomplete batch of questions), the seed offset by the
   round (as our GRPO seeds are). After every epoch `illume.training.KeepBestEpoch` scores val; the best
@@ -191,7 +191,7 @@ def round_sources(context: RoundContext, sources: Mapping[str, RewardSource],
     reward_model_source) and then only scored by each call."""
     unknown = sorted(set(weights) - set(sources))
     if unknown:
-        raise PolicyDataError(f"policy.reward_sources: unknown source(s) {unknown}; known: {sorted(sources)}")
+        raise PolicyDataError(f"policy.grpo.reward_sources: unknown source(s) {unknown}; known: {sorted(sources)}")
     out = {name: sources[name] for name in weights}
     if "reward_model" in weights:
         from reward.critic import fit_or_reuse
@@ -254,7 +254,7 @@ class RewardFunction:
         rows: dict[str, list[int]] = {}
         for i, eid in enumerate(example_id):
             rows.setdefault(eid, []).append(i)
-        temperature = self.context.cfg.policy.grpo_temperature
+        temperature = self.context.cfg.policy.grpo.temperature
         sets = [CandidateSet(eid, examples[eid].answer, examples[eid].answer, prompts_of[eid], 0,
                              [Candidate(texts[i], temperature, 0, j, 0.0) for j, i in enumerate(indices)])
                 for eid, indices in rows.items()]
@@ -388,20 +388,20 @@ def grpo_config(context: RoundContext, banned_token_ids: Sequence[int],
                 report: TrainerReport = NO_REPORT) -> GRPOConfig:
     """`illume.training.training_arguments(train.*)` as a GRPOConfig (its trackers `report`'s), with
     policy.*'s GRPO settings."""
-    cfg, p = context.cfg, context.cfg.policy
-    base = training_arguments(cfg.train, context.out_dir, p.learning_rate, report)
+    cfg, p = context.cfg, context.cfg.policy.grpo
+    base = training_arguments(cfg.train, context.out_dir, cfg.policy.learning_rate, report)
     settings = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
     world = distributed.world_size()
     questions = questions_per_step(cfg.train.batch_size, p.num_generations, len(context.train), world,
                                    cfg.train.gradient_accumulation_steps)
     seed = cfg.train.seed + SEED_ROUND_OFFSET + context.round_idx
     settings.update(
-        seed=seed, data_seed=seed, num_train_epochs=p.grpo_iterations,
+        seed=seed, data_seed=seed, num_train_epochs=p.iterations,
         per_device_train_batch_size=questions * p.num_generations,
-        num_generations=p.num_generations, temperature=p.grpo_temperature, beta=p.beta, epsilon=p.epsilon,
+        num_generations=p.num_generations, temperature=p.temperature, beta=p.beta, epsilon=p.epsilon,
         # sample.top_k / top_p as our sampler applies them (TRL's defaults 0 and 1.0 are "off", as ours)
         top_k=context.cfg.sample.top_k or 0, top_p=context.cfg.sample.top_p,
-        loss_type=p.grpo_loss_type, scale_rewards="group" if p.grpo_scale_rewards else "none",
+        loss_type=p.loss_type, scale_rewards="group" if p.scale_rewards else "none",
         max_completion_length=context.cfg.sample.max_new_tokens, num_iterations=1, use_vllm=False,
         disable_dropout=True, generation_kwargs={"suppress_tokens": list(banned_token_ids)},
         log_completions=False,
@@ -427,11 +427,11 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     """policy.kind=grpo for an HF VLM with TRL's GRPOTrainer (see the module doc).
 
     Args:
-        sources: Reward sources by `policy.reward_sources` name (policies/grpo.py's REWARDS).
+        sources: Reward sources by `policy.grpo.reward_sources` name (policies/grpo.py's REWARDS).
         round_warning: (out_dir, round, mean reward, acceptance) -> a warning to print or None
             (policies/grpo.py's `previous_round_warning`).
     """
-    cfg, p, vlm, out_dir = context.cfg, context.cfg.policy, context.vlm, context.out_dir
+    cfg, p, vlm, out_dir = context.cfg, context.cfg.policy.grpo, context.vlm, context.out_dir
     weights = {name: weight for name, weight in p.reward_sources.items() if weight}
     context.say(f"round {context.round_idx}: GRPO (TRL) on {p.num_generations} samples per train question and "
                 f"step, reward " + " + ".join(f"{w:g} x {name}" for name, w in weights.items()))
@@ -445,14 +445,14 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     reference = copy.deepcopy(vlm.model) if cfg.train.train_prefix else None
     encode = RowEncoder(vlm, context.train_by_id)
     answer_rows = ([encode(e.id, ANSWER_PROMPT.format(question=e.question), e.answer) for e in context.train]
-                   if p.grpo_answer_weight else [])
+                   if p.answer_weight else [])
     keep_best = KeepBestEpoch(vlm, context.val, cfg.sample, cfg.train.select_metric, out_dir)
     report = trainer_report(cfg, out_dir)
     with _undo_trl_changes(vlm.model):
         trainer = IllumeGRPOTrainer(
             model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm), report),
             train_dataset=prompt_dataset(vlm, context.train), processing_class=trl_processor(vlm),
-            callbacks=[keep_best, *report.callbacks()], answer_rows=answer_rows, answer_weight=p.grpo_answer_weight,
+            callbacks=[keep_best, *report.callbacks()], answer_rows=answer_rows, answer_weight=p.answer_weight,
             collate=vlm.collate, reference=reference)
         trainer.train()
     vlm.model.eval()
@@ -467,7 +467,7 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     accepted = [s["accepted"] for s in samples]
     accept = _mean(float(a) for a in accepted) if accepted and None not in accepted else None
     per_epoch = []
-    for epoch in range(1, p.grpo_iterations + 1):
+    for epoch in range(1, p.iterations + 1):
         drawn = [s for s in samples if _epoch_of(s["epoch"]) == epoch]
         in_epoch = [s for s in steps if _epoch_of(s["epoch"]) == epoch]
         flags = [s["accepted"] for s in drawn]
@@ -479,7 +479,7 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     best_epoch = keep_best.best["epoch"]
     kept = next((e for e in per_epoch if e["epoch"] == best_epoch), per_epoch[-1])
     history = trainer.state.log_history
-    report = {"train_rationales": len(samples), "train_rows": len(samples) + len(answer_rows) * p.grpo_iterations,
+    report = {"train_rationales": len(samples), "train_rows": len(samples) + len(answer_rows) * p.iterations,
               "grpo_reward": mean_reward, "grpo_accept": accept, "grpo_kl": kept["kl"]}
     if distributed.is_main():
         with (out_dir / SAMPLES_FILE).open("w") as f:

@@ -6,7 +6,7 @@ tests/test_policies.py). Its reference point z0 is estimated per batch, as TRL d
 completions: each row is also scored with the completion of another example (fixed once per dataset, with
 `policy.seed`), under the policy (no gradient) and the reference; z0 = mean difference, clamped at 0.
 
-`policy.undesirable_weight=None` weighs the rejected side by #accepted / #rejected: selections reject far
+`policy.kto.undesirable_weight=None` weighs the rejected side by #accepted / #rejected: selections reject far
 more than they accept (round 0 of the demo: ~4 % accepted), and the KTO paper asks for the two sides to
 weigh about the same in total.
 """
@@ -54,7 +54,7 @@ class LabelledDataset(torch.utils.data.Dataset):
         self.items = [{"row": encode(r.example_id, r.prompt, r.completion),
                        "kl_row": encode(r.example_id, r.prompt, other), "label": r.accepted}
                       for r, other in zip(rows, mismatched_completions(rows, seed), strict=True)]
-        if with_answer_rows:  # policy.answer_weight: one answer-only row rides along with each labelled row
+        if with_answer_rows:  # policy.kto.answer_weight: one answer-only row rides along with each labelled row
             for item, row in zip(self.items, answer_rows(encode, examples_by_id, len(self.items), seed)):
                 item["answer"] = row
 
@@ -101,18 +101,18 @@ class KTOLossTrainer(PolicyTrainer):
             kl = kl / dist.get_world_size()
         kl = kl.clamp(min=0).detach()
         logps = batch_logps(model, inputs)[0]
-        losses = kto_losses(logps, ref_logps.to(logps.device), labels.to(logps.device), kl, self.policy.beta,
-                            self.policy.desirable_weight, self.undesirable_weight)
+        losses = kto_losses(logps, ref_logps.to(logps.device), labels.to(logps.device), kl, self.policy.kto.beta,
+                            self.policy.kto.desirable_weight, self.undesirable_weight)
         if model.training:
             self._metrics["kl"].append(kl.item())
-            rewards = self.policy.beta * (logps - ref_logps.to(logps.device)).detach()
+            rewards = self.policy.kto.beta * (logps - ref_logps.to(logps.device)).detach()
             for name, mask in (("chosen", labels), ("rejected", ~labels)):
                 if mask.any():
                     self._metrics[f"rewards/{name}"].append(rewards[mask.to(rewards.device)].mean().item())
         loss = losses.nanmean()
-        nll = answer_nll(model, answers) if self.policy.answer_weight else None
+        nll = answer_nll(model, answers) if self.policy.kto.answer_weight else None
         if nll is not None:
-            loss = loss + self.policy.answer_weight * nll
+            loss = loss + self.policy.kto.answer_weight * nll
             if model.training:
                 self._metrics["answer_nll"].append(nll.item())
         return (loss, None) if return_outputs else loss
@@ -138,9 +138,9 @@ def optimize_kto(vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: di
     num_accepted = sum(r.accepted for r in rows)
     if not num_accepted or num_accepted == len(rows):
         raise ValueError("KTO needs both accepted and rejected rationales")
-    undesirable_weight = (policy.undesirable_weight if policy.undesirable_weight is not None
-                          else policy.desirable_weight * num_accepted / (len(rows) - num_accepted))
-    dataset = LabelledDataset(vlm, rows, examples_by_id, policy.seed, with_answer_rows=bool(policy.answer_weight))
+    undesirable_weight = (policy.kto.undesirable_weight if policy.kto.undesirable_weight is not None
+                          else policy.kto.desirable_weight * num_accepted / (len(rows) - num_accepted))
+    dataset = LabelledDataset(vlm, rows, examples_by_id, policy.seed, with_answer_rows=bool(policy.kto.answer_weight))
     result = train_keeping_best_epoch(
         KTOLossTrainer, vlm, dataset, partial(collate_labelled, vlm=vlm), val, train_cfg, sample_cfg, out_dir,
         learning_rate=policy.learning_rate, what="KTO", report=report,

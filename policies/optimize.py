@@ -57,7 +57,7 @@ def optimize_on_labels(cfg: RunConfig, vlm: VLM, rows, examples_by_id: dict[str,
 
 def _dpo_on_store(cfg: RunConfig, vlm: VLM, store: FeedbackStore, examples_by_id: dict[str, Example],
                   val: list[Example], out_dir: Path, upto_round: int | None, from_round: int | None) -> dict:
-    pairs = store_pairs(store, examples_by_id, upto_round, from_round, cfg.policy.reference_as_chosen,
+    pairs = store_pairs(store, examples_by_id, upto_round, from_round, cfg.policy.dpo.reference_as_chosen,
                         cfg.feedback.aggregate)
     return optimize_on_pairs(cfg, vlm, pairs, examples_by_id, val, out_dir)
 

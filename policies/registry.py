@@ -16,7 +16,7 @@ POLICIES: dict[str, Policy] = {
     "sft": sft_round,  # ILLUME's selection-SFT
     "dpo": preference_round,  # DPO on accepted vs rejected pairs (policies/dpo.py)
     "kto": preference_round,  # KTO on accept/reject labels (policies/kto.py)
-    "grpo": grpo_round,  # online GRPO on sampled rationales scored by policy.reward_sources (policies/grpo.py)
+    "grpo": grpo_round,  # online GRPO on sampled rationales scored by policy.grpo.reward_sources (policies/grpo.py)
 }
 
 CONFIG_CHECKS: dict[str, Callable[[RunConfig], None]] = {"grpo": check_grpo_config}

@@ -56,9 +56,9 @@ STUDY = {
 # More variants on demand (--only): not in the default study.
 EXTRA = {
     "grpo-sft": ("online GRPO + NLL on every accepted rationale", "configs/demo_grpo.yaml",
-                 ["policy.sft_weight=1.0"]),
+                 ["policy.grpo.accepted_weight=1.0"]),
     "dpo-nll": ("iterative DPO + NLL on the chosen rationale (RPO)", "configs/demo_dpo.yaml",
-                ["policy.sft_weight=1.0"]),
+                ["policy.dpo.sft_weight=1.0"]),
     "silkie": ("no people: a pool of earlier rounds, AI-judged pairs, DPO", "configs/demo_silkie.yaml", []),
     "sft-ref": ("SFT on all 3 reference explanations of every train question", "configs/demo.yaml", []),
     "dpo-all": ("iterative DPO on the pairs of every round so far", "configs/demo_dpo.yaml", ["policy.rounds=all"]),
@@ -66,13 +66,13 @@ EXTRA = {
 }
 SUPERVISED_K = (25, 50, 100, 200, 400)
 SWEEP = {
-    "dpo": {"policy.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
-    "kto": {"policy.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
+    "dpo": {"policy.dpo.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
+    "kto": {"policy.kto.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
 }
 # GRPO keeps configs/demo_grpo.yaml's settings, chosen on this demo's val by an earlier sweep (lr 1e-4 and beta
 # 0.1, 3e-4 and 0.04, 1e-3 and 0.04; written in that file): a GRPO run costs the most here, and another sweep
 # did not fit the study's time on 2 CPU cores.
-SHORT = {"policy.beta": "beta", "policy.learning_rate": "lr"}  # sweep run names
+SHORT = {"policy.dpo.beta": "beta", "policy.kto.beta": "beta", "policy.learning_rate": "lr"}  # sweep run names
 METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
            ("answer_accuracy", "VQA acc."), ("answer_contains", "Q/A acc. (ILLUME)"))
 # Rough minutes per run on 2 CPU cores, for the first ETA; replaced by measured times as runs finish.
@@ -102,7 +102,7 @@ QUICK = Profile([
     "pretrain.batch_size=8", "critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_epochs=1",
     "train.batch_size=8", "sample.samples_per_temperature=2", "sample.max_new_tokens=6", "loop.num_rounds=2",
 ], sweep_rounds=1, supervised_k=(4, 8), variants=("illume-sft", "dpo"),
-    sweep={"dpo": {"policy.beta": (0.1, 0.3)}})
+    sweep={"dpo": {"policy.dpo.beta": (0.1, 0.3)}})
 
 
 def seed_overrides(seed: int) -> list[str]:

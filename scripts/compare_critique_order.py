@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from illume.config import load_config  # noqa: E402  (after the repository is on the path)
+from illume.config import load_run_config  # noqa: E402  (after the repository is on the path)
 
 ORDERS = ("random", "uncertainty")
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.run and not args.band_dir:  # a finished run is only read again (`illume run` resumes)
             run_all([command(band_dir.parent, band_dir.name, seed, [])], 1, args.out)
         band = json.loads((band_dir / "results.json").read_text())
-        first = load_config(band_dir / "config.yaml").reward.human_rounds  # the rounds all judged by people
+        first = load_run_config(band_dir / "config.yaml").reward.human_rounds  # the rounds all judged by people
         per_round = people_per_round(band)[first:]
         budget = args.budget if args.budget is not None else round(sum(per_round) / len(per_round))
         names = {order: f"budget{budget}-{order}__seed{seed}" for order in ORDERS}

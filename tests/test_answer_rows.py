@@ -1,4 +1,4 @@
-"""DPO and KTO keep training the answer (policy.answer_weight), as selection-SFT's answer-only rows do."""
+"""DPO and KTO keep training the answer (policy.dpo.answer_weight, policy.kto.answer_weight), as selection-SFT's answer-only rows do."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from illume.collate import RowEncoder
-from illume.config import PolicyConfig
+from illume.config import DPOPolicyConfig, KTOPolicyConfig, PolicyConfig
 from illume.prompts import ANSWER_PROMPT
 from policies.data import LabelledRationale
 from policies.dpo import optimize_dpo
@@ -47,7 +47,8 @@ def _answer_logps(vlm, examples) -> torch.Tensor:
 def _train(kind: str, vlm, answer_weight: float, out_dir):
     pairs, examples = _toy_pairs()
     cfg, train_cfg = _train_cfg(learning_rate=1e-2)
-    policy = PolicyConfig(kind=kind, beta=0.5, answer_weight=answer_weight)
+    policy = PolicyConfig(kind=kind, dpo=DPOPolicyConfig(beta=0.5, answer_weight=answer_weight),
+                          kto=KTOPolicyConfig(beta=0.5, answer_weight=answer_weight))
     val = list(examples.values())[:2]
     if kind == "dpo":
         return optimize_dpo(vlm, pairs, examples, val, policy, train_cfg, cfg.sample, out_dir)

@@ -167,9 +167,9 @@ def test_demo_variants_state_only_what_differs_from_demo_yaml(variant):
     ("train.learning_rate=nan", "train.learning_rate must be a finite number, got nan"),
     ("train.adam_beta2=1.0", "train.adam_beta2 must be in [0, 1), got 1.0"),
     ("train.bf16=true", None),  # alone it is fine
-    ("policy.epsilon=1.0", "policy.epsilon must be in (0, 1), got 1.0"),
-    ("policy.num_generations=1", "policy.num_generations must be >= 2, got 1"),
-    ("policy.reward_sources.simulated=inf", "policy.reward_sources.simulated must be a finite number, got inf"),
+    ("policy.grpo.epsilon=1.0", "policy.grpo.epsilon must be in (0, 1), got 1.0"),
+    ("policy.grpo.num_generations=1", "policy.grpo.num_generations must be >= 2, got 1"),
+    ("policy.grpo.reward_sources.simulated=inf", "policy.grpo.reward_sources.simulated must be a finite number, got inf"),
     ("reward.heldout_fraction=1.0", "reward.heldout_fraction must be in (0, 1), got 1.0"),
     ("reward.target_precision=0", "reward.target_precision must be in (0, 1], got 0"),
     ("judge.batch_size=0", "judge.batch_size must be >= 1, got 0"),
@@ -233,3 +233,81 @@ def test_a_setting_out_of_range_fails_before_anything_is_written(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("config error:") and err.count("\n") == 1
     assert not any(tmp_path.iterdir())  # no run folder, no config.yaml
+
+
+# --- one section per preference algorithm; kinds as Literals; renamed keys -----------------------------------
+
+
+def test_kinds_are_the_registries_keys():
+    """A wrong critic.kind or policy.kind fails at load (a Literal); the Literals name exactly what the
+    registries hold, so adding a kind is its module, its registry entry and its name here."""
+    from typing import get_args, get_type_hints
+
+    from illume.config import CriticConfig, PolicyConfig
+    from illume.critic_registry import CRITICS
+    from policies.registry import POLICIES
+
+    assert set(get_args(get_type_hints(PolicyConfig)["kind"])) == set(POLICIES)
+    assert set(get_args(get_type_hints(CriticConfig)["kind"])) == set(CRITICS)
+    for override, named in (("critic.kind=oracle", "critic.kind"), ("policy.kind=ppo", "policy.kind")):
+        with pytest.raises(ConfigError, match=rf"key '{named}'.*'{override.split('=')[1]}'"):
+            load_config(CONFIGS / "demo.yaml", [override])
+
+
+OLD_POLICY = {"kind": "grpo", "loss_type": "sigmoid", "beta": 0.04, "label_smoothing": 0.0, "sft_weight": 1.0,
+              "answer_weight": 1.0, "reference_as_chosen": False, "rounds": "latest", "desirable_weight": 1.0,
+              "undesirable_weight": None, "learning_rate": 3e-4, "seed": 0, "num_generations": 8,
+              "grpo_temperature": 0.8, "grpo_loss_type": "dr_grpo", "epsilon": 0.2, "grpo_iterations": 1,
+              "grpo_scale_rewards": True, "grpo_baseline": "group", "grpo_answer_weight": 0.5,
+              "reward_sources": {"reward_model": 1.0}}
+"""A run's policy section as config.yaml held it before the per-algorithm sections (a GRPO run)."""
+
+
+@pytest.mark.parametrize("key", [key for key in OLD_POLICY if key not in ("kind", "rounds", "learning_rate", "seed")])
+def test_a_renamed_policy_key_is_refused_with_its_new_name(tmp_path, key):
+    from illume.config import RENAMED_POLICY_KEYS
+
+    new = [f"policy.{name}" for name in RENAMED_POLICY_KEYS[key].values()]
+    with pytest.raises(ConfigError, match=rf"'policy\.{key}' was renamed.*did you mean {re.escape(new[0])}"):
+        load_config(CONFIGS / "demo.yaml", [f"policy.{key}=1"])
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"policy:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=rf"mine\.yaml: key 'policy\.{key}' was renamed"):
+        load_config(path)
+
+
+def test_an_unknown_key_names_the_known_keys_close_to_it():
+    with pytest.raises(ConfigError, match=r"'policy\.bta'.*did you mean .*policy\.dpo\.beta"):
+        load_config(CONFIGS / "demo.yaml", ["policy.bta=0.2"])
+
+
+def _old_run_config(tmp_path, policy: dict) -> Path:
+    from omegaconf import OmegaConf
+
+    cfg = load_config(CONFIGS / "demo_grpo.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"))
+    saved["policy"] = policy
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    return tmp_path / "config.yaml"
+
+
+def test_a_run_folder_written_before_the_rename_loads_and_resumes_unchanged(tmp_path):
+    """A run's config.yaml that illume wrote with the flat keys is read with each moved into the section of
+    the run's policy.kind, so the run continues with today's demo_grpo.yaml and nothing counts as changed."""
+    from illume.config import load_run_config
+    from illume.resume import setting_changes
+
+    old = load_run_config(_old_run_config(tmp_path, OLD_POLICY))
+    grpo = old.policy.grpo
+    assert (grpo.beta, grpo.accepted_weight, grpo.iterations, grpo.answer_weight) == (0.04, 1.0, 1, 0.5)
+    assert old.policy.dpo == type(old.policy.dpo)() and old.policy.kto == type(old.policy.kto)()
+    today = load_config(CONFIGS / "demo_grpo.yaml", ["policy.grpo.accepted_weight=1.0", "policy.grpo.iterations=1",
+                                                      "policy.grpo.answer_weight=0.5"])
+    assert setting_changes(old, today, finished_rounds=1) == {}
+    # A DPO run's sft_weight was DPO's; answer_weight its own.
+    dpo = load_run_config(_old_run_config(tmp_path, {**OLD_POLICY, "kind": "dpo", "beta": 0.3, "sft_weight": 0.5}))
+    assert (dpo.policy.dpo.beta, dpo.policy.dpo.sft_weight, dpo.policy.grpo.beta) == (0.3, 0.5, 0.1)
+    # A user's own file with the old keys is refused, not moved.
+    with pytest.raises(ConfigError, match="was renamed"):
+        load_config(tmp_path / "config.yaml")

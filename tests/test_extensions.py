@@ -1,5 +1,7 @@
 """Adding a critic or a policy is one new module plus one dict entry: the loop runs what CRITICS and POLICIES
-hold for critic.kind and policy.kind, and asks nothing else about them."""
+hold for critic.kind and policy.kind, and asks nothing else about them. (A new kind's name also goes into the
+config's Literal of kinds, which tests/test_config.py keeps equal to the registries; here the toys take the places
+of `judge` and `sft`.)"""
 
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ def test_a_toy_critic_and_a_toy_policy_run_the_loop(tmp_path, monkeypatch):
     from policies.registry import POLICIES
 
     seen, calls = [], []
-    monkeypatch.setitem(CRITICS, "first", lambda cfg: FirstCandidateJudge(cfg, seen))
-    monkeypatch.setitem(POLICIES, "toy", partial(_toy_policy, calls))
-    overrides = tiny_overrides(tmp_path) + ["critic.kind=first", "policy.kind=toy", "loop.num_rounds=2",
+    monkeypatch.setitem(CRITICS, "judge", lambda cfg: FirstCandidateJudge(cfg, seen))
+    monkeypatch.setitem(POLICIES, "sft", partial(_toy_policy, calls))
+    overrides = tiny_overrides(tmp_path) + ["critic.kind=judge", "policy.kind=sft", "loop.num_rounds=2",
                                             "sample.max_new_tokens=8", "loop.stop_when_nothing_new=false",
                                             "name=ext"]
     assert main(["run", str(REPO / "configs" / "demo.yaml"), *overrides]) == 0
@@ -56,5 +58,6 @@ def test_an_unknown_critic_kind_fails_before_any_work(tmp_path, capsys):
     from illume.cli import main
 
     assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "critic.kind=oracle"]) == 2
-    assert "critic.kind='oracle' is not one of simulated, human, reward, hybrid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "critic.kind" in err and "oracle" in err and "'simulated', 'human', 'reward', 'hybrid', 'judge'" in err
     assert not (tmp_path / "runs" / "demo").exists()

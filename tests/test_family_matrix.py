@@ -195,8 +195,8 @@ def test_a_grpo_step_through_trl(family, tmp_path):
 
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY_DATA + [
         "model.kind=hf", f"model.path={tmp_path / 'unused'}", "policy.kind=grpo",
-        "policy.reward_sources.reward_model=0", "policy.reward_sources.probe=1.0", "policy.num_generations=2",
-        "policy.grpo_iterations=1", "policy.grpo_answer_weight=0", "sample.max_new_tokens=4",
+        "policy.grpo.reward_sources.reward_model=0", "policy.grpo.reward_sources.probe=1.0", "policy.grpo.num_generations=2",
+        "policy.grpo.iterations=1", "policy.grpo.answer_weight=0", "sample.max_new_tokens=4",
         "sample.batch_size=4", "train.batch_size=4", f"output_dir={tmp_path}"])
     train = load_split(cfg.data, "train")[:2]
     val = load_split(cfg.data, "val")[:1]

@@ -138,8 +138,8 @@ def test_grpo_round_trains_adapters_only_against_a_fixed_reference(tiny_vlm, tmp
 
     monkeypatch.setitem(REWARDS, "length", _length_reward)
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY_MODEL + TINY_DATA + [
-        "policy.kind=grpo", "policy.reward_sources.reward_model=0", "policy.reward_sources.length=1.0",
-        "policy.num_generations=4", "policy.grpo_iterations=1", "policy.grpo_answer_weight=0",
+        "policy.kind=grpo", "policy.grpo.reward_sources.reward_model=0", "policy.grpo.reward_sources.length=1.0",
+        "policy.grpo.num_generations=4", "policy.grpo.iterations=1", "policy.grpo.answer_weight=0",
         "policy.learning_rate=1e-2", "sample.max_new_tokens=6", "train.batch_size=8", f"output_dir={tmp_path}"])
     train = load_split(cfg.data, "train")[:4]
     val = load_split(cfg.data, "val")[:2]
@@ -168,7 +168,7 @@ def test_grpo_round_trains_adapters_only_against_a_fixed_reference(tiny_vlm, tmp
     with torch.no_grad():
         batch = tiny_vlm.collate(rows)
         logits = snapshot.eval()(**{k: v for k, v in batch.items() if k != "labels" and v is not None}).logits
-        tokens, mask = per_token_logps(logits / cfg.policy.grpo_temperature, batch["labels"])  # as drawn
+        tokens, mask = per_token_logps(logits / cfg.policy.grpo.temperature, batch["labels"])  # as drawn
     assert saved["lengths"].tolist() == mask.sum(-1).tolist()
     assert torch.allclose(saved["per_token_logps"], tokens[mask], atol=1e-5)
 
@@ -189,7 +189,7 @@ def test_the_nll_rows_are_weighted_per_row_over_the_batchs_tokens():
 
 
 def test_sft_weight_adds_every_accepted_rationale_as_an_nll_row(tiny_vlm, tmp_path, monkeypatch):
-    """policy.sft_weight: GRPO's batch gets one NLL row per rationale accepted so far (the rules of
+    """policy.grpo.accepted_weight: GRPO's batch gets one NLL row per rationale accepted so far (the rules of
     illume.feedback.verdicts: the rejected and the other rounds' later ones stay out), at that weight."""
     import policies.grpo
     from illume.config import load_config
@@ -202,8 +202,8 @@ def test_sft_weight_adds_every_accepted_rationale_as_an_nll_row(tiny_vlm, tmp_pa
 
     monkeypatch.setitem(REWARDS, "length", _length_reward)
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY_MODEL + TINY_DATA + [
-        "policy.kind=grpo", "policy.reward_sources.reward_model=0", "policy.reward_sources.length=1.0",
-        "policy.num_generations=2", "policy.sft_weight=0.5", "policy.grpo_answer_weight=2.0",
+        "policy.kind=grpo", "policy.grpo.reward_sources.reward_model=0", "policy.grpo.reward_sources.length=1.0",
+        "policy.grpo.num_generations=2", "policy.grpo.accepted_weight=0.5", "policy.grpo.answer_weight=2.0",
         "sample.max_new_tokens=4", f"output_dir={tmp_path}"])
     train = load_split(cfg.data, "train")[:3]
     store = FeedbackStore(tmp_path / "f.db")
@@ -233,13 +233,13 @@ def test_grpo_with_no_reward_source_fails_before_any_model_loads(tmp_path):
     from policies.grpo import check_config
 
     with pytest.raises(ConfigError, match="needs a reward"):
-        load_config(REPO / "configs" / "demo_grpo.yaml", ["policy.reward_sources.reward_model=0"])
-    cfg = load_config(REPO / "configs" / "demo_grpo.yaml", ["policy.reward_sources.nope=1.0"])
+        load_config(REPO / "configs" / "demo_grpo.yaml", ["policy.grpo.reward_sources.reward_model=0"])
+    cfg = load_config(REPO / "configs" / "demo_grpo.yaml", ["policy.grpo.reward_sources.nope=1.0"])
     with pytest.raises(ConfigError, match=r"unknown source\(s\) \['nope'\]"):
         check_config(cfg)
     check_config(load_config(REPO / "configs" / "demo_grpo.yaml"))  # the demo's is fine
     hf_with_anchor = load_config(REPO / "configs" / "demo_grpo.yaml",
-                                 ["model.kind=hf", "model.path=/some/vlm", "policy.sft_weight=1.0"])
+                                 ["model.kind=hf", "model.path=/some/vlm", "policy.grpo.accepted_weight=1.0"])
     with pytest.raises(ConfigError, match="accepted-rationale rows are not in the model.kind=hf GRPO trainer"):
         check_config(hf_with_anchor)
 
@@ -253,7 +253,7 @@ def test_the_loop_runs_grpo_with_the_reward_model_each_round(tmp_path):
     from tests.conftest import tiny_overrides
 
     overrides = tiny_overrides(tmp_path) + [
-        "loop.num_rounds=2", "policy.num_generations=4", "policy.grpo_iterations=1", "sample.max_new_tokens=6",
+        "loop.num_rounds=2", "policy.grpo.num_generations=4", "policy.grpo.iterations=1", "sample.max_new_tokens=6",
         "sample.samples_per_temperature=2", "critic.threshold=0.1", "reward.num_epochs=1", "reward.batch_size=8",
         "train.batch_size=16", "name=grpo"]  # as tests/test_loop.py's reward-critic run: both labels in round 0
     assert main(["run", str(REPO / "configs" / "demo_grpo.yaml"), *overrides]) == 0

@@ -26,8 +26,8 @@ from tests.conftest import REPO, TINY_DATA
 def _cfg(tmp_path, *overrides):
     return load_config(REPO / "configs" / "demo.yaml", TINY_DATA + [
         "model.kind=hf", f"model.path={tmp_path / 'unused'}", "policy.kind=grpo",
-        "policy.reward_sources.reward_model=0", "policy.reward_sources.probe=1.0", "policy.num_generations=4",
-        "policy.grpo_iterations=1", "policy.learning_rate=1e-2", "sample.max_new_tokens=5", "sample.batch_size=4",
+        "policy.grpo.reward_sources.reward_model=0", "policy.grpo.reward_sources.probe=1.0", "policy.grpo.num_generations=4",
+        "policy.grpo.iterations=1", "policy.learning_rate=1e-2", "sample.max_new_tokens=5", "sample.batch_size=4",
         "train.batch_size=8", f"output_dir={tmp_path}", *overrides])
 
 
@@ -92,7 +92,7 @@ def test_trls_prompt_ids_and_image_inputs_are_encode_rows(family, chat, question
     calls = _spy(monkeypatch, trl.GRPOTrainer, "_generate_and_score_completions")
     vlm = build_tiny_hf_vlm(family)
     vlm = dataclasses.replace(vlm, chat=ChatStyle() if chat else None)
-    cfg = _cfg(tmp_path, "policy.num_generations=2", "policy.grpo_answer_weight=0", "train.batch_size=6")
+    cfg = _cfg(tmp_path, "policy.grpo.num_generations=2", "policy.grpo.answer_weight=0", "train.batch_size=6")
     _round(cfg, vlm, questions, tmp_path, {"probe": _length_source()})
     by_id = {e.id: e for e in questions[0]}
     assert calls
@@ -123,7 +123,7 @@ def test_the_reward_function_scores_each_sample_with_its_own_image(questions, tm
     trl_calls = _spy(monkeypatch, RewardFunction, "__call__")
     source_calls = []
     vlm = build_tiny_hf_vlm("qwen2_vl")
-    cfg = _cfg(tmp_path, "policy.grpo_iterations=2", "policy.grpo_answer_weight=0", "train.batch_size=12")
+    cfg = _cfg(tmp_path, "policy.grpo.iterations=2", "policy.grpo.answer_weight=0", "train.batch_size=12")
     _round(cfg, vlm, questions, tmp_path, {"probe": _length_source(source_calls)})
     by_id = {e.id: e for e in questions[0]}
     assert len(trl_calls) == 2 and len(source_calls) == 3 * 2  # one step of all 3 questions per epoch
@@ -176,7 +176,7 @@ def test_a_round_trains_adapters_only_against_the_rounds_starting_weights(train_
                 parameter.normal_(0, 0.5)
     before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
     start = {n: t.clone() for n, t in vlm.model.state_dict().items()}
-    cfg = _cfg(tmp_path, "policy.grpo_iterations=2", f"train.train_prefix={train_prefix}")
+    cfg = _cfg(tmp_path, "policy.grpo.iterations=2", f"train.train_prefix={train_prefix}")
     result = _round(cfg, vlm, questions, tmp_path, {"probe": _length_source()})
 
     now = dict(vlm.model.named_parameters())
@@ -207,7 +207,7 @@ def test_a_round_trains_adapters_only_against_the_rounds_starting_weights(train_
 
 
 LOOP = ["model.kind=hf", "critic.threshold=0.1", "loop.stop_when_nothing_new=false", "policy.kind=grpo",
-        "policy.num_generations=4", "policy.grpo_iterations=1", "policy.learning_rate=1e-2", "sample.max_new_tokens=5",
+        "policy.grpo.num_generations=4", "policy.grpo.iterations=1", "policy.learning_rate=1e-2", "sample.max_new_tokens=5",
         "sample.samples_per_temperature=1", "train.batch_size=8", "train.num_epochs=1"]
 
 
@@ -227,8 +227,8 @@ def test_the_loop_runs_trl_grpo_on_a_tiny_qwen2_vl(tmp_path):
     rounds trained by TRL's GRPOTrainer, each with reward, acceptance and KL in results.json."""
     from safetensors.torch import load_file
 
-    run, results = _loop(tmp_path, "trl", "loop.num_rounds=2", "policy.reward_sources.reward_model=0",
-                         "policy.reward_sources.simulated=1.0")
+    run, results = _loop(tmp_path, "trl", "loop.num_rounds=2", "policy.grpo.reward_sources.reward_model=0",
+                         "policy.grpo.reward_sources.simulated=1.0")
     rows = [r for r in results[1:] if r["trained"]]
     assert [r["round"] for r in rows] == [0, 1], results
     for row in rows:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from illume.config import PolicyConfig, load_config
+from illume.config import DPOPolicyConfig, KTOPolicyConfig, PolicyConfig, load_config
 from illume.feedback.verdicts import PreferencePair
 from illume.store import FeedbackStore
 from policies.data import LabelledRationale, PolicyDataError, store_labelled_rationales, store_pairs
@@ -182,7 +182,7 @@ def test_dpo_training_grows_the_margin_and_keeps_the_reference_of_the_round_star
     snapshot = copy.deepcopy(tiny_vlm)
     frozen_before = {n: p.clone() for n, p in tiny_vlm.model.named_parameters() if not p.requires_grad}
     before = _margins(tiny_vlm, pairs, examples)
-    policy = PolicyConfig(kind="dpo", beta=0.5, answer_weight=0.0)  # DPO's loss alone (tests/test_answer_rows.py)
+    policy = PolicyConfig(kind="dpo", dpo=DPOPolicyConfig(beta=0.5, answer_weight=0.0))  # DPO's loss alone (tests/test_answer_rows.py)
     result = optimize_dpo(tiny_vlm, pairs, examples, list(examples.values())[:2], policy, train_cfg, cfg.sample,
                           tmp_path / "dpo")
     after = _margins(tiny_vlm, pairs, examples)
@@ -213,7 +213,7 @@ def test_kto_training_raises_accepted_and_lowers_rejected_log_probs(tiny_vlm, tm
     cfg, train_cfg = _train_cfg(learning_rate=3e-2)
     before = _margins(tiny_vlm, pairs, examples)
     result = optimize_kto(tiny_vlm, rows, examples, list(examples.values())[:2],
-                          PolicyConfig(kind="kto", beta=0.5, answer_weight=0.0), train_cfg, cfg.sample,
+                          PolicyConfig(kind="kto", kto=KTOPolicyConfig(beta=0.5, answer_weight=0.0)), train_cfg, cfg.sample,
                           tmp_path / "kto")  # KTO's loss alone (the answer rows: tests/test_answer_rows.py)
     after = _margins(tiny_vlm, pairs, examples)
     assert after.mean() > before.mean() + 1.0, (before, after)
@@ -292,14 +292,15 @@ def _toy_policy(calls: list, context):
 
 
 def test_a_new_policy_is_one_function_and_one_registry_entry(tmp_path, monkeypatch):
-    """The loop runs whatever POLICIES holds for policy.kind, asking nothing else about it."""
+    """The loop runs whatever POLICIES holds for policy.kind, asking nothing else about it (a new kind's name
+    also goes into PolicyConfig.kind's Literal, tests/test_config.py; here the toy takes the place of sft)."""
     from illume.cli import main
     from policies.registry import POLICIES
     from tests.conftest import tiny_overrides
 
     calls = []
-    monkeypatch.setitem(POLICIES, "toy", partial(_toy_policy, calls))
-    overrides = tiny_overrides(tmp_path) + ["policy.kind=toy", "loop.num_rounds=2", "critic.threshold=0.3",
+    monkeypatch.setitem(POLICIES, "sft", partial(_toy_policy, calls))
+    overrides = tiny_overrides(tmp_path) + ["policy.kind=sft", "loop.num_rounds=2", "critic.threshold=0.3",
                                             "sample.max_new_tokens=8", "loop.stop_when_nothing_new=false",
                                             "name=toy"]
     assert main(["run", str(REPO / "configs" / "demo.yaml"), *overrides]) == 0
@@ -314,7 +315,7 @@ def test_an_unknown_policy_kind_fails_before_any_work(tmp_path, capsys):
     from tests.conftest import tiny_overrides
 
     assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "policy.kind=ppo"]) == 2
-    assert "policy.kind='ppo' is not one of sft, dpo, kto" in capsys.readouterr().err
+    assert "policy.kind" in (err := capsys.readouterr().err) and "ppo" in err and "'sft', 'dpo', 'kto', 'grpo'" in err
     assert not (tmp_path / "runs" / "demo").exists() and not (tmp_path / "cache").exists()
 
 

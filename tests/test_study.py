@@ -116,7 +116,7 @@ def test_compare_quick_end_to_end_and_resumes(tmp_path):
     assert [r["round"] for r in summary["data_efficiency"]["rounds"]] == [0, 1]
     assert summary["variants"]["sft-8"]["rationales_written"] == 8
     assert set(summary["comparisons"]) == {"dpo", "sft-4", "sft-8"}
-    assert summary["chosen"]["dpo"]["setting"] in ("policy.beta=0.1", "policy.beta=0.3")
+    assert summary["chosen"]["dpo"]["setting"] in ("policy.dpo.beta=0.1", "policy.dpo.beta=0.3")
     for name in ("compare_cider.png", "data_efficiency.png"):
         assert (docs / name).stat().st_size > 1000
     # Test scores come from the test split (8 questions per seed in --quick), not val.
