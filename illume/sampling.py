@@ -31,7 +31,7 @@ def _clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def _answer_stop_ids(vlm: VLM) -> list[int]:
+def answer_stop_ids(vlm: VLM) -> list[int]:
     """EOS and the backend's answer stops that are one token (longer ones are cut from the text)."""
     stops = [vlm.eos_token_id]
     for text in vlm.answer_stops:
@@ -40,7 +40,7 @@ def _answer_stop_ids(vlm: VLM) -> list[int]:
     return stops
 
 
-def _answer_text(vlm: VLM, ids: list[int]) -> str:
+def answer_text(vlm: VLM, ids: list[int]) -> str:
     """The decoded answer up to the first of each answer stop, whitespace normalised."""
     text = vlm.tokenizer.decode(ids, skip_special_tokens=True)
     for stop in vlm.answer_stops:
@@ -72,7 +72,7 @@ def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: 
     vlm.model.eval()
     results: list[CandidateSet] = []
     bar = tqdm(total=len(examples), desc="sampling", unit="ex", disable=not progress)
-    answer_stops = _answer_stop_ids(vlm)
+    answer_stops = answer_stop_ids(vlm)
     for start in range(0, len(examples), cfg.batch_size):
         batch = list(examples[start:start + cfg.batch_size])
         with torch.no_grad():
@@ -87,7 +87,7 @@ def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: 
                                        cfg.top_k, cfg.top_p)
         else:
             answer_ids, _ = vlm.decode(images, answer_prompts, 1, cfg.answer_max_new_tokens, answer_stops)
-        predicted = [_answer_text(vlm, ids) for ids in answer_ids]
+        predicted = [answer_text(vlm, ids) for ids in answer_ids]
         answers = [e.answer if use_reference_answer else p for e, p in zip(batch, predicted)]
         # 2. K rationales per example.
         prompts = [rationale_prompt(e.question, a) for e, a in zip(batch, answers)]

@@ -38,7 +38,7 @@ from illume.data.datasets import load_split
 from illume.data.records import Example, load_image
 from illume.models.vlm import MagmaVLM
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
-from illume.sampling import _answer_stop_ids, _answer_text, sample
+from illume.sampling import answer_stop_ids, answer_text, sample
 
 
 def prompt_batch(vlm, images: list, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -66,14 +66,14 @@ def _generate(vlm, batch: dict, **kwargs) -> list[list[int]]:
 def batched_generate(vlm, examples: list[Example], cfg: SampleConfig) -> int:
     """Per batch: the greedy answers with one generate(), then one generate() per temperature with
     num_return_sequences=samples_per_temperature; returns the candidates drawn."""
-    answer_stops = _answer_stop_ids(vlm)
+    answer_stops = answer_stop_ids(vlm)
     drawn = 0
     for start in range(0, len(examples), cfg.batch_size):
         batch = examples[start:start + cfg.batch_size]
         images = [load_image(e) for e in batch]
         ids = _generate(vlm, prompt_batch(vlm, images, [ANSWER_PROMPT.format(question=e.question) for e in batch]),
                         do_sample=False, max_new_tokens=cfg.answer_max_new_tokens, eos_token_id=answer_stops)
-        answers = [_answer_text(vlm, row) for row in ids]
+        answers = [answer_text(vlm, row) for row in ids]
         inputs = prompt_batch(vlm, images, [rationale_prompt(e.question, a) for e, a in zip(batch, answers)])
         for temperature in cfg.temperatures:
             rows = _generate(vlm, inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
@@ -85,13 +85,13 @@ def batched_generate(vlm, examples: list[Example], cfg: SampleConfig) -> int:
 
 def naive_generate(vlm, examples: list[Example], cfg: SampleConfig) -> int:
     """One generate() per answer and per candidate, each re-encoding the image; returns candidates drawn."""
-    answer_stops = _answer_stop_ids(vlm)
+    answer_stops = answer_stop_ids(vlm)
     drawn = 0
     for example in examples:
         image = [load_image(example)]
         ids = _generate(vlm, prompt_batch(vlm, image, [ANSWER_PROMPT.format(question=example.question)]),
                         do_sample=False, max_new_tokens=cfg.answer_max_new_tokens, eos_token_id=answer_stops)
-        inputs = prompt_batch(vlm, image, [rationale_prompt(example.question, _answer_text(vlm, ids[0]))])
+        inputs = prompt_batch(vlm, image, [rationale_prompt(example.question, answer_text(vlm, ids[0]))])
         for temperature in cfg.temperatures:
             for _ in range(cfg.samples_per_temperature):
                 _generate(vlm, inputs, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
