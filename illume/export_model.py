@@ -7,7 +7,7 @@ Assumptions, up front:
 - A round's model is the run's base model (RUN_DIR/config.yaml, `illume.loading.load_vlm`) with the weights
   the round kept (`round_NN/adapters.safetensors`) loaded: what the loop continued from and `illume.heldout`
   scores. Only finished rounds that trained count (their metrics.json says so); the default is the last.
-- What OUT holds is the backend's business (`illume.models.export.EXPORTERS[model.kind]`): for `hf` a PEFT
+- What OUT holds is the backend's business (`illume.models.export.export_vlm`): for `hf` a PEFT
   adapter folder naming the base model (or with --merge a standalone model), for MAGMA the whole model
   (adapters included) and its tokenizer. Both with the processor or tokenizer.
 - The reward model (`--reward`): RUN_DIR/reward/round_NN with --round N (what a run with a reward or hybrid
@@ -41,7 +41,7 @@ from illume.exports import ExportError, store_for_run
 from illume.feedback.verdicts import read_feedback
 from illume.loading import load_vlm, model_identity
 from illume.loop import results_table
-from illume.models.export import EXPORTERS, ExportedModel, ModelExportError
+from illume.models.export import ExportedModel, ModelExportError, export_vlm
 from illume.models.weights import load_trainable_weights, save_safetensors
 from illume.prompts import answer_prompt
 from illume.run_folder import check_output_folder
@@ -280,8 +280,8 @@ def _export_reward(cfg: RunConfig, run_dir: Path, source: Path, tmp: Path, out: 
 
 def _export_vlm(cfg: RunConfig, vlm, tmp: Path, out: Path, merge: bool, trained, examples) -> ExportedModel:
     try:
-        return EXPORTERS[cfg.model.kind](vlm, tmp, base_model=_base_model(cfg), merge=merge, trained=trained,
-                                         where=str(out), example=_example(examples))
+        return export_vlm(vlm, tmp, base_model=_base_model(cfg), merge=merge, trained=trained, where=str(out),
+                          example=_example(examples))
     except ModelExportError as error:
         raise ExportModelError(str(error)) from error
 

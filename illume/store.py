@@ -501,6 +501,24 @@ class FeedbackStore:
         """The database URL, password masked."""
         return self._engine.url.render_as_string(hide_password=True)
 
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine: for tools that fill or time the store at scale (scripts/store_history.py,
+        scripts/bench_store.py), not for reading or writing feedback (the methods here do that)."""
+        return self._engine
+
+    @property
+    def read_sessions(self) -> sessionmaker[Session]:
+        """`with store.read_sessions() as session:` a session for the feedback package's own queries
+        (illume.feedback.queue, illume.feedback.figures), as the store's reads use."""
+        return self._read
+
+    @property
+    def write_sessions(self) -> _WriteSessions:
+        """`with store.write_sessions.begin() as session:` one write transaction under the store's write lock
+        (SQLite: taken at BEGIN), as the store's writes use; for the annotation queue's leases and judgments."""
+        return self._write
+
     def close(self) -> None:
         """Close the pooled connections (the store can still be used; it reconnects)."""
         self._engine.dispose()
@@ -1520,7 +1538,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 class _WriteSessions:
-    """The store's write transactions: `with store._write.begin() as session:` (one transaction, committed at
+    """The store's write transactions: `with store.write_sessions.begin() as session:` (one transaction, committed at
     the end), on SQLite behind this process's lock for the database file (`_process_write_lock`)."""
 
     def __init__(self, maker: sessionmaker[Session], lock: threading.RLock | None) -> None:

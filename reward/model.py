@@ -31,7 +31,8 @@ from torch import nn
 
 from illume.collate import RowEncoder
 from illume.data.records import Example, load_image
-from illume.models.vlm import VLM, MagmaVLM
+from illume.models.loading import load_saved_vlm
+from illume.models.vlm import VLM
 from illume.models.weights import (
     load_trainable_weights,
     read_safetensors,
@@ -179,7 +180,7 @@ class RewardModel(nn.Module):
         if base_vlm is None:
             if not config.get("base_model_path"):
                 raise ValueError(f"{directory / CONFIG_FILE} names no base model: pass base_vlm")
-            base_vlm = MagmaVLM.load(config["base_model_path"])
+            base_vlm = load_saved_vlm(config["base_model_path"])
             copy_backbone = False
         model = cls(base_vlm, base_model_path=config.get("base_model_path"), copy_backbone=copy_backbone,
                     pooling=config["pooling"])

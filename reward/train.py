@@ -34,7 +34,8 @@ from illume.collate import RowEncoder
 from illume.config import RewardConfig
 from illume.data.records import Example
 from illume.feedback.verdicts import DEFAULT_AGGREGATE, PEOPLE, PreferencePair
-from illume.models.vlm import VLM, MagmaVLM
+from illume.models.loading import load_saved_vlm
+from illume.models.vlm import VLM
 from illume.store import FeedbackStore
 from illume.tracking import NO_REPORT, TrainerReport
 from illume.training import check_zero_stage, trainer_arguments
@@ -127,7 +128,7 @@ class _RecordHeldout(TrainerCallback):
         return control
 
 
-def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair],
+def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
                pairs_eval: Sequence[PreferencePair], examples_by_id: dict[str, Example], cfg: RewardConfig,
                out_dir: str | Path, deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
                pooling: str = "mean", backbone_id: str | None = None,
@@ -161,7 +162,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if isinstance(base, (str, Path)):
-        rm = RewardModel(MagmaVLM.load(base), base_model_path=str(base), copy_backbone=False, seed=cfg.seed,
+        rm = RewardModel(load_saved_vlm(base), base_model_path=str(base), copy_backbone=False, seed=cfg.seed,
                          pooling=pooling)
     else:
         rm = RewardModel(base, seed=cfg.seed, pooling=pooling)
@@ -201,7 +202,7 @@ def fit_reward(base: str | Path | MagmaVLM, pairs_train: Sequence[PreferencePair
     return rm, metrics
 
 
-def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Example], base: str | Path | MagmaVLM,
+def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Example], base: str | Path | VLM,
                           cfg: RewardConfig, out_dir: str | Path, upto_round: int | None = None,
                           kinds: Collection[str] | None = PEOPLE, aggregate: str = DEFAULT_AGGREGATE,
                           deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,

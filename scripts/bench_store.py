@@ -247,7 +247,7 @@ def open_round(store: FeedbackStore) -> int:
 def prejudge(store: FeedbackStore, round_idx: int, fraction: float, per_item: int, seed: int) -> int:
     """Judge the open round's first items (hand-out order) through the store's API until `fraction` of them
     have their `per_item` judgments, by the history's people; returns how many judgments were added."""
-    with Session(store._engine) as session:
+    with Session(store.engine) as session:
         total = session.scalar(select(func.count()).select_from(ItemRow).where(
             ItemRow.round_idx == round_idx, ItemRow.split == SPLIT))
         open_items = session.execute(
@@ -270,7 +270,7 @@ def prejudge(store: FeedbackStore, round_idx: int, fraction: float, per_item: in
 
 def check_store(store: FeedbackStore, round_idx: int, per_item: int, judged_before: int, stored: int) -> dict:
     """No acknowledged judgment lost or duplicated, no item over its judgments, counts kept right."""
-    with Session(store._engine) as session:
+    with Session(store.engine) as session:
         in_round = (ItemRow.round_idx == round_idx, ItemRow.split == SPLIT)
         judgments = session.scalar(select(func.count()).select_from(JudgmentRow).join(ItemRow).where(*in_round))
         over = session.scalar(select(func.count()).select_from(ItemRow).where(
@@ -303,7 +303,7 @@ def query_plans(url: str, per_item: int) -> list[dict]:
         if not executemany and statement.lstrip().split(None, 1)[0].upper() in ("SELECT", "DELETE", "UPDATE"):
             captured.append((statement, parameters))
 
-    event.listen(store._engine, "before_cursor_execute", capture)
+    event.listen(store.engine, "before_cursor_execute", capture)
     annotator = f"plan-probe-{uuid.uuid4().hex[:6]}"
     current = queue.open_round(per_item, SPLIT)
     lease = queue.lease_item(current, annotator, per_item, 300, SPLIT)
@@ -312,10 +312,10 @@ def query_plans(url: str, per_item: int) -> list[dict]:
         queue.item(lease.item_id)
         queue.submit_judgment(lease.item_id, annotator, lease.shown_order[:1], False, 1.0, str(uuid.uuid4()),
                               lease.shown_order, per_item)
-    event.remove(store._engine, "before_cursor_execute", capture)
+    event.remove(store.engine, "before_cursor_execute", capture)
     plans, seen = [], set()
-    postgres = store._engine.dialect.name == "postgresql"
-    with store._engine.connect() as connection:
+    postgres = store.engine.dialect.name == "postgresql"
+    with store.engine.connect() as connection:
         raw = connection.connection.driver_connection
         for statement, parameters in captured:
             if statement in seen:

@@ -142,7 +142,7 @@ def fill_history(url: str, items_per_round: int = 30_000, rounds: int = 4, candi
         raise ValueError(f"at most {POOL_PER_EXAMPLE} candidates per item")
     start = time.perf_counter()
     store = FeedbackStore(url)  # creates (or migrates) the schema: exactly ours
-    engine = store._engine.execution_options(illume_begin="IMMEDIATE")  # our own write lock on SQLite
+    engine = store.engine.execution_options(illume_begin="IMMEDIATE")  # our own write lock on SQLite
     with engine.connect() as connection:
         if connection.scalar(select(func.count()).select_from(ItemRow)):
             raise ValueError(f"{store.url} already has items: fill_history writes into an empty store")
@@ -188,7 +188,7 @@ def fill_history(url: str, items_per_round: int = 30_000, rounds: int = 4, candi
         if progress:
             print(f"  round {round_idx}: {ids['item']} items, {ids['candidate']} candidates, "
                   f"{ids['judgment']} judgments ({time.perf_counter() - start:.0f} s)", flush=True)
-    if store._engine.dialect.name == "postgresql":
+    if store.engine.dialect.name == "postgresql":
         with engine.begin() as connection:
             for table in ("items", "candidates", "judgments"):
                 connection.execute(text(
@@ -427,7 +427,7 @@ illume.feedback.figures (every judged item read into Python): asked for by name,
 
 
 def _plain_url(store: FeedbackStore) -> str:
-    return store._engine.url.render_as_string(hide_password=False)
+    return store.engine.url.render_as_string(hide_password=False)
 
 
 def _admin_client(store: FeedbackStore, run_dir: Path) -> Any:

@@ -63,7 +63,7 @@ def coincidences(store: FeedbackStore, split: str | None = "train", kinds: Colle
     values (`agreement.agreement`); rounds without a pairable unit are left out."""
     units = _candidate_counts(split, kinds)
     out: dict[int, _Coincidences] = {}
-    with store._read() as session:
+    with store.read_sessions() as session:
         for round_idx, accepts, rejects, count in session.execute(
             select(units.c.round_idx, units.c.a, units.c.r, func.count())
             .where(units.c.a + units.c.r >= 2).group_by(units.c.round_idx, units.c.a, units.c.r)
@@ -82,7 +82,7 @@ def items_with_accepted(store: FeedbackStore, split: str | None = "train", aggre
     if aggregate not in AGGREGATES:
         raise ValueError(f"feedback.aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     units = _candidate_counts(split, kinds)
-    with store._read() as session:
+    with store.read_sessions() as session:
         pairs = session.execute(select(units.c.a, units.c.r).distinct()).all()
         accepting = [(int(a), int(r)) for a, r in pairs if AGGREGATES[aggregate](int(a), int(r)) == ACCEPTED]
         if not accepting:
@@ -103,7 +103,7 @@ def _medians(store: FeedbackStore, split: str | None, kinds: Collection[str] | N
                       split, kinds).where(JudgmentRow.seconds.is_not(None)).subquery()
     columns = [ranked.c.round_idx, ranked.c.annotator] if by_round else [ranked.c.annotator]
     middle: dict[tuple, list[float]] = {}
-    with store._read() as session:
+    with store.read_sessions() as session:
         for row in session.execute(
             select(*columns, ranked.c.seconds).where(
                 ranked.c.rank >= (ranked.c.n + 1) // 2, ranked.c.rank <= (ranked.c.n + 2) // 2)
@@ -137,7 +137,7 @@ def annotator_figures(store: FeedbackStore, split: str | None = "train", kinds: 
                          .join(JudgmentRow, JudgmentRow.id == DecisionRow.judgment_id), split, kinds)
     width = len(keys)
     out: dict[tuple, dict[str, Any]] = {}
-    with store._read() as session:
+    with store.read_sessions() as session:
         for row in session.execute(judgments.group_by(*keys)):
             key = tuple(row[:width])
             kind, items, none_fit, corrections, seconds_count, seconds_sum, created, updated = row[width:]
@@ -160,7 +160,7 @@ def _item_figures(store: FeedbackStore, split: str | None, kinds: Collection[str
         .group_by(ItemRow.round_idx, JudgmentRow.item_id).subquery()
     units = _candidate_counts(split, kinds)
     out: dict[int, dict] = {}
-    with store._read() as session:
+    with store.read_sessions() as session:
         for round_idx, judged, paired, judgments in session.execute(
             select(per_item.c.round_idx, func.count(), func.sum(case((per_item.c.k >= 2, 1), else_=0)),
                    func.sum(per_item.c.k)).group_by(per_item.c.round_idx)
@@ -207,7 +207,7 @@ def team_summary(store: FeedbackStore, items_per_round: Mapping[int, int] | None
         total["last"] = max(total["last"], figures["last"])
     for name, median in _medians(store, split, kinds, by_round=False).items():
         totals[name]["median_seconds"] = median
-    with store._read() as session:  # rounds with a judged item of any kind are listed (as agreement does)
+    with store.read_sessions() as session:  # rounds with a judged item of any kind are listed (as agreement does)
         judged_rounds = set(session.scalars(_counted(select(ItemRow.round_idx).select_from(JudgmentRow), split,
                                                      None).distinct()))
     rounds = sorted(set(items_per_round or {}) | judged_rounds)

@@ -71,10 +71,11 @@ class JudgmentConflict(Exception):
 class AnnotationQueue:
     """The annotation page's operations on a feedback store (the page's server holds one).
 
-    Part of the store's package boundary: it reads and writes the store's tables through the store's own
-    session factories (`store._read`, `store._write`: the SQLite write lock taken at BEGIN, one transaction
-    per call), like the store's own methods. Nothing else outside `illume.store` uses them; every other
-    reader goes through the store's public reads (`FeedbackStore.judged_items`, ...).
+    Part of the feedback package: it reads and writes the store's tables through the store's session
+    factories (`store.read_sessions`, `store.write_sessions`: the SQLite write lock taken at BEGIN, one
+    transaction per call), like the store's own methods. Outside illume/feedback/ only the store's reads and
+    writes are used (`FeedbackStore.judged_items`, ...; tests/test_imports.py checks that the store's private
+    names are used nowhere else).
 
     Args:
         store: The feedback store whose items are handed out and where leases and judgments are written.
@@ -82,8 +83,8 @@ class AnnotationQueue:
 
     def __init__(self, store: FeedbackStore) -> None:
         self.store = store
-        self._read = store._read
-        self._write = store._write
+        self._read = store.read_sessions
+        self._write = store.write_sessions
 
     def item(self, item_id: int) -> dict[str, Any] | None:
         """One item as the annotation page shows it, or None if no item has this id.

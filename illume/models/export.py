@@ -1,6 +1,6 @@
 """A tuned VLM written as a folder that stock transformers (and PEFT) load: what `illume export-model` hands out.
 
-`EXPORTERS[model.kind]` is the one place the backends differ here:
+`export_vlm` picks the backend's writer (`EXPORTERS`, by the VLM's class): the one place the backends differ here:
 
 - `hf`: the LoRA as a PEFT adapter folder (`adapter_config.json` naming the base model, and
   `adapter_model.safetensors`) that `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(BASE),
@@ -165,5 +165,14 @@ print(tokenizer.decode(tokens[0, len(ids):], skip_special_tokens=True))"""
                          "transformers", usage)
 
 
-EXPORTERS = {"magma": export_magma, "hf": export_hf}
-"""model.kind -> the function that writes a tuned VLM of that backend as a loadable folder."""
+EXPORTERS = {MagmaVLM: export_magma, HFVLM: export_hf}
+"""The VLM's class -> the function that writes a tuned VLM of that backend as a loadable folder."""
+
+
+def export_vlm(vlm, out_dir: Path, **kwargs) -> ExportedModel:
+    """Write `vlm` as a folder that stock transformers (and PEFT) load, by its backend's writer (`EXPORTERS`;
+    keyword arguments as `export_hf`'s)."""
+    exporter = EXPORTERS.get(type(vlm))
+    if exporter is None:
+        raise ModelExportError(f"no exporter for a {type(vlm).__name__}; one of {[c.__name__ for c in EXPORTERS]}")
+    return exporter(vlm, out_dir, **kwargs)

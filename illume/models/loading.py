@@ -38,6 +38,17 @@ def load_magma(directory: Path, device: str, remedy: str) -> MagmaVLM:
         return MagmaVLM.load(directory, device, remedy)
 
 
+def load_saved_vlm(directory: str | Path, device: str = "cpu"):
+    """A VLM that `VLM.save` wrote, by the backend its folder shows (an HF model's LoRA folder, else MAGMA):
+    what a saved reward model names as its base model."""
+    from illume.models.hf import ADAPTER_DIR, HFVLM
+
+    directory = Path(directory)
+    if (directory / ADAPTER_DIR / "adapter_config.json").is_file():
+        return HFVLM.load(directory, device)
+    return load_magma(directory, device, "write it again (save_pretrained or `illume convert-magma`)")
+
+
 def _load_hf(cfg: RunConfig, device: str, remedy: str | None):
     from illume.models.hf import ADAPTER_DIR, DEFAULT_LORA, HFVLM, load_hf_vlm
 
