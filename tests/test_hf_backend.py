@@ -209,3 +209,20 @@ def test_save_load_round_trip_gives_identical_logits(vlm, tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh.model(**batch).logits, base_logits)
     assert all("lora_" in n for n, p in fresh.model.named_parameters() if p.requires_grad)
+
+
+def test_fresh_lora_is_seeded_and_leaves_the_global_generator(tmp_path):
+    # PEFT draws lora_A from torch's global generator: unseeded, two runs of one config trained from different
+    # adapters (the HF demo's round-0 CIDEr differed run to run). Seeded, they start alike.
+    build_tiny_hf_vlm("qwen2_vl").save(tmp_path)
+
+    def lora_a(seed: int) -> list[torch.Tensor]:
+        vlm = load_hf_vlm(tmp_path, lora={"r": 2}, seed=seed)
+        return [p.detach().clone() for n, p in vlm.model.named_parameters() if "lora_A" in n]
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first, again, other = lora_a(0), lora_a(0), lora_a(1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's draws are not disturbed
+    assert first and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))

@@ -460,7 +460,8 @@ def chat_style(processor: ProcessorMixin, prompt_format: str | None, chat: ChatS
 
 def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str | torch.dtype = "auto",
                 device: str | torch.device = "cpu", prompt_format: str | None = None,
-                chat: ChatStyle = ChatStyle(), remedy: str = "get an intact copy of the model") -> HFVLM:
+                chat: ChatStyle = ChatStyle(), remedy: str = "get an intact copy of the model",
+                seed: int = 0) -> HFVLM:
     """A pretrained VLM (local directory or hub name) with fresh LoRA adapters.
 
     Args:
@@ -469,13 +470,17 @@ def load_hf_vlm(path_or_name: str | Path, lora: dict | None = None, dtype: str |
         prompt_format: "plain", "chat" or None (chat when the processor has a chat template: `chat_style`).
         chat: How the chat format words the prompts (`prompt.*`).
         remedy: What the error says to do about damaged weights (a digest that differs, NaN or infinity).
+        seed: Seed of the LoRA initialisation (PEFT draws lora_A from torch's global generator: unseeded,
+            every run would start training from other adapters, and no two runs would train alike).
     """
     if Path(path_or_name).is_dir():
         verify_digests(path_or_name, remedy)  # the digests a folder illume wrote records (others have none)
     processor = load_processor(path_or_name)
     base = AutoModelForImageTextToText.from_pretrained(path_or_name, dtype=dtype).to(device)
     check_finite(base.named_parameters(), path_or_name, remedy)
-    model = get_peft_model(base, LoraConfig(**{**DEFAULT_LORA, **(lora or {})})).eval()
+    with torch.random.fork_rng():  # the caller's generators are left as they were
+        torch.manual_seed(seed)
+        model = get_peft_model(base, LoraConfig(**{**DEFAULT_LORA, **(lora or {})})).eval()
     vlm = HFVLM(model, processor, processor.tokenizer, chat_style(processor, prompt_format, chat))
     vlm.set_trainable(adapters=True)
     return vlm

@@ -63,7 +63,7 @@ def _load_hf(cfg: RunConfig, device: str, remedy: str | None):
     settings = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
                 "target_modules": lora.target_modules or DEFAULT_LORA["target_modules"]}
     return load_hf_vlm(cfg.model.path, settings, cfg.model.dtype, device, prompt.format, chat,
-                       remedy or "get an intact copy of the model")
+                       remedy or "get an intact copy of the model", seed=cfg.seed)
 
 
 def chat_format(cfg: RunConfig) -> ChatStyle | None:
