@@ -1,5 +1,6 @@
 """Generation recipes: top-k / top-p filters (illume.models.logits_filters) in every backend's sampler, the
-answer's temperature, and the configs and resume check that carry them (README, "Generation recipes")."""
+answer's temperature, and the configs and resume check that carry them (docs/byo-vlm.md, "Generation
+recipes")."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_top_k_keeps_exactly_the_k_highest():
 
 def magma_style_top_p_removed(scores: torch.Tensor, p: float) -> torch.Tensor:
     """What Aleph-Alpha/magma's top_p_filter removes: sorted descending, cumulative probability `< 1 - p`
-    marked, the marks shifted one to the right, the first token kept (as described in the README)."""
+    marked, the marks shifted one to the right, the first token kept (docs/byo-vlm.md, Generation recipes)."""
     sorted_scores, order = torch.sort(scores, descending=True)
     cumulative = torch.softmax(sorted_scores, -1).cumsum(-1)
     marked = cumulative < 1 - p
