@@ -64,9 +64,6 @@ class CritiqueContext:
     """Keys a critic adds to the round's row of results.json (the reward model's threshold, ...)."""
     track: Callable[[dict[str, float], int], None] = lambda metrics, step: None
     """Where a critic reports progress (metrics, step = the round) to the run's trackers (illume.tracking)."""
-    people_order: list[str] | None = None
-    """Example ids of the items a model critic left for people, in the order to hand them out (it chose them:
-    `reward.critic`); None: every item not decided by a model, in `annotate.order` (`left_for_people`)."""
 
     def image_path(self, example_id: str) -> str | None:
         image = self.image_refs.get(example_id)
@@ -80,6 +77,17 @@ class Critic(Protocol):
 
     def review(self, context: CritiqueContext) -> bool:
         """Get the round's judgments into the store; False when the run should stop and wait for people."""
+        ...
+
+
+class PeopleCritic(Protocol):
+    """A critic standing for people (`PEOPLE_CRITICS`: simulated, human), which a model critic (reward model,
+    hybrid, AI judge) hands the items it leaves: what it hands over is the `order` argument, nothing shared."""
+
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
+        """As `Critic.review`. `order`: example ids of the items a model critic left for people, in the order
+        to hand them out (it chose them: `reward.critic`); None: every item no model decided, in
+        `annotate.order` (`left_for_people`)."""
         ...
 
 
@@ -129,18 +137,18 @@ ITEM_ORDERS: dict[str, Callable[[list[str], int, int, Mapping[str, tuple[float, 
 """annotate.order -> the rule ordering the items people get (`order_items`)."""
 
 
-def left_for_people(context: CritiqueContext, annotator: str) -> list[CandidateSet]:
+def left_for_people(context: CritiqueContext, annotator: str, order: list[str] | None = None) -> list[CandidateSet]:
     """The round's items `annotator` has not judged, less those a model critic (reward model, AI judge: a kind
-    not in `feedback.people`) decided in this round: in `context.people_order` when a model critic set it,
+    not in `feedback.people`) decided in this round: in `order` when a model critic gave one (`PeopleCritic`),
     else in `annotate.order` (stored, or a seeded shuffle; uncertainty needs a reward model: stored)."""
     people = context.cfg.feedback.people
     decided = {item.example_id for item in context.store.judged_items("train", round_idx=context.round_idx)
                if any(j.annotator_kind not in people for j in item.judgments)}
     todo = [example_id for example_id in context.store.unjudged_items(context.round_idx, annotator, "train")
             if example_id not in decided]
-    if context.people_order is not None:
+    if order is not None:
         left = set(todo)
-        todo = [example_id for example_id in context.people_order if example_id in left]
+        todo = [example_id for example_id in order if example_id in left]
     else:
         todo = order_items(context.cfg.annotate.order, todo, context.cfg.seed, context.round_idx)
     return [context.sets[example_id] for example_id in todo]
@@ -190,10 +198,10 @@ class SimulatedCritic:
             reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
         return reviews
 
-    def review(self, context: CritiqueContext) -> bool:
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
         if not distributed.is_main():
             return True
-        todo = left_for_people(context, self.annotator)
+        todo = left_for_people(context, self.annotator, order)
         for start in tqdm(range(0, len(todo), CRITIQUE_CHUNK), desc=f"critique ({self.annotator})", unit="chunk",
                           disable=not todo):
             store_reviews(context, self.decide(todo[start:start + CRITIQUE_CHUNK], context.examples_by_id),
@@ -242,10 +250,10 @@ class TerminalCritic:
                 return Review(cs.example_id, [n - 1 for n in numbers], False, time.monotonic() - start)
             self.console.print(f"numbers must be 1..{len(cs.candidates)}, or 0 alone")
 
-    def review(self, context: CritiqueContext) -> bool:
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
         if not distributed.is_main():
             return True
-        todo = left_for_people(context, self.annotator)
+        todo = left_for_people(context, self.annotator, order)
         for cs in tqdm(todo, desc=f"critique ({self.annotator})", unit="item", disable=not todo):
             review = self.review_one(cs, context.examples_by_id[cs.example_id], context.image_path(cs.example_id))
             store_reviews(context, [review], self.annotator, self.kind)
@@ -260,14 +268,14 @@ class WebCritic:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
-    def review(self, context: CritiqueContext) -> bool:
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
         if not distributed.is_main():
             return True
         cfg, round_idx = self.cfg, context.round_idx
         queue = AnnotationQueue(context.store)
-        if cfg.annotate.order != "stored" or context.people_order is not None:
+        if cfg.annotate.order != "stored" or order is not None:
             # The page hands items out by `items.priority`: the people's items in their order, first.
-            ranked = [cs.example_id for cs in left_for_people(context, annotator="")]
+            ranked = [cs.example_id for cs in left_for_people(context, annotator="", order=order)]
             context.store.set_priorities(round_idx, {example_id: float(rank) for rank, example_id in
                                                      enumerate(ranked)})
         wanted = cfg.annotate.annotations_per_item
@@ -313,5 +321,5 @@ def human_critic(cfg: RunConfig) -> Critic:
     return HUMAN_UIS[cfg.critic.ui](cfg)
 
 
-PEOPLE_CRITICS: dict[str, Callable[[RunConfig], Critic]] = {"simulated": simulated_critic, "human": human_critic}
+PEOPLE_CRITICS: dict[str, Callable[[RunConfig], PeopleCritic]] = {"simulated": simulated_critic, "human": human_critic}
 """critic.people -> who judges what a reward-model critic leaves to people."""

@@ -217,11 +217,15 @@ class RewardCritic:
         return None
 
     def review(self, context: CritiqueContext) -> bool:
-        if context.round_idx >= self.cfg.reward.human_rounds:
-            context.report.update(self._critique(context))
-        return self.people.review(context)
+        if context.round_idx < self.cfg.reward.human_rounds:
+            return self.people.review(context)
+        report, people_order = self._critique(context)
+        context.report.update(report)
+        return self.people.review(context, people_order)  # the items it left, in the order it chose
 
-    def _critique(self, context: CritiqueContext) -> dict:
+    def _critique(self, context: CritiqueContext) -> tuple[dict, list[str] | None]:
+        """Decide the items the reward model is sure of; returns (the round's report keys, the items left for
+        people in hand-out order: `PeopleCritic.review`'s `order`)."""
         cfg, store, round_idx, sets = self.cfg, context.store, context.round_idx, context.sets
         rm, info = fit_or_reuse(cfg, round_idx, store, context.examples_by_id, context.say)
         decider = RewardDecider(rm, info["threshold"], self.band())
@@ -232,7 +236,6 @@ class RewardCritic:
              for item in store.judged_items("train", round_idx=round_idx)})
         todo = [cs for example_id, cs in sets.items() if example_id not in judged]
         reviews, people_order, split_report = self._split(context, decider, todo, sum(judged.values()))
-        context.people_order = people_order
         if distributed.is_main():
             store_reviews(context, reviews, self.annotator, self.kind)
         distributed.barrier()  # the others read these judgments below
@@ -253,7 +256,7 @@ class RewardCritic:
             true_pos = sum(rm and ref for rm, ref in pairs)
             report["rm_precision_vs_simulated"] = true_pos / max(1, sum(rm for rm, _ in pairs))
             report["rm_recall_vs_simulated"] = true_pos / max(1, sum(ref for _, ref in pairs))
-        return report
+        return report, people_order
 
     def _split(self, context: CritiqueContext, decider: RewardDecider, todo: list[CandidateSet],
                num_by_people: int) -> tuple[list[Review], list[str] | None, dict]:

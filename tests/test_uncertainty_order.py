@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,7 +46,8 @@ def _cfg(tmp_path, *overrides) -> RunConfig:
 
 def _hybrid_round(tmp_path, monkeypatch, *overrides, people_before: tuple[str, ...] = ()):
     """Round 1 of a hybrid critic over IDS with fixed scores and a fixed second opinion (no model is
-    fitted); people are the simulated critic. Returns (who judged what: example -> annotator kind, report)."""
+    fitted); people are the simulated critic. Returns (who judged what: example -> annotator kind, the
+    context, the order the reward model handed the people critic: `PeopleCritic.review`'s `order`)."""
     cfg = _cfg(tmp_path, "reward.human_rounds=1", "reward.hybrid_band=1.0", *overrides)
     store = FeedbackStore(tmp_path / "feedback.db")
     sets = _sets()
@@ -58,11 +60,19 @@ def _hybrid_round(tmp_path, monkeypatch, *overrides, people_before: tuple[str, .
     monkeypatch.setitem(uncertainty.UNCERTAINTY, "ensemble", lambda cfg, rm, threshold, store, round_idx, todo, *_:
                         ([SCORES[cs.example_id] for cs in todo], [DOUBT[cs.example_id] for cs in todo]))
     context = CritiqueContext(cfg, store, 1, {cs.example_id: cs for cs in sets}, _examples(), say=lambda _: None)
-    assert HybridCritic(cfg).review(context)
+    critic, handed = HybridCritic(cfg), []
+    people = critic.people
+
+    def review(context, order=None):  # the people critic, recording what the reward model hands it
+        handed.append(order)
+        return people.review(context, order)
+
+    critic.people = SimpleNamespace(review=review)
+    assert critic.review(context) and len(handed) == 1
     judged = {item.example_id: [j.annotator_kind for j in item.judgments]
               for item in store.judged_items("train", round_idx=1)}
     assert all(len(kinds) == 1 for kinds in judged.values()) and set(judged) == set(IDS)  # each once, by one
-    return {e: kinds[0] for e, kinds in judged.items()}, context
+    return {e: kinds[0] for e, kinds in judged.items()}, context, handed[0]
 
 
 def _people(judged):
@@ -118,12 +128,13 @@ def test_orders_are_seeded_and_stable():
 @pytest.mark.parametrize("order", ["stored", "random", "uncertainty"])
 def test_a_budget_sends_exactly_n_items_to_people_in_the_order_and_the_model_decides_the_rest(
         tmp_path, monkeypatch, order):
-    judged, context = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2", f"annotate.order={order}")
+    judged, context, handed = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2",
+                                            f"annotate.order={order}")
     expected = {"stored": ["e0", "e1"], "random": order_items("random", IDS, 0, 1)[:2],
                 "uncertainty": ["e5", "e2"]}[order]
     assert _people(judged) == set(expected)  # exactly N, the first N in the order
     assert sum(kind == "reward" for kind in judged.values()) == len(IDS) - 2  # the model: exactly the rest
-    assert context.people_order == expected
+    assert handed == expected
     assert context.report["people_items"] == 2 and context.report["rm_decided_items"] == 4
     # e5 and e2: the model rejects both and the simulated critic accepts "reason 0": both are its mistakes.
     if order == "uncertainty":
@@ -131,26 +142,26 @@ def test_a_budget_sends_exactly_n_items_to_people_in_the_order_and_the_model_dec
 
 
 def test_a_budget_counts_what_people_already_judged_this_round(tmp_path, monkeypatch):
-    judged, context = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2",
-                                    "annotate.order=uncertainty", people_before=("e3",))
+    judged, _, _ = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2",
+                                 "annotate.order=uncertainty", people_before=("e3",))
     assert _people(judged) == {"e3", "e5"}  # one of the two already spent on the page
 
 
 def test_a_budget_of_zero_leaves_everything_to_the_model(tmp_path, monkeypatch):
-    judged, _ = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=0", "annotate.order=uncertainty")
+    judged, _, _ = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=0", "annotate.order=uncertainty")
     assert _people(judged) == set()
 
 
 def test_the_band_rule_is_unchanged_by_default(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     assert (cfg.annotate.order, cfg.annotate.budget_per_round) == ("stored", None)
-    judged, context = _hybrid_round(tmp_path, monkeypatch)
+    judged, context, handed = _hybrid_round(tmp_path, monkeypatch)
     assert _people(judged) == {"e1", "e4"}  # a candidate within the band of 1.0
-    assert context.people_order is None and "people_items" not in context.report  # results.json as before
+    assert handed is None and "people_items" not in context.report  # results.json as before
     # The band rule with order=uncertainty: the same items, the least certain first.
     (tmp_path / "feedback.db").unlink()
-    judged, context = _hybrid_round(tmp_path, monkeypatch, "annotate.order=uncertainty")
-    assert _people(judged) == {"e1", "e4"} and context.people_order == ["e4", "e1"]
+    judged, context, handed = _hybrid_round(tmp_path, monkeypatch, "annotate.order=uncertainty")
+    assert _people(judged) == {"e1", "e4"} and handed == ["e4", "e1"]
 
 
 # ------------------------------------------------------------------ the annotation page
@@ -181,9 +192,9 @@ def test_the_web_critic_writes_the_hand_out_order(tmp_path, monkeypatch):
         queue = AnnotationQueue(store)
         handed = [_lease(queue, f"p{i}") for i in range(6)]
         assert handed == order_items("random", IDS, cfg.seed, 0)
-        # A model critic's choice (people_order) wins over annotate.order, and only its items are ranked first.
-        context.people_order = ["e3", "e1"]
-        assert [cs.example_id for cs in left_for_people(context, "bob")] == ["e3", "e1"]
+        # A model critic's choice (the order it hands over) wins over annotate.order, and only its items are
+        # ranked first.
+        assert [cs.example_id for cs in left_for_people(context, "bob", ["e3", "e1"])] == ["e3", "e1"]
 
 
 # ------------------------------------------------------------------ config errors
