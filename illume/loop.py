@@ -51,7 +51,8 @@ from illume.tracking import check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext
 from policies.registry import POLICIES, check_policy_config
-from reward.critic import check_critique_order, check_reward_checkpoint
+from reward.critic import check_critique_order
+from reward.fitted import check_reward_checkpoint
 
 logger = logging.getLogger(__name__)
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")  # the table's columns

@@ -9,7 +9,7 @@ Per round, after the round's judgments (the loop's step 2):
    the mode of the policy more. A question with one distinct rationale has advantage 0 (only KL and the
    answer rows move it).
 2. **Reward.** sum over `policy.grpo.reward_sources` of weight x source, sources in `REWARDS`: `reward_model` (the
-   reward model fitted on people's judgments of this round and earlier, `reward.critic.fit_or_reuse`; saved
+   reward model fitted on people's judgments of this round and earlier, `reward.fitted.reward_model_on`; saved
    to RUN_DIR/reward/round_{r+1}, which a reward critic's next round then reuses) and `simulated` (the
    critic's metric, ROUGE-L, against the reference explanations). A new source (an AI judge) is one entry.
 3. **Advantages.** Normalised within each group (`policies.losses.group_advantages`, TRL's epsilon), or
@@ -72,10 +72,10 @@ RewardSource = Callable[[RoundContext, Sequence[CandidateSet]], list[list[float]
 
 def reward_model_source(context: RoundContext, sets: Sequence[CandidateSet]) -> list[list[float]]:
     """The reward model's scores, fitted (or reused) on people's judgments of rounds <= this one."""
-    from reward.critic import fit_or_reuse
+    from reward.fitted import reward_model_on
     from reward.model import score
 
-    rm, _ = fit_or_reuse(context.cfg, context.round_idx + 1, context.store, context.train_by_id, context.say)
+    rm, _ = reward_model_on(context.cfg, context.round_idx, context.store, context.train_by_id, context.say)
     items = [(context.train_by_id[cs.example_id], cs.prompt, [c.text for c in cs.candidates]) for cs in sets]
     return score(rm, items)
 

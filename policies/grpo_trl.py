@@ -24,7 +24,7 @@ is at that step), instead of our sampler once per round plus our loss.
 - **Reward.** `RewardFunction`: TRL calls it with the completions and the dataset columns, images included; it
   builds candidate sets per example, puts the images TRL passed into the examples the reward sources read
   (after checking that each is the image of its `example_id`), and sums weight x source. The reward model
-  (`reward_model`) is fitted (or reused) once per round before training, `reward.critic.fit_or_reuse` as
+  (`reward_model`) is fitted (or reused) once per round before training, `reward.fitted.reward_model_on` as
   policies/grpo.py does, not in every call; other sources are called as they are. Every scored sample is
   recorded (with the simulated critic's verdict when the references exist) for training_set.jsonl.
 - **KL reference: the round's starting weights.** Given a PEFT model (ours) and beta != 0, TRL adds a frozen
@@ -187,17 +187,17 @@ def _completion_text(completion) -> str:
 def round_sources(context: RoundContext, sources: Mapping[str, RewardSource],
                   weights: Mapping[str, float]) -> dict[str, RewardSource]:
     """The round's reward sources by name: `sources[name]` as it is, except the reward model, fitted (or reused)
-    here once (`reward.critic.fit_or_reuse` on people's judgments of rounds <= this one, as policies/grpo.py's
+    here once (`reward.fitted.reward_model_on` on people's judgments of rounds <= this one, as policies/grpo.py's
     reward_model_source) and then only scored by each call."""
     unknown = sorted(set(weights) - set(sources))
     if unknown:
         raise PolicyDataError(f"policy.grpo.reward_sources: unknown source(s) {unknown}; known: {sorted(sources)}")
     out = {name: sources[name] for name in weights}
     if "reward_model" in weights:
-        from reward.critic import fit_or_reuse
+        from reward.fitted import reward_model_on
         from reward.model import score
 
-        rm, _ = fit_or_reuse(context.cfg, context.round_idx + 1, context.store, context.train_by_id, context.say)
+        rm, _ = reward_model_on(context.cfg, context.round_idx, context.store, context.train_by_id, context.say)
 
         def reward_model(ctx: RoundContext, sets: Sequence[CandidateSet]) -> list[list[float]]:
             return score(rm, [(ctx.train_by_id[cs.example_id], cs.prompt, [c.text for c in cs.candidates])

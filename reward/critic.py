@@ -1,15 +1,8 @@
 """The reward model as a critic: critic.kind=reward (it judges every item) and hybrid (the items it is sure of).
 
 Per round, from round `reward.human_rounds` on:
-- **Fit or reuse.** The reward model is fitted on every judgment by people (`feedback.people`, by default
-  `verdicts.PEOPLE`; `reward.learn_from` overrides it: the annotators' stored kind, never their name) in
-  earlier rounds, with its accept threshold calibrated on held-out examples
-  (`reward.train.fit_reward_from_store`), and saved to RUN_DIR/reward/round_NN with `reward_critic.json`. A
-  round whose earlier rounds brought no new judgment by people reuses the latest fit on exactly as many
-  (also on resume), so the model is fitted once per new batch of people's work.
-- **Or a saved one.** `reward.checkpoint` names a reward model fitted elsewhere (another run, `illume reward
-  train`); it is used as it is, every round, after `check_reward_checkpoint` made sure (before any model
-  loads) that it was fitted on this run's base model.
+- **Its reward model** is the one fitted on people's judgments of the earlier rounds, or reused, or the saved
+  `reward.checkpoint`: `reward.fitted.reward_model_on(cfg, round - 1, ...)`, where GRPO gets its own too.
 - **Judge.** Every process fits (together, through the Trainer) and scores identically; rank 0 stores the
   verdicts under the annotator "reward:<kind>" of kind "reward". Items already judged this round (a resumed
   run, people on the annotation page meanwhile) are left alone.
@@ -29,9 +22,7 @@ Per round, from round `reward.human_rounds` on:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 from illume import distributed
 from illume.config import ConfigError, RunConfig
@@ -44,11 +35,8 @@ from illume.critics import (
     store_reviews,
 )
 from illume.data.records import CandidateSet, Example
-from illume.store import FeedbackStore
-from illume.tracking import trainer_report
+from reward.fitted import learn_from, reward_model_on
 from reward.uncertainty import UNCERTAINTY
-
-REWARD_CRITIC_FILE = "reward_critic.json"
 
 
 class RewardDecider:
@@ -82,48 +70,6 @@ class RewardDecider:
                 if self.confident(scores)]  # the others: not confident, people decide them
 
 
-def learn_from(cfg: RunConfig) -> list[str]:
-    """Annotator kinds whose judgments the reward model learns from: `reward.learn_from`, else
-    `feedback.people`."""
-    return list(cfg.reward.learn_from if cfg.reward.learn_from is not None else cfg.feedback.people)
-
-
-def _saved_config(directory: Path) -> dict:
-    from reward.model import CONFIG_FILE
-
-    return json.loads((directory / CONFIG_FILE).read_text())
-
-
-def check_reward_checkpoint(cfg: RunConfig) -> None:
-    """`reward.checkpoint`, checked from the files alone (before any model loads): a saved reward model,
-    calibrated when a reward or hybrid critic must threshold it, fitted on the base model this run loads.
-
-    Raises:
-        ConfigError: naming the folder and what is wrong with it.
-    """
-    from illume.loading import model_identity
-    from reward.model import CONFIG_FILE
-
-    if cfg.reward.checkpoint is None:
-        return
-    directory = Path(cfg.reward.checkpoint)
-    if not (directory / CONFIG_FILE).is_file():
-        raise ConfigError(f"reward.checkpoint={directory}: no saved reward model there ({CONFIG_FILE} missing); "
-                          "name a folder written by a run (RUN_DIR/reward/round_NN) or `illume reward train`")
-    saved = _saved_config(directory)
-    ours = model_identity(cfg)
-    if saved.get("backbone") is None:
-        raise ConfigError(f"reward.checkpoint={directory}: {CONFIG_FILE} does not say which base model it was "
-                          f"fitted on (written before that was recorded); fit it again on {ours}")
-    if saved["backbone"] != ours:
-        raise ConfigError(f"reward.checkpoint={directory} was fitted on another base model ({saved['backbone']}); "
-                          f"this run's model is {ours}. Fit a reward model on this run's judgments (leave "
-                          "reward.checkpoint unset) or set model.* to the base model it was fitted on")
-    if cfg.critic.kind in ("reward", "hybrid") and saved.get("threshold") is None:
-        raise ConfigError(f"reward.checkpoint={directory} has no calibrated accept threshold, which critic.kind="
-                          f"{cfg.critic.kind} needs; calibrate it with `illume reward eval`")
-
-
 def check_critique_order(cfg: RunConfig) -> None:
     """`annotate.order` and `annotate.budget_per_round` where they mean something (before any model loads).
 
@@ -143,62 +89,6 @@ def check_critique_order(cfg: RunConfig) -> None:
                               "kind=hybrid, or annotate.order=stored|random")
         if cfg.reward.uncertainty not in UNCERTAINTY:
             raise ConfigError(f"reward.uncertainty={cfg.reward.uncertainty!r} is not one of {', '.join(UNCERTAINTY)}")
-
-
-def _load_checkpoint(cfg: RunConfig) -> tuple[object, dict]:
-    from illume.loading import load_vlm
-    from reward.model import RewardModel
-
-    directory = Path(cfg.reward.checkpoint)
-    rm = RewardModel.load(directory, load_vlm(cfg))
-    info_path = directory / REWARD_CRITIC_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {
-        "threshold": rm.threshold, "heldout_precision": None, "heldout_recall": None, "heldout_roc_auc": None,
-        "heldout_pairwise_accuracy": None, "num_people_judgments": None}
-    return rm, {**info, "checkpoint": str(directory)}
-
-
-def fit_or_reuse(cfg: RunConfig, round_idx: int, store: FeedbackStore, examples_by_id: dict[str, Example],
-                 say: Callable[[str], None] = print) -> tuple[object, dict]:
-    """The reward model for round `round_idx` (fitted on the judgments of earlier rounds) and its
-    `reward_critic.json` facts (see the module doc). GRPO asks for round r + 1 to score round r's samples."""
-    from illume.loading import load_vlm, model_identity
-    from reward.model import RewardModel
-    from reward.train import fit_reward_from_store
-
-    if cfg.reward.checkpoint is not None:
-        return _load_checkpoint(cfg)
-    kinds = learn_from(cfg)
-    backbone = model_identity(cfg)
-    # Rank 0's count, so that every rank takes the same reuse-or-fit decision below.
-    num_people = distributed.broadcast_object(store.num_judgments(upto_round=round_idx - 1, kinds=kinds))
-    reward_root = cfg.run_dir / "reward"
-    for earlier in range(round_idx, -1, -1):  # reuse a fit on exactly these judgments (also on resume)
-        info_path = reward_root / f"round_{earlier:02d}" / REWARD_CRITIC_FILE
-        if (info_path.is_file() and json.loads(info_path.read_text())["num_people_judgments"] == num_people
-                and _saved_config(info_path.parent).get("backbone") in (backbone, None)):
-            # (None: fitted before the base model was recorded, by this run and so on its model.) A fit on
-            # another base model (a run continued with a changed model.*) is not reused: it is fitted again.
-            return RewardModel.load(info_path.parent, load_vlm(cfg)), json.loads(info_path.read_text())
-    out_dir = reward_root / f"round_{round_idx:02d}"
-    say(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
-    rm, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
-                                       upto_round=round_idx - 1, kinds=kinds, aggregate=cfg.feedback.aggregate,
-                                       deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16,
-                                       backbone_id=backbone, report=trainer_report(cfg, out_dir))
-    report = result["eval"]
-    info = {"threshold": report["threshold"], "heldout_precision": report["precision"],
-            "heldout_recall": report["recall"], "heldout_roc_auc": report["roc_auc"],
-            "heldout_pairwise_accuracy": report["pairwise_accuracy"], "num_people_judgments": num_people}
-    if distributed.is_main():
-        _write_json(out_dir / REWARD_CRITIC_FILE, info)
-    return rm, info
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 class RewardCritic:
@@ -227,7 +117,7 @@ class RewardCritic:
         """Decide the items the reward model is sure of; returns (the round's report keys, the items left for
         people in hand-out order: `PeopleCritic.review`'s `order`)."""
         cfg, store, round_idx, sets = self.cfg, context.store, context.round_idx, context.sets
-        rm, info = fit_or_reuse(cfg, round_idx, store, context.examples_by_id, context.say)
+        rm, info = reward_model_on(cfg, round_idx - 1, store, context.examples_by_id, context.say)
         decider = RewardDecider(rm, info["threshold"], self.band())
         # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
         # Example id -> whether people judged it.

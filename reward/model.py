@@ -82,7 +82,7 @@ class RewardModel(nn.Module):
         """The held-out precision the threshold was calibrated to."""
         self.backbone_id: str | None = None
         """Which base model the backbone is (`illume.loading.model_identity`), saved with the model so that a run
-        on another base model refuses it (`reward.critic.check_reward_checkpoint`); None when not known."""
+        on another base model refuses it (`reward.fitted.check_reward_checkpoint`); None when not known."""
         self.set_trainable()
 
     @property

@@ -292,7 +292,7 @@ def test_a_reward_model_fitted_on_another_base_model_fails_before_any_model_load
     from illume.cli import main
     from illume.config import ConfigError, load_config
     from illume.loading import model_identity
-    from reward.critic import check_reward_checkpoint
+    from reward.fitted import check_reward_checkpoint
     from tests.conftest import tiny_overrides
 
     def no_model(*args, **kwargs):

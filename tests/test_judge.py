@@ -15,8 +15,8 @@ from illume.data.records import Candidate, CandidateSet, load_image
 from illume.data.shapes import vocabulary
 from illume.feedback.verdicts import PEOPLE
 from illume.store import FeedbackStore
-from reward.critic import learn_from
 from reward.evaluate import calibrate_threshold
+from reward.fitted import learn_from
 from reward.judge import Judge, JudgeCritic, judge_prompt
 from tests.conftest import REPO, tiny_overrides
 from tests.test_loop import _config

@@ -54,7 +54,7 @@ def _hybrid_round(tmp_path, monkeypatch, *overrides, people_before: tuple[str, .
     store.add_candidate_sets(1, "train", sets)
     for example_id in people_before:  # judged by people on the annotation page before the critic ran
         store.add_judgments(1, [(example_id, [], True, None)], "alice", "train", kind="person")
-    monkeypatch.setattr(reward_critic, "fit_or_reuse", lambda *a, **k: (None, {
+    monkeypatch.setattr(reward_critic, "reward_model_on", lambda *a, **k: (None, {
         "threshold": 0.0, "heldout_precision": None, "heldout_recall": None, "heldout_roc_auc": None}))
     monkeypatch.setattr(RewardDecider, "scores", lambda self, todo, _: [SCORES[cs.example_id] for cs in todo])
     monkeypatch.setitem(uncertainty.UNCERTAINTY, "ensemble", lambda cfg, rm, threshold, store, round_idx, todo, *_:
