@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from illume.config import RunConfig
+from illume.config import ConfigError, RunConfig
 from illume.critics import Critic, human_critic, simulated_critic
-from reward.critic import HybridCritic, RewardCritic
+from reward.critic import HybridCritic, RewardCritic, check_critique_order
+from reward.fitted import check_reward_checkpoint
 from reward.judge import JudgeCritic
 
 CRITICS: dict[str, Callable[[RunConfig], Critic]] = {
@@ -22,3 +23,17 @@ CRITICS: dict[str, Callable[[RunConfig], Critic]] = {
     "hybrid": HybridCritic,
     "judge": JudgeCritic,
 }
+
+CONFIG_CHECKS: tuple[Callable[[RunConfig], None], ...] = (
+    check_reward_checkpoint,  # a saved reward model fitted on another base model fails now, not rounds later
+    check_critique_order,  # annotate.order / budget_per_round where the critic kind gives them a meaning
+)
+"""Checks of the critique's settings, each owned by the module the setting belongs to, raising ConfigError."""
+
+
+def check_critic_config(cfg: RunConfig) -> None:
+    """The critic kind and the critique's settings, before any work (the loop's pre-flight)."""
+    if cfg.critic.kind not in CRITICS:
+        raise ConfigError(f"critic.kind={cfg.critic.kind!r} is not one of {', '.join(CRITICS)}")
+    for check in CONFIG_CHECKS:
+        check(cfg)

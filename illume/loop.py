@@ -34,12 +34,12 @@ from rich.console import Console
 from rich.table import Table
 
 from illume import distributed, run_folder
-from illume.config import ConfigError, RunConfig, save_config
-from illume.critic_registry import CRITICS
+from illume.config import RunConfig, save_config
+from illume.critic_registry import CRITICS, check_critic_config
 from illume.critics import CritiqueContext
 from illume.data.datasets import load_split
 from illume.evaluation import SCORE_KEYS, explanation_scores
-from illume.feedback.verdicts import AGGREGATES, read_feedback
+from illume.feedback.verdicts import check_aggregate, read_feedback
 from illume.loading import load_vlm
 from illume.models.weights import WeightsFileError, check_safetensors, load_trainable_weights
 from illume.pool import check_pool, merge_pool, sample_pool
@@ -51,10 +51,17 @@ from illume.tracking import check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext
 from policies.registry import POLICIES, check_policy_config
-from reward.critic import check_critique_order
-from reward.fitted import check_reward_checkpoint
 
 logger = logging.getLogger(__name__)
+
+PREFLIGHT = (
+    check_critic_config,  # critic.kind, a saved reward model, annotate.order / budget (illume.critic_registry)
+    check_policy_config,  # policy.kind and its section (policies.registry)
+    check_aggregate,  # feedback.aggregate (illume.feedback.verdicts)
+    check_pool,  # sample.pool (illume.pool)
+    check_report_to,  # an unknown tracker or a missing package fails now, not after the first round
+)
+"""The settings checks `run` makes before any work, after the config loaded (types, ranges, kinds)."""
 VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")  # the table's columns
 
 
@@ -124,15 +131,8 @@ def run(cfg: RunConfig) -> list[dict]:
     distributed.init_if_launched()
     # Logs and pipes get 80 columns: too narrow. One process prints.
     console = Console(width=max(Console().width, 120), quiet=not distributed.is_main())
-    for key, value, choices in (("policy.kind", cfg.policy.kind, POLICIES), ("critic.kind", cfg.critic.kind, CRITICS),
-                                ("feedback.aggregate", cfg.feedback.aggregate, AGGREGATES)):
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-    check_policy_config(cfg)
-    check_reward_checkpoint(cfg)  # a saved reward model fitted on another base model fails here, not rounds later
-    check_critique_order(cfg)
-    check_pool(cfg)
-    check_report_to(cfg)  # an unknown tracker or a missing package fails here, not after the first round
+    for check in PREFLIGHT:  # each owned by the module whose settings it checks
+        check(cfg)
     # The data before the model: a malformed row or an unreadable image fails in seconds, not after the model
     # loaded (or minutes of pre-training).
     train = load_split(cfg.data, "train", images_must_exist=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from illume.config import RunConfig
+from illume.config import ConfigError, RunConfig
 from policies.base import Policy
 from policies.grpo import check_config as check_grpo_config
 from policies.grpo import grpo_round
@@ -24,5 +24,7 @@ CONFIG_CHECKS: dict[str, Callable[[RunConfig], None]] = {"grpo": check_grpo_conf
 
 
 def check_policy_config(cfg: RunConfig) -> None:
-    """The configured policy's own settings check (nothing for a policy without one)."""
+    """The policy kind and the configured policy's own settings check (nothing for a policy without one)."""
+    if cfg.policy.kind not in POLICIES:
+        raise ConfigError(f"policy.kind={cfg.policy.kind!r} is not one of {', '.join(POLICIES)}")
     CONFIG_CHECKS.get(cfg.policy.kind, lambda _: None)(cfg)

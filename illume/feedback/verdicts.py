@@ -53,6 +53,7 @@ import dataclasses
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from illume.config import ConfigError, RunConfig
 from illume.store import FeedbackStore, JudgedItem, JudgmentInfo
 
 ACCEPTED, REJECTED, CONTESTED = "accepted", "rejected", "contested"
@@ -76,6 +77,13 @@ def _unanimous(accepts: int, rejects: int) -> str:
 AGGREGATES: dict[str, Callable[[int, int], str]] = {"majority": _majority, "any": _any, "unanimous": _unanimous}
 """feedback.aggregate -> (accepts, rejects) of one candidate in one item -> its verdict there (rule 4)."""
 DEFAULT_AGGREGATE = "majority"
+
+
+def check_aggregate(cfg: RunConfig) -> None:
+    """`feedback.aggregate` names one of `AGGREGATES` (checked before any work)."""
+    if cfg.feedback.aggregate not in AGGREGATES:
+        raise ConfigError(f"feedback.aggregate={cfg.feedback.aggregate!r} is not one of {', '.join(AGGREGATES)}")
+
 
 RationaleKey = tuple[str, str, str, str]
 """(split, example_id, prompt, text): one rationale of one example (rule 6)."""
