@@ -288,7 +288,7 @@ def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, 
     # 3. Tune with the configured policy (policies.registry: selection-SFT, DPO, KTO); each keeps its best
     #    epoch on val.
     result = POLICIES[cfg.policy.kind](RoundContext(cfg, vlm, store, round_idx, train, train_by_id, val, out_dir,
-                                                    say=console.print))
+                                                    feedback=accepted, say=console.print))
     metrics.update(result.report)
     metrics.update(trained=True, val={k: result.best[k] for k in SCORE_KEYS if k in result.best},
                    best_epoch=result.best["epoch"], seconds=round(time.perf_counter() - start, 1))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from illume.config import RunConfig
 from illume.data.records import Example
+from illume.feedback.verdicts import Feedback
 from illume.models.vlm import VLM
 from illume.store import FeedbackStore
 
@@ -33,6 +34,9 @@ class RoundContext:
     """Scored after every epoch to keep the best one."""
     out_dir: Path
     """The round's folder: training_set.jsonl, adapters.safetensors, training.json."""
+    feedback: Feedback
+    """The verdicts of every judgment up to this round (`feedback.aggregate`), read once by the loop: what
+    selection-SFT trains on and GRPO anchors on (DPO/KTO read their own range, `policy.rounds`)."""
     say: Callable[[str], None] = print
     """Where a policy tells the user what it trains on (the loop's console)."""
 

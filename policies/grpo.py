@@ -49,7 +49,6 @@ from illume.collate import RowEncoder
 from illume.config import ConfigError, GRPOPolicyConfig, RunConfig
 from illume.critics import SimulatedCritic, candidate_scores
 from illume.data.records import CandidateSet
-from illume.feedback.verdicts import read_feedback
 from illume.models.vlm import VLM
 from illume.models.weights import save_safetensors
 from illume.prompts import ANSWER_PROMPT, example_seed
@@ -348,8 +347,7 @@ def grpo_round(context: RoundContext) -> PolicyResult:
             num_answer_rows += 1
     num_accepted_rows = 0
     if p.accepted_weight:  # selection-SFT's rationales as an NLL anchor (as RPO adds one to DPO)
-        feedback = read_feedback(context.store, upto_round=context.round_idx, aggregate=cfg.feedback.aggregate)
-        for row in feedback.accepted():
+        for row in context.feedback.accepted():
             items.append({**encode(row.example_id, row.item.prompt, row.text), "is_sample": False,
                           "advantage": 0.0, "reward": 0.0, "ref_logps": [], "nll_weight": p.accepted_weight})
             num_accepted_rows += 1

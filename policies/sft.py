@@ -4,7 +4,6 @@ row-weighted cross-entropy, adapters only, best val epoch kept (illume.training)
 from __future__ import annotations
 
 from illume import distributed
-from illume.feedback.verdicts import read_feedback
 from illume.tracking import trainer_report
 from illume.training import build_training_set, fine_tune, write_manifest
 from policies.base import PolicyResult, RoundContext
@@ -12,8 +11,7 @@ from policies.base import PolicyResult, RoundContext
 
 def sft_round(context: RoundContext) -> PolicyResult:
     cfg, round_idx = context.cfg, context.round_idx
-    feedback = read_feedback(context.store, upto_round=round_idx, aggregate=cfg.feedback.aggregate)
-    accepted = [(row.example_id, row.text) for row in feedback.accepted()]
+    accepted = [(row.example_id, row.text) for row in context.feedback.accepted()]
     rows = build_training_set(accepted, context.train, cfg.train.num_answer_only_rows, cfg.train.rationale_weight,
                               seed=cfg.train.seed + round_idx)
     if distributed.is_main():

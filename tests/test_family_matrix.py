@@ -22,6 +22,7 @@ from illume.data.datasets import load_split
 from illume.data.records import load_image
 from illume.demo.tiny_models import FAMILIES, build_tiny_hf_vlm
 from illume.evaluation import explanation_scores
+from illume.feedback.verdicts import read_feedback
 from illume.models.hf import HFVLM, chat_style
 from illume.prompts import ChatStyle, answer_prompt, rationale_prompt
 from illume.sampling import sample
@@ -206,7 +207,8 @@ def test_a_grpo_step_through_trl(family, tmp_path):
     def length(context, sets):
         return [[float(len(c.text)) + 0.1 * j for j, c in enumerate(cs.candidates)] for cs in sets]
 
-    context = RoundContext(cfg, vlm, FeedbackStore(tmp_path / "feedback.db"), 0, train, {e.id: e for e in train},
-                           val, tmp_path / "round_00", say=lambda _: None)
+    store = FeedbackStore(tmp_path / "feedback.db")
+    context = RoundContext(cfg, vlm, store, 0, train, {e.id: e for e in train}, val, tmp_path / "round_00",
+                           feedback=read_feedback(store, upto_round=0), say=lambda _: None)
     trl_grpo_round(context, sources={"probe": length})
     assert _changed(lora, vlm.model) and not _changed(frozen, vlm.model)

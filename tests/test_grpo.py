@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from illume.feedback.verdicts import read_feedback
 from policies.losses import group_advantages, grpo_loss, per_token_logps, to_completion_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,8 +148,9 @@ def test_grpo_round_trains_adapters_only_against_a_fixed_reference(tiny_vlm, tmp
     before = {n: t.clone() for n, t in tiny_vlm.model.state_dict().items()}
     said = []
     out_dir = tmp_path / "round_00"
-    result = grpo_round(RoundContext(cfg, tiny_vlm, FeedbackStore(tmp_path / "f.db"), 0, train,
-                                     {e.id: e for e in train}, val, out_dir, say=said.append))
+    store = FeedbackStore(tmp_path / "f.db")
+    result = grpo_round(RoundContext(cfg, tiny_vlm, store, 0, train, {e.id: e for e in train}, val, out_dir,
+                                     feedback=read_feedback(store, upto_round=0), say=said.append))
 
     assert set(result.report) >= {"grpo_reward", "grpo_accept", "grpo_kl"} and result.report["grpo_kl"] >= 0
     after = tiny_vlm.model.state_dict()
@@ -222,7 +224,8 @@ def test_sft_weight_adds_every_accepted_rationale_as_an_nll_row(tiny_vlm, tmp_pa
     monkeypatch.setattr(policies.grpo, "train_keeping_best_epoch", no_training)
     with pytest.raises(KeyError):  # no trainer ran, so there is no trainer's step log: stop here
         grpo_round(RoundContext(cfg, tiny_vlm, store, 0, train, {e.id: e for e in train}, train[:1],
-                                tmp_path / "round_00", say=lambda _: None))
+                                tmp_path / "round_00", feedback=read_feedback(store, upto_round=0),
+                                say=lambda _: None))
     rows = [item for item in seen["items"] if not item["is_sample"]]
     assert sorted(item["nll_weight"] for item in rows) == [0.5, 0.5, 2.0, 2.0, 2.0]  # 2 accepted, 3 answers
     assert all(item["nll_weight"] == 0.0 for item in seen["items"] if item["is_sample"])

@@ -16,6 +16,7 @@ from illume.config import load_config
 from illume.data.datasets import load_split
 from illume.data.records import load_image
 from illume.demo.tiny_models import build_tiny_hf_vlm
+from illume.feedback.verdicts import read_feedback
 from illume.prompts import ChatStyle, rationale_prompt
 from illume.store import FeedbackStore
 from policies.base import RoundContext
@@ -61,8 +62,9 @@ def _round(cfg, vlm, questions, tmp_path, sources):
     from policies.grpo_trl import trl_grpo_round
 
     train, val = questions
-    context = RoundContext(cfg, vlm, FeedbackStore(tmp_path / "feedback.db"), 0, train, {e.id: e for e in train},
-                           val, tmp_path / "round_00", say=lambda _: None)
+    store = FeedbackStore(tmp_path / "feedback.db")
+    context = RoundContext(cfg, vlm, store, 0, train, {e.id: e for e in train}, val, tmp_path / "round_00",
+                           feedback=read_feedback(store, upto_round=0), say=lambda _: None)
     return trl_grpo_round(context, sources=sources)
 
 
@@ -148,7 +150,7 @@ def test_the_reward_function_refuses_an_image_of_another_question(questions, tmp
 
     train, val = questions
     cfg = _cfg(tmp_path)
-    context = RoundContext(cfg, None, None, 0, train, {e.id: e for e in train}, val, tmp_path)
+    context = RoundContext(cfg, None, None, 0, train, {e.id: e for e in train}, val, tmp_path, feedback=None)
     reward = RewardFunction(context, {"probe": _length_source()}, {"probe": 1.0})
     completions = [[{"role": "assistant", "content": " the circle is red"}]] * 2
     ids = [train[0].id, train[1].id]
