@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,9 +34,34 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_overrides(tmp_path: Path) -> list[str]:
-    """Overrides for a fast run writing only under tmp_path."""
-    return TINY_MODEL + TINY_DATA + [f"model.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}"]
+def tiny_overrides(tmp_path: Path, own_cache: bool = False) -> list[str]:
+    """Overrides for a fast run writing only under tmp_path.
+
+    The tiny demo base model comes from a cache the whole session shares (`shared_tiny_cache`): some forty
+    runs need the same one, and pre-training it for each took minutes of the suite. A test about pre-training
+    or the cache itself takes `own_cache=True`: tmp_path/cache, empty until its run pre-trains into it.
+    """
+    cache = tmp_path / "cache" if own_cache else shared_tiny_cache()
+    return TINY_MODEL + TINY_DATA + [f"model.cache_dir={cache}", f"output_dir={tmp_path / 'runs'}"]
+
+
+_SHARED_CACHE: list[Path] = []
+
+
+def shared_tiny_cache() -> Path:
+    """A model cache for the session, holding the tiny demo base model of `TINY_MODEL` + `TINY_DATA`,
+    pre-trained on first use. Pre-trained here, in this process, before any run names the folder: runs started
+    in several processes at once (torchrun, a second writer) then find it made instead of all making it."""
+    if not _SHARED_CACHE:
+        from illume.config import load_config
+        from illume.demo.pretrain import ensure_demo_model
+
+        cache = Path(tempfile.mkdtemp(prefix="illume-tests-cache-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        ensure_demo_model(load_config(REPO / "configs" / "demo.yaml", TINY_MODEL + TINY_DATA + [
+            f"model.cache_dir={cache}", f"output_dir={cache / 'runs'}"]))
+        _SHARED_CACHE.append(cache)
+    return _SHARED_CACHE[0]
 
 
 @pytest.fixture

@@ -57,6 +57,7 @@ def _train(kind: str, vlm, answer_weight: float, out_dir):
     return optimize_kto(vlm, rows, examples, val, policy, train_cfg, cfg.sample, out_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dpo", "kto"])
 def test_the_answer_rows_train_the_answer(kind, tiny_vlm, tmp_path):
     _, examples = _toy_pairs()

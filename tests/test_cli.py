@@ -11,8 +11,9 @@ from illume.config import load_config, save_config
 from tests.conftest import REPO, tiny_overrides
 
 
+@pytest.mark.slow
 def test_baseline_pretrains_then_reports_and_writes_the_config_first(tmp_path, capsys):
-    overrides = tiny_overrides(tmp_path) + ["name=base", "sample.samples_per_temperature=2",
+    overrides = tiny_overrides(tmp_path, own_cache=True) + ["name=base", "sample.samples_per_temperature=2",
                                             "sample.max_new_tokens=6"]
     assert main(["baseline", str(REPO / "configs" / "demo.yaml"), *overrides]) == 0
     run_dir = tmp_path / "runs" / "base"
@@ -66,7 +67,7 @@ def no_model(monkeypatch):
 
 def _command(tmp_path, command: str, data: list[str]) -> list[str]:
     """`command`'s arguments: a config file (run, baseline), else a run folder with `data` in config.yaml."""
-    overrides = tiny_overrides(tmp_path) + QUICK + data + ["name=bad"]
+    overrides = tiny_overrides(tmp_path, own_cache=True) + QUICK + data + ["name=bad"]
     if command in ("run", "baseline"):
         return [command, DEMO, *overrides]
     run_dir = tmp_path / "runs" / "bad"
@@ -98,7 +99,7 @@ def test_corrupt_image_is_one_data_error_line_not_a_traceback(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     data = _jsonl_data(tmp_path, [{"image": _square(tmp_path / "a.png"), "question": "q?", "answer": "yes"},
                                   {"image": "bad.png", "question": "q?", "answer": "no"}])
-    assert main(["run", DEMO, *tiny_overrides(tmp_path), *QUICK, *data, "loop.num_rounds=1"]) == 2
+    assert main(["run", DEMO, *tiny_overrides(tmp_path, own_cache=True), *QUICK, *data, "loop.num_rounds=1"]) == 2
     err = capsys.readouterr().err
     assert "data error: train split (jsonl): cannot read image" in err  # found before the model loads
     assert str(tmp_path / "bad.png") in err and "train.jsonl:2" in err

@@ -36,6 +36,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_the_recipe_reproduces_the_shipped_loss_curve(tmp_path, one_thread):
     """The first 60 of 1,200 steps (the first logged mean loss, under the full run's schedule) of pre-training
     with today's code and settings give the loss the shipped model's run recorded. On the machine that made

@@ -70,6 +70,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_the_recipe_reproduces_the_shipped_loss_curve(tmp_path, one_thread):
     """The first logged mean loss (the first 1/20 of the steps, under the full run's schedule) of pre-training
     with today's code and settings is the one the shipped model's run recorded (bit for bit on the machine
@@ -122,6 +123,7 @@ def test_the_shipped_model_answers_and_stops(no_pretraining):
     assert sum(len(ids) > 0 for ids in rationales) >= 12, rationales  # (a rare one ends it at once)
 
 
+@pytest.mark.slow
 def test_the_demo_hf_config_runs_a_round_on_the_shipped_model(tmp_path, no_pretraining):
     assert main(["run", str(DEMO_HF), *SHORT_RUN, f"output_dir={tmp_path}"]) == 0
     results = json.loads((tmp_path / "demo_hf" / "results.json").read_text())

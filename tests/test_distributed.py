@@ -82,6 +82,7 @@ def _logprobs(sets) -> list[float]:
     return [c.logprob for s in sets for c in s.candidates]
 
 
+@pytest.mark.slow
 def test_two_process_run_stores_the_one_process_candidates_once(config, two_process_run):
     run_dir, output = two_process_run
     cfg = load_config(config[0], config[1:] + ["name=two"])
@@ -112,6 +113,7 @@ def test_two_process_run_stores_the_one_process_candidates_once(config, two_proc
         assert (run_dir / f"round_{round_idx:02d}" / "adapters.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_reward_training_with_two_processes(two_process_run):
     run_dir, _ = two_process_run
     output = _ok(_torchrun("reward", "train", str(run_dir)))
@@ -123,6 +125,7 @@ def test_reward_training_with_two_processes(two_process_run):
     assert output.count("pairwise accuracy") == 1  # one report, from rank 0
 
 
+@pytest.mark.slow
 def test_dpo_with_two_processes(two_process_run):
     run_dir, _ = two_process_run
     _ok(_torchrun("dpo", str(run_dir)))
@@ -132,6 +135,7 @@ def test_dpo_with_two_processes(two_process_run):
     assert (run_dir / "dpo" / "adapters.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_dpo_with_accelerate_launch(two_process_run, tmp_path):
     """`accelerate launch --cpu` starts ONE process unless given an MPI hostfile (accelerate 1.x runs
     `--cpu` through its simple launcher), so 2 CPU processes need `--multi_gpu`, which launches through

@@ -135,6 +135,7 @@ def magma_run(tmp_path_factory):
     return tmp_path / "runs" / "run"
 
 
+@pytest.mark.slow
 def test_a_magma_export_loads_with_transformers_and_gives_the_runs_greedy_tokens(magma_run, tmp_path, capsys):
     out = tmp_path / "model"
     assert main(["export-model", str(magma_run), str(out)]) == 0
@@ -158,6 +159,7 @@ def test_a_magma_export_loads_with_transformers_and_gives_the_runs_greedy_tokens
                                        "illume.models.clip_resnet"}, results["modules"]
 
 
+@pytest.mark.slow
 def test_round_chooses_the_rounds_weights(magma_run, tmp_path):
     out = tmp_path / "round0"
     assert main(["export-model", str(magma_run), "--round", "0", str(out)]) == 0
@@ -170,6 +172,7 @@ def test_round_chooses_the_rounds_weights(magma_run, tmp_path):
     assert "# run, round 0:" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_round_that_is_not_there_is_refused_naming_the_rounds_there(magma_run, tmp_path, capsys):
     out = tmp_path / "round7"
     assert main(["export-model", str(magma_run), str(out), "--round", "7"]) == 2
@@ -178,6 +181,7 @@ def test_a_round_that_is_not_there_is_refused_naming_the_rounds_there(magma_run,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_out_is_replaced_only_when_it_is_an_earlier_export_and_force_is_given(magma_run, tmp_path, capsys):
     foreign = tmp_path / "theirs"
     foreign.mkdir()
@@ -200,6 +204,7 @@ def test_out_is_replaced_only_when_it_is_an_earlier_export_and_force_is_given(ma
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "theirs"]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_the_reward_model_exports_with_its_head_and_threshold(magma_run, tmp_path, capsys):
     from reward.model import RewardModel, score
 
@@ -258,6 +263,7 @@ def hf_run(tmp_path_factory):
     return tmp_path / "runs" / "run"
 
 
+@pytest.mark.slow
 def test_an_hf_export_is_a_peft_adapter_that_peft_loads_alone_with_the_trained_projector(hf_run, tmp_path):
     out = tmp_path / "adapter"
     assert main(["export-model", str(hf_run), str(out)]) == 0
@@ -276,6 +282,7 @@ def test_an_hf_export_is_a_peft_adapter_that_peft_loads_alone_with_the_trained_p
     assert results["modules"] == []  # illume was never imported
 
 
+@pytest.mark.slow
 def test_merge_writes_a_standalone_model_with_its_processor(hf_run, tmp_path):
     out = tmp_path / "merged"
     assert main(["export-model", str(hf_run), str(out), "--merge"]) == 0

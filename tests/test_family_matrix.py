@@ -147,6 +147,7 @@ def test_lora_on_the_language_model_only(family):
     assert lora_modules <= in_language_model, sorted(lora_modules - in_language_model)[:3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", MATRIX)
 def test_a_round_of_every_policy(family, examples, tmp_path):
     """Sampling, selection-SFT, the reward model, DPO and KTO, each one step, and val scoring: only LoRA (and the
@@ -188,6 +189,7 @@ def test_a_round_of_every_policy(family, examples, tmp_path):
     assert {"answer_accuracy", "cider"} <= set(scores)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", MATRIX)
 def test_a_grpo_step_through_trl(family, tmp_path):
     from illume.store import FeedbackStore

@@ -247,6 +247,7 @@ def test_grpo_with_no_reward_source_fails_before_any_model_loads(tmp_path):
         check_config(hf_with_anchor)
 
 
+@pytest.mark.slow
 def test_the_loop_runs_grpo_with_the_reward_model_each_round(tmp_path):
     """configs/demo_grpo.yaml on the tiny MAGMA: people (simulated) judge round 0, the reward model is fitted on
     their judgments, GRPO with it in every round; the round rows carry reward, acceptance and KL."""

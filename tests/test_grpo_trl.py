@@ -224,6 +224,7 @@ def _loop(tmp_path, name, *overrides):
     return run, json.loads((run / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_loop_runs_trl_grpo_on_a_tiny_qwen2_vl(tmp_path):
     """`illume run` with model.kind=hf, policy.kind=grpo and the simulated critic's metric as the reward: two
     rounds trained by TRL's GRPOTrainer, each with reward, acceptance and KL in results.json."""
@@ -242,6 +243,7 @@ def test_the_loop_runs_trl_grpo_on_a_tiny_qwen2_vl(tmp_path):
     assert any(not torch.equal(first[n], second[n]) for n in first)  # round 1 trained on from round 0
 
 
+@pytest.mark.slow
 def test_the_loop_runs_trl_grpo_with_an_ai_judge_and_no_people(tmp_path):
     """critic.kind=judge with the tiny Qwen2-VL as judge (the run's own base model, context-aware likelihood as
     demo_rlaif.yaml) and as policy, no people: the reward model learns from the judge's verdicts and is GRPO's

@@ -84,6 +84,7 @@ def test_one_reward_model_epoch_trains_head_and_lora_and_scores(vlm, examples, t
     assert score(again, item)[0] == pytest.approx(score(rm, item)[0], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_one_dpo_and_one_kto_epoch_change_lora_only(vlm, examples, tmp_path):
     by_id = {e.id: e for e in examples}
     lora, frozen = _lora(vlm), _frozen(vlm)
@@ -109,6 +110,7 @@ def test_selection_sft_with_gradient_checkpointing_still_trains_lora(examples, t
     assert _changed(lora, vlm.model)
 
 
+@pytest.mark.slow
 def test_illume_run_with_a_saved_hf_model(tmp_path):
     """The user path: `illume run ... model.kind=hf model.path=DIR` (a folder written by HFVLM.save) runs a
     round end to end: sampling, the simulated critic, selection-SFT with LoRA, val scores."""

@@ -189,6 +189,7 @@ def store_boundary_crossings(source: str, in_feedback_package: bool) -> list[tup
     return sorted(found)
 
 
+@pytest.mark.slow
 def test_nothing_outside_the_store_uses_its_private_names():
     crossings = [f"{path.relative_to(REPO)}:{line}: {what}"
                  for package in ("illume", "reward", "policies", "scripts")

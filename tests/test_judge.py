@@ -171,6 +171,7 @@ def test_the_judge_uses_the_configured_threshold_without_people(tmp_path):
         assert store.num_judgments(kinds=cfg.feedback.people) == 0
 
 
+@pytest.mark.slow
 def test_judge_critic_in_the_loop_with_zero_human_judgments(tmp_path):
     args = ["run", *_config(tmp_path, "judge", 2), "critic.kind=judge", "judge.method=likelihood",
             "judge.context=references", "judge.threshold=-100", "reward.learn_from=[judge]"]

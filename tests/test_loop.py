@@ -29,6 +29,7 @@ def _judgments(run_dir):
     return sorted(rows)
 
 
+@pytest.mark.slow
 def test_run_completes_two_rounds(tmp_path):
     assert main(["run", *_config(tmp_path, "e2e", 2)]) == 0
     run_dir = tmp_path / "runs" / "e2e"
@@ -48,6 +49,7 @@ def test_run_completes_two_rounds(tmp_path):
     assert _judgments(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_first_round_that_accepts_nothing_stops_the_run_cleanly(tmp_path):
     """Round 0 accepts nothing (ROUGE-L 1.0: a copy of a reference, which the barely trained model never writes): the run stops after it, writing its round
     metrics (the round has no folder of its own until something trains) and results.json."""
@@ -63,6 +65,7 @@ def test_a_first_round_that_accepts_nothing_stops_the_run_cleanly(tmp_path):
     assert [r["round"] for r in json.loads((run_dir / "results.json").read_text())] == ["base", 0]
 
 
+@pytest.mark.slow
 def test_kill_during_training_then_rerun_loses_and_duplicates_nothing(tmp_path):
     main(["pretrain", *_config(tmp_path, "warm", 3)])  # cache the base model for both runs
     assert main(["run", *_config(tmp_path, "clean", 3)]) == 0
@@ -106,6 +109,7 @@ def test_malformed_dataset_fails_with_file_and_row_named(tmp_path, capsys):
     assert "train.jsonl" in err and "line 2" in err and "question" in err
 
 
+@pytest.mark.slow
 def test_human_web_critic_stops_waiting_then_continues_from_the_store(tmp_path, capsys):
     args = ["run", *_config(tmp_path, "people", 2), "critic.kind=human", "critic.wait=false"]
     assert main(args) == 0
@@ -124,6 +128,7 @@ def test_human_web_critic_stops_waiting_then_continues_from_the_store(tmp_path, 
     assert store.is_sampled(1) and store.round_counts(1)["judgments"] == 0
 
 
+@pytest.mark.slow
 def test_terminal_critic_records_each_answer(tmp_path, monkeypatch):
     replies = iter(["x", "9", "1 2"] + ["0"] * 20)  # two bad replies first, re-asked; then 1 and 2; then none
     monkeypatch.setattr("rich.prompt.Prompt.ask", lambda *a, **k: next(replies))
@@ -142,6 +147,7 @@ def test_terminal_critic_records_each_answer(tmp_path, monkeypatch):
     assert all(r["seconds"] is not None for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["reward", "hybrid"])
 def test_reward_and_hybrid_critics_take_over_after_the_human_rounds(tmp_path, kind):
     args = ["run", *_config(tmp_path, kind, 2), f"critic.kind={kind}", "reward.human_rounds=1",

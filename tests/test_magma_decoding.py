@@ -85,6 +85,7 @@ def eos_biased_vlm(tiny_vlm):
     return tiny_vlm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("filters", [{}, {"top_k": 5}, {"top_p": 0.7}])
 def test_dropping_finished_rows_draws_what_decoding_every_row_drew(eos_biased_vlm, filters):
     vlm = eos_biased_vlm

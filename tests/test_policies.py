@@ -173,6 +173,7 @@ def _margins(vlm, pairs, examples) -> torch.Tensor:
     return logps[0::2] - logps[1::2]
 
 
+@pytest.mark.slow
 def test_dpo_training_grows_the_margin_and_keeps_the_reference_of_the_round_start(tiny_vlm, tmp_path):
     """On a toy set the chosen-minus-rejected log-prob margin grows; the reference log-probs used throughout
     are those of the model as it was before the round, recomputed afterwards from a snapshot of its weights;
@@ -204,6 +205,7 @@ def test_dpo_training_grows_the_margin_and_keeps_the_reference_of_the_round_star
             assert torch.equal(parameter, frozen_before[name]), name
 
 
+@pytest.mark.slow
 def test_kto_training_raises_accepted_and_lowers_rejected_log_probs(tiny_vlm, tmp_path):
     from policies.kto import optimize_kto
 
@@ -259,6 +261,7 @@ def test_pairs_of_the_latest_round_only(tmp_path):
 # ------------------------------------------------------------------ the loop and the commands
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dpo", "kto"])
 def test_the_loop_runs_a_preference_policy_each_round(kind, tmp_path):
     from illume.cli import main
@@ -291,6 +294,7 @@ def _toy_policy(calls: list, context):
     return PolicyResult({**scores, "epoch": 0}, [scores], {"toy_items": items})
 
 
+@pytest.mark.slow
 def test_a_new_policy_is_one_function_and_one_registry_entry(tmp_path, monkeypatch):
     """The loop runs whatever POLICIES holds for policy.kind, asking nothing else about it (a new kind's name
     also goes into PolicyConfig.kind's Literal, tests/test_config.py; here the toy takes the place of sft)."""
@@ -314,11 +318,12 @@ def test_an_unknown_policy_kind_fails_before_any_work(tmp_path, capsys):
     from illume.cli import main
     from tests.conftest import tiny_overrides
 
-    assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "policy.kind=ppo"]) == 2
+    assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path, own_cache=True), "policy.kind=ppo"]) == 2
     assert "policy.kind" in (err := capsys.readouterr().err) and "ppo" in err and "'sft', 'dpo', 'kto', 'grpo'" in err
     assert not (tmp_path / "runs" / "demo").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_dpo_command_on_a_store_and_on_an_exported_dataset(tiny_vlm, tmp_path, capsys):
     from illume.cli import main
 

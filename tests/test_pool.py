@@ -89,6 +89,7 @@ def test_swapped_adapters_come_back_exactly_also_after_an_error(tiny_vlm, tmp_pa
     assert all(torch.equal(trainable_state_dict(tiny_vlm.model)[n], before[n]) for n in before)
 
 
+@pytest.mark.slow
 def test_a_run_pools_an_earlier_round_and_another_vlm_and_the_page_shows_neither_name(tmp_path, capsys):
     """Two rounds of the demo on the tiny MAGMA with a pool of round 0's policy (from round 1 on) and a tiny
     Qwen2-VL (another VLM, another backend): the writers are stored per candidate and exported, the page's

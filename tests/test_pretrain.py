@@ -33,6 +33,7 @@ def test_pretraining_rows_never_contain_image_rationales(tmp_path):
     assert all(count > 0 for count in kinds.values()), kinds
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     cfg = load_config(REPO / "configs" / "demo.yaml",
                       tiny_overrides(tmp_path) + ["pretrain.num_steps=40", "pretrain.warmup_steps=4"])
@@ -45,6 +46,7 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     assert vlm.model.config.num_image_tokens == 9  # 96 px -> a 3 x 3 grid
 
 
+@pytest.mark.slow
 def test_load_vlm_pretrains_once_then_uses_the_cache(tmp_path, monkeypatch):
     cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path) + ["pretrain.num_steps=2"])
     loading.load_vlm(cfg)  # pre-trains: nothing cached yet
@@ -61,6 +63,7 @@ def test_load_vlm_pretrains_once_then_uses_the_cache(tmp_path, monkeypatch):
         loading.load_vlm(other)
 
 
+@pytest.mark.slow
 def test_another_working_folder_finds_the_same_cached_model(tmp_path, monkeypatch):
     for name in ("ILLUME_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)

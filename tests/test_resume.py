@@ -37,6 +37,7 @@ def _rounds(run_dir) -> list:
     return [r["round"] for r in json.loads((run_dir / "results.json").read_text())]
 
 
+@pytest.mark.slow
 def test_same_settings_resume(run):
     run_dir, args = run
     assert main(["run", *args]) == 0
@@ -44,6 +45,7 @@ def test_same_settings_resume(run):
     assert not (run_dir / "settings_changes.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_more_rounds_resume(run):
     run_dir, args = run
     assert main(["run", *args, "loop.num_rounds=2"]) == 0
@@ -72,6 +74,7 @@ def test_changed_settings_refuse_naming_each_key_and_leave_the_run_untouched(run
     assert not (run_dir / "round_01").exists()
 
 
+@pytest.mark.slow
 def test_allowed_change_continues_and_is_recorded(run):
     run_dir, args = run
     changed = [*args, "sample.samples_per_temperature=3", "loop.num_rounds=2"]

@@ -357,6 +357,7 @@ def _run_dir(tmp_path, tiny_vlm, judge: bool = True):
     return run_dir
 
 
+@pytest.mark.slow
 def test_reward_train_and_eval_commands_write_their_files(tiny_vlm, tmp_path, capsys):
     from illume.cli import main
 

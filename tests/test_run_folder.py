@@ -49,7 +49,7 @@ def test_a_folder_illume_did_not_write_is_refused_and_left_as_it_was(tmp_path, c
     """Issue 24: `illume run ... output_dir=X name=N` overwrote another tool's config.yaml and results.json."""
     folder = tmp_path / "runs" / "theirs"
     before = _foreign_folder(folder)
-    assert main([command, DEMO, *tiny_overrides(tmp_path), "name=theirs"]) == 2
+    assert main([command, DEMO, *tiny_overrides(tmp_path, own_cache=True), "name=theirs"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"refused: {folder} is not an illume run folder and is not empty (it holds config.yaml, "
                           "results.json)") and err.count("\n") == 1

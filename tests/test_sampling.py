@@ -18,6 +18,7 @@ def examples():
     return ShapesWorld(num_val_scenes=5).examples("val")
 
 
+@pytest.mark.slow
 def test_k_distinct_or_fewer_nonempty_candidates(tiny_vlm, examples):
     sets = sample(tiny_vlm, examples, CFG, progress=False)
     assert [cs.example_id for cs in sets] == [e.id for e in examples]
@@ -33,6 +34,7 @@ def test_k_distinct_or_fewer_nonempty_candidates(tiny_vlm, examples):
     assert sum(len(cs.candidates) for cs in sets) > len(sets)
 
 
+@pytest.mark.slow
 def test_recorded_seeds_reproduce_candidates_in_any_batch(tiny_vlm, examples):
     first = sample(tiny_vlm, examples, CFG, round_idx=2, progress=False)
     again = sample(tiny_vlm, examples, CFG, round_idx=2, progress=False)

@@ -103,7 +103,7 @@ def test_a_store_from_before_the_schema_version_opens_and_gets_one(tmp_path):
 
 def test_an_unreachable_database_fails_in_one_line_before_the_run_folder_is_touched(tmp_path, capsys):
     url = "postgresql+psycopg://nobody@127.0.0.1:9/illume"  # port 9 (discard): nothing listens
-    assert main(["run", DEMO, *tiny_overrides(tmp_path), f"store_url={url}"]) == 2
+    assert main(["run", DEMO, *tiny_overrides(tmp_path, own_cache=True), f"store_url={url}"]) == 2
     err = _one_line(capsys.readouterr().err, f"store error: cannot open the feedback store {url}: ")
     assert "connection" in err.lower()
     assert not (tmp_path / "runs").exists()  # no config.yaml, no folder

@@ -79,6 +79,7 @@ LOOP = ["critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_e
         "sample.samples_per_temperature=2", "sample.max_new_tokens=6", "loop.num_rounds=1"]
 
 
+@pytest.mark.slow
 def test_heldout_scores_of_val_equal_what_the_run_recorded(tmp_path):
     """Scoring a finished run's folders again on val gives exactly the val scores the run recorded for its base
     model and its kept epoch: the right adapters are loaded, in the right order. Test scores are cached."""

@@ -40,6 +40,7 @@ def _judge(page, keys: list[str], text: str | None = None) -> int:
     return int(item_id)
 
 
+@pytest.mark.slow
 def test_a_team_in_real_browsers(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     executable = shutil.which("chromium") or shutil.which("chromium-browser")

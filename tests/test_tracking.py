@@ -30,7 +30,7 @@ LOOP = ["critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_e
 
 
 def _config(root, name: str, *extra: str) -> list[str]:
-    return [str(REPO / "configs" / "demo.yaml"), *tiny_overrides(root), *LOOP, f"name={name}", *extra]
+    return [str(REPO / "configs" / "demo.yaml"), *tiny_overrides(root, own_cache=True), *LOOP, f"name={name}", *extra]
 
 
 def _scalars(folder) -> dict[str, dict[int, list[float]]]:
@@ -56,12 +56,14 @@ def two_runs(tmp_path_factory):
     return root / "runs" / "plain", root / "runs" / "tracked"
 
 
+@pytest.mark.slow
 def test_pretraining_reports_its_loss(two_runs):
     logged = _scalars(tracking_dir(two_runs[0].parent / "warm") / "pretrain")
     assert {"train/loss", "train/learning_rate", "train/train_loss"} <= set(logged)
     assert sorted(logged["train/loss"]) == list(range(1, 21))  # 20 steps, logged every num_steps // 20
 
 
+@pytest.mark.slow
 def test_the_round_table_and_the_sft_loss_reach_tensorboard(two_runs):
     _, run_dir = two_runs
     results = json.loads((run_dir / "results.json").read_text())
@@ -86,6 +88,7 @@ def test_the_round_table_and_the_sft_loss_reach_tensorboard(two_runs):
         assert set(trainer_logged) >= {"train/train_runtime", "train/epoch"}
 
 
+@pytest.mark.slow
 def test_results_json_is_the_same_with_and_without_tracking(two_runs):
     """results.json holds no wall-clock figure (illume.loop.WALL_CLOCK_KEYS): compared byte for byte."""
     plain, tracked = two_runs
@@ -192,6 +195,7 @@ def test_report_to_takes_a_name_a_list_none_and_all():
     assert [type(c).__name__ for c in report.callbacks()] == ["TensorBoardCallback"]
 
 
+@pytest.mark.slow
 def test_the_loops_trackers_are_closed_when_a_round_fails(two_runs, monkeypatch):
     """A round that raises still closes the trackers (TensorBoard files flushed, remote runs ended)."""
     import illume.loop

@@ -61,6 +61,7 @@ def test_weighted_loss_equals_hand_computation():
     assert weighted_lm_loss(logits, labels, torch.tensor([1.0, 3.0])).item() == pytest.approx(math.log(2) / 2)
 
 
+@pytest.mark.slow
 def test_fine_tune_trains_adapters_only_and_keeps_the_best_epoch(tiny_vlm, examples, tmp_path):
     val = ShapesWorld(num_val_scenes=4).examples("val")
     rows = build_training_set([(examples[0].id, "there is a red circle on the left")], examples)

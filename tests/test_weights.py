@@ -44,8 +44,9 @@ def test_damaged_reward_head_names_the_file_and_says_what_to_do(tiny_vlm, tmp_pa
     assert f"{path} is not a readable safetensors file" in str(error.value)
 
 
+@pytest.mark.slow
 def test_damaged_cached_demo_model_names_the_file(tmp_path):
-    cfg = load_config(DEMO, tiny_overrides(tmp_path) + ["pretrain.num_steps=2"])
+    cfg = load_config(DEMO, tiny_overrides(tmp_path, own_cache=True) + ["pretrain.num_steps=2"])
     loading.load_vlm(cfg)  # pre-trains and caches it
     directory = next((tmp_path / "cache").glob("demo-base-*"))
     path = _damage(directory / "model.safetensors")
