@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import pytest
+
 from illume.critics import CritiqueContext, Review, store_reviews
 from tests.conftest import REPO, tiny_overrides
 from tests.test_policies import _toy_policy
@@ -30,6 +32,7 @@ class FirstCandidateJudge:
         return True
 
 
+@pytest.mark.slow
 def test_a_toy_critic_and_a_toy_policy_run_the_loop(tmp_path, monkeypatch):
     from illume.cli import main
     from illume.critic_registry import CRITICS

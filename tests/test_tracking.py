@@ -100,6 +100,7 @@ def test_results_json_is_the_same_with_and_without_tracking(two_runs):
         assert losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_dpo_reports_its_loss_and_margins(tiny_vlm, tmp_path):
     """DPO's HF Trainer reports through trainer_report: per-step loss, learning rate and DPO's own metrics."""
     examples = {k: example(k) for k in ("e1", "e2", "e3", "e4")}
