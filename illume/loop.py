@@ -1,6 +1,9 @@
-"""The ILLUME loop: sample -> critique -> tune -> evaluate -> report, per round.
+"""The ILLUME loop: sample -> critique -> verdicts -> tune (keeping the best epoch by val) -> report, per round.
 
-Each step is behind an interface chosen by one dict: the critic by `illume.critic_registry.CRITICS`
+`run` checks everything it can, then `_rounds` plays each round over one `Run` (what the rounds share) and
+one `Round` (what a round's steps fill in): `play_round` calls `sample_round`, `critique_round`,
+`read_verdicts` and `tune_round` in that order, and `_rounds` writes the round's row and decides whether to
+go on. Each step is behind an interface chosen by one dict: the critic by `illume.critic_registry.CRITICS`
 [critic.kind], the policy by `policies.registry.POLICIES[policy.kind]`; what was accepted is read by the
 rules of `illume.feedback.verdicts`; the backend is whatever `load_vlm` gives. This module asks none of them
 which kind it is.
@@ -27,6 +30,8 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image
@@ -36,18 +41,20 @@ from rich.table import Table
 from illume import distributed, run_folder
 from illume.config import RunConfig, save_config
 from illume.critic_registry import CRITICS, check_critic_config
-from illume.critics import CritiqueContext
+from illume.critics import Critic, CritiqueContext
 from illume.data.datasets import load_split
+from illume.data.records import CandidateSet, Example
 from illume.evaluation import SCORE_KEYS, explanation_scores
-from illume.feedback.verdicts import check_aggregate, read_feedback
+from illume.feedback.verdicts import Feedback, check_aggregate, read_feedback
 from illume.loading import load_vlm
+from illume.models.vlm import VLM
 from illume.models.weights import WeightsFileError, check_safetensors, load_trainable_weights
 from illume.pool import check_pool, merge_pool, sample_pool
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
 from illume.status import POLICY_COLUMNS, policy_cell
 from illume.store import FeedbackStore
-from illume.tracking import check_report_to, open_tracker, round_scalars
+from illume.tracking import RunTracker, check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext
 from policies.registry import POLICIES, check_policy_config
@@ -164,20 +171,62 @@ def run(cfg: RunConfig) -> list[dict]:
         # round fails.
         tracker = open_tracker(cfg, say=console.print)
         held.callback(tracker.close)
-        results = _rounds(cfg, run_dir, store, vlm, critic, train, val, console, image_refs, tracker)
+        results = _rounds(Run(cfg, run_dir, store, vlm, critic, train, val, image_refs, console, tracker))
     console.print(f"results: {run_dir / 'results.json'}")
     return results
 
 
-def _rounds(cfg, run_dir, store, vlm, critic, train, val, console, image_refs, tracker) -> list[dict]:
-    """Score the base model, then run (or take from disk) each round until the loop's stopping rules say so."""
-    train_by_id = {e.id: e for e in train}
+@dataclass
+class Run:
+    """What every round of a run shares: its settings, folder, store, model (tuned round by round), critic and
+    data, and where it reports."""
+
+    cfg: RunConfig
+    run_dir: Path
+    store: FeedbackStore
+    vlm: VLM
+    critic: Critic
+    train: list[Example]
+    val: list[Example]
+    image_refs: dict[str, str]
+    """Example id -> the image people are shown (`save_images`)."""
+    console: Console
+    tracker: RunTracker
+
+    @cached_property
+    def train_by_id(self) -> dict[str, Example]:
+        return {e.id: e for e in self.train}
+
+
+@dataclass
+class Round:
+    """One round as its steps fill it in: the candidates, whether people are done, the verdicts, the metrics
+    that become its row of results.json."""
+
+    idx: int
+    out_dir: Path
+    started: float = field(default_factory=time.perf_counter)
+    sets: dict[str, CandidateSet] = field(default_factory=dict)
+    """The round's train candidate sets by example id (step 1)."""
+    people_done: bool = True
+    """False when people have not judged everything and the config says not to wait (step 2): the run stops."""
+    critique: dict = field(default_factory=dict)
+    """Keys the critic adds to the round's row (the reward model's threshold, ...)."""
+    feedback: Feedback | None = None
+    """The verdicts of every judgment up to this round (step 3), handed to the policy."""
+    metrics: dict = field(default_factory=dict)
+    """The round's row of results.json (round_NN/metrics.json)."""
+
+
+def _rounds(run: Run) -> list[dict]:
+    """Score the base model, then play (or take from disk) each round until the loop's stopping rules say so."""
+    cfg, run_dir, store, console, tracker = run.cfg, run.run_dir, run.store, run.console, run.tracker
     base_path = run_dir / "base_metrics.json"
     if base_path.is_file():
         base_scores = json.loads(base_path.read_text())
     else:
         console.print("[bold]scoring the base model on val[/bold]")
-        base_scores = explanation_scores(vlm, val, cfg.sample, progress=distributed.is_main())
+        base_scores = explanation_scores(run.vlm, run.val, cfg.sample, progress=distributed.is_main())
         if distributed.is_main():
             _write_json(base_path, base_scores)
     results = [{"round": "base", "val": base_scores}]
@@ -190,12 +239,12 @@ def _rounds(cfg, run_dir, store, vlm, critic, train, val, console, image_refs, t
         if metrics_path.is_file():  # finished earlier: take its weights and go on
             metrics = json.loads(metrics_path.read_text())
             if metrics.get("trained"):
-                load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
+                load_trainable_weights(run.vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
         else:
-            metrics = _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
-                                 image_refs, tracker)
-            if metrics is None:  # people have not finished judging and the config says not to wait
+            played = play_round(run, Round(round_idx, out_dir))
+            if not played.people_done:  # people have not finished judging and the config says not to wait
                 break
+            metrics = played.metrics
             if distributed.is_main():
                 _write_json(metrics_path, metrics)
                 store.set_round_metrics(round_idx, metrics)
@@ -251,45 +300,70 @@ def save_images(run_dir: Path, examples) -> dict[str, str]:
     return refs
 
 
-def _run_round(cfg, round_idx, out_dir, store, vlm, critic, train, train_by_id, val, console,
-               image_refs, tracker) -> dict | None:
-    start = time.perf_counter()
-    # 1. Sample (skipped when this round's candidates are already stored).
-    if not store.is_sampled(round_idx):
-        console.print(f"[bold]round {round_idx}[/bold]: sampling {len(train)} train questions")
+def play_round(run: Run, rnd: Round) -> Round:
+    """One round, step by step: sample -> critique -> verdicts -> tune (the policy keeps its best epoch by the
+    val scores). Stops after the critique when people are not done, after the verdicts when nothing new was
+    accepted (`loop.stop_when_nothing_new`)."""
+    sample_round(run, rnd)
+    critique_round(run, rnd)
+    if not rnd.people_done:
+        return rnd
+    read_verdicts(run, rnd)
+    if rnd.metrics["new_rationales"] or not run.cfg.loop.stop_when_nothing_new:
+        tune_round(run, rnd)
+    return rnd
+
+
+def sample_round(run: Run, rnd: Round) -> None:
+    """1. Sample (skipped when this round's candidates are already stored)."""
+    cfg, store = run.cfg, run.store
+    if not store.is_sampled(rnd.idx):
+        run.console.print(f"[bold]round {rnd.idx}[/bold]: sampling {len(run.train)} train questions")
         # Each rank draws its share in whole sampler batches, so the candidates are those one process draws.
         sets = distributed.gather_objects(sample(
-            vlm, distributed.shard(train, cfg.sample.batch_size), cfg.sample, round_idx=round_idx,
+            run.vlm, distributed.shard(run.train, cfg.sample.batch_size), cfg.sample, round_idx=rnd.idx,
             use_reference_answer=True, progress=distributed.is_main()))
         if cfg.sample.pool:  # more models' candidates join each item's list (illume.pool)
-            sets = merge_pool(sets, sample_pool(cfg, vlm, train, round_idx, out_dir.parent, say=console.print))
+            sets = merge_pool(sets, sample_pool(cfg, run.vlm, run.train, rnd.idx, rnd.out_dir.parent,
+                                                say=run.console.print))
         if distributed.is_main():
-            store.add_candidate_sets(round_idx, "train", sets, image_refs=image_refs,
-                                     questions={e.id: e.question for e in train})
-            store.mark_sampled(round_idx)
+            store.add_candidate_sets(rnd.idx, "train", sets, image_refs=run.image_refs,
+                                     questions={e.id: e.question for e in run.train})
+            store.mark_sampled(rnd.idx)
     distributed.barrier()  # the others read the candidates once rank 0 stored them
-    sets = {cs.example_id: cs for cs in store.candidate_sets(round_idx, "train")}
-    # 2. Critique (illume.critic_registry): people, their simulation or the reward model put the round's
-    #    judgments into the store. Rank 0's answer counts: people work there while the others wait.
-    context = CritiqueContext(cfg, store, round_idx, sets, train_by_id, image_refs, say=console.print,
-                              track=tracker.log)
-    if not distributed.broadcast_object(critic.review(context)):
-        return None
-    # What was accepted, by the rules of illume.feedback.verdicts: a rationale is new this round when it was
-    # first accepted in it.
-    accepted = read_feedback(store, upto_round=round_idx, aggregate=cfg.feedback.aggregate)
-    new = [row for row in accepted.accepted() if row.item.round_idx == round_idx]
-    metrics = {"round": round_idx, "accepted_pct": 100 * accepted.items_with_accepted(round_idx) / max(1, len(sets)),
-               "new_rationales": len(new), "train_rationales": len(accepted.accepted()),
-               "judgments": store.num_judgments(), "human_judgments": store.num_judgments(kinds=cfg.feedback.people),
-               "trained": False, "val": {}, **context.report}
-    if not new and cfg.loop.stop_when_nothing_new:
-        return metrics
-    # 3. Tune with the configured policy (policies.registry: selection-SFT, DPO, KTO); each keeps its best
-    #    epoch on val.
-    result = POLICIES[cfg.policy.kind](RoundContext(cfg, vlm, store, round_idx, train, train_by_id, val, out_dir,
-                                                    feedback=accepted, say=console.print))
-    metrics.update(result.report)
-    metrics.update(trained=True, val={k: result.best[k] for k in SCORE_KEYS if k in result.best},
-                   best_epoch=result.best["epoch"], seconds=round(time.perf_counter() - start, 1))
-    return metrics
+    rnd.sets = {cs.example_id: cs for cs in store.candidate_sets(rnd.idx, "train")}
+
+
+def critique_round(run: Run, rnd: Round) -> None:
+    """2. Critique (illume.critic_registry): people, their simulation or a model put the round's judgments
+    into the store. Rank 0's answer counts: people work there while the others wait."""
+    context = CritiqueContext(run.cfg, run.store, rnd.idx, rnd.sets, run.train_by_id, run.image_refs,
+                              say=run.console.print, track=run.tracker.log)
+    rnd.people_done = distributed.broadcast_object(run.critic.review(context))
+    rnd.critique = context.report
+
+
+def read_verdicts(run: Run, rnd: Round) -> None:
+    """3. What was accepted, by the rules of illume.feedback.verdicts, read once for the round: a rationale is
+    new this round when it was first accepted in it."""
+    cfg, store = run.cfg, run.store
+    rnd.feedback = read_feedback(store, upto_round=rnd.idx, aggregate=cfg.feedback.aggregate)
+    accepted = rnd.feedback.accepted()
+    new = [row for row in accepted if row.item.round_idx == rnd.idx]
+    rnd.metrics = {"round": rnd.idx,
+                   "accepted_pct": 100 * rnd.feedback.items_with_accepted(rnd.idx) / max(1, len(rnd.sets)),
+                   "new_rationales": len(new), "train_rationales": len(accepted),
+                   "judgments": store.num_judgments(), "human_judgments": store.num_judgments(kinds=cfg.feedback.people),
+                   "trained": False, "val": {}, **rnd.critique}
+
+
+def tune_round(run: Run, rnd: Round) -> None:
+    """4. Tune with the configured policy (policies.registry: selection-SFT, DPO, KTO, GRPO), which keeps its
+    best epoch by the val scores (illume.evaluation); the round's row gets them."""
+    cfg = run.cfg
+    result = POLICIES[cfg.policy.kind](RoundContext(cfg, run.vlm, run.store, rnd.idx, run.train, run.train_by_id,
+                                                    run.val, rnd.out_dir, feedback=rnd.feedback,
+                                                    say=run.console.print))
+    rnd.metrics.update(result.report)
+    rnd.metrics.update(trained=True, val={k: result.best[k] for k in SCORE_KEYS if k in result.best},
+                       best_epoch=result.best["epoch"], seconds=round(time.perf_counter() - rnd.started, 1))

@@ -270,7 +270,7 @@ def _loop_counts(store: FeedbackStore, round_idx: int) -> dict:
 
 
 def _loop_verdicts(store: FeedbackStore, round_idx: int) -> dict:
-    """The loop's round row (illume.loop._run_round): accepted %, new and total rationales."""
+    """The loop's round row (illume.loop.read_verdicts): accepted %, new and total rationales."""
     feedback = read_feedback(store, upto_round=round_idx)
     accepted = feedback.accepted()
     return {"items_with_accepted": feedback.items_with_accepted(round_idx), "train_rationales": len(accepted),

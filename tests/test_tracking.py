@@ -212,7 +212,7 @@ def test_the_loops_trackers_are_closed_when_a_round_fails(two_runs, monkeypatch)
         raise RuntimeError("the round failed")
 
     monkeypatch.setattr(illume.loop, "open_tracker", lambda cfg, say: Recording())
-    monkeypatch.setattr(illume.loop, "_run_round", failing_round)
+    monkeypatch.setattr(illume.loop, "play_round", failing_round)
     root = two_runs[0].parent.parent
     cfg = load_config(REPO / "configs" / "demo.yaml", [*tiny_overrides(root), *LOOP, "name=failing"])
     with pytest.raises(RuntimeError, match="the round failed"):
