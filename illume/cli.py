@@ -400,8 +400,7 @@ def cmd_reward(args: argparse.Namespace) -> int:
         try:
             if args.action == "train":
                 _, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
-                                                  upto_round=args.round, deepspeed=cfg.train.deepspeed,
-                                                  bf16=cfg.train.bf16, fp16=cfg.train.fp16,
+                                                  upto_round=args.round, train=cfg.train,
                                                   backbone_id=model_identity(cfg),
                                                   report=trainer_report(cfg, out_dir))
                 report, training = result["eval"], result["training"]

@@ -117,7 +117,7 @@ def reward_model_on(cfg: RunConfig, upto_round: int, store: FeedbackStore, examp
     say(f"round {round_idx}: fitting the reward model on {num_people} judgments by people")
     rm, result = fit_reward_from_store(store, examples_by_id, load_vlm(cfg), cfg.reward, out_dir,
                                        upto_round=round_idx - 1, kinds=kinds, aggregate=cfg.feedback.aggregate,
-                                       deepspeed=cfg.train.deepspeed, bf16=cfg.train.bf16, fp16=cfg.train.fp16,
+                                       train=cfg.train,
                                        backbone_id=backbone, report=trainer_report(cfg, out_dir))
     report = result["eval"]
     info = {"threshold": report["threshold"], "heldout_precision": report["precision"],

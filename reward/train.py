@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback
 
 from illume import distributed
 from illume.collate import RowEncoder
-from illume.config import RewardConfig
+from illume.config import RewardConfig, TrainConfig
 from illume.data.records import Example
 from illume.feedback.verdicts import DEFAULT_AGGREGATE, PEOPLE, PreferencePair
 from illume.models.loading import load_saved_vlm
@@ -130,7 +130,7 @@ class _RecordHeldout(TrainerCallback):
 
 def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
                pairs_eval: Sequence[PreferencePair], examples_by_id: dict[str, Example], cfg: RewardConfig,
-               out_dir: str | Path, deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
+               out_dir: str | Path, train: TrainConfig | None = None,
                pooling: str = "mean", backbone_id: str | None = None,
                report: TrainerReport = NO_REPORT) -> tuple[RewardModel, dict]:
     """Train a reward model on `pairs_train` and save it to `out_dir`.
@@ -142,8 +142,8 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
         examples_by_id: The examples the pairs belong to (their images).
         cfg: num_epochs, batch_size, learning_rate, margin, center_coef, seed.
         out_dir: Where the model (`RewardModel.save`) and `training.json` go.
-        deepspeed: A DeepSpeed JSON config path (ZeRO-2) or None.
-        bf16, fp16: Mixed precision (GPUs).
+        train: The run's `train` section, passed whole: its DeepSpeed config (ZeRO-2) and mixed precision
+            (bf16/fp16, GPUs). The reward model's own epochs, batch and learning rate are `cfg` (reward.*).
         pooling: The head's input: "mean" of the rationale's hidden states, or the "last" token's.
         backbone_id: Which base model `base` is (`illume.loading.model_identity`), saved with the model.
         report: Where the trainer reports (train.report_to: illume.tracking.trainer_report); none by default.
@@ -157,7 +157,8 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
     """
     if not pairs_train:
         raise RewardDataError("no preference pairs to train the reward model on")
-    check_zero_stage(deepspeed, "reward training")
+    train = train or TrainConfig()
+    check_zero_stage(train.deepspeed, "reward training")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -174,7 +175,7 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
         out_dir, seed=cfg.seed, report=report, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=min(10, math.ceil(len(dataset) / cfg.batch_size)),  # >= 1 loss per epoch
-        bf16=bf16, fp16=fp16, deepspeed=deepspeed,
+        bf16=train.bf16, fp16=train.fp16, deepspeed=train.deepspeed,
     )
     trainer = BradleyTerryTrainer(model=rm, args=args, train_dataset=dataset,
                                   data_collator=partial(collate_pairs, vlm=rm.vlm),
@@ -205,8 +206,7 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
 def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Example], base: str | Path | VLM,
                           cfg: RewardConfig, out_dir: str | Path, upto_round: int | None = None,
                           kinds: Collection[str] | None = PEOPLE, aggregate: str = DEFAULT_AGGREGATE,
-                          deepspeed: str | None = None, bf16: bool = False, fp16: bool = False,
-                          pooling: str = "mean", backbone_id: str | None = None,
+                          train: TrainConfig | None = None, pooling: str = "mean", backbone_id: str | None = None,
                           report: TrainerReport = NO_REPORT) -> tuple[RewardModel, dict]:
     """The whole recipe: pairs from the store, split by example, train, evaluate and calibrate, save.
 
@@ -216,6 +216,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     Args:
         kinds: The annotator kinds whose judgments count (default: people, never the reward model itself).
         aggregate: How several annotators of one item combine (illume.feedback.verdicts).
+        train: The run's `train` section (DeepSpeed, mixed precision), as `fit_reward` takes it.
         backbone_id: Which base model `base` is (`illume.loading.model_identity`), saved with the model.
 
     Returns:
@@ -232,8 +233,8 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     pairs_train = [p for p in pairs if p.example_id not in heldout]
     pairs_heldout = [p for p in pairs if p.example_id in heldout]
     judged_heldout = labelled_candidates(feedback, example_ids=heldout)
-    rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, deepspeed=deepspeed,
-                              bf16=bf16, fp16=fp16, pooling=pooling, backbone_id=backbone_id, report=report)
+    rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, train=train,
+                              pooling=pooling, backbone_id=backbone_id, report=report)
     if distributed.is_main():
         out_dir.joinpath(SPLIT_FILE).write_text(json.dumps({
             "upto_round": upto_round, "include_reference_pairs": cfg.include_reference_pairs,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from illume.config import RewardConfig, load_config, save_config
+from illume.config import RewardConfig, TrainConfig, load_config, save_config
 from illume.data.records import Candidate, CandidateSet, Example
 from illume.store import FeedbackStore
 from reward.evaluate import (
@@ -408,7 +408,7 @@ def test_zero2_reward_training_on_cpu(deepspeed_cpu, tiny_vlm, tmp_path, monkeyp
     monkeypatch.setattr(train, "BradleyTerryTrainer", RecordingTrainer)
     cfg = RewardConfig(num_epochs=1, batch_size=4, learning_rate=1e-2)
     rm, metrics = train.fit_reward(tiny_vlm, _pairs(), [], EXAMPLES, cfg, tmp_path / "rm",
-                                   deepspeed=str(test_deepspeed.ZERO2))
+                                   train=TrainConfig(deepspeed=str(test_deepspeed.ZERO2)))
     (trainer,) = trainers
     try:
         assert isinstance(trainer.model_wrapped, deepspeed_cpu.DeepSpeedEngine)
@@ -421,4 +421,4 @@ def test_zero2_reward_training_on_cpu(deepspeed_cpu, tiny_vlm, tmp_path, monkeyp
     assert torch.allclose(RewardModel.load(tmp_path / "rm", tiny_vlm).head.weight, rm.head.weight)
     with pytest.raises(NotImplementedError, match="ZeRO stage 3"):
         train.fit_reward(tiny_vlm, _pairs(), [], EXAMPLES, cfg, tmp_path / "rm3",
-                         deepspeed=str(test_deepspeed.ZERO3))
+                         train=TrainConfig(deepspeed=str(test_deepspeed.ZERO3)))
