@@ -39,6 +39,7 @@ from illume.critic_registry import CRITICS
 from illume.critics import CritiqueContext
 from illume.data.datasets import load_split
 from illume.evaluation import SCORE_KEYS, explanation_scores
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import AGGREGATES, read_feedback
 from illume.loading import load_vlm
 from illume.models.weights import WeightsFileError, check_safetensors, load_trainable_weights
@@ -46,7 +47,6 @@ from illume.pool import check_pool, merge_pool, sample_pool
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
 from illume.status import POLICY_COLUMNS, policy_cell
-from illume.store import FeedbackStore
 from illume.tracking import check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from illume.config import RunConfig
 from illume.data.records import Example
+from illume.feedback.store import FeedbackStore
 from illume.models.vlm import VLM
-from illume.store import FeedbackStore
 
 
 @dataclass

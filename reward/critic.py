@@ -44,7 +44,7 @@ from illume.critics import (
     store_reviews,
 )
 from illume.data.records import CandidateSet, Example
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from illume.tracking import trainer_report
 from reward.uncertainty import UNCERTAINTY
 

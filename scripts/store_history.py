@@ -54,17 +54,10 @@ from sqlalchemy import func, insert, select, text
 
 from illume.data.records import POLICY_MODEL, Example
 from illume.exports import export
+from illume.feedback.schema import AnnotatorRow, CandidateRow, DecisionRow, ItemRow, JudgmentRow, RoundRow
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PEOPLE, read_feedback, reference_explanations
 from illume.status import summarize
-from illume.store import (
-    AnnotatorRow,
-    CandidateRow,
-    DecisionRow,
-    FeedbackStore,
-    ItemRow,
-    JudgmentRow,
-    RoundRow,
-)
 from illume.training import build_training_set
 
 REPO = Path(__file__).resolve().parents[1]

@@ -43,8 +43,8 @@ from illume.feedback.agreement import (
     team_summary,
 )
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PEOPLE
-from illume.store import FeedbackStore
 
 REVISED_AT = datetime(2100, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 HAS_CORRECTION = "correction" in inspect.signature(FeedbackStore.add_judgment).parameters

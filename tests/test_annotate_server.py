@@ -28,7 +28,7 @@ from illume.cli import main
 from illume.config import AnnotateConfig
 from illume.data.records import Candidate, CandidateSet
 from illume.feedback.queue import AnnotationQueue
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from tests.conftest import REPO
 
 LOCAL = "http://127.0.0.1"

@@ -12,9 +12,9 @@ from illume.data.records import Candidate, CandidateSet
 from illume.feedback import agreement, figures
 from illume.feedback.agreement import krippendorff_alpha
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import AGGREGATES, read_feedback
 from illume.status import summarize
-from illume.store import FeedbackStore
 
 ANNOTATORS = {"ann": "person", "bob": "person", "cy": "person", "sim": "simulated", "reward": "reward"}
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from illume.feedback.reads import CandidateInfo, JudgedItem, JudgmentInfo
 from illume.feedback.verdicts import ACCEPTED, AGGREGATES, CONTESTED, DEFAULT_AGGREGATE, PEOPLE
-from illume.store import CandidateInfo, JudgedItem, JudgmentInfo
 
 REWARD = frozenset({"reward"})
 """Annotator kinds compared with people by `reward_vs_people` by default."""

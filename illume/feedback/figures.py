@@ -29,8 +29,9 @@ from sqlalchemy import Integer, and_, case, cast, false, func, or_, select
 from sqlalchemy.sql import Select
 
 from illume.feedback.agreement import PEOPLE, _Coincidences, _sorted_kinds
+from illume.feedback.schema import AnnotatorRow, DecisionRow, ItemRow, JudgmentRow
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import ACCEPTED, AGGREGATES, DEFAULT_AGGREGATE
-from illume.store import AnnotatorRow, DecisionRow, FeedbackStore, ItemRow, JudgmentRow
 
 _ACCEPTED = cast(case((DecisionRow.accepted, 1), else_=0), Integer)
 _REJECTED = cast(case((DecisionRow.accepted, 0), else_=1), Integer)

@@ -23,22 +23,20 @@ from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from illume.store import (
+from illume.feedback.engine import retry_on_conflict
+from illume.feedback.schema import (
     CandidateRow,
     DecisionRow,
-    FeedbackStore,
     ItemRow,
     JudgmentRevisionRow,
     JudgmentRow,
     LeaseRow,
     RoundRow,
-    _check_annotator_kind,
-    _is_row_id,
-    _now,
-    _register_annotator,
-    check_correction,
-    retry_on_conflict,
+    is_row_id,
+    utc_now,
 )
+from illume.feedback.store import FeedbackStore
+from illume.feedback.writes import check_annotator_kind, check_correction, register_annotator
 
 
 class Lease(NamedTuple):
@@ -94,7 +92,7 @@ class AnnotationQueue:
             without one), `prompt`, `answer`, `image_ref` and `candidates` ((candidate id, text) pairs in
             drawn order).
         """
-        if not _is_row_id(item_id):
+        if not is_row_id(item_id):
             return None
         with self._read() as session:
             row = session.execute(
@@ -156,7 +154,7 @@ class AnnotationQueue:
             The lease, or None when no item is free for this annotator now.
         """
         _check_annotator(annotator)
-        now = now or _now()
+        now = now or utc_now()
         expires_at = now + timedelta(seconds=lease_seconds)
         in_round = (ItemRow.round_idx == round_idx, ItemRow.split == split)
         judged_by_me = select(JudgmentRow.id).where(
@@ -220,8 +218,8 @@ class AnnotationQueue:
             The renewed lease, or None: unknown item, already judged by them, or its slots are taken.
         """
         _check_annotator(annotator)
-        now = now or _now()
-        if not _is_row_id(item_id):
+        now = now or utc_now()
+        if not is_row_id(item_id):
             return None
         with self._write.begin() as session:
             # Off SQLite: the lease row, then the item's, the order every method here locks them in.
@@ -295,11 +293,11 @@ class AnnotationQueue:
         """
         _check_annotator(annotator)
         check_correction(correction, none_fit, f"item {item_id}")
-        now = now or _now()
+        now = now or utc_now()
         try:
             with self._write.begin() as session:
                 candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
-                registered = _check_annotator_kind(session, annotator, kind)
+                registered = check_annotator_kind(session, annotator, kind)
                 if client_token is not None:
                     used = session.execute(select(JudgmentRow.item_id, JudgmentRow.annotator)
                                            .where(JudgmentRow.client_token == client_token)).first()
@@ -325,7 +323,7 @@ class AnnotationQueue:
                 if shown_order is None and lease is not None and lease.shown_order:
                     shown_order = lease.shown_order
                 if not registered:
-                    _register_annotator(session, annotator, kind)
+                    register_annotator(session, annotator, kind)
                 judgment_id = session.scalar(insert(JudgmentRow).returning(JudgmentRow.id).values(
                     item_id=item_id, annotator=annotator, none_fit=bool(none_fit), seconds=seconds,
                     client_token=client_token, created_at=now, correction=correction,
@@ -376,7 +374,7 @@ class AnnotationQueue:
         """
         _check_annotator(annotator)
         check_correction(correction, none_fit, f"item {item_id}")
-        now = now or _now()
+        now = now or utc_now()
         with self._write.begin() as session:
             candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
             row = session.scalars(select(JudgmentRow).where(  # locked: two tabs revising at once, off SQLite
@@ -558,7 +556,7 @@ def _check_item_decision(
     session: Session, item_id: int, accepted: Sequence[int], none_fit: bool, shown_order: Sequence[int] | None
 ) -> list[int]:
     """Validate a page's decision on an item; returns the item's candidate ids (drawn order)."""
-    if not _is_row_id(item_id) or session.scalar(select(ItemRow.id).where(ItemRow.id == item_id)) is None:
+    if not is_row_id(item_id) or session.scalar(select(ItemRow.id).where(ItemRow.id == item_id)) is None:
         raise KeyError(f"item {item_id!r} is not in the feedback store")
     if isinstance(accepted, (str, bytes)):
         raise ValueError(f"item {item_id}: accepted must be a list of candidate ids, not {accepted!r}")
@@ -566,7 +564,7 @@ def _check_item_decision(
         raise ValueError(f"item {item_id}: none_fit=True but {len(accepted)} candidate(s) accepted")
     candidate_ids = _candidate_ids(session, item_id)
     for candidate_id in accepted:
-        if not _is_row_id(candidate_id) or candidate_id not in candidate_ids:
+        if not is_row_id(candidate_id) or candidate_id not in candidate_ids:
             raise ValueError(f"item {item_id}: accepted candidate {candidate_id!r} is not one of this item's "
                              "candidates")
     if shown_order is not None and (len(shown_order) != len(candidate_ids)
