@@ -7,6 +7,10 @@ submission stores the judgment with the order the candidates were shown and rele
 (the page's "go back") replaces the annotator's own judgment and keeps the earlier version in
 `judgment_revisions` (`FeedbackStore.judgment_history`).
 
+A judgment is written by the store's one judgment-write path (`illume.feedback.writes.write_judgments`, which
+the critics' `FeedbackStore.add_judgment(s)` end in too; a revision by `writes.revise_judgment`); what is the
+page's own is decided here first: leases and free slots, client tokens, a resubmission that differs.
+
 Everything is in the store (`leases`, `judgments`, `decisions`, ...), so the server holding a queue can be
 killed and restarted at any time; every method that writes is one transaction, as every store write is, run
 again when PostgreSQL aborts it for a serialization failure or a deadlock (`retry_on_conflict`).
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,7 +32,6 @@ from illume.feedback.schema import (
     CandidateRow,
     DecisionRow,
     ItemRow,
-    JudgmentRevisionRow,
     JudgmentRow,
     LeaseRow,
     RoundRow,
@@ -36,7 +39,13 @@ from illume.feedback.schema import (
     utc_now,
 )
 from illume.feedback.store import FeedbackStore
-from illume.feedback.writes import check_annotator_kind, check_correction, register_annotator
+from illume.feedback.writes import (
+    NewJudgment,
+    check_annotator_kind,
+    check_correction,
+    revise_judgment,
+    write_judgments,
+)
 
 
 class Lease(NamedTuple):
@@ -297,7 +306,7 @@ class AnnotationQueue:
         try:
             with self._write.begin() as session:
                 candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
-                registered = check_annotator_kind(session, annotator, kind)
+                check_annotator_kind(session, annotator, kind)
                 if client_token is not None:
                     used = session.execute(select(JudgmentRow.item_id, JudgmentRow.annotator)
                                            .where(JudgmentRow.client_token == client_token)).first()
@@ -322,13 +331,10 @@ class AnnotationQueue:
                             "by other annotators (your hold on it expired)")
                 if shown_order is None and lease is not None and lease.shown_order:
                     shown_order = lease.shown_order
-                if not registered:
-                    register_annotator(session, annotator, kind)
-                judgment_id = session.scalar(insert(JudgmentRow).returning(JudgmentRow.id).values(
-                    item_id=item_id, annotator=annotator, none_fit=bool(none_fit), seconds=seconds,
-                    client_token=client_token, created_at=now, correction=correction,
-                ))
-                _insert_decisions(session, judgment_id, candidate_ids, set(accepted), shown_order)
+                write_judgments(session, annotator, kind, [NewJudgment(
+                    item_id=item_id, candidate_ids=candidate_ids, accepted=set(accepted), none_fit=none_fit,
+                    seconds=seconds, client_token=client_token, correction=correction, shown_order=shown_order,
+                )], created_at=now)
                 if lease is not None:
                     session.delete(lease)
                 return True
@@ -387,26 +393,10 @@ class AnnotationQueue:
                 if session.scalar(select(JudgmentRow.id).where(JudgmentRow.client_token == client_token)):
                     raise JudgmentConflict(f"client_token {client_token!r} was used for another submission")
                 row.client_token = client_token
-            if shown_order is None:
-                shown = dict(session.execute(
-                    select(DecisionRow.candidate_id, DecisionRow.position_shown)
-                    .where(DecisionRow.judgment_id == row.id, DecisionRow.position_shown.is_not(None))
-                ).all())
-                if set(shown) == set(candidate_ids):
-                    shown_order = sorted(shown, key=shown.__getitem__)
-            previous = sorted(session.scalars(select(DecisionRow.candidate_id).where(
-                DecisionRow.judgment_id == row.id, DecisionRow.accepted.is_(True))))
-            session.execute(insert(JudgmentRevisionRow).values(
-                judgment_id=row.id, none_fit=row.none_fit, accepted=previous, seconds=row.seconds,
-                judged_at=row.updated_at or row.created_at, revised_at=now, correction=row.correction,
-            ))
-            row.none_fit = bool(none_fit)
-            row.correction = correction
-            if seconds is not None:
-                row.seconds = (row.seconds or 0.0) + seconds
-            row.updated_at = now
-            session.execute(delete(DecisionRow).where(DecisionRow.judgment_id == row.id))
-            _insert_decisions(session, row.id, candidate_ids, set(accepted), shown_order)
+            revise_judgment(session, row, NewJudgment(
+                item_id=item_id, candidate_ids=candidate_ids, accepted=set(accepted), none_fit=none_fit,
+                seconds=seconds, correction=correction, shown_order=shown_order,
+            ), revised_at=now)
             return True
 
     def judgments_by(
@@ -598,13 +588,3 @@ def _check_same_as_stored(
     raise JudgmentConflict(f"you already judged item {item_id} differently ({saved}): revise that judgment "
                            "to change it", stored=stored)
 
-
-def _insert_decisions(
-    session: Session, judgment_id: int, candidate_ids: list[int], accepted: set[int],
-    shown_order: Sequence[int] | None,
-) -> None:
-    position = {candidate_id: i for i, candidate_id in enumerate(shown_order)} if shown_order else {}
-    rows = [{"judgment_id": judgment_id, "candidate_id": candidate_id, "accepted": candidate_id in accepted,
-             "position_shown": position.get(candidate_id)} for candidate_id in candidate_ids]
-    if rows:
-        session.execute(insert(DecisionRow), rows)

@@ -14,11 +14,14 @@ Assumptions, up front:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from numbers import Integral
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,6 +33,7 @@ from illume.feedback.schema import (
     CandidateRow,
     DecisionRow,
     ItemRow,
+    JudgmentRevisionRow,
     JudgmentRow,
     RoundRow,
     check_kind,
@@ -37,6 +41,27 @@ from illume.feedback.schema import (
 )
 
 _MAX_IN = 500  # look items up with IN (...) below this many ids, else read the whole round
+
+
+@dataclass(frozen=True)
+class NewJudgment:
+    """One annotator's judgment of one item as it is written (`write_judgments`, `revise_judgment`), validated."""
+
+    item_id: int
+    candidate_ids: Sequence[int]
+    """Every candidate of the item, in drawn order: each gets a decision."""
+    accepted: Collection[int]
+    """Ids of the accepted candidates (of `candidate_ids`); the others are rejected."""
+    none_fit: bool = False
+    """The explicit "none of them fits" (then nothing is accepted)."""
+    seconds: float | None = None
+    """Time spent on the item, when known."""
+    client_token: str | None = None
+    """A client's id for the submission (the annotation page): a used one is refused."""
+    correction: str | None = None
+    """The rationale written because none fit (`check_correction`)."""
+    shown_order: Sequence[int] | None = None
+    """`candidate_ids` in the order the annotator saw them (`decisions.position_shown`); None: not recorded."""
 
 JudgmentInput = tuple[str, Sequence[int | str], bool, float | None]
 """(example_id, accepted candidate ids or texts, none_fit, seconds) for `FeedbackStore.add_judgments`."""
@@ -147,11 +172,13 @@ def insert_judgments(
     kind: str,
     corrections: list[str | None] | None = None,
 ) -> int:
-    """Validate every row, then insert the new judgments and their decisions; returns how many."""
+    """The critics' judgments by example id (`FeedbackStore.add_judgment(s)`): validate every row, skip the items
+    the annotator already judged and the used client tokens, and write the rest (`write_judgments`); returns how
+    many were written."""
     corrections = corrections or [None] * len(rows)
     if not annotator:
         raise ValueError("annotator must be a non-empty name")
-    registered = check_annotator_kind(session, annotator, kind)
+    check_annotator_kind(session, annotator, kind)
     example_ids = {row[0] for row in rows}
     in_round = [ItemRow.round_idx == round_idx, ItemRow.split == split]
     if len(example_ids) <= _MAX_IN:
@@ -207,25 +234,89 @@ def insert_judgments(
         new.append((item_id, accepted_ids, row, token, correction))
     if not new:
         return 0
-    if not registered:
-        register_annotator(session, annotator, kind)
+    write_judgments(session, annotator, kind, [
+        NewJudgment(item_id=item_id, candidate_ids=[candidate_id for candidate_id, _ in candidates.get(item_id, [])],
+                    accepted=accepted_ids, none_fit=bool(row[2]), seconds=row[3], client_token=token,
+                    correction=correction)
+        for item_id, accepted_ids, row, token, correction in new
+    ])
+    return len(new)
 
-    judgment_rows = [
-        {"item_id": item_id, "annotator": annotator, "none_fit": bool(row[2]), "seconds": row[3],
-         "client_token": token, "correction": correction}
-        for item_id, _, row, token, correction in new
-    ]
-    judgment_ids = session.scalars(
-        insert(JudgmentRow).returning(JudgmentRow.id, sort_by_parameter_order=True), judgment_rows
-    ).all()
-    decisions = [
-        {"judgment_id": judgment_id, "candidate_id": candidate_id, "accepted": candidate_id in accepted_ids}
-        for judgment_id, (item_id, accepted_ids, _, _, _) in zip(judgment_ids, new)
-        for candidate_id, _ in candidates.get(item_id, [])
-    ]
+
+def write_judgments(
+    session: Session, annotator: str, kind: str, judgments: Sequence[NewJudgment], created_at: datetime | None = None
+) -> list[int]:
+    """Insert judgments by one annotator, each with a decision for every candidate of its item, in the caller's
+    transaction; the annotator's first judgment registers its kind. Returns the new judgments' ids, in order.
+
+    The one place a judgment is inserted: the critics' batches (`insert_judgments`, by example id) and the
+    annotation page (`illume.feedback.queue.AnnotationQueue.submit_judgment`, by item id, with leases and
+    conflicts) validate first and end here. The caller has checked that the annotator did not judge these items
+    and that the client tokens are unused; the unique constraints refuse what a concurrent writer stored meanwhile
+    (IntegrityError, rolled back with the caller's transaction).
+
+    Args:
+        created_at: When the judgments were made (the page's clock, for tests); None: the clock at insert.
+
+    Raises:
+        ValueError: An unknown `kind`, or one other than the annotator's registered kind.
+    """
+    if not judgments:
+        return []
+    if not check_annotator_kind(session, annotator, kind):
+        register_annotator(session, annotator, kind)
+    when = {} if created_at is None else {"created_at": created_at}
+    judgment_ids = session.scalars(insert(JudgmentRow).returning(JudgmentRow.id, sort_by_parameter_order=True), [
+        {"item_id": j.item_id, "annotator": annotator, "none_fit": bool(j.none_fit), "seconds": j.seconds,
+         "client_token": j.client_token, "correction": j.correction, **when}
+        for j in judgments
+    ]).all()
+    decisions = [row for judgment_id, judgment in zip(judgment_ids, judgments)
+                 for row in _decision_rows(judgment_id, judgment)]
     if decisions:
         session.execute(insert(DecisionRow), decisions)
-    return len(new)
+    return list(judgment_ids)
+
+
+def revise_judgment(session: Session, row: JudgmentRow, judgment: NewJudgment, revised_at: datetime) -> None:
+    """Replace the judgment `row` (locked by the caller) by `judgment`, in the caller's transaction.
+
+    The version replaced is first copied into `judgment_revisions` (`FeedbackStore.judgment_history`). The
+    judgment keeps its id, `created_at` and client token (the caller sets a new one); its decisions are replaced
+    by exactly the new ones, `updated_at` is set, and `seconds` (the time spent revising) is added to the time
+    already recorded. The shown order is `judgment.shown_order` if given, else the one recorded before.
+    """
+    shown_order = judgment.shown_order
+    if shown_order is None:
+        shown = dict(session.execute(
+            select(DecisionRow.candidate_id, DecisionRow.position_shown)
+            .where(DecisionRow.judgment_id == row.id, DecisionRow.position_shown.is_not(None))
+        ).all())
+        if set(shown) == set(judgment.candidate_ids):
+            shown_order = sorted(shown, key=shown.__getitem__)
+    previous = sorted(session.scalars(select(DecisionRow.candidate_id).where(
+        DecisionRow.judgment_id == row.id, DecisionRow.accepted.is_(True))))
+    session.execute(insert(JudgmentRevisionRow).values(
+        judgment_id=row.id, none_fit=row.none_fit, accepted=previous, seconds=row.seconds,
+        judged_at=row.updated_at or row.created_at, revised_at=revised_at, correction=row.correction,
+    ))
+    row.none_fit = bool(judgment.none_fit)
+    row.correction = judgment.correction
+    if judgment.seconds is not None:
+        row.seconds = (row.seconds or 0.0) + judgment.seconds
+    row.updated_at = revised_at
+    session.execute(delete(DecisionRow).where(DecisionRow.judgment_id == row.id))
+    decisions = _decision_rows(row.id, dataclasses.replace(judgment, shown_order=shown_order))
+    if decisions:
+        session.execute(insert(DecisionRow), decisions)
+
+
+def _decision_rows(judgment_id: int, judgment: NewJudgment) -> list[dict[str, Any]]:
+    """One decision per candidate of the item, in drawn order, with its place in the order shown (if known)."""
+    shown = judgment.shown_order
+    position = {candidate_id: i for i, candidate_id in enumerate(shown)} if shown else {}
+    return [{"judgment_id": judgment_id, "candidate_id": candidate_id, "accepted": candidate_id in judgment.accepted,
+             "position_shown": position.get(candidate_id)} for candidate_id in judgment.candidate_ids]
 
 
 def check_annotator_kind(session: Session, annotator: str, kind: str) -> bool:
