@@ -393,6 +393,7 @@ def test_an_older_store_registers_its_annotators_once_with_the_kind_their_names_
             store.add_judgments(0, [("a", [], True, None)], name, kind="judge")
     connection = sqlite3.connect(path)
     with connection:
+        connection.execute("DROP TABLE alembic_version")  # written before the migrations
         connection.execute("DROP TABLE annotators")
         connection.execute("DROP TABLE judgment_revisions")
         if sqlite3.sqlite_version_info >= (3, 35):
@@ -594,7 +595,7 @@ def test_an_older_store_gets_the_added_columns_on_each_backend(store_url):
     that use the new columns."""
     from sqlalchemy import inspect
 
-    from illume.feedback.migrations import _ADDED_COLUMNS
+    from illume.feedback.migrations.versions.r0002_added_columns import ADDED_COLUMNS as _ADDED_COLUMNS
     from illume.feedback.queue import AnnotationQueue
 
     if not is_postgres(store_url) and sqlite3.sqlite_version_info < (3, 35):
@@ -607,6 +608,7 @@ def test_an_older_store_gets_the_added_columns_on_each_backend(store_url):
         before = store.judgments_table()
     engine = create_engine(sqlalchemy_url(store_url))
     with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))  # written before the migrations
         connection.execute(text("DROP TABLE annotators"))
         for index in ("ix_items_handout", "ix_items_round", "ix_judgments_annotator"):  # on added columns, or later
             connection.execute(text(f"DROP INDEX {index}"))

@@ -16,7 +16,8 @@ Assumptions, up front:
 - An annotator's kind is data: the first judgment by a name registers (name, kind) in the same transaction and a
   later write under that name with another kind is refused (`illume.feedback.writes`). Whether a judgment counts
   as people's is read from the kind, never from the name.
-- Changing a table here needs a migration (`illume.feedback.migrations`) that brings older stores to it.
+- Changing a table here needs a migration (illume/feedback/migrations/versions/) that brings older stores to it:
+  a new store is made from these declarations and stamped with the newest migration.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.schema import DDL
 
 from illume.data.records import ANNOTATOR_KINDS
 
@@ -126,7 +129,7 @@ class ItemRow(Base):
     the order added (`set_priorities`)."""
     num_judgments: Mapped[int] = mapped_column(Integer, nullable=False, server_default=sql_text("0"))
     """How many `judgments` rows the item has: kept by the database itself (a trigger on `judgments`, see
-    `illume.feedback.migrations`), whoever writes, so that the annotation page finds open items and counts a
+    `JUDGMENT_COUNT_TRIGGERS`), whoever writes, so that the annotation page finds open items and counts a
     round's progress without counting judgments per request."""
 
     candidates: Mapped[list[CandidateRow]] = relationship(order_by="CandidateRow.position")
@@ -275,8 +278,41 @@ class MetaRow(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+JUDGMENT_COUNT_TRIGGERS = {
+    # SQLite: one trigger per event. (UPDATE OF item_id: no writer moves a judgment, but then the counts stay
+    # right too.)
+    "sqlite": [
+        "CREATE TRIGGER IF NOT EXISTS judgments_count_insert AFTER INSERT ON judgments BEGIN "
+        "UPDATE items SET num_judgments = num_judgments + 1 WHERE id = NEW.item_id; END",
+        "CREATE TRIGGER IF NOT EXISTS judgments_count_delete AFTER DELETE ON judgments BEGIN "
+        "UPDATE items SET num_judgments = num_judgments - 1 WHERE id = OLD.item_id; END",
+        "CREATE TRIGGER IF NOT EXISTS judgments_count_move AFTER UPDATE OF item_id ON judgments BEGIN "
+        "UPDATE items SET num_judgments = num_judgments - 1 WHERE id = OLD.item_id; "
+        "UPDATE items SET num_judgments = num_judgments + 1 WHERE id = NEW.item_id; END",
+    ],
+    # PostgreSQL: a trigger function and its trigger.
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION illume_count_judgments() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF TG_OP IN ('UPDATE', 'DELETE') THEN "
+        "UPDATE items SET num_judgments = num_judgments - 1 WHERE id = OLD.item_id; END IF; "
+        "IF TG_OP IN ('UPDATE', 'INSERT') THEN "
+        "UPDATE items SET num_judgments = num_judgments + 1 WHERE id = NEW.item_id; END IF; "
+        "RETURN NULL; END $$",
+        "CREATE TRIGGER judgments_count AFTER INSERT OR DELETE OR UPDATE OF item_id ON judgments "
+        "FOR EACH ROW EXECUTE FUNCTION illume_count_judgments()",
+    ],
+}
+"""Keep `items.num_judgments` equal to the item's number of `judgments` rows, in the writer's transaction: created
+with the `judgments` table (`Base.metadata.create_all`); stores from before them get them from a migration."""
+for _dialect, _statements in JUDGMENT_COUNT_TRIGGERS.items():
+    for _statement in _statements:
+        event.listen(JudgmentRow.__table__, "after_create", DDL(_statement).execute_if(dialect=_dialect))
+
+
 SCHEMA_VERSION = 1
-"""The store layout this code reads and writes; bump it when a change would make older code misread a store."""
+"""The store layout this code reads and writes (`illume_meta.schema_version`, which illume before the migrations
+of `illume.feedback.migrations` compared): bump it when a change would make such an illume misread a store. The
+layout itself is the newest migration (`alembic_version`)."""
 CORE_TABLES = frozenset({"rounds", "items", "candidates", "judgments", "decisions"})
 """The tables every feedback store has had since the first release (one written before `illume_meta` existed
 is recognised by them)."""

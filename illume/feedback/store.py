@@ -12,7 +12,8 @@ module that does the job. The assumptions are stated in the module each concerns
   process-wide write lock per file), one transaction per write, retries of a write that lost a race on
   PostgreSQL (`retry_on_conflict`), and `StoreError` for whatever fails while a store is opened.
 - `illume.feedback.migrations`: the opening checks (a feedback store or empty; no newer illume wrote it) and the
-  upgrade of older stores, openers taking turns on PostgreSQL.
+  schema's Alembic revisions (`alembic_version`), which upgrade older stores when opened, openers taking turns
+  on PostgreSQL.
 - `illume.feedback.reads`, `illume.feedback.writes`, `illume.feedback.accounts`: the queries, the idempotent
   writes (one judgment-write path for the critics and the annotation page), people's accounts.
 
@@ -64,7 +65,8 @@ class FeedbackStore:
 
     Args:
         url_or_path: A SQLAlchemy URL (`sqlite:///runs/x/feedback.db`, `postgresql+psycopg://...`) or a
-            path to a SQLite file (its folder is created). Tables are created when missing.
+            path to a SQLite file (its folder is created). An empty database gets the tables; an older store is
+            upgraded (`illume.feedback.migrations`).
         create: Make a new store where there is none (the loop). False: only open an existing store (status,
             export, the annotation page), so that a wrong path fails instead of leaving an empty database.
 
