@@ -318,8 +318,8 @@ class FeedbackStore:
         row = (example_id, accepted, none_fit, seconds)
         try:
             with self._write.begin() as session:
-                stored = writes.insert_judgments(session, round_idx, split, annotator, [row], [client_token], kind,
-                                           [correction])
+                stored = writes.insert_judgments(session, round_idx, split, annotator, [row], [client_token],
+                                                 kind, [correction])
                 return stored == 1
         except IntegrityError:
             # Another writer stored the same (item, annotator) or token between our check and our

@@ -63,6 +63,7 @@ class NewJudgment:
     shown_order: Sequence[int] | None = None
     """`candidate_ids` in the order the annotator saw them (`decisions.position_shown`); None: not recorded."""
 
+
 JudgmentInput = tuple[str, Sequence[int | str], bool, float | None]
 """(example_id, accepted candidate ids or texts, none_fit, seconds) for `FeedbackStore.add_judgments`."""
 
