@@ -89,7 +89,7 @@ def _write_config(cfg: RunConfig) -> None:
 def _writing(run_dir: Path, command: str, store_url: str | None = None) -> Iterator[None]:
     """Claim the run folder and hold its lock (illume.run_folder) for a command that writes to the run; with a
     store elsewhere (a PostgreSQL URL), also the store's own lock, since other folders may share it."""
-    from illume.store import FeedbackStore
+    from illume.feedback.store import FeedbackStore
 
     database_lock = None
     if store_url and distributed.is_main():  # rank 0 takes the locks for every rank of a launch
@@ -290,7 +290,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from illume.annotate import server
-    from illume.store import FeedbackStore
+    from illume.feedback.store import FeedbackStore
 
     run_dir, store_url, cfg = _annotate_target(args.target)
     host = args.host or cfg.host
@@ -332,7 +332,7 @@ def _page_url(cfg: AnnotateConfig, host: str | None = None, port: int | None = N
 
 
 def cmd_annotators(args: argparse.Namespace) -> int:
-    from illume.store import FeedbackStore
+    from illume.feedback.store import FeedbackStore
 
     _, store_url, cfg = _annotate_target(args.target)
     store = FeedbackStore(store_url, create=False)
@@ -361,9 +361,9 @@ def cmd_annotators(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from illume.feedback.store import FeedbackStore
     from illume.feedback.verdicts import DEFAULT_AGGREGATE
     from illume.status import print_status
-    from illume.store import FeedbackStore
 
     run_dir, store_url, _ = _annotate_target(args.target)
     config_path = run_dir / "config.yaml" if run_dir is not None else None
@@ -378,8 +378,8 @@ def cmd_reward(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from illume.data.datasets import load_split
+    from illume.feedback.store import FeedbackStore
     from illume.loading import load_vlm, model_identity
-    from illume.store import FeedbackStore
     from illume.tracking import check_report_to, trainer_report
     from reward.model import CONFIG_FILE, RewardModel
     from reward.pairs import RewardDataError
@@ -562,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     distributed.init_if_launched()  # torchrun / accelerate launch with several processes: join the group
     from illume.data.datasets import DatasetError
+    from illume.feedback.engine import StoreError
     from illume.models.weights import WeightsFileError
-    from illume.store import StoreError
 
     try:
         return args.handler(args)

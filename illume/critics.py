@@ -27,8 +27,8 @@ from illume import distributed
 from illume.config import CriticConfig, RunConfig
 from illume.data.records import CandidateSet, Example
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.metrics.caption_scores import caption_scores, rouge_l_per_item
-from illume.store import FeedbackStore
 
 CRITIQUE_CHUNK = 100
 """Judgments stored per transaction by the simulated critic: a kill loses at most the chunk under way."""

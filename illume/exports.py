@@ -58,10 +58,11 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from illume.feedback.reads import JudgedItem, JudgmentInfo
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import AGGREGATES, DEFAULT_AGGREGATE, Feedback
 from illume.prompts import ChatStyle
 from illume.run_folder import RunFolderError, check_new_path
-from illume.store import FeedbackStore, JudgedItem, JudgmentInfo
 
 FORMATS = ("sft", "dpo", "kto", "jsonl")
 DATASET_FORMATS = ("sft", "dpo", "kto")

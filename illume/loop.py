@@ -45,6 +45,7 @@ from illume.critics import Critic, CritiqueContext
 from illume.data.datasets import load_split
 from illume.data.records import CandidateSet, Example
 from illume.evaluation import SCORE_KEYS, explanation_scores
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import Feedback, check_aggregate, read_feedback
 from illume.loading import load_vlm
 from illume.models.vlm import VLM
@@ -53,7 +54,6 @@ from illume.pool import check_pool, merge_pool, sample_pool
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
 from illume.sampling import sample
 from illume.status import POLICY_COLUMNS, policy_cell
-from illume.store import FeedbackStore
 from illume.tracking import RunTracker, check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
 from policies.base import RoundContext

@@ -7,8 +7,8 @@ from rich.table import Table
 
 from illume.feedback import figures
 from illume.feedback.agreement import krippendorff_alpha as krippendorff_alpha_nominal  # noqa: F401 (tests, callers)
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import DEFAULT_AGGREGATE
-from illume.store import FeedbackStore
 
 POLICY_COLUMNS = (("grpo_reward", "reward", "{:.3f}"), ("grpo_accept", "sim. accept %", "{:.1%}"),
                   ("grpo_kl", "KL", "{:.4f}"))

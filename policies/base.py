@@ -13,9 +13,9 @@ from pathlib import Path
 
 from illume.config import RunConfig
 from illume.data.records import Example
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import Feedback
 from illume.models.vlm import VLM
-from illume.store import FeedbackStore
 
 
 @dataclass

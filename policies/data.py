@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from illume.data.records import Example
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import (
     DEFAULT_AGGREGATE,
     Feedback,
@@ -27,7 +28,6 @@ from illume.feedback.verdicts import (
     read_feedback,
     reference_explanations,
 )
-from illume.store import FeedbackStore
 
 
 class PolicyDataError(ValueError):

@@ -14,8 +14,8 @@ from pathlib import Path
 from illume import distributed
 from illume.config import ConfigError, RunConfig
 from illume.data.records import Example
+from illume.feedback.store import FeedbackStore
 from illume.models.vlm import VLM
-from illume.store import FeedbackStore
 from illume.tracking import check_report_to, trainer_report
 from policies.base import PolicyResult, RoundContext
 from policies.data import store_labelled_rationales, store_pairs

@@ -22,7 +22,7 @@ from pathlib import Path
 from illume import distributed
 from illume.config import ConfigError, RunConfig
 from illume.data.records import Example
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from illume.tracking import trainer_report
 
 REWARD_CRITIC_FILE = "reward_critic.json"

@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Collection, Iterable, Sequence
 
 from illume.data.records import Example
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import (
     ACCEPTED,
     DEFAULT_AGGREGATE,
@@ -29,7 +30,6 @@ from illume.feedback.verdicts import (
     read_feedback,
     reference_explanations,
 )
-from illume.store import FeedbackStore
 
 __all__ = ["PreferencePair", "RewardDataError", "judged_candidates", "judged_example_ids", "reward_feedback",
            "split_by_example", "to_preference_pairs"]

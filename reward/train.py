@@ -33,10 +33,10 @@ from illume import distributed
 from illume.collate import RowEncoder
 from illume.config import RewardConfig, TrainConfig
 from illume.data.records import Example
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import DEFAULT_AGGREGATE, PEOPLE, PreferencePair
 from illume.models.loading import load_saved_vlm
 from illume.models.vlm import VLM
-from illume.store import FeedbackStore
 from illume.tracking import NO_REPORT, TrainerReport
 from illume.training import check_zero_stage, trainer_arguments
 from reward.model import RewardModel, encode_scored_rows

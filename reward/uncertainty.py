@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from illume.config import RunConfig
 from illume.data.records import CandidateSet, Example
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 
 L2 = 1e-3
 """Weight of |w|^2 in each head's loss: keeps the bootstrap fits unique where the pairs do not pin w down."""

@@ -68,7 +68,8 @@ from sqlalchemy import event, func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from illume.config import AnnotateConfig  # noqa: E402
-from illume.store import FeedbackStore, ItemRow, JudgmentRow  # noqa: E402
+from illume.feedback.schema import ItemRow, JudgmentRow
+from illume.feedback.store import FeedbackStore  # noqa: E402
 
 SPLIT = "train"
 PEOPLE = 5

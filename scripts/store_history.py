@@ -54,17 +54,10 @@ from sqlalchemy import func, insert, select, text
 
 from illume.data.records import POLICY_MODEL, Example
 from illume.exports import export
+from illume.feedback.schema import AnnotatorRow, CandidateRow, DecisionRow, ItemRow, JudgmentRow, RoundRow
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PEOPLE, read_feedback, reference_explanations
 from illume.status import summarize
-from illume.store import (
-    AnnotatorRow,
-    CandidateRow,
-    DecisionRow,
-    FeedbackStore,
-    ItemRow,
-    JudgmentRow,
-    RoundRow,
-)
 from illume.training import build_training_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,9 +322,13 @@ def _status_before(store: FeedbackStore) -> dict:
 
 
 def _admin_summary_before(store: FeedbackStore) -> dict:
-    """The admin summary's team figures as computed before illume.feedback.figures (`agreement.team_summary`
-    over every judged train item), for comparison only."""
-    from illume.feedback.agreement import reward_vs_people, team_summary
+    """The admin summary's team figures as computed before illume.feedback.figures (the team summary in Python
+    over every judged train item, kept as the tests' oracle), for comparison only."""
+    from illume.feedback.agreement import reward_vs_people
+
+    if str(REPO) not in sys.path:  # tests/ importable when run as `python scripts/store_history.py`
+        sys.path.insert(0, str(REPO))
+    from tests.team_summary_oracle import team_summary
 
     items = store.judged_items("train")
     team = team_summary(items, {r: store.round_counts(r)["items"] for r in store.rounds()})

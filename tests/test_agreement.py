@@ -34,17 +34,19 @@ import numpy as np
 import pytest
 
 from illume.data.records import Candidate, CandidateSet
+from illume.feedback import figures
 from illume.feedback.agreement import (
     agreement,
     disagreements,
     item_detail,
     krippendorff_alpha,
     reward_vs_people,
-    team_summary,
 )
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PEOPLE
-from illume.store import FeedbackStore
+from tests.team_summary_oracle import team_summary
+from tests.test_figures import approx
 
 REVISED_AT = datetime(2100, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 HAS_CORRECTION = "correction" in inspect.signature(FeedbackStore.add_judgment).parameters
@@ -196,6 +198,7 @@ def test_team_summary(team):
     items = store.judged_items()
     summary = team_summary(items, {0: 4, 1: 2, 2: 3})
     json.dumps(summary, allow_nan=False)  # the server returns it as it is
+    assert figures.team_summary(store, {0: 4, 1: 2, 2: 3}) == approx(summary)  # the one illume computes
     assert summary["kinds"] == ["person", "simulated"]
     round0, round1, round2 = summary["rounds"]
     assert {k: v for k, v in round0.items() if k != "annotators"} == {

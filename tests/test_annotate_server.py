@@ -28,7 +28,7 @@ from illume.cli import main
 from illume.config import AnnotateConfig
 from illume.data.records import Candidate, CandidateSet
 from illume.feedback.queue import AnnotationQueue
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from tests.conftest import REPO
 
 LOCAL = "http://127.0.0.1"
@@ -485,6 +485,7 @@ def test_an_older_store_gets_the_new_columns(tmp_path):
     if sqlite3.sqlite_version_info < (3, 35):
         pytest.skip("SQLite < 3.35 cannot drop columns to fake an old store")
     with sqlite3.connect(path) as connection:
+        connection.execute("DROP TABLE alembic_version")  # written before the migrations
         connection.execute("ALTER TABLE decisions DROP COLUMN position_shown")
         connection.execute("ALTER TABLE judgments DROP COLUMN updated_at")
     with FeedbackStore(path) as store:

@@ -20,9 +20,9 @@ from illume import distributed
 from illume.cli import main
 from illume.config import load_config
 from illume.data.datasets import load_split
+from illume.feedback.store import FeedbackStore
 from illume.loading import load_vlm
 from illume.sampling import sample
-from illume.store import FeedbackStore
 from tests.conftest import REPO, tiny_overrides
 from tests.test_deepspeed import _free_port
 

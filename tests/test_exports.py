@@ -13,8 +13,8 @@ from illume.cli import main
 from illume.config import load_config, save_config
 from illume.data.records import Candidate, CandidateSet
 from illume.exports import ExportError, export
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import read_feedback
-from illume.store import FeedbackStore
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

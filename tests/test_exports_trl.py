@@ -11,8 +11,8 @@ from PIL import Image
 from illume.cli import main
 from illume.config import load_config, save_config
 from illume.data.records import Candidate, CandidateSet
+from illume.feedback.store import FeedbackStore
 from illume.prompts import rationale_prompt
-from illume.store import FeedbackStore
 
 GOOD, BAD = "the circle is red", "the square is blue"
 FAMILY = "llava"  # its processor has no video part, so stock `AutoProcessor` loads it without torchvision

@@ -36,7 +36,7 @@ class FirstCandidateJudge:
 def test_a_toy_critic_and_a_toy_policy_run_the_loop(tmp_path, monkeypatch):
     from illume.cli import main
     from illume.critic_registry import CRITICS
-    from illume.store import FeedbackStore
+    from illume.feedback.store import FeedbackStore
     from policies.registry import POLICIES
 
     seen, calls = [], []

@@ -192,7 +192,7 @@ def test_a_round_of_every_policy(family, examples, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", MATRIX)
 def test_a_grpo_step_through_trl(family, tmp_path):
-    from illume.store import FeedbackStore
+    from illume.feedback.store import FeedbackStore
     from policies.base import RoundContext
     from policies.grpo_trl import trl_grpo_round
 

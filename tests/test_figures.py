@@ -12,9 +12,10 @@ from illume.data.records import Candidate, CandidateSet
 from illume.feedback import agreement, figures
 from illume.feedback.agreement import krippendorff_alpha
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import AGGREGATES, read_feedback
 from illume.status import summarize
-from illume.store import FeedbackStore
+from tests import team_summary_oracle
 
 ANNOTATORS = {"ann": "person", "bob": "person", "cy": "person", "sim": "simulated", "reward": "reward"}
 
@@ -103,9 +104,9 @@ def test_team_summary_matches_the_python_computation(store_url, kinds):
     store = random_store(store_url, 2)
     items_per_round = {r: store.round_counts(r)["items"] for r in store.rounds()}
     for split in ("train", "val"):
-        expected = agreement.team_summary(store.judged_items(split), items_per_round, kinds)
+        expected = team_summary_oracle.team_summary(store.judged_items(split), items_per_round, kinds)
         assert figures.team_summary(store, items_per_round, kinds, split) == approx(expected)
-    expected = agreement.team_summary(store.judged_items("train"), None, kinds)
+    expected = team_summary_oracle.team_summary(store.judged_items("train"), None, kinds)
     assert figures.team_summary(store, None, kinds) == approx(expected)
     assert expected["total"]["paired_items"] and expected["total"]["disagreement_items"]
     assert any(p["corrections"] for p in expected["total"]["annotators"])
@@ -114,7 +115,7 @@ def test_team_summary_matches_the_python_computation(store_url, kinds):
 
 def test_an_empty_store_has_no_figures(store_url):
     store = FeedbackStore(store_url)
-    assert figures.team_summary(store, {}) == agreement.team_summary([], {})
+    assert figures.team_summary(store, {}) == team_summary_oracle.team_summary([], {})
     assert figures.items_with_accepted(store) == {} and figures.coincidences(store) == {}
     assert summarize(store) == {"rounds": {}, "people": {}}
     store.close()

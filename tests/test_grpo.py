@@ -132,7 +132,7 @@ def test_grpo_round_trains_adapters_only_against_a_fixed_reference(tiny_vlm, tmp
     from illume.collate import RowEncoder
     from illume.config import load_config
     from illume.data.datasets import load_split
-    from illume.store import FeedbackStore
+    from illume.feedback.store import FeedbackStore
     from policies.base import RoundContext
     from policies.grpo import REFERENCE_FILE, REWARDS, grpo_round
     from tests.conftest import TINY_DATA, TINY_MODEL
@@ -197,7 +197,7 @@ def test_sft_weight_adds_every_accepted_rationale_as_an_nll_row(tiny_vlm, tmp_pa
     from illume.config import load_config
     from illume.data.datasets import load_split
     from illume.data.records import Candidate, CandidateSet
-    from illume.store import FeedbackStore
+    from illume.feedback.store import FeedbackStore
     from policies.base import RoundContext
     from policies.grpo import REWARDS, grpo_round
     from tests.conftest import TINY_DATA, TINY_MODEL

@@ -16,9 +16,9 @@ from illume.config import load_config
 from illume.data.datasets import load_split
 from illume.data.records import load_image
 from illume.demo.tiny_models import build_tiny_hf_vlm
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import read_feedback
 from illume.prompts import ChatStyle, rationale_prompt
-from illume.store import FeedbackStore
 from policies.base import RoundContext
 from policies.data import PolicyDataError
 from tests.conftest import REPO, TINY_DATA

@@ -160,8 +160,9 @@ def test_the_backend_guard_lets_labels_and_the_protocol_through():
 
 
 def _store_private_names() -> set[str]:
-    """FeedbackStore's private attributes and methods (`self._engine`, `_read`, ...), read from illume/store.py."""
-    tree = ast.parse((REPO / "illume" / "store.py").read_text())
+    """FeedbackStore's private attributes and methods (`self._engine`, `_read`, ...), read from
+    illume/feedback/store.py."""
+    tree = ast.parse((REPO / "illume" / "feedback" / "store.py").read_text())
     store = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "FeedbackStore")
     names = {node.name for node in store.body if isinstance(node, ast.FunctionDef) and node.name.startswith("_")
              and not node.name.startswith("__")}
@@ -176,10 +177,19 @@ SESSION_ACCESSORS = {"read_sessions", "write_sessions"}
 
 def store_boundary_crossings(source: str, in_feedback_package: bool) -> list[tuple[int, str]]:
     """Where `source` uses a private name of the store on anything but `self`, or (outside illume/feedback/)
-    the store's session factories."""
+    the store's session factories or a private name of one of the package's modules (`illume.feedback.x._y`)."""
     private = _store_private_names()
     found = []
     for node in ast.walk(ast.parse(source)):
+        if (not in_feedback_package and isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("illume.feedback")):
+            found += [(node.lineno, f"imports {node.module}.{alias.name} outside illume/feedback/")
+                      for alias in node.names if alias.name.startswith("_")]
+            continue
+        if (not in_feedback_package and isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__") and ast.unparse(node.value).startswith("illume.feedback")):
+            found.append((node.lineno, f"uses {ast.unparse(node)} outside illume/feedback/"))
+            continue
         if not isinstance(node, ast.Attribute) or (isinstance(node.value, ast.Name) and node.value.id == "self"):
             continue
         if node.attr in private:
@@ -193,7 +203,7 @@ def store_boundary_crossings(source: str, in_feedback_package: bool) -> list[tup
 def test_nothing_outside_the_store_uses_its_private_names():
     crossings = [f"{path.relative_to(REPO)}:{line}: {what}"
                  for package in ("illume", "reward", "policies", "scripts")
-                 for path in sorted((REPO / package).rglob("*.py")) if path != REPO / "illume" / "store.py"
+                 for path in sorted((REPO / package).rglob("*.py")) if path != REPO / "illume" / "feedback" / "store.py"
                  for line, what in store_boundary_crossings(
                      path.read_text(), path.relative_to(REPO).parts[:2] == ("illume", "feedback"))]
     assert not crossings, crossings
@@ -204,6 +214,10 @@ def test_nothing_outside_the_store_uses_its_private_names():
     ("engine = run.store._engine\n", False, "uses the store's private ._engine"),
     ("store._write.begin()\n", True, "uses the store's private ._write"),
     ("with store.write_sessions.begin() as s:\n    pass\n", False, "uses .write_sessions outside illume/feedback/"),
+    ("from illume.feedback.writes import _check_split\n", False,
+     "imports illume.feedback.writes._check_split outside illume/feedback/"),
+    ("import illume.feedback.reads\nillume.feedback.reads._gc_paused()\n", False,
+     "uses illume.feedback.reads._gc_paused outside illume/feedback/"),
 ])
 def test_the_store_guard_catches_a_planted_crossing(planted, in_feedback, what):
     assert [w for _, w in store_boundary_crossings(planted, in_feedback)] == [what]
@@ -211,6 +225,7 @@ def test_the_store_guard_catches_a_planted_crossing(planted, in_feedback, what):
 
 def test_the_store_guard_lets_the_package_and_self_through():
     assert store_boundary_crossings("with store.read_sessions() as s:\n    self._read()\n", True) == []
+    assert store_boundary_crossings("from illume.feedback.writes import _check_split\n", True) == []
     assert {"_engine", "_read", "_write"} <= _store_private_names()
 
 

@@ -13,8 +13,8 @@ from illume.critics import CritiqueContext, SimulatedCritic, store_reviews
 from illume.data.datasets import load_split
 from illume.data.records import Candidate, CandidateSet, load_image
 from illume.data.shapes import vocabulary
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PEOPLE
-from illume.store import FeedbackStore
 from reward.evaluate import calibrate_threshold
 from reward.fitted import learn_from
 from reward.judge import Judge, JudgeCritic, judge_prompt

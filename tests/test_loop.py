@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from illume.cli import main
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from tests.conftest import REPO, tiny_overrides
 
 # The random tiny model's rationales score low: a threshold of 0.1 still selects, and lets rounds train.

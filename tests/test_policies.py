@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from illume.config import DPOPolicyConfig, KTOPolicyConfig, PolicyConfig, load_config
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PreferencePair
-from illume.store import FeedbackStore
 from policies.data import LabelledRationale, PolicyDataError, store_labelled_rationales, store_pairs
 from policies.dpo import REFERENCE_FILE, optimize_dpo
 from policies.kto import mismatched_completions

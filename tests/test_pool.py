@@ -99,10 +99,10 @@ def test_a_run_pools_an_earlier_round_and_another_vlm_and_the_page_shows_neither
     from illume.config import AnnotateConfig, load_config
     from illume.demo.tiny_models import build_tiny_hf_vlm
     from illume.exports import judgment_rows
+    from illume.feedback.store import FeedbackStore
     from illume.loading import load_vlm
     from illume.models.weights import load_trainable_weights
     from illume.pool import pool_candidate_sets
-    from illume.store import FeedbackStore
     from tests.conftest import tiny_overrides
 
     build_tiny_hf_vlm("qwen2_vl").save(tmp_path / "qwen")

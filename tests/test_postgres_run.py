@@ -5,7 +5,7 @@ import json
 import pytest
 
 from illume.cli import main
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from tests.test_loop import _config
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from illume.cli import main
 from illume.config import load_config
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from tests.conftest import REPO, tiny_overrides
 
 DEMO = str(REPO / "configs" / "demo.yaml")

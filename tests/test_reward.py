@@ -12,7 +12,7 @@ from PIL import Image
 
 from illume.config import RewardConfig, TrainConfig, load_config, save_config
 from illume.data.records import Candidate, CandidateSet, Example
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from reward.evaluate import (
     accept_metrics,
     calibrate_threshold,

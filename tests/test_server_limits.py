@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from illume.annotate.server import LOOPBACK_NAMES, allowed_hosts, create_app
 from illume.config import AnnotateConfig
 from illume.feedback.queue import AnnotationQueue, JudgmentConflict
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from tests.live_server import start_server, wait_in_page
 from tests.test_annotate_server import LOCAL, make_sets
 

@@ -3,8 +3,8 @@
 import pytest
 
 from illume.data.records import Candidate, CandidateSet
+from illume.feedback.store import FeedbackStore
 from illume.status import krippendorff_alpha_nominal, summarize
-from illume.store import FeedbackStore
 
 
 def test_alpha_matches_krippendorffs_worked_example():

@@ -16,8 +16,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError
 
 from illume.data.records import Candidate, CandidateSet
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import read_feedback
-from illume.store import FeedbackStore
 from tests.conftest import REPO
 from tests.postgres import is_postgres, sqlalchemy_url
 
@@ -258,7 +258,7 @@ def test_concurrent_writers(store_url):
 
 KILLED_WRITER = """
 import sys
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 store = FeedbackStore(sys.argv[1])
 ids = store.candidate_ids(0)
 print("ready", flush=True)
@@ -393,6 +393,7 @@ def test_an_older_store_registers_its_annotators_once_with_the_kind_their_names_
             store.add_judgments(0, [("a", [], True, None)], name, kind="judge")
     connection = sqlite3.connect(path)
     with connection:
+        connection.execute("DROP TABLE alembic_version")  # written before the migrations
         connection.execute("DROP TABLE annotators")
         connection.execute("DROP TABLE judgment_revisions")
         if sqlite3.sqlite_version_info >= (3, 35):
@@ -532,7 +533,7 @@ def test_only_the_store_and_the_queue_open_its_sessions():
     """Every other module reads feedback through the store's public reads."""
     import re
 
-    allowed = {REPO / "illume" / "store.py", REPO / "illume" / "feedback" / "queue.py",
+    allowed = {REPO / "illume" / "feedback" / "store.py", REPO / "illume" / "feedback" / "queue.py",
                REPO / "illume" / "feedback" / "figures.py"}  # the store's GROUP BY counts (status, admin page)
     pattern = re.compile(r"\._(read|write)\b")
     offenders = [f"{path.relative_to(REPO)}:{number}"
@@ -547,14 +548,15 @@ def test_a_registration_race_is_settled_by_the_kind_that_won(store):
     inside a savepoint, its transaction goes on if the winner registered the same kind, else it is refused."""
     from sqlalchemy import insert as sql_insert
 
-    from illume.store import AnnotatorRow, _register_annotator
+    from illume.feedback.schema import AnnotatorRow
+    from illume.feedback.writes import register_annotator
 
     store.add_candidate_sets(0, "train", make_sets(["a"]))
     with store._write.begin() as session:
         session.execute(sql_insert(AnnotatorRow).values(name="twin", kind="person"))  # the winner
-        _register_annotator(session, "twin", "person")  # the loser, same kind: fine
+        register_annotator(session, "twin", "person")  # the loser, same kind: fine
         with pytest.raises(ValueError, match="'twin'.*'person'.*'reward'"):
-            _register_annotator(session, "twin", "reward")
+            register_annotator(session, "twin", "reward")
     assert store.annotator_kinds() == {"twin": "person"}
     assert store.add_judgment(0, "a", "twin", [], none_fit=True)
 
@@ -562,7 +564,7 @@ def test_a_registration_race_is_settled_by_the_kind_that_won(store):
 def test_concurrent_first_opens_create_the_tables_once(store_url):
     """6 threads open one new database at once (several ranks or servers starting together), then all add
     items to the same new round at once: each gets a working store and every item is kept. PostgreSQL does not
-    serialise the CREATE TABLEs, nor the round's first row, by itself (`illume.store._lock_schema`,
+    serialise the CREATE TABLEs, nor the round's first row, by itself (`illume.feedback.migrations._lock_schema`,
     `_get_or_add_round`)."""
     errors = []
     opening, adding = threading.Barrier(6, timeout=60), threading.Barrier(6, timeout=60)
@@ -593,8 +595,8 @@ def test_an_older_store_gets_the_added_columns_on_each_backend(store_url):
     that use the new columns."""
     from sqlalchemy import inspect
 
+    from illume.feedback.migrations.versions.r0002_added_columns import ADDED_COLUMNS as _ADDED_COLUMNS
     from illume.feedback.queue import AnnotationQueue
-    from illume.store import _ADDED_COLUMNS
 
     if not is_postgres(store_url) and sqlite3.sqlite_version_info < (3, 35):
         pytest.skip("SQLite before 3.35 cannot DROP COLUMN")
@@ -606,6 +608,7 @@ def test_an_older_store_gets_the_added_columns_on_each_backend(store_url):
         before = store.judgments_table()
     engine = create_engine(sqlalchemy_url(store_url))
     with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))  # written before the migrations
         connection.execute(text("DROP TABLE annotators"))
         for index in ("ix_items_handout", "ix_items_round", "ix_judgments_annotator"):  # on added columns, or later
             connection.execute(text(f"DROP INDEX {index}"))

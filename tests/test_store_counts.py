@@ -13,8 +13,9 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from illume.data.records import Candidate, CandidateSet
+from illume.feedback.engine import process_write_lock
 from illume.feedback.queue import AnnotationQueue
-from illume.store import FeedbackStore, _process_write_lock
+from illume.feedback.store import FeedbackStore
 from tests.postgres import is_postgres, sqlalchemy_url
 
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -83,6 +84,7 @@ def test_an_older_store_gets_the_counts_the_triggers_and_the_indexes(store_url):
         store.add_judgment(0, "a", "bob", [])
     engine = create_engine(sqlalchemy_url(store_url))
     with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))  # written before the migrations
         for indexes in NEW_INDEXES.values():
             for index in indexes:
                 connection.execute(text(f"DROP INDEX {index}"))
@@ -164,7 +166,7 @@ def test_threads_of_one_process_queue_for_the_sqlite_write_lock(tmp_path, store_
     first.close(), second.close()
     with FeedbackStore(store_url) as store:
         assert (store._write._lock is None) == is_postgres(store_url)
-        assert (_process_write_lock(store._engine.url) is None) == is_postgres(store_url)
+        assert (process_write_lock(store._engine.url) is None) == is_postgres(store_url)
         store.add_candidate_sets(0, "train", make_sets([f"e{i}" for i in range(12)]))
         queue = AnnotationQueue(store)
         errors, stored = [], []

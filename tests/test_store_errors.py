@@ -1,7 +1,7 @@
 """Store failures as one line, before anything is written; PostgreSQL's lost races run again (issue 24).
 
 Unreachable databases, missing drivers, files that are not stores and stores a newer illume wrote each fail as
-one `store error:` line of the CLI (illume.store.StoreError), and `illume run` fails with it before the run
+one `store error:` line of the CLI (illume.feedback.engine.StoreError), and `illume run` fails with it before the run
 folder is touched. Serialization failures and deadlocks are raised by the real server (a trigger that raises
 SQLSTATE 40001 / 40P01 for the first attempts) and the write is retried instead of failing.
 """
@@ -17,7 +17,9 @@ from sqlalchemy import create_engine, text
 from illume.cli import main
 from illume.config import load_config, save_config
 from illume.data.records import Candidate, CandidateSet
-from illume.store import MAX_ATTEMPTS, SCHEMA_VERSION, FeedbackStore, StoreError
+from illume.feedback.engine import MAX_ATTEMPTS, StoreError
+from illume.feedback.schema import SCHEMA_VERSION
+from illume.feedback.store import FeedbackStore
 from tests.conftest import REPO, tiny_overrides
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -95,6 +97,7 @@ def test_a_store_from_before_the_schema_version_opens_and_gets_one(tmp_path):
     _store(path).close()
     with create_engine(f"sqlite:///{path}").begin() as connection:
         connection.execute(text("DROP TABLE illume_meta"))
+        connection.execute(text("DROP TABLE alembic_version"))  # written before the migrations too
     with FeedbackStore(path, create=False) as store:
         assert store.rounds() == [0]
     with create_engine(f"sqlite:///{path}").begin() as connection:

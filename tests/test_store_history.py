@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import read_feedback
 from illume.status import summarize
-from illume.store import FeedbackStore
 from tests.conftest import REPO
 
 _spec = importlib.util.spec_from_file_location("store_history", REPO / "scripts" / "store_history.py")

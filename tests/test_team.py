@@ -19,8 +19,8 @@ from illume.cli import main
 from illume.config import AnnotateConfig
 from illume.exports import dpo_rows, judgment_rows, kto_rows, sft_rows
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import read_feedback
-from illume.store import FeedbackStore
 from tests.test_annotate_server import LOCAL, make_sets
 
 

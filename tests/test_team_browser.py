@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from tests.live_server import start_server, wait_in_page
 from tests.test_annotate_server import make_sets, png_bytes
 

@@ -12,8 +12,8 @@ import pytest
 from illume.cli import main
 from illume.config import ConfigError, PolicyConfig, RunConfig, load_config
 from illume.critics import CritiqueContext, WebCritic
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PreferencePair
-from illume.store import FeedbackStore
 from illume.tracking import report_names, round_scalars, tracking_dir, trainer_report
 from policies.dpo import optimize_dpo
 from tests import test_grpo_trl

@@ -15,7 +15,7 @@ from illume.config import ConfigError, RunConfig, load_config
 from illume.critics import CritiqueContext, WebCritic, left_for_people, order_items
 from illume.data.records import Candidate, CandidateSet, Example
 from illume.feedback.queue import AnnotationQueue
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 from reward import critic as reward_critic
 from reward import uncertainty
 from reward.critic import HybridCritic, RewardDecider, check_critique_order

@@ -21,8 +21,8 @@ from PIL import Image
 from illume.data.records import Candidate, CandidateSet, Example
 from illume.exports import export
 from illume.feedback.queue import AnnotationQueue
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import AGGREGATES, PEOPLE, Feedback, read_feedback
-from illume.store import FeedbackStore
 from policies.data import dataset_labelled_rationales, dataset_pairs, store_labelled_rationales, store_pairs
 from reward.pairs import judged_candidates, to_preference_pairs
 

@@ -24,7 +24,7 @@ from illume.config import AnnotateConfig
 from illume.feedback import figures
 from illume.feedback.agreement import REWARD, disagreements, item_detail, reward_vs_people
 from illume.feedback.queue import AnnotationQueue
-from illume.store import FeedbackStore
+from illume.feedback.store import FeedbackStore
 
 SPLIT = "train"
 Round = Annotated[int | None, Query(ge=0, le=1_000_000)]

@@ -60,7 +60,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from illume.annotate.admin import admin_routes
 from illume.config import AnnotateConfig
 from illume.feedback.queue import AnnotationQueue, JudgmentConflict
-from illume.store import MAX_CORRECTION_CHARS, FeedbackStore
+from illume.feedback.store import FeedbackStore
+from illume.feedback.writes import MAX_CORRECTION_CHARS
 
 STATIC_DIR = Path(__file__).parent / "static"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",

@@ -23,14 +23,13 @@ Assumptions, up front:
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from illume.feedback.reads import CandidateInfo, JudgedItem, JudgmentInfo
 from illume.feedback.verdicts import ACCEPTED, AGGREGATES, CONTESTED, DEFAULT_AGGREGATE, PEOPLE
-from illume.store import CandidateInfo, JudgedItem, JudgmentInfo
 
 REWARD = frozenset({"reward"})
 """Annotator kinds compared with people by `reward_vs_people` by default."""
@@ -154,15 +153,11 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
 
 
-def _last_activity(judgment: JudgmentInfo) -> datetime:
-    return max(judgment.created_at, judgment.updated_at or judgment.created_at)
-
-
 def _sorted_kinds(kinds: Collection[str] | None) -> list[str] | None:
     return None if kinds is None else sorted(kinds)
 
 
-# -------------------------------------------------------------------- agreement and the team summary
+# -------------------------------------------------------------------- agreement
 
 
 def agreement(items: Iterable[JudgedItem], kinds: Collection[str] | None = PEOPLE) -> dict[int, float | None]:
@@ -180,135 +175,6 @@ def agreement(items: Iterable[JudgedItem], kinds: Collection[str] | None = PEOPL
     for item in items:
         _add_units(per_round.setdefault(item.round_idx, _Coincidences()), _tally(item, kinds))
     return {round_idx: coincidences.alpha() for round_idx, coincidences in per_round.items()}
-
-
-@dataclass
-class _AnnotatorStats:
-    kind: str
-    items: int = 0
-    none_fit: int = 0
-    shown: int = 0
-    accepted: int = 0
-    corrections: int = 0
-    seconds: list[float] = field(default_factory=list)
-    last: datetime | None = None
-
-    def add(self, judgment: JudgmentInfo) -> None:
-        self.items += 1
-        self.none_fit += bool(judgment.none_fit)
-        self.shown += len(judgment.decisions)
-        self.accepted += sum(judgment.decisions.values())
-        self.corrections += _correction(judgment) is not None
-        if judgment.seconds is not None:
-            self.seconds.append(judgment.seconds)
-        moment = _last_activity(judgment)
-        self.last = moment if self.last is None else max(self.last, moment)
-
-    def merge(self, other: _AnnotatorStats) -> None:
-        self.items += other.items
-        self.none_fit += other.none_fit
-        self.shown += other.shown
-        self.accepted += other.accepted
-        self.corrections += other.corrections
-        self.seconds.extend(other.seconds)
-        if other.last is not None:
-            self.last = other.last if self.last is None else max(self.last, other.last)
-
-    def as_dict(self, annotator: str) -> dict[str, Any]:
-        return {
-            "annotator": annotator,
-            "kind": self.kind,
-            "items_judged": self.items,
-            "none_fit_rate": self.none_fit / self.items if self.items else None,
-            "accept_rate": self.accepted / self.shown if self.shown else None,
-            "median_seconds": statistics.median(self.seconds) if self.seconds else None,
-            "mean_seconds": statistics.fmean(self.seconds) if self.seconds else None,
-            "corrections": self.corrections,
-            "last_activity": _iso(self.last),
-        }
-
-
-@dataclass
-class _RoundStats:
-    judged_items: int = 0
-    paired_items: int = 0
-    judgments: int = 0
-    disagreement_items: int = 0
-    coincidences: _Coincidences = field(default_factory=_Coincidences)
-    annotators: dict[str, _AnnotatorStats] = field(default_factory=dict)
-
-    def add(self, tally: _Tally) -> None:
-        if not tally.judgments:
-            return
-        self.judged_items += 1
-        self.paired_items += len(tally.judgments) >= 2
-        self.judgments += len(tally.judgments)
-        self.disagreement_items += tally.disputed > 0
-        _add_units(self.coincidences, tally)
-        for judgment in tally.judgments:
-            person = self.annotators.setdefault(judgment.annotator, _AnnotatorStats(judgment.annotator_kind))
-            person.add(judgment)
-
-    def merge(self, other: _RoundStats) -> None:
-        self.judged_items += other.judged_items
-        self.paired_items += other.paired_items
-        self.judgments += other.judgments
-        self.disagreement_items += other.disagreement_items
-        self.coincidences.merge(other.coincidences)
-        for name, person in other.annotators.items():
-            self.annotators.setdefault(name, _AnnotatorStats(person.kind)).merge(person)
-
-    def as_dict(self, items: int | None) -> dict[str, Any]:
-        return {
-            "items": items,
-            "judged_items": self.judged_items,
-            "paired_items": self.paired_items,
-            "judgments": self.judgments,
-            "alpha": self.coincidences.alpha(),
-            "disagreement_items": self.disagreement_items,
-            "annotators": [stats.as_dict(name) for name, stats in sorted(self.annotators.items())],
-        }
-
-
-def team_summary(
-    items: Iterable[JudgedItem],
-    items_per_round: Mapping[int, int] | None = None,
-    kinds: Collection[str] | None = PEOPLE,
-) -> dict[str, Any]:
-    """Per round and in total: progress, agreement (alpha), disagreements, and what each annotator did.
-
-    Args:
-        items: Judged items, e.g. `store.judged_items(split)`.
-        items_per_round: Round -> how many items it has (judged or not; `store.round_counts(r)["items"]`);
-            its rounds are listed even when nothing in them is judged. None: `items` is reported as None.
-        kinds: The annotator kinds that count (None: every kind); judgments of other kinds are ignored.
-
-    Returns:
-        `{"kinds": sorted kinds or None, "rounds": [ROUND, ...] (ascending), "total": TOTAL}`, where ROUND is
-        `{"round_idx", "items" (int | None), "judged_items" (>= 1 counted judgment), "paired_items" (>= 2),
-        "judgments" (counted), "alpha" (float | None), "disagreement_items" (some candidate accepted by one
-        counted annotator and rejected by another), "annotators": [PERSON, ...] (by name)}` and TOTAL is the
-        same without round_idx, over all rounds (alpha pooled over every round's units). PERSON is
-        `{"annotator", "kind", "items_judged", "none_fit_rate" (share of items judged "none fits"),
-        "accept_rate" (share of candidates shown that were accepted), "median_seconds", "mean_seconds"
-        (per item, over judgments with a time; None without any), "corrections" (judgments with a written
-        rationale), "last_activity" (ISO time of the latest judgment or revision)}`. Rates are None when
-        their denominator is 0.
-    """
-    rounds: dict[int, _RoundStats] = {r: _RoundStats() for r in items_per_round or {}}
-    for item in items:
-        rounds.setdefault(item.round_idx, _RoundStats()).add(_tally(item, kinds))
-    total = _RoundStats()
-    for stats in rounds.values():
-        total.merge(stats)
-    sizes = items_per_round or {}
-    known = items_per_round is not None
-    return {
-        "kinds": _sorted_kinds(kinds),
-        "rounds": [{"round_idx": r, **stats.as_dict(sizes.get(r) if known else None)}
-                   for r, stats in sorted(rounds.items())],
-        "total": total.as_dict(sum(sizes.values()) if known else None),
-    }
 
 
 # -------------------------------------------------------------------- disagreements and one item

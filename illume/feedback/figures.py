@@ -1,15 +1,16 @@
 """Counts over every judgment, computed by the database: what `illume status` and the admin page show.
 
-`illume.feedback.agreement.team_summary` and the figures of `illume status` used to be computed in Python
-over `FeedbackStore.judged_items(...)`, i.e. after reading every judged item, candidate and decision of the
+The team summary (`team_summary`, the admin page) and the figures of `illume status` used to be computed in
+Python over `FeedbackStore.judged_items(...)`, i.e. after reading every judged item, candidate and decision of the
 store; at a VQA-X-sized study (30 k items x 10 candidates x several rounds) that is seconds per call and
 hundreds of MB. Here the same figures come from GROUP BY queries: Python receives a few rows per round and
 annotator, never a table.
 
 Assumptions, up front:
 - The definitions are those of `illume.feedback.agreement` (its module docstring: who counts, what a unit of
-  agreement is, what a disagreement is) and `illume.status`; the tests compare both computations on random
-  stores (tests/test_figures.py). Sums and means of `seconds` are added up by the database in its own order,
+  agreement is, what a disagreement is) and `illume.status`; the tests compare them with the same figures
+  computed in Python on random stores (tests/test_figures.py; for the team summary that computation is the
+  oracle in tests/team_summary_oracle.py, and illume has no other). Sums and means of `seconds` are added up by the database in its own order,
   so they may differ from the Python sums in the last bits; counts, medians and alpha's inputs are exact.
 - What was accepted stays decided by `illume.feedback.verdicts`: `items_with_accepted` asks the database
   which (accepts, rejects) counts occur, applies `AGGREGATES[aggregate]` to each in Python, and lets the
@@ -29,8 +30,9 @@ from sqlalchemy import Integer, and_, case, cast, false, func, or_, select
 from sqlalchemy.sql import Select
 
 from illume.feedback.agreement import PEOPLE, _Coincidences, _sorted_kinds
+from illume.feedback.schema import AnnotatorRow, DecisionRow, ItemRow, JudgmentRow
+from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import ACCEPTED, AGGREGATES, DEFAULT_AGGREGATE
-from illume.store import AnnotatorRow, DecisionRow, FeedbackStore, ItemRow, JudgmentRow
 
 _ACCEPTED = cast(case((DecisionRow.accepted, 1), else_=0), Integer)
 _REJECTED = cast(case((DecisionRow.accepted, 0), else_=1), Integer)
@@ -176,7 +178,7 @@ def _item_figures(store: FeedbackStore, split: str | None, kinds: Collection[str
 
 
 def _person(name: str, figures: Mapping[str, Any]) -> dict[str, Any]:
-    """One annotator as `team_summary` reports them (`agreement._AnnotatorStats.as_dict`)."""
+    """One annotator as `team_summary` reports them."""
     items, shown, seconds = figures["items"], figures["shown"], figures["seconds_count"]
     return {
         "annotator": name,
@@ -193,8 +195,29 @@ def _person(name: str, figures: Mapping[str, Any]) -> dict[str, Any]:
 
 def team_summary(store: FeedbackStore, items_per_round: Mapping[int, int] | None = None,
                  kinds: Collection[str] | None = PEOPLE, split: str = "train") -> dict[str, Any]:
-    """`illume.feedback.agreement.team_summary(store.judged_items(split), items_per_round, kinds)`, counted by
-    the database (same keys and definitions; see that function for what each figure is)."""
+    """Per round and in total: progress, agreement (alpha), disagreements, and what each annotator did, counted by
+    the database (the admin page's team figures). The definitions are `illume.feedback.agreement`'s; the same
+    summary computed in Python over `store.judged_items(split)` is the tests' oracle (tests/team_summary_oracle.py).
+
+    Args:
+        store: The feedback store.
+        items_per_round: Round -> how many items it has (judged or not; `store.round_counts(r)["items"]`);
+            its rounds are listed even when nothing in them is judged. None: `items` is reported as None.
+        kinds: The annotator kinds that count (None: every kind); judgments of other kinds are ignored.
+        split: The items' split.
+
+    Returns:
+        `{"kinds": sorted kinds or None, "rounds": [ROUND, ...] (ascending), "total": TOTAL}`, where ROUND is
+        `{"round_idx", "items" (int | None), "judged_items" (>= 1 counted judgment), "paired_items" (>= 2),
+        "judgments" (counted), "alpha" (float | None), "disagreement_items" (some candidate accepted by one
+        counted annotator and rejected by another), "annotators": [PERSON, ...] (by name)}` and TOTAL is the
+        same without round_idx, over all rounds (alpha pooled over every round's units). PERSON is
+        `{"annotator", "kind", "items_judged", "none_fit_rate" (share of items judged "none fits"),
+        "accept_rate" (share of candidates shown that were accepted), "median_seconds", "mean_seconds"
+        (per item, over judgments with a time; None without any), "corrections" (judgments with a written
+        rationale), "last_activity" (ISO time of the latest judgment or revision)}`. Rates are None when
+        their denominator is 0. Rounds with a judged item of any kind are listed.
+    """
     per_round = _item_figures(store, split, kinds)
     units = coincidences(store, split, kinds)
     people = annotator_figures(store, split, kinds, by_round=True)

@@ -7,6 +7,10 @@ submission stores the judgment with the order the candidates were shown and rele
 (the page's "go back") replaces the annotator's own judgment and keeps the earlier version in
 `judgment_revisions` (`FeedbackStore.judgment_history`).
 
+A judgment is written by the store's one judgment-write path (`illume.feedback.writes.write_judgments`, which
+the critics' `FeedbackStore.add_judgment(s)` end in too; a revision by `writes.revise_judgment`); what is the
+page's own is decided here first: leases and free slots, client tokens, a resubmission that differs.
+
 Everything is in the store (`leases`, `judgments`, `decisions`, ...), so the server holding a queue can be
 killed and restarted at any time; every method that writes is one transaction, as every store write is, run
 again when PostgreSQL aborts it for a serialization failure or a deadlock (`retry_on_conflict`).
@@ -19,25 +23,28 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from illume.store import (
+from illume.feedback.engine import retry_on_conflict
+from illume.feedback.schema import (
     CandidateRow,
     DecisionRow,
-    FeedbackStore,
     ItemRow,
-    JudgmentRevisionRow,
     JudgmentRow,
     LeaseRow,
     RoundRow,
-    _check_annotator_kind,
-    _is_row_id,
-    _now,
-    _register_annotator,
+    is_row_id,
+    utc_now,
+)
+from illume.feedback.store import FeedbackStore
+from illume.feedback.writes import (
+    NewJudgment,
+    check_annotator_kind,
     check_correction,
-    retry_on_conflict,
+    revise_judgment,
+    write_judgments,
 )
 
 
@@ -94,7 +101,7 @@ class AnnotationQueue:
             without one), `prompt`, `answer`, `image_ref` and `candidates` ((candidate id, text) pairs in
             drawn order).
         """
-        if not _is_row_id(item_id):
+        if not is_row_id(item_id):
             return None
         with self._read() as session:
             row = session.execute(
@@ -156,7 +163,7 @@ class AnnotationQueue:
             The lease, or None when no item is free for this annotator now.
         """
         _check_annotator(annotator)
-        now = now or _now()
+        now = now or utc_now()
         expires_at = now + timedelta(seconds=lease_seconds)
         in_round = (ItemRow.round_idx == round_idx, ItemRow.split == split)
         judged_by_me = select(JudgmentRow.id).where(
@@ -220,8 +227,8 @@ class AnnotationQueue:
             The renewed lease, or None: unknown item, already judged by them, or its slots are taken.
         """
         _check_annotator(annotator)
-        now = now or _now()
-        if not _is_row_id(item_id):
+        now = now or utc_now()
+        if not is_row_id(item_id):
             return None
         with self._write.begin() as session:
             # Off SQLite: the lease row, then the item's, the order every method here locks them in.
@@ -295,11 +302,11 @@ class AnnotationQueue:
         """
         _check_annotator(annotator)
         check_correction(correction, none_fit, f"item {item_id}")
-        now = now or _now()
+        now = now or utc_now()
         try:
             with self._write.begin() as session:
                 candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
-                registered = _check_annotator_kind(session, annotator, kind)
+                check_annotator_kind(session, annotator, kind)
                 if client_token is not None:
                     used = session.execute(select(JudgmentRow.item_id, JudgmentRow.annotator)
                                            .where(JudgmentRow.client_token == client_token)).first()
@@ -324,13 +331,10 @@ class AnnotationQueue:
                             "by other annotators (your hold on it expired)")
                 if shown_order is None and lease is not None and lease.shown_order:
                     shown_order = lease.shown_order
-                if not registered:
-                    _register_annotator(session, annotator, kind)
-                judgment_id = session.scalar(insert(JudgmentRow).returning(JudgmentRow.id).values(
-                    item_id=item_id, annotator=annotator, none_fit=bool(none_fit), seconds=seconds,
-                    client_token=client_token, created_at=now, correction=correction,
-                ))
-                _insert_decisions(session, judgment_id, candidate_ids, set(accepted), shown_order)
+                write_judgments(session, annotator, kind, [NewJudgment(
+                    item_id=item_id, candidate_ids=candidate_ids, accepted=set(accepted), none_fit=none_fit,
+                    seconds=seconds, client_token=client_token, correction=correction, shown_order=shown_order,
+                )], created_at=now)
                 if lease is not None:
                     session.delete(lease)
                 return True
@@ -376,7 +380,7 @@ class AnnotationQueue:
         """
         _check_annotator(annotator)
         check_correction(correction, none_fit, f"item {item_id}")
-        now = now or _now()
+        now = now or utc_now()
         with self._write.begin() as session:
             candidate_ids = _check_item_decision(session, item_id, accepted, none_fit, shown_order)
             row = session.scalars(select(JudgmentRow).where(  # locked: two tabs revising at once, off SQLite
@@ -389,26 +393,10 @@ class AnnotationQueue:
                 if session.scalar(select(JudgmentRow.id).where(JudgmentRow.client_token == client_token)):
                     raise JudgmentConflict(f"client_token {client_token!r} was used for another submission")
                 row.client_token = client_token
-            if shown_order is None:
-                shown = dict(session.execute(
-                    select(DecisionRow.candidate_id, DecisionRow.position_shown)
-                    .where(DecisionRow.judgment_id == row.id, DecisionRow.position_shown.is_not(None))
-                ).all())
-                if set(shown) == set(candidate_ids):
-                    shown_order = sorted(shown, key=shown.__getitem__)
-            previous = sorted(session.scalars(select(DecisionRow.candidate_id).where(
-                DecisionRow.judgment_id == row.id, DecisionRow.accepted.is_(True))))
-            session.execute(insert(JudgmentRevisionRow).values(
-                judgment_id=row.id, none_fit=row.none_fit, accepted=previous, seconds=row.seconds,
-                judged_at=row.updated_at or row.created_at, revised_at=now, correction=row.correction,
-            ))
-            row.none_fit = bool(none_fit)
-            row.correction = correction
-            if seconds is not None:
-                row.seconds = (row.seconds or 0.0) + seconds
-            row.updated_at = now
-            session.execute(delete(DecisionRow).where(DecisionRow.judgment_id == row.id))
-            _insert_decisions(session, row.id, candidate_ids, set(accepted), shown_order)
+            revise_judgment(session, row, NewJudgment(
+                item_id=item_id, candidate_ids=candidate_ids, accepted=set(accepted), none_fit=none_fit,
+                seconds=seconds, correction=correction, shown_order=shown_order,
+            ), revised_at=now)
             return True
 
     def judgments_by(
@@ -558,7 +546,7 @@ def _check_item_decision(
     session: Session, item_id: int, accepted: Sequence[int], none_fit: bool, shown_order: Sequence[int] | None
 ) -> list[int]:
     """Validate a page's decision on an item; returns the item's candidate ids (drawn order)."""
-    if not _is_row_id(item_id) or session.scalar(select(ItemRow.id).where(ItemRow.id == item_id)) is None:
+    if not is_row_id(item_id) or session.scalar(select(ItemRow.id).where(ItemRow.id == item_id)) is None:
         raise KeyError(f"item {item_id!r} is not in the feedback store")
     if isinstance(accepted, (str, bytes)):
         raise ValueError(f"item {item_id}: accepted must be a list of candidate ids, not {accepted!r}")
@@ -566,7 +554,7 @@ def _check_item_decision(
         raise ValueError(f"item {item_id}: none_fit=True but {len(accepted)} candidate(s) accepted")
     candidate_ids = _candidate_ids(session, item_id)
     for candidate_id in accepted:
-        if not _is_row_id(candidate_id) or candidate_id not in candidate_ids:
+        if not is_row_id(candidate_id) or candidate_id not in candidate_ids:
             raise ValueError(f"item {item_id}: accepted candidate {candidate_id!r} is not one of this item's "
                              "candidates")
     if shown_order is not None and (len(shown_order) != len(candidate_ids)
@@ -600,13 +588,3 @@ def _check_same_as_stored(
     raise JudgmentConflict(f"you already judged item {item_id} differently ({saved}): revise that judgment "
                            "to change it", stored=stored)
 
-
-def _insert_decisions(
-    session: Session, judgment_id: int, candidate_ids: list[int], accepted: set[int],
-    shown_order: Sequence[int] | None,
-) -> None:
-    position = {candidate_id: i for i, candidate_id in enumerate(shown_order)} if shown_order else {}
-    rows = [{"judgment_id": judgment_id, "candidate_id": candidate_id, "accepted": candidate_id in accepted,
-             "position_shown": position.get(candidate_id)} for candidate_id in candidate_ids]
-    if rows:
-        session.execute(insert(DecisionRow), rows)

@@ -54,7 +54,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from illume.config import ConfigError, RunConfig
-from illume.store import FeedbackStore, JudgedItem, JudgmentInfo
+from illume.feedback.reads import JudgedItem, JudgmentInfo
+from illume.feedback.store import FeedbackStore
 
 ACCEPTED, REJECTED, CONTESTED = "accepted", "rejected", "contested"
 
