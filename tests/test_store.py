@@ -589,6 +589,24 @@ def test_concurrent_first_opens_create_the_tables_once(store_url):
         assert sorted(s.example_id for s in store.candidate_sets(0)) == [f"e{t}" for t in range(6)]
 
 
+def test_opening_waits_for_a_lock_held_while_it_switches_to_wal(tmp_path):
+    """Switching a new SQLite file to WAL needs it to itself, and SQLite answers "database is locked" at once
+    (no busy handler) while another connection holds a write lock: the flaky failure of the test above, seen in
+    CI. Here another connection holds that lock for 0.3 s: the opener waits for it and opens."""
+    path = tmp_path / "feedback.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # a writer's (reserved) lock on the new file, not yet in WAL mode
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        with FeedbackStore(path) as store:
+            assert store.candidate_sets(0) == []
+    finally:
+        release.join()
+        holder.close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
 def test_an_older_store_gets_the_added_columns_on_each_backend(store_url):
     """A database from before every column of `_ADDED_COLUMNS` and the `annotators` table (dropped here with
     the backend's own SQL) is brought up to date when opened: the same rows read back, and it takes writes

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -166,10 +167,31 @@ def _sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # ourselves in _sqlite_begin (SQLAlchemy's documented recipe).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")  # first: the next pragma may wait
-    cursor.execute("PRAGMA journal_mode = WAL")  # readers don't block the writer, nor it them
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    _switch_to_wal(cursor)  # readers don't block the writer, nor it them
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the database in WAL mode (a setting of the file: once done, every later connection finds it so).
+
+    Switching needs the database to itself, and SQLite answers "database is locked" at once when another
+    connection holds a write lock on the file, without calling the busy handler: several processes or threads opening one new store
+    together (ranks starting, the annotation server beside the loop) would fail. Try again, with a jittered
+    back-off, for as long as a writer would wait (`SQLITE_BUSY_TIMEOUT_MS`).
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(random.uniform(0, delay))
+        delay = min(delay * 2, 0.1)
 
 
 def _sqlite_begin(connection: Any) -> None:
