@@ -177,9 +177,9 @@ def _switch_to_wal(cursor: Any) -> None:
     """Put the database in WAL mode (a setting of the file: once done, every later connection finds it so).
 
     Switching needs the database to itself, and SQLite answers "database is locked" at once when another
-    connection holds a write lock on the file, without calling the busy handler: several processes or threads opening one new store
-    together (ranks starting, the annotation server beside the loop) would fail. Try again, with a jittered
-    back-off, for as long as a writer would wait (`SQLITE_BUSY_TIMEOUT_MS`).
+    connection holds a write lock on the file, without calling the busy handler: several processes or threads
+    opening one new store together (ranks starting, the annotation server beside the loop) would fail. Try
+    again, with a jittered back-off, for as long as a writer would wait (`SQLITE_BUSY_TIMEOUT_MS`).
     """
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
     delay = 0.001
