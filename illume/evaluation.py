@@ -2,14 +2,17 @@
 
 - `explanation_scores`: one greedy rationale per example for the model's own answer, scored against the
   references with BLEU-4, METEOR, ROUGE-L and CIDEr (pycocoevalcap), plus VQA answer accuracy.
+- `keep_best_epoch`: the loop's evaluate step: every epoch's adapters scored on val, the best one kept.
 - `rationale_pass_rate`: the share of examples where at least one sampled candidate reaches a ROUGE-L
   threshold against any reference, the simulated critic's acceptance rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from illume import distributed
 from illume.config import SampleConfig
@@ -18,10 +21,11 @@ from illume.data.records import CandidateSet, Example
 from illume.metrics.answer_accuracy import answer_accuracy, answer_containment
 from illume.metrics.caption_scores import caption_scores
 from illume.models.vlm import VLM
+from illume.models.weights import DIGEST_SUFFIX, load_trainable_weights, save_trainable_weights
 from illume.sampling import sample
 
 # What explanation_scores returns (meteor only with Java), in the order reports list them.
-SCORE_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy", "answer_contains")
+VAL_SCORES = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy", "answer_contains")
 
 
 def rationale_pass_rate(candidate_sets: Sequence[CandidateSet], examples: Sequence[Example],
@@ -56,3 +60,43 @@ def explanation_scores(vlm: VLM, examples: Sequence[Example], sample_cfg: Sample
         result.update({k: v for k, v in scores.items()
                        if k in ("bleu_4", "meteor", "rouge_l", "cider") and v is not None})
     return distributed.broadcast_object(result)
+
+
+@dataclass
+class Kept:
+    """The evaluate step's answer: val scores per epoch and the kept epoch's (with its `epoch`)."""
+
+    best: dict
+    epochs: list[dict]
+
+
+def keep_best_epoch(vlm: VLM, val: Sequence[Example], sample_cfg: SampleConfig, metric: str,
+                    epoch_weights: Sequence[Path], keep_as: Path) -> Kept:
+    """Score each epoch's adapters on val (`explanation_scores`), keep the best by `metric` (the earliest of
+    equals): its weights stay in `vlm.model` and are saved as `keep_as`; the epochs' files are removed.
+
+    Every rank scores every epoch (val is decoded in shares and gathered), so all keep the same one.
+    """
+    if not epoch_weights:
+        raise ValueError("the training saved no epoch: nothing to evaluate")
+    epochs = []
+    for number, path in enumerate(epoch_weights, 1):
+        load_trainable_weights(vlm.model, path)
+        scores = explanation_scores(vlm, val, sample_cfg, progress=False)
+        scores["epoch"] = number
+        epochs.append(scores)
+    best = epochs[0]
+    for scores in epochs[1:]:
+        if scores[metric] > best[metric]:
+            best = scores
+    load_trainable_weights(vlm.model, epoch_weights[best["epoch"] - 1])
+    distributed.barrier()  # every rank has read every epoch's file before rank 0 removes them
+    if distributed.is_main():
+        save_trainable_weights(vlm.model, keep_as)
+        for path in epoch_weights:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + DIGEST_SUFFIX).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            epoch_weights[0].parent.rmdir()  # empty now, unless someone put files of their own there
+    distributed.barrier()  # rank 0 saved the kept epoch before any rank reads it (a resumed round, an export)
+    return Kept(best, epochs)

@@ -1,12 +1,13 @@
-"""The ILLUME loop: sample -> critique -> verdicts -> tune (keeping the best epoch by val) -> report, per round.
+"""The ILLUME loop: sample -> critique -> verdicts -> tune -> evaluate -> report, per round.
 
-`run` checks everything it can, then `_rounds` plays each round over one `Run` (what the rounds share) and
-one `Round` (what a round's steps fill in): `play_round` calls `sample_round`, `critique_round`,
-`read_verdicts` and `tune_round` in that order, and `_rounds` writes the round's row and decides whether to
-go on. Each step is behind an interface chosen by one dict: the critic by `illume.critic_registry.CRITICS`
-[critic.kind], the policy by `policies.registry.POLICIES[policy.kind]`; what was accepted is read by the
-rules of `illume.feedback.verdicts`; the backend is whatever `load_vlm` gives. This module asks none of them
-which kind it is.
+`run` reads top to bottom: `opened` checks everything it can and holds what the rounds share (`Run`); each
+round is one `Round` that its steps fill in, one call each: `sample_round`, `critique_round`,
+`read_verdicts`, `tune_round`, `evaluate_round` (each epoch's weights scored on val, the best kept),
+`save_round` and `report_round`; `stopping` decides whether to go on. Each step is behind an interface
+chosen by one dict: the critic by `illume.critic_registry.CRITICS[critic.kind]`, the policy by
+`policies.registry.POLICIES[policy.kind]`; what was accepted is read by the rules of
+`illume.feedback.verdicts`; the backend is whatever `load_vlm` gives. This module asks none of them which
+kind it is.
 
 Assumptions, up front:
 - Everything that must survive a crash is in the feedback store (candidates, judgments) or in the round
@@ -30,6 +31,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,7 +46,7 @@ from illume.critic_registry import CRITICS, check_critic_config
 from illume.critics import Critic, CritiqueContext
 from illume.data.datasets import load_split
 from illume.data.records import CandidateSet, Example
-from illume.evaluation import SCORE_KEYS, explanation_scores
+from illume.evaluation import VAL_SCORES, explanation_scores
 from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import Feedback, check_aggregate, read_feedback
 from illume.loading import load_vlm
@@ -56,7 +58,7 @@ from illume.sampling import sample
 from illume.status import POLICY_COLUMNS, policy_cell
 from illume.tracking import RunTracker, check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
-from policies.base import RoundContext
+from policies.base import PolicyResult, RoundContext, keep_best, kept_epoch
 from policies.registry import POLICIES, check_policy_config
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ PREFLIGHT = (
     check_report_to,  # an unknown tracker or a missing package fails now, not after the first round
 )
 """The settings checks `run` makes before any work, after the config loaded (types, ranges, kinds)."""
-VAL_KEYS = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")  # the table's columns
+TABLE_SCORES = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")  # the table's columns
 
 
 # Wall-clock figures differ between two runs of the same command: results.json leaves them out, so that the
@@ -124,7 +126,7 @@ def results_table(results: list[dict]) -> Table:
         table.add_row(str(row["round"]), accepted, str(row.get("new_rationales", "-")),
                       str(row.get("train_rationales", "-")), str(row.get("judgments", "-")),
                       str(row.get("human_judgments", "-")),
-                      *(pct(row, k) for k in VAL_KEYS),
+                      *(pct(row, k) for k in TABLE_SCORES),
                       *(policy_cell(row, key, fmt) for key, _, fmt in extra))
     return table
 
@@ -132,9 +134,36 @@ def results_table(results: list[dict]) -> Table:
 def run(cfg: RunConfig) -> list[dict]:
     """Run (or continue) the ILLUME rounds of `cfg`; returns the per-round results also in results.json.
 
-    Everything that can be checked is checked before anything is written: the settings, the data (every
-    image opened), the store's database, then the run folder (illume's, and nobody else writing to it).
+    Each round: sample -> critique -> verdicts -> tune -> evaluate -> report, one call each over one `Round`.
+    A round finished earlier (its metrics.json) is taken from disk; the run stops when people are not done
+    and the config says not to wait, when a round accepted nothing new, or by `loop.patience`.
     """
+    with opened(cfg) as run:
+        results = [score_base(run)]
+        for round_idx in range(cfg.loop.num_rounds):
+            rnd = Round(round_idx, round_dir(run.run_dir, round_idx))
+            if not take_finished(run, rnd):
+                sample_round(run, rnd)
+                critique_round(run, rnd)
+                if not rnd.people_done:  # people have not finished judging and the config says not to wait
+                    break
+                read_verdicts(run, rnd)
+                if rnd.metrics["new_rationales"] or not cfg.loop.stop_when_nothing_new:
+                    tune_round(run, rnd)
+                    evaluate_round(run, rnd)
+                save_round(run, rnd)
+            results.append(report_round(run, rnd, results))
+            if stopping(run, results):
+                break
+    run.console.print(f"results: {run.run_dir / 'results.json'}")
+    return results
+
+
+@contextlib.contextmanager
+def opened(cfg: RunConfig) -> Iterator[Run]:
+    """Everything a run needs, checked before anything is written: the settings, the data (every image
+    opened), the store's database, then the run folder (illume's, and nobody else writing to it); then the
+    model, the critic and the trackers. The folder's lock and the trackers are released on leaving."""
     distributed.init_if_launched()
     # Logs and pipes get 80 columns: too narrow. One process prints.
     console = Console(width=max(Console().width, 120), quiet=not distributed.is_main())
@@ -171,9 +200,7 @@ def run(cfg: RunConfig) -> list[dict]:
         # round fails.
         tracker = open_tracker(cfg, say=console.print)
         held.callback(tracker.close)
-        results = _rounds(Run(cfg, run_dir, store, vlm, critic, train, val, image_refs, console, tracker))
-    console.print(f"results: {run_dir / 'results.json'}")
-    return results
+        yield Run(cfg, run_dir, store, vlm, critic, train, val, image_refs, console, tracker)
 
 
 @dataclass
@@ -214,59 +241,78 @@ class Round:
     """Keys the critic adds to the round's row (the reward model's threshold, ...)."""
     feedback: Feedback | None = None
     """The verdicts of every judgment up to this round (step 3), handed to the policy."""
+    tuned: PolicyResult | None = None
+    """What the policy trained (step 4): each epoch's weights, for the evaluate step (5)."""
     metrics: dict = field(default_factory=dict)
     """The round's row of results.json (round_NN/metrics.json)."""
 
 
-def _rounds(run: Run) -> list[dict]:
-    """Score the base model, then play (or take from disk) each round until the loop's stopping rules say so."""
-    cfg, run_dir, store, console, tracker = run.cfg, run.run_dir, run.store, run.console, run.tracker
-    base_path = run_dir / "base_metrics.json"
+def score_base(run: Run) -> dict:
+    """The base model's val scores (once: base_metrics.json), the first row of results.json."""
+    base_path = run.run_dir / "base_metrics.json"
     if base_path.is_file():
         base_scores = json.loads(base_path.read_text())
     else:
-        console.print("[bold]scoring the base model on val[/bold]")
-        base_scores = explanation_scores(run.vlm, run.val, cfg.sample, progress=distributed.is_main())
+        run.console.print("[bold]scoring the base model on val[/bold]")
+        base_scores = explanation_scores(run.vlm, run.val, run.cfg.sample, progress=distributed.is_main())
         if distributed.is_main():
             _write_json(base_path, base_scores)
-    results = [{"round": "base", "val": base_scores}]
-    tracker.log(round_scalars(results[0]), step=0)
-    best_score, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
+    row = {"round": "base", "val": base_scores}
+    run.tracker.log(round_scalars(row), step=0)
+    return row
 
-    for round_idx in range(cfg.loop.num_rounds):
-        out_dir = round_dir(run_dir, round_idx)
-        metrics_path = out_dir / "metrics.json"
-        if metrics_path.is_file():  # finished earlier: take its weights and go on
-            metrics = json.loads(metrics_path.read_text())
-            if metrics.get("trained"):
-                load_trainable_weights(run.vlm.model, out_dir / ADAPTERS_FILE, retrain_round_remedy(out_dir))
-        else:
-            played = play_round(run, Round(round_idx, out_dir))
-            if not played.people_done:  # people have not finished judging and the config says not to wait
-                break
-            metrics = played.metrics
-            if distributed.is_main():
-                _write_json(metrics_path, metrics)
-                store.set_round_metrics(round_idx, metrics)
-                if metrics["trained"]:
-                    store.mark_trained(round_idx)
-        results.append(_result_row(metrics))
-        tracker.log(round_scalars(results[-1]), step=round_idx)
-        if distributed.is_main():
-            _write_json(run_dir / "results.json", results)
-        console.print(results_table(results))
-        if not metrics.get("trained"):
-            console.print(f"stopping: round {round_idx} accepted no new rationale")
-            break
-        score = metrics["val"][cfg.train.select_metric]
-        if score > best_score + cfg.loop.min_improvement:
-            best_score, rounds_without_gain = score, 0
+
+def take_finished(run: Run, rnd: Round) -> bool:
+    """A round finished earlier (its metrics.json, the last file a round writes): take its row and, if it
+    trained, its weights."""
+    metrics_path = rnd.out_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return False
+    rnd.metrics = json.loads(metrics_path.read_text())
+    if rnd.metrics.get("trained"):
+        load_trainable_weights(run.vlm.model, rnd.out_dir / ADAPTERS_FILE, retrain_round_remedy(rnd.out_dir))
+    return True
+
+
+def save_round(run: Run, rnd: Round) -> None:
+    """The round's row, last: round_NN/metrics.json (a round with it is done) and the store's copy."""
+    if distributed.is_main():
+        _write_json(rnd.out_dir / "metrics.json", rnd.metrics)
+        run.store.set_round_metrics(rnd.idx, rnd.metrics)
+        if rnd.metrics["trained"]:
+            run.store.mark_trained(rnd.idx)
+
+
+def report_round(run: Run, rnd: Round, results: list[dict]) -> dict:
+    """6. Report: the round's row to results.json, the trackers and the console table."""
+    row = _result_row(rnd.metrics)
+    run.tracker.log(round_scalars(row), step=rnd.idx)
+    if distributed.is_main():
+        _write_json(run.run_dir / "results.json", [*results, row])
+    run.console.print(results_table([*results, row]))
+    return row
+
+
+def stopping(run: Run, results: list[dict]) -> bool:
+    """The loop's stopping rules, after a round's row: nothing new was accepted (so nothing trained), or val
+    `train.select_metric` has not improved by `loop.min_improvement` for `loop.patience` rounds."""
+    cfg, last = run.cfg, results[-1]
+    if not last.get("trained"):
+        run.console.print(f"stopping: round {last['round']} accepted no new rationale")
+        return True
+    if cfg.loop.patience is None:
+        return False
+    best, rounds_without_gain = results[0]["val"][cfg.train.select_metric], 0
+    for row in results[1:]:
+        score = row["val"][cfg.train.select_metric]
+        if score > best + cfg.loop.min_improvement:
+            best, rounds_without_gain = score, 0
         else:
             rounds_without_gain += 1
-        if cfg.loop.patience is not None and rounds_without_gain >= cfg.loop.patience:
-            console.print(f"stopping: val {cfg.train.select_metric} has not improved for {rounds_without_gain} rounds")
-            break
-    return results
+    if rounds_without_gain >= cfg.loop.patience:
+        run.console.print(f"stopping: val {cfg.train.select_metric} has not improved for {rounds_without_gain} rounds")
+        return True
+    return False
 
 
 def check_finished_rounds(run_dir: Path) -> None:
@@ -298,20 +344,6 @@ def save_images(run_dir: Path, examples) -> dict[str, str]:
         else:
             refs[example.id] = str(Path(example.image).resolve())
     return refs
-
-
-def play_round(run: Run, rnd: Round) -> Round:
-    """One round, step by step: sample -> critique -> verdicts -> tune (the policy keeps its best epoch by the
-    val scores). Stops after the critique when people are not done, after the verdicts when nothing new was
-    accepted (`loop.stop_when_nothing_new`)."""
-    sample_round(run, rnd)
-    critique_round(run, rnd)
-    if not rnd.people_done:
-        return rnd
-    read_verdicts(run, rnd)
-    if rnd.metrics["new_rationales"] or not run.cfg.loop.stop_when_nothing_new:
-        tune_round(run, rnd)
-    return rnd
 
 
 def sample_round(run: Run, rnd: Round) -> None:
@@ -358,12 +390,23 @@ def read_verdicts(run: Run, rnd: Round) -> None:
 
 
 def tune_round(run: Run, rnd: Round) -> None:
-    """4. Tune with the configured policy (policies.registry: selection-SFT, DPO, KTO, GRPO), which keeps its
-    best epoch by the val scores (illume.evaluation); the round's row gets them."""
+    """4. Tune with the configured policy (policies.registry: selection-SFT, DPO, KTO, GRPO) on the round's
+    feedback; it saves every epoch's weights."""
     cfg = run.cfg
-    result = POLICIES[cfg.policy.kind](RoundContext(cfg, run.vlm, run.store, rnd.idx, run.train, run.train_by_id,
-                                                    run.val, rnd.out_dir, feedback=rnd.feedback,
-                                                    say=run.console.print))
-    rnd.metrics.update(result.report)
-    rnd.metrics.update(trained=True, val={k: result.best[k] for k in SCORE_KEYS if k in result.best},
-                       best_epoch=result.best["epoch"], seconds=round(time.perf_counter() - rnd.started, 1))
+    context = RoundContext(cfg, run.vlm, run.store, rnd.idx, run.train, run.train_by_id, run.val, rnd.out_dir,
+                           feedback=rnd.feedback, say=run.console.print)
+    rnd.tuned = POLICIES[cfg.policy.kind](context)
+
+
+def evaluate_round(run: Run, rnd: Round) -> None:
+    """5. Evaluate: score each epoch's weights on val (illume.evaluation), keep the best; the round's row gets
+    its scores and what the policy reports."""
+    cfg, tuned = run.cfg, rnd.tuned
+    kept = keep_best(tuned, run.vlm, run.val, cfg, rnd.out_dir)
+    best = kept.best
+    run.console.print(f"round {rnd.idx}: kept epoch {best['epoch']} of {len(kept.epochs)} "
+                      f"(val {cfg.train.select_metric} {best[cfg.train.select_metric]:.4f})")
+    rnd.metrics.update(tuned.report)
+    rnd.metrics.update(kept_epoch(tuned, kept))
+    rnd.metrics.update(trained=True, val={k: best[k] for k in VAL_SCORES if k in best}, best_epoch=best["epoch"],
+                       seconds=round(time.perf_counter() - rnd.started, 1))

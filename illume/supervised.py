@@ -23,7 +23,7 @@ from dataclasses import replace
 from illume import run_folder
 from illume.config import RunConfig
 from illume.data.datasets import load_split
-from illume.evaluation import SCORE_KEYS, explanation_scores
+from illume.evaluation import VAL_SCORES, explanation_scores
 from illume.loading import load_vlm
 from illume.prompts import ANSWER_PROMPT
 from illume.training import TrainingRow, build_training_set, fine_tune, write_manifest
@@ -76,7 +76,7 @@ def _train_supervised(cfg: RunConfig, num_questions: int | None, run_dir, train,
     results = [{"round": "base", "val": base},
                {"round": label, "trained": True, "train_rationales": sum(r.kind == "rationale" for r in rows),
                 "judgments": 0, "human_judgments": 0, "best_epoch": result["best"]["epoch"],
-                "val": {k: result["best"][k] for k in SCORE_KEYS if k in result["best"]},
+                "val": {k: result["best"][k] for k in VAL_SCORES if k in result["best"]},
                 "seconds": round(time.perf_counter() - start, 1)}]
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -8,10 +8,10 @@ Assumptions, up front:
   or w (rationale rows), w = #answer-only rows / #rationale rows unless configured (the paper's choice: both
   kinds weigh the same in total however few rationales were accepted).
 - Only the adapters train (optionally the prefix projection); each round continues from the weights the
-  previous round kept. After every epoch the model is scored on val, and the best epoch's weights are kept
-  (saved as `adapters.safetensors` in the round folder, and loaded back into the model at the end).
+  previous round kept. Every epoch's weights are saved (`round_NN/epochs/`); the loop's evaluate step scores
+  them on val and keeps the best (`adapters.safetensors`, loaded back into the model).
 - A DeepSpeed JSON path (`train.deepspeed`) switches ZeRO on through the HF Trainer; ZeRO-2 keeps full weights
-  on every rank, so the per-epoch evaluation runs unchanged.
+  on every rank, so each epoch's weights are saved whole.
 - Several processes (torchrun / accelerate launch): DDP over gloo on CPU, nccl on GPUs; `train.batch_size` is
   per process. Val is decoded in shares and gathered, so every rank keeps the same epoch; rank 0 writes files.
 """
@@ -33,13 +33,15 @@ from illume import distributed
 from illume.collate import RowEncoder
 from illume.config import SampleConfig, TrainConfig
 from illume.data.records import Example
-from illume.evaluation import explanation_scores
+from illume.evaluation import keep_best_epoch
 from illume.models.vlm import VLM
-from illume.models.weights import load_trainable_weights, save_trainable_weights
+from illume.models.weights import save_trainable_weights
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
 from illume.tracking import NO_REPORT, TrainerReport
 
 ADAPTERS_FILE = "adapters.safetensors"
+EPOCHS_DIR = "epochs"
+"""Where a round's training saves each epoch's adapters until the evaluate step keeps the best."""
 
 
 def retrain_round_remedy(round_dir: Path) -> str:
@@ -133,29 +135,35 @@ class TrainingRowsDataset(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def _collate(rows: list[dict], vlm: VLM) -> dict:
+def collate_rows(rows: list[dict], vlm: VLM) -> dict:
     batch = vlm.collate([{k: v for k, v in row.items() if k != "weight"} for row in rows])
     batch["row_weights"] = torch.tensor([row["weight"] for row in rows], dtype=torch.float32)
     return batch
 
 
-class KeepBestEpoch(TrainerCallback):
-    """After each epoch: score on val; when it is the best so far, save the trainable weights."""
+def selection_trainer(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example], cfg: TrainConfig,
+                      round_dir: Path, report: TrainerReport = NO_REPORT) -> Trainer:
+    """Selection-SFT on `rows` (`adapter_trainer` with the row-weighted loss); `train()` it."""
+    if not rows:
+        raise ValueError("the training set is empty: no accepted rationale and no answer-only row")
+    dataset = TrainingRowsDataset(vlm, rows, {e.id: e for e in examples})
+    return adapter_trainer(RowWeightedTrainer, vlm, dataset, partial(collate_rows, vlm=vlm), cfg, round_dir,
+                           report=report)
 
-    def __init__(self, vlm: VLM, val: Sequence[Example], sample_cfg: SampleConfig, metric: str, round_dir: Path):
-        self.vlm, self.val, self.sample_cfg, self.metric, self.round_dir = vlm, val, sample_cfg, metric, round_dir
-        self.epochs: list[dict] = []
-        self.best: dict | None = None
+
+class SaveEachEpoch(TrainerCallback):
+    """After each epoch, rank 0 saves the trainable weights to `round_dir/epochs/epoch_NN.safetensors`: the
+    loop's evaluate step scores them on val and keeps the best (`illume.evaluation.keep_best_epoch`)."""
+
+    def __init__(self, vlm: VLM, round_dir: Path):
+        self.vlm, self.round_dir = vlm, round_dir
+        self.saved: list[Path] = []
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        scores = explanation_scores(self.vlm, self.val, self.sample_cfg, progress=False)
-        scores["epoch"] = round(state.epoch)
-        self.epochs.append(scores)
-        if self.best is None or scores[self.metric] > self.best[self.metric]:
-            self.best = scores
-            if args.process_index == 0:
-                save_trainable_weights(self.vlm.model, self.round_dir / ADAPTERS_FILE)
-        self.vlm.model.train()
+        path = self.round_dir / EPOCHS_DIR / f"epoch_{round(state.epoch):02d}.safetensors"
+        if args.process_index == 0:
+            save_trainable_weights(self.vlm.model, path)
+        self.saved.append(path)
         return control
 
 
@@ -168,25 +176,6 @@ def check_zero_stage(deepspeed_config: str | None, what: str = "selection-SFT") 
     if stage == 3:
         raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by {what} yet; "
                                   "use ZeRO-2 (configs/deepspeed/zero2.json)")
-
-
-def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example], val: Sequence[Example],
-              cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path, report: TrainerReport = NO_REPORT) -> dict:
-    """Selection-SFT on `rows`; leaves the best epoch's weights in `vlm.model` and in `round_dir`; reports to
-    `report`'s trackers (illume.tracking.trainer_report).
-
-    Returns:
-        {"best": val scores of the kept epoch, "epochs": val scores per epoch, "num_rows": ..., "losses": ...}
-    """
-    if not rows:
-        raise ValueError("the training set is empty: no accepted rationale and no answer-only row")
-    dataset = TrainingRowsDataset(vlm, rows, {e.id: e for e in examples})
-    result = train_keeping_best_epoch(RowWeightedTrainer, vlm, dataset, partial(_collate, vlm=vlm), val, cfg,
-                                      sample_cfg, round_dir, report=report)
-    result["num_rows"] = len(rows)
-    if distributed.is_main():
-        (round_dir / "training.json").write_text(json.dumps(result, indent=2))
-    return result
 
 
 def trainer_arguments(out_dir: Path, *, seed: int, report: TrainerReport = NO_REPORT,
@@ -219,38 +208,67 @@ def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | N
     )
 
 
-def train_keeping_best_epoch(trainer_cls: type[Trainer], vlm: VLM, dataset, collator, val: Sequence[Example],
-                             cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path,
-                             learning_rate: float | None = None, what: str = "selection-SFT",
-                             before_training=None, report: TrainerReport = NO_REPORT, **trainer_kwargs) -> dict:
-    """Train the adapters with `trainer_cls`, score val after every epoch, keep (and save) the best epoch.
+def adapter_trainer(trainer_cls: type[Trainer], vlm: VLM, dataset, collator, cfg: TrainConfig, round_dir: Path, *,
+                    learning_rate: float | None = None, what: str = "selection-SFT",
+                    report: TrainerReport = NO_REPORT, **trainer_kwargs) -> Trainer:
+    """A `trainer_cls` that tunes the adapters (`train.*`) and saves them after every epoch (`SaveEachEpoch`);
+    the caller calls `train()`, then hands `trained(trainer)` to the loop's evaluate step.
 
     Args:
-        before_training: Called with the constructed trainer before `train()` (e.g. to compute reference
-            log-probs on the device the trainer put the model on).
+        what: The training's name in errors (a ZeRO-3 config is refused: the weights would be partitioned).
         report: Where the trainer reports (train.report_to: illume.tracking.trainer_report); none by default.
-
-    Returns:
-        {"best": val scores of the kept epoch, "epochs": per-epoch val scores, "losses": logged losses,
-         "log_history": the trainer's log, "world_size": how many processes trained}
     """
     check_zero_stage(cfg.deepspeed, what)
     round_dir.mkdir(parents=True, exist_ok=True)
     vlm.set_trainable(adapters=True, prefix=cfg.train_prefix)
-    keep_best = KeepBestEpoch(vlm, val, sample_cfg, cfg.select_metric, round_dir)
-    trainer = trainer_cls(model=vlm.model, args=training_arguments(cfg, round_dir, learning_rate, report),
-                          train_dataset=dataset, data_collator=collator, callbacks=[keep_best, *report.callbacks()],
-                          **trainer_kwargs)
-    if before_training is not None:
-        before_training(trainer)
-    trainer.train()
-    vlm.model.eval()
-    distributed.barrier()  # rank 0 saved the best epoch's weights; every rank loads them
-    load_trainable_weights(vlm.model, round_dir / ADAPTERS_FILE)
+    return trainer_cls(model=vlm.model, args=training_arguments(cfg, round_dir, learning_rate, report),
+                       train_dataset=dataset, data_collator=collator,
+                       callbacks=[SaveEachEpoch(vlm, round_dir), *report.callbacks()], **trainer_kwargs)
+
+
+@dataclass
+class Trained:
+    """What a finished training leaves for the evaluate step and training.json."""
+
+    epoch_weights: list[Path]
+    """Each epoch's adapters, in order (`SaveEachEpoch`)."""
+    losses: list[float]
+    """The logged training losses."""
+    world_size: int
+    """How many processes trained."""
+    log_history: list[dict]
+    """The trainer's whole log (per-step metrics such as DPO's margins)."""
+
+
+def trained(trainer: Trainer) -> Trained:
+    """What `trainer` (made by `adapter_trainer`, or any trainer with a `SaveEachEpoch` callback) left after
+    `train()`."""
+    saver = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SaveEachEpoch))
     history = trainer.state.log_history
-    return {"best": keep_best.best, "epochs": keep_best.epochs,
-            "losses": [entry["loss"] for entry in history if "loss" in entry], "log_history": history,
-            "world_size": trainer.args.world_size}
+    distributed.barrier()  # rank 0 saved the epochs' weights; every rank reads them
+    return Trained(list(saver.saved), [entry["loss"] for entry in history if "loss" in entry],
+                   trainer.args.world_size, history)
+
+
+def fine_tune(vlm: VLM, rows: Sequence[TrainingRow], examples: Sequence[Example], val: Sequence[Example],
+              cfg: TrainConfig, sample_cfg: SampleConfig, round_dir: Path, report: TrainerReport = NO_REPORT) -> dict:
+    """Selection-SFT on `rows`, then the best val epoch kept, in one call (the supervised baseline, scripts):
+    `selection_trainer`, `train()`, `illume.evaluation.keep_best_epoch`, as the loop's tune and evaluate steps
+    do. Leaves the kept weights in `vlm.model` and `round_dir/adapters.safetensors`; writes training.json.
+
+    Returns:
+        {"best": val scores of the kept epoch, "epochs": val scores per epoch, "losses", "world_size",
+         "num_rows", "log_history"}
+    """
+    trainer = selection_trainer(vlm, rows, examples, cfg, round_dir, report)
+    trainer.train()
+    result = trained(trainer)
+    kept = keep_best_epoch(vlm, val, sample_cfg, cfg.select_metric, result.epoch_weights, round_dir / ADAPTERS_FILE)
+    record = {"best": kept.best, "epochs": kept.epochs, "losses": result.losses, "world_size": result.world_size,
+              "num_rows": len(rows), "log_history": result.log_history}
+    if distributed.is_main():
+        (round_dir / "training.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 def write_manifest(rows: Sequence[TrainingRow], path: Path) -> None:

@@ -4,7 +4,8 @@ Why not `trl.DPOTrainer` itself: TRL 1.16 patches the model's forward with a fus
 backbone through `model.base_model` and expects a text-only or TRL-known VLM input layout; our MAGMA feeds the
 image through `<|image|>` slots of its own forward. So the loss is ours (`policies.losses.dpo_losses`, equal
 to TRL's on identical log-probabilities: tests/test_policies.py drives TRL's own `_compute_loss`), the training
-loop is the HF Trainer every other optimiser here uses (DeepSpeed, bf16, several processes, keep-best-epoch).
+loop is the HF Trainer every other optimiser here uses (DeepSpeed, bf16, several processes, each epoch saved
+for the loop's evaluate step).
 
 A batch holds B pairs as 2B rows: chosen rows first, then rejected rows, in one forward pass.
 """
@@ -19,13 +20,15 @@ import torch
 from transformers import Trainer
 
 from illume.collate import RowEncoder
-from illume.config import PolicyConfig, SampleConfig, TrainConfig
+from illume.config import PolicyConfig, TrainConfig
 from illume.data.records import Example
 from illume.feedback.verdicts import PreferencePair
 from illume.models.vlm import VLM
 from illume.models.weights import save_safetensors
-from illume.tracking import NO_REPORT, TrainerReport
-from illume.training import train_keeping_best_epoch
+from illume.tracking import NO_REPORT, TrainerReport, trainer_report
+from illume.training import adapter_trainer, trained
+from policies.base import PolicyResult, RoundContext
+from policies.data import ROUNDS_SAID, preference_pairs, trained_on, write_jsonl
 from policies.losses import dpo_losses
 from policies.reference import batch_logps
 from policies.trainer import PolicyTrainer, answer_nll, answer_rows, score_before_training
@@ -33,7 +36,7 @@ from policies.trainer import PolicyTrainer, answer_nll, answer_rows, score_befor
 REFERENCE_FILE = "reference_logps.safetensors"
 
 
-class PairsDataset(torch.utils.data.Dataset):
+class DPODataset(torch.utils.data.Dataset):
     """Encoded (chosen, rejected) rows per pair, with reference log-probs filled in before training."""
 
     def __init__(self, vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example],
@@ -101,7 +104,7 @@ class DPOLossTrainer(PolicyTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def fill_reference(trainer: Trainer, dataset: PairsDataset, vlm: VLM) -> None:
+def fill_pair_reference(trainer: Trainer, dataset: DPODataset, vlm: VLM) -> None:
     """Score every pair under the model as it is now (before the first update): the reference."""
     rows = [item["chosen"] for item in dataset.items] + [item["rejected"] for item in dataset.items]
     logps = score_before_training(trainer, vlm, rows)
@@ -113,25 +116,30 @@ def fill_reference(trainer: Trainer, dataset: PairsDataset, vlm: VLM) -> None:
                          Path(trainer.args.output_dir).parent / REFERENCE_FILE)
 
 
-def optimize_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example],
-                 val: Sequence[Example], policy: PolicyConfig, train_cfg: TrainConfig, sample_cfg: SampleConfig,
-                 out_dir: Path, report: TrainerReport = NO_REPORT) -> dict:
-    """One DPO optimisation of the adapters on `pairs`, reference = the model as passed in; reports to
-    `report`'s trackers (illume.tracking.trainer_report).
-
-    Leaves the best epoch's weights in `vlm.model` and `out_dir/adapters.safetensors`.
-
-    Returns:
-        {"best": val scores of the kept epoch, "epochs": ..., "losses": ..., "num_pairs": ...,
-         "margins": mean beta-scaled chosen-minus-rejected log-ratio per logging step}
-    """
+def train_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[str, Example], policy: PolicyConfig,
+              train_cfg: TrainConfig, out_dir: Path, report: TrainerReport = NO_REPORT) -> PolicyResult:
+    """One DPO optimisation of the adapters on `pairs` (`policy.*`, `train.*`), reference = the model as passed
+    in; every epoch's weights saved for the evaluate step; reports to `report`'s trackers."""
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
-    dataset = PairsDataset(vlm, pairs, examples_by_id, with_answer_rows=bool(policy.dpo.answer_weight), seed=policy.seed)
-    result = train_keeping_best_epoch(
-        DPOLossTrainer, vlm, dataset, partial(collate_pairs, vlm=vlm), val, train_cfg, sample_cfg,
-        out_dir, learning_rate=policy.learning_rate, what="DPO", report=report,
-        before_training=lambda trainer: fill_reference(trainer, dataset, vlm), policy=policy)
-    result["num_pairs"] = len(pairs)
-    result["margins"] = [entry["rewards/margins"] for entry in result["log_history"] if "rewards/margins" in entry]
-    return result
+    write_jsonl(pairs, out_dir / "training_set.jsonl")
+    dataset = DPODataset(vlm, pairs, examples_by_id, with_answer_rows=bool(policy.dpo.answer_weight), seed=policy.seed)
+    trainer = adapter_trainer(DPOLossTrainer, vlm, dataset, partial(collate_pairs, vlm=vlm), train_cfg, out_dir,
+                              learning_rate=policy.learning_rate, what="DPO", report=report, policy=policy)
+    fill_pair_reference(trainer, dataset, vlm)
+    trainer.train()
+    result = trained(trainer)
+    num_rationales = len({(p.example_id, text) for p in pairs for text in (p.chosen, p.rejected)})
+    margins = [entry["rewards/margins"] for entry in result.log_history if "rewards/margins" in entry]
+    return PolicyResult(result, {"train_rationales": num_rationales, "train_rows": len(pairs)},
+                        training={"num_pairs": len(pairs), "margins": margins})
+
+
+def dpo_round(context: RoundContext) -> PolicyResult:
+    """policy.kind=dpo as a loop policy: on the pairs of this round's judgments (`policy.rounds=latest`) or of
+    every round so far (`all`), from the feedback the loop read."""
+    cfg = context.cfg
+    context.say(f"round {context.round_idx}: dpo on the judgments of {ROUNDS_SAID[cfg.policy.rounds]}")
+    pairs = preference_pairs(trained_on(context), context.train_by_id, cfg.policy.dpo.reference_as_chosen)
+    return train_dpo(context.vlm, pairs, context.train_by_id, cfg.policy, cfg.train, context.out_dir,
+                     trainer_report(cfg, context.out_dir))

@@ -18,13 +18,13 @@ Per round, after the round's judgments (the loop's step 2):
    sampling temperature (logits / `policy.grpo.temperature`, as TRL; so are the policy's), computed once
    in eval mode before the first update (the reference cannot drift during the round). The samples were
    drawn by that same model, so these are also the "old" log-probs of the clipped ratio.
-5. **Train.** Adapters only (the shared HF Trainer, `illume.training.train_keeping_best_epoch`),
+5. **Train.** Adapters only (the shared HF Trainer, `illume.training.adapter_trainer`),
    `policy.grpo.iterations` epochs over the samples with `policies.losses.grpo_loss` (TRL 1.16's maths:
    clipped ratio, k3 KL x `policy.grpo.beta`, `policy.grpo.loss_type`), plus `policy.grpo.answer_weight` x the
    token-mean NLL of answer-only rows `Q: q A: a<eos>` (one per train question) so that answer accuracy does
    not drift, and with `policy.grpo.accepted_weight` > 0 the same NLL on every rationale accepted so far (selection-SFT's
-   rows, `illume.feedback.verdicts`), an anchor as RPO adds to DPO; the best val epoch is kept, as every
-   policy does.
+   rows, `illume.feedback.verdicts`), an anchor as RPO adds to DPO; the loop's evaluate step keeps the best
+   val epoch, as for every policy.
 
 Reward hacking made visible: the round's training.json has the samples' mean reward, the fraction the
 simulated critic accepts (when the references exist), and the KL to the reference per step and per epoch;
@@ -54,7 +54,7 @@ from illume.models.weights import save_safetensors
 from illume.prompts import ANSWER_PROMPT, example_seed
 from illume.sampling import sample
 from illume.tracking import trainer_report
-from illume.training import train_keeping_best_epoch
+from illume.training import adapter_trainer, trained
 from policies.base import PolicyResult, RoundContext
 from policies.data import PolicyDataError
 from policies.losses import group_advantages, grpo_loss, grpo_per_token_kl, per_token_logps
@@ -256,7 +256,7 @@ def reference_per_token_logps(trainer, vlm: VLM, rows: list[dict], temperature: 
     return out
 
 
-def fill_reference(trainer, dataset: SamplesDataset, vlm: VLM, out_dir: Path) -> None:
+def fill_sample_reference(trainer, dataset: SamplesDataset, vlm: VLM, out_dir: Path) -> None:
     items = dataset.sample_items()
     rows = [{k: v for k, v in item.items() if k not in ROW_KEYS} for item in items]
     temperature = trainer.policy.temperature  # the samples' log-probs at the temperature they were drawn at
@@ -358,18 +358,13 @@ def grpo_round(context: RoundContext) -> PolicyResult:
                 f.write(json.dumps(record) + "\n")
 
     dataset = SamplesDataset(items)
-    holder: dict = {}
-
-    def before_training(trainer) -> None:
-        holder["trainer"] = trainer
-        fill_reference(trainer, dataset, vlm, out_dir)
-
-    result = train_keeping_best_epoch(
-        GRPOLossTrainer, vlm, dataset, partial(collate_samples, vlm=vlm), context.val,
-        replace(cfg.train, num_epochs=p.iterations), cfg.sample, out_dir, learning_rate=cfg.policy.learning_rate,
-        what="GRPO", before_training=before_training, report=trainer_report(cfg, out_dir), policy=p,
+    trainer = adapter_trainer(
+        GRPOLossTrainer, vlm, dataset, partial(collate_samples, vlm=vlm), replace(cfg.train, num_epochs=p.iterations),
+        out_dir, learning_rate=cfg.policy.learning_rate, what="GRPO", report=trainer_report(cfg, out_dir), policy=p,
         max_completion_length=cfg.sample.max_new_tokens + 1)  # + the end token the rows carry
-    steps = holder["trainer"].steps
+    fill_sample_reference(trainer, dataset, vlm, out_dir)
+    trainer.train()
+    steps = trainer.steps
     per_epoch = []
     for epoch in range(1, p.iterations + 1):
         in_epoch = [s for s in steps if epoch - 1 <= (s["epoch"] or 0) < epoch]
@@ -377,21 +372,14 @@ def grpo_round(context: RoundContext) -> PolicyResult:
                           "policy_loss": _mean(s.get("policy_loss") for s in in_epoch),
                           "answer_nll": _mean(s.get("answer_nll") for s in in_epoch),
                           "reward": mean_reward, "accept": accept})
-    best_epoch = result["best"]["epoch"]
-    kept = next((e for e in per_epoch if e["epoch"] == best_epoch), per_epoch[-1])
     report = {"train_rationales": len(manifest), "train_rows": len(items), "grpo_reward": mean_reward,
-              "grpo_accept": accept, "grpo_kl": kept["kl"]}
-    if distributed.is_main():
-        training = {k: v for k, v in result.items() if k != "log_history"}
-        training.update(report, num_questions=len(sets), num_answer_rows=num_answer_rows,
-                        num_accepted_rows=num_accepted_rows,
-                        reward_sources=sources, per_epoch=per_epoch, steps=steps)
-        (out_dir / "training.json").write_text(json.dumps(training, indent=2))
+              "grpo_accept": accept}
+    training = {"num_questions": len(sets), "num_answer_rows": num_answer_rows,
+                "num_accepted_rows": num_accepted_rows, "reward_sources": sources, "per_epoch": per_epoch,
+                "steps": steps}
     context.say(f"round {context.round_idx}: GRPO samples' mean reward {mean_reward:.3f}"
-                + (f", simulated critic accepts {accept:.1%}" if accept is not None else "")
-                + (f", KL to the reference {kept['kl']:.4f} (kept epoch {best_epoch})" if kept["kl"] is not None
-                   else ""))
+                + (f", simulated critic accepts {accept:.1%}" if accept is not None else ""))
     warning = previous_round_warning(out_dir, context.round_idx, mean_reward, accept)
     if warning:
         context.say(warning)
-    return PolicyResult(result["best"], result["epochs"], report)
+    return PolicyResult(trained(trainer), report, [{"grpo_kl": e["kl"]} for e in per_epoch], training)

@@ -43,8 +43,8 @@ is at that step), instead of our sampler once per round plus our loss.
   values), `policy.grpo.iterations` epochs over the questions (TRL's num_train_epochs; its num_iterations
   stays 1), `policy.learning_rate`, `train.batch_size` completions per device step rounded down to whole
   groups (at least one; TRL drops each epoch's last incomplete batch of questions), the seed offset by the
-  round (as our GRPO seeds are). After every epoch `illume.training.KeepBestEpoch` scores val; the best
-  epoch's adapters are loaded at the end.
+  round (as our GRPO seeds are). Every epoch's adapters are saved (`illume.training.SaveEachEpoch`); the
+  loop's evaluate step scores them on val and keeps the best.
 - **Reported** (training.json, results.json): `grpo_reward` (mean reward of all the round's samples),
   `grpo_accept` (the fraction of them the simulated critic accepts; None without references), `grpo_kl`
   (TRL's `kl`, averaged over the kept epoch's steps); per-epoch and per-step values in training.json, the
@@ -82,10 +82,9 @@ from illume.collate import RowEncoder
 from illume.critics import SimulatedCritic
 from illume.data.records import Candidate, CandidateSet, Example, load_image
 from illume.models.hf import HFVLM, banned_token_ids
-from illume.models.weights import load_trainable_weights
 from illume.prompts import ANSWER_PROMPT, ChatStyle, rationale_prompt
 from illume.tracking import NO_REPORT, TrainerReport, trainer_report
-from illume.training import ADAPTERS_FILE, KeepBestEpoch, check_zero_stage, training_arguments
+from illume.training import SaveEachEpoch, check_zero_stage, trained, training_arguments
 from policies.base import PolicyResult, RoundContext
 from policies.data import PolicyDataError
 from policies.losses import per_token_logps
@@ -446,18 +445,14 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
     encode = RowEncoder(vlm, context.train_by_id)
     answer_rows = ([encode(e.id, ANSWER_PROMPT.format(question=e.question), e.answer) for e in context.train]
                    if p.answer_weight else [])
-    keep_best = KeepBestEpoch(vlm, context.val, cfg.sample, cfg.train.select_metric, out_dir)
     report = trainer_report(cfg, out_dir)
     with _undo_trl_changes(vlm.model):
         trainer = IllumeGRPOTrainer(
             model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm), report),
             train_dataset=prompt_dataset(vlm, context.train), processing_class=trl_processor(vlm),
-            callbacks=[keep_best, *report.callbacks()], answer_rows=answer_rows, answer_weight=p.answer_weight,
-            collate=vlm.collate, reference=reference)
+            callbacks=[SaveEachEpoch(vlm, out_dir), *report.callbacks()], answer_rows=answer_rows,
+            answer_weight=p.answer_weight, collate=vlm.collate, reference=reference)
         trainer.train()
-    vlm.model.eval()
-    distributed.barrier()  # rank 0 saved the best epoch's weights; every rank loads them
-    load_trainable_weights(vlm.model, out_dir / ADAPTERS_FILE)
 
     samples = distributed.gather_objects(reward.samples)
     if not samples:
@@ -476,27 +471,18 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
                           "answer_nll": _mean(s.get("answer_nll") for s in in_epoch),
                           "reward": _mean(s["reward"] for s in drawn),
                           "accept": _mean(float(a) for a in flags) if flags and None not in flags else None})
-    best_epoch = keep_best.best["epoch"]
-    kept = next((e for e in per_epoch if e["epoch"] == best_epoch), per_epoch[-1])
-    history = trainer.state.log_history
     report = {"train_rationales": len(samples), "train_rows": len(samples) + len(answer_rows) * p.iterations,
-              "grpo_reward": mean_reward, "grpo_accept": accept, "grpo_kl": kept["kl"]}
+              "grpo_reward": mean_reward, "grpo_accept": accept}
     if distributed.is_main():
         with (out_dir / SAMPLES_FILE).open("w") as f:
             for record in samples:
                 f.write(json.dumps(record) + "\n")
-        training = {"best": keep_best.best, "epochs": keep_best.epochs,
-                    "losses": [entry["loss"] for entry in history if "loss" in entry],
-                    "world_size": trainer.args.world_size, "trainer": "trl.GRPOTrainer"}
-        training.update(report, num_questions=len(context.train), num_answer_rows=len(answer_rows),
-                        reward_sources=weights, per_epoch=per_epoch, steps=steps,
-                        reference="model copy" if reference is not None else "adapter copy")
-        (out_dir / "training.json").write_text(json.dumps(training, indent=2))
+    training = {"trainer": "trl.GRPOTrainer", "num_questions": len(context.train),
+                "num_answer_rows": len(answer_rows), "reward_sources": weights, "per_epoch": per_epoch, "steps": steps,
+                "reference": "model copy" if reference is not None else "adapter copy"}
     context.say(f"round {context.round_idx}: GRPO samples' mean reward {mean_reward:.3f}"
-                + (f", simulated critic accepts {accept:.1%}" if accept is not None else "")
-                + (f", KL to the reference {kept['kl']:.4f} (kept epoch {best_epoch})" if kept["kl"] is not None
-                   else ""))
+                + (f", simulated critic accepts {accept:.1%}" if accept is not None else ""))
     warning = round_warning(out_dir, context.round_idx, mean_reward, accept) if round_warning else None
     if warning:
         context.say(warning)
-    return PolicyResult(keep_best.best, keep_best.epochs, report)
+    return PolicyResult(trained(trainer), report, [{"grpo_kl": e["kl"]} for e in per_epoch], training)

@@ -23,18 +23,19 @@ import torch.distributed as dist
 from transformers import Trainer
 
 from illume.collate import RowEncoder
-from illume.config import PolicyConfig, SampleConfig, TrainConfig
+from illume.config import PolicyConfig, TrainConfig
 from illume.data.records import Example
 from illume.models.vlm import VLM
-from illume.tracking import NO_REPORT, TrainerReport
-from illume.training import train_keeping_best_epoch
-from policies.data import LabelledRationale
+from illume.tracking import NO_REPORT, TrainerReport, trainer_report
+from illume.training import adapter_trainer, trained
+from policies.base import PolicyResult, RoundContext
+from policies.data import ROUNDS_SAID, UnpairedRow, trained_on, unpaired_rows, write_jsonl
 from policies.losses import kto_losses
 from policies.reference import batch_logps
 from policies.trainer import PolicyTrainer, answer_nll, answer_rows, score_before_training
 
 
-def mismatched_completions(rows: Sequence[LabelledRationale], seed: int) -> list[str]:
+def mismatched_completions(rows: Sequence[UnpairedRow], seed: int) -> list[str]:
     """For every row, the completion of a row of another example (a seeded derangement where possible)."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -45,10 +46,10 @@ def mismatched_completions(rows: Sequence[LabelledRationale], seed: int) -> list
     return borrowed
 
 
-class LabelledDataset(torch.utils.data.Dataset):
+class KTODataset(torch.utils.data.Dataset):
     """Encoded rows, their mismatched (KL) rows and labels, with reference log-probs filled in later."""
 
-    def __init__(self, vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: dict[str, Example], seed: int,
+    def __init__(self, vlm: VLM, rows: Sequence[UnpairedRow], examples_by_id: dict[str, Example], seed: int,
                  with_answer_rows: bool = False):
         encode = RowEncoder(vlm, examples_by_id)
         self.items = [{"row": encode(r.example_id, r.prompt, r.completion),
@@ -118,33 +119,39 @@ class KTOLossTrainer(PolicyTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def fill_reference(trainer: Trainer, dataset: LabelledDataset, vlm: VLM) -> None:
+def fill_labelled_reference(trainer: Trainer, dataset: KTODataset, vlm: VLM) -> None:
     """Score every row and its mismatched row under the model before the first update: the reference."""
     rows = [item["row"] for item in dataset.items] + [item["kl_row"] for item in dataset.items]
     logps = score_before_training(trainer, vlm, rows)
     dataset.set_reference(*logps.split(len(dataset.items)))
 
 
-def optimize_kto(vlm: VLM, rows: Sequence[LabelledRationale], examples_by_id: dict[str, Example],
-                 val: Sequence[Example], policy: PolicyConfig, train_cfg: TrainConfig, sample_cfg: SampleConfig,
-                 out_dir: Path, report: TrainerReport = NO_REPORT) -> dict:
-    """One KTO optimisation of the adapters on `rows`, reference = the model as passed in; reports to
-    `report`'s trackers (illume.tracking.trainer_report).
-
-    Returns:
-        {"best": ..., "epochs": ..., "losses": ..., "num_rows": ..., "num_accepted": ...,
-         "undesirable_weight": the weight used}
-    """
+def train_kto(vlm: VLM, rows: Sequence[UnpairedRow], examples_by_id: dict[str, Example], policy: PolicyConfig,
+              train_cfg: TrainConfig, out_dir: Path, report: TrainerReport = NO_REPORT) -> PolicyResult:
+    """One KTO optimisation of the adapters on `rows` (`policy.*`, `train.*`), reference = the model as passed
+    in; every epoch's weights saved for the evaluate step; reports to `report`'s trackers."""
     num_accepted = sum(r.accepted for r in rows)
     if not num_accepted or num_accepted == len(rows):
         raise ValueError("KTO needs both accepted and rejected rationales")
     undesirable_weight = (policy.kto.undesirable_weight if policy.kto.undesirable_weight is not None
                           else policy.kto.desirable_weight * num_accepted / (len(rows) - num_accepted))
-    dataset = LabelledDataset(vlm, rows, examples_by_id, policy.seed, with_answer_rows=bool(policy.kto.answer_weight))
-    result = train_keeping_best_epoch(
-        KTOLossTrainer, vlm, dataset, partial(collate_labelled, vlm=vlm), val, train_cfg, sample_cfg, out_dir,
-        learning_rate=policy.learning_rate, what="KTO", report=report,
-        before_training=lambda trainer: fill_reference(trainer, dataset, vlm),
-        policy=policy, undesirable_weight=undesirable_weight)
-    result.update(num_rows=len(rows), num_accepted=num_accepted, undesirable_weight=undesirable_weight)
-    return result
+    write_jsonl(rows, out_dir / "training_set.jsonl")
+    dataset = KTODataset(vlm, rows, examples_by_id, policy.seed, with_answer_rows=bool(policy.kto.answer_weight))
+    trainer = adapter_trainer(KTOLossTrainer, vlm, dataset, partial(collate_labelled, vlm=vlm), train_cfg, out_dir,
+                              learning_rate=policy.learning_rate, what="KTO", report=report, policy=policy,
+                              undesirable_weight=undesirable_weight)
+    fill_labelled_reference(trainer, dataset, vlm)
+    trainer.train()
+    num_rationales = len({(r.example_id, r.completion) for r in rows})
+    return PolicyResult(trained(trainer), {"train_rationales": num_rationales, "train_rows": len(rows)},
+                        training={"num_accepted": num_accepted, "undesirable_weight": undesirable_weight})
+
+
+def kto_round(context: RoundContext) -> PolicyResult:
+    """policy.kind=kto as a loop policy: on this round's judgments (`policy.rounds=latest`) or every round's
+    (`all`), from the feedback the loop read."""
+    cfg = context.cfg
+    context.say(f"round {context.round_idx}: kto on the judgments of {ROUNDS_SAID[cfg.policy.rounds]}")
+    rows = unpaired_rows(trained_on(context), context.train_by_id)
+    return train_kto(context.vlm, rows, context.train_by_id, cfg.policy, cfg.train, context.out_dir,
+                     trainer_report(cfg, context.out_dir))

@@ -7,15 +7,16 @@ from collections.abc import Callable
 
 from illume.config import ConfigError, RunConfig
 from policies.base import Policy
+from policies.dpo import dpo_round
 from policies.grpo import check_config as check_grpo_config
 from policies.grpo import grpo_round
-from policies.optimize import preference_round
+from policies.kto import kto_round
 from policies.sft import sft_round
 
 POLICIES: dict[str, Policy] = {
     "sft": sft_round,  # ILLUME's selection-SFT
-    "dpo": preference_round,  # DPO on accepted vs rejected pairs (policies/dpo.py)
-    "kto": preference_round,  # KTO on accept/reject labels (policies/kto.py)
+    "dpo": dpo_round,  # DPO on accepted vs rejected pairs (policies/dpo.py)
+    "kto": kto_round,  # KTO on accept/reject labels (policies/kto.py)
     "grpo": grpo_round,  # online GRPO on sampled rationales scored by policy.grpo.reward_sources (policies/grpo.py)
 }
 

@@ -1,11 +1,11 @@
 """ILLUME's selection-SFT as a policy: every rationale accepted so far (deduplicated) plus answer-only rows,
-row-weighted cross-entropy, adapters only, best val epoch kept (illume.training)."""
+row-weighted cross-entropy, adapters only (illume.training); the loop's evaluate step keeps the best epoch."""
 
 from __future__ import annotations
 
 from illume import distributed
 from illume.tracking import trainer_report
-from illume.training import build_training_set, fine_tune, write_manifest
+from illume.training import build_training_set, selection_trainer, trained, write_manifest
 from policies.base import PolicyResult, RoundContext
 
 
@@ -18,6 +18,7 @@ def sft_round(context: RoundContext) -> PolicyResult:
         write_manifest(rows, context.out_dir / "training_set.jsonl")
     context.say(f"round {round_idx}: training on {len(rows)} rows "
                 f"({sum(r.kind == 'rationale' for r in rows)} rationales)")
-    result = fine_tune(context.vlm, rows, context.train, context.val, cfg.train, cfg.sample, context.out_dir,
-                       report=trainer_report(cfg, context.out_dir))
-    return PolicyResult(result["best"], result["epochs"])
+    trainer = selection_trainer(context.vlm, rows, context.train, cfg.train, context.out_dir,
+                                report=trainer_report(cfg, context.out_dir))
+    trainer.train()
+    return PolicyResult(trained(trainer), training={"num_rows": len(rows)})

@@ -12,9 +12,9 @@ import torch
 from illume.collate import RowEncoder
 from illume.config import DPOPolicyConfig, KTOPolicyConfig, PolicyConfig
 from illume.prompts import ANSWER_PROMPT
-from policies.data import LabelledRationale
-from policies.dpo import optimize_dpo
-from policies.kto import optimize_kto
+from policies.data import UnpairedRow
+from policies.dpo import train_dpo
+from policies.kto import train_kto
 from policies.reference import reference_logps
 from policies.trainer import answer_rows
 from tests.test_policies import _toy_pairs, _train_cfg
@@ -49,12 +49,11 @@ def _train(kind: str, vlm, answer_weight: float, out_dir):
     cfg, train_cfg = _train_cfg(learning_rate=1e-2)
     policy = PolicyConfig(kind=kind, dpo=DPOPolicyConfig(beta=0.5, answer_weight=answer_weight),
                           kto=KTOPolicyConfig(beta=0.5, answer_weight=answer_weight))
-    val = list(examples.values())[:2]
     if kind == "dpo":
-        return optimize_dpo(vlm, pairs, examples, val, policy, train_cfg, cfg.sample, out_dir)
-    rows = [LabelledRationale(p.example_id, p.prompt, p.chosen, True) for p in pairs[::2]]
-    rows += [LabelledRationale(p.example_id, p.prompt, p.rejected, False) for p in pairs]
-    return optimize_kto(vlm, rows, examples, val, policy, train_cfg, cfg.sample, out_dir)
+        return train_dpo(vlm, pairs, examples, policy, train_cfg, out_dir)
+    rows = [UnpairedRow(p.example_id, p.prompt, p.chosen, True) for p in pairs[::2]]
+    rows += [UnpairedRow(p.example_id, p.prompt, p.rejected, False) for p in pairs]
+    return train_kto(vlm, rows, examples, policy, train_cfg, out_dir)
 
 
 @pytest.mark.slow
@@ -69,4 +68,4 @@ def test_the_answer_rows_train_the_answer(kind, tiny_vlm, tmp_path):
     gained_without = (_answer_logps(without, examples) - before).mean()
     # The answer's log-prob rises with the answer rows, and by more than the preference loss alone moves it.
     assert gained > 0.5 and gained > gained_without + 0.5, (gained, gained_without)
-    assert any("answer_nll" in entry for entry in result["log_history"])
+    assert any("answer_nll" in entry for entry in result.trained.log_history)

@@ -27,9 +27,9 @@ from illume.models.hf import HFVLM, chat_style
 from illume.prompts import ChatStyle, answer_prompt, rationale_prompt
 from illume.sampling import sample
 from illume.training import TrainingRow, fine_tune
-from policies.data import LabelledRationale
-from policies.dpo import optimize_dpo
-from policies.kto import optimize_kto
+from policies.data import UnpairedRow
+from policies.dpo import train_dpo
+from policies.kto import train_kto
 from reward.model import score
 from reward.pairs import PreferencePair
 from reward.train import fit_reward
@@ -177,12 +177,12 @@ def test_a_round_of_every_policy(family, examples, tmp_path):
     assert not _changed(frozen, vlm.model)
 
     lora = _lora(vlm)
-    optimize_dpo(vlm, pairs, by_id, examples[:2], PolicyConfig(kind="dpo"), TRAIN, SAMPLE, tmp_path / "dpo")
+    train_dpo(vlm, pairs, by_id, PolicyConfig(kind="dpo"), TRAIN, tmp_path / "dpo")
     assert _changed(lora, vlm.model) and not _changed(frozen, vlm.model)
-    labelled = [LabelledRationale(p.example_id, p.prompt, text, ok) for p in pairs
+    labelled = [UnpairedRow(p.example_id, p.prompt, text, ok) for p in pairs
                 for text, ok in ((p.chosen, True), (p.rejected, False))]
     lora = _lora(vlm)
-    optimize_kto(vlm, labelled, by_id, examples[:2], PolicyConfig(kind="kto"), TRAIN, SAMPLE, tmp_path / "kto")
+    train_kto(vlm, labelled, by_id, PolicyConfig(kind="kto"), TRAIN, tmp_path / "kto")
     assert _changed(lora, vlm.model) and not _changed(frozen, vlm.model)
 
     scores = explanation_scores(vlm, examples[:2], SAMPLE, progress=False)

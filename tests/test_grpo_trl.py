@@ -59,13 +59,17 @@ def _length_source(calls=None):
 
 
 def _round(cfg, vlm, questions, tmp_path, sources):
+    """The loop's tune and evaluate steps of a GRPO (TRL) round: the policy's result and the kept epoch."""
+    from policies.base import keep_best
     from policies.grpo_trl import trl_grpo_round
 
     train, val = questions
     store = FeedbackStore(tmp_path / "feedback.db")
-    context = RoundContext(cfg, vlm, store, 0, train, {e.id: e for e in train}, val, tmp_path / "round_00",
+    out_dir = tmp_path / "round_00"
+    context = RoundContext(cfg, vlm, store, 0, train, {e.id: e for e in train}, val, out_dir,
                            feedback=read_feedback(store, upto_round=0), say=lambda _: None)
-    return trl_grpo_round(context, sources=sources)
+    result = trl_grpo_round(context, sources=sources)
+    return result, keep_best(result, vlm, val, cfg, out_dir)
 
 
 def _spy(monkeypatch, cls, name):
@@ -179,7 +183,7 @@ def test_a_round_trains_adapters_only_against_the_rounds_starting_weights(train_
     before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
     start = {n: t.clone() for n, t in vlm.model.state_dict().items()}
     cfg = _cfg(tmp_path, "policy.grpo.iterations=2", f"train.train_prefix={train_prefix}")
-    result = _round(cfg, vlm, questions, tmp_path, {"probe": _length_source()})
+    result, kept = _round(cfg, vlm, questions, tmp_path, {"probe": _length_source()})
 
     now = dict(vlm.model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], now[n])}
@@ -199,13 +203,13 @@ def test_a_round_trains_adapters_only_against_the_rounds_starting_weights(train_
         reference = trainer.ref_model.state_dict()
         assert all(torch.equal(reference[n], start[n]) for n in start if "lora_" in n or "visual.merger" in n)
 
-    assert set(result.report) >= {"grpo_reward", "grpo_accept", "grpo_kl"}
-    assert result.report["grpo_kl"] == training["per_epoch"][result.best["epoch"] - 1]["kl"] >= 0  # the kept epoch's
+    assert set(result.report) >= {"grpo_reward", "grpo_accept"} and len(result.per_epoch) == 2
+    assert training["grpo_kl"] == training["per_epoch"][kept.best["epoch"] - 1]["kl"] >= 0  # the kept epoch's
     samples = [json.loads(line) for line in (tmp_path / "round_00" / "training_set.jsonl").read_text().splitlines()]
     assert len(samples) == training["train_rationales"] == 2 * 2 * 4  # 2 epochs x 1 step of 2 questions x G
     assert all(s["reward"] == len(s["completion"]) and s["accepted"] in (True, False) for s in samples)
     assert result.report["grpo_reward"] == pytest.approx(sum(s["reward"] for s in samples) / len(samples))
-    assert [e["epoch"] for e in training["per_epoch"]] == [1, 2] and result.best["epoch"] in (1, 2)
+    assert [e["epoch"] for e in training["per_epoch"]] == [1, 2] and kept.best["epoch"] in (1, 2)
 
 
 LOOP = ["model.kind=hf", "critic.threshold=0.1", "loop.stop_when_nothing_new=false", "policy.kind=grpo",

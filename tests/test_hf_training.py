@@ -12,9 +12,9 @@ from illume.demo.tiny_models import build_tiny_hf_vlm
 from illume.models.hf import HFVLM
 from illume.sampling import sample
 from illume.training import TrainingRow, fine_tune
-from policies.data import LabelledRationale
-from policies.dpo import optimize_dpo
-from policies.kto import optimize_kto
+from policies.data import UnpairedRow
+from policies.dpo import train_dpo
+from policies.kto import train_kto
 from reward.model import RewardModel, score
 from reward.pairs import PreferencePair
 from reward.train import fit_reward
@@ -88,15 +88,14 @@ def test_one_reward_model_epoch_trains_head_and_lora_and_scores(vlm, examples, t
 def test_one_dpo_and_one_kto_epoch_change_lora_only(vlm, examples, tmp_path):
     by_id = {e.id: e for e in examples}
     lora, frozen = _lora(vlm), _frozen(vlm)
-    result = optimize_dpo(vlm, _pairs(examples), by_id, examples[:2], PolicyConfig(kind="dpo"), TRAIN, SAMPLE,
-                          tmp_path / "dpo")
-    assert result["num_pairs"] == 4 and result["best"] is not None
+    result = train_dpo(vlm, _pairs(examples), by_id, PolicyConfig(kind="dpo"), TRAIN, tmp_path / "dpo")
+    assert result.report["train_rows"] == 4 and len(result.trained.epoch_weights) == TRAIN.num_epochs
     assert _changed(lora, vlm.model) and not _changed(frozen, vlm.model)
-    rows = [LabelledRationale(p.example_id, p.prompt, text, ok) for p in _pairs(examples)
+    rows = [UnpairedRow(p.example_id, p.prompt, text, ok) for p in _pairs(examples)
             for text, ok in ((p.chosen, True), (p.rejected, False))]
     lora = _lora(vlm)
-    result = optimize_kto(vlm, rows, by_id, examples[:2], PolicyConfig(kind="kto"), TRAIN, SAMPLE, tmp_path / "kto")
-    assert result["num_rows"] == 8 and _changed(lora, vlm.model) and not _changed(frozen, vlm.model)
+    result = train_kto(vlm, rows, by_id, PolicyConfig(kind="kto"), TRAIN, tmp_path / "kto")
+    assert result.report["train_rows"] == 8 and _changed(lora, vlm.model) and not _changed(frozen, vlm.model)
 
 
 def test_selection_sft_with_gradient_checkpointing_still_trains_lora(examples, tmp_path):

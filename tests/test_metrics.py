@@ -26,7 +26,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from illume.metrics import caption_scores as caption_module
 from illume.metrics.answer_accuracy import AnswerAccuracy, answer_accuracy, normalize_answer
 from illume.metrics.caption_scores import (
-    SCORE_KEYS,
+    CAPTION_METRICS,
     CaptionScores,
     JavaMissingWarning,
     _lcs_length,
@@ -141,7 +141,7 @@ def reference_scores(predictions: list[str], references: list[list[str]], meteor
 
 def assert_same_scores(ours: dict[str, Any], reference: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
     """Exact equality: the same pycocoevalcap code runs on the same tokens, so even the last bit agrees."""
-    for key in SCORE_KEYS:
+    for key in CAPTION_METRICS:
         if key in skip:
             continue
         assert ours[key] == reference[key], key
@@ -218,8 +218,8 @@ def test_caption_scores_equal_pycocoevalcap(reference_meteor: Meteor) -> None:
     reference = reference_scores(PREDICTIONS, REFERENCES, reference_meteor)
     ours = caption_scores(PREDICTIONS, REFERENCES, per_example=True)
     assert_same_scores(ours, reference)
-    assert set(ours) == {*SCORE_KEYS, "per_example"}
-    assert all(isinstance(ours[k], float) for k in SCORE_KEYS)
+    assert set(ours) == {*CAPTION_METRICS, "per_example"}
+    assert all(isinstance(ours[k], float) for k in CAPTION_METRICS)
     assert 0 < ours["meteor"] < 1 and ours["cider"] > 0
     # The pure-Python tokenizer gives the same tokens here, hence the same scores.
     assert_same_scores(

@@ -15,7 +15,7 @@ from illume.critics import CritiqueContext, WebCritic
 from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import PreferencePair
 from illume.tracking import report_names, round_scalars, tracking_dir, trainer_report
-from policies.dpo import optimize_dpo
+from policies.dpo import train_dpo
 from tests import test_grpo_trl
 from tests.conftest import REPO, TINY_MODEL, tiny_overrides
 from tests.test_reward import candidate_set, example
@@ -111,11 +111,11 @@ def test_dpo_reports_its_loss_and_margins(tiny_vlm, tmp_path):
                                                        "train.num_epochs=2", "sample.max_new_tokens=4"])
     out_dir = cfg.run_dir / "dpo"
     # 8 pairs x 2 epochs = 16 steps at batch 1: the Trainer logs at step 10 (logging_steps) and at the end.
-    result = optimize_dpo(tiny_vlm, pairs, examples, list(examples.values())[:2], PolicyConfig(kind="dpo"),
-                          cfg.train, cfg.sample, out_dir, report=trainer_report(cfg, out_dir))
+    result = train_dpo(tiny_vlm, pairs, examples, PolicyConfig(kind="dpo"), cfg.train, out_dir,
+                       report=trainer_report(cfg, out_dir))
     logged = _scalars(tracking_dir(cfg.run_dir) / "dpo")
-    assert logged["train/loss"] == {10: [pytest.approx(result["losses"][0], rel=1e-6)]}
-    assert logged["train/rewards/margins"][10] == [pytest.approx(result["margins"][0], rel=1e-6)]
+    assert logged["train/loss"] == {10: [pytest.approx(result.trained.losses[0], rel=1e-6)]}
+    assert logged["train/rewards/margins"][10] == [pytest.approx(result.training["margins"][0], rel=1e-6)]
     assert 10 in logged["train/learning_rate"] and 16 in logged["train/train_loss"]
 
 
@@ -212,7 +212,7 @@ def test_the_loops_trackers_are_closed_when_a_round_fails(two_runs, monkeypatch)
         raise RuntimeError("the round failed")
 
     monkeypatch.setattr(illume.loop, "open_tracker", lambda cfg, say: Recording())
-    monkeypatch.setattr(illume.loop, "play_round", failing_round)
+    monkeypatch.setattr(illume.loop, "sample_round", failing_round)
     root = two_runs[0].parent.parent
     cfg = load_config(REPO / "configs" / "demo.yaml", [*tiny_overrides(root), *LOOP, "name=failing"])
     with pytest.raises(RuntimeError, match="the round failed"):

@@ -76,6 +76,7 @@ def test_fine_tune_trains_adapters_only_and_keeps_the_best_epoch(tiny_vlm, examp
     saved = load_file(str(tmp_path / "round" / "adapters.safetensors"))
     assert all(torch.equal(saved[n], after[n]) for n in saved)  # the kept epoch is what the model holds
     assert json.loads((tmp_path / "round" / "training.json").read_text())["num_rows"] == len(rows)
+    assert not (tmp_path / "round" / "epochs").exists()  # the epochs' files are removed once one is kept
 
 
 def test_zero3_is_refused_before_training(tiny_vlm, examples, tmp_path):

@@ -23,7 +23,7 @@ from illume.exports import export
 from illume.feedback.queue import AnnotationQueue
 from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import AGGREGATES, PEOPLE, Feedback, read_feedback
-from policies.data import dataset_labelled_rationales, dataset_pairs, store_labelled_rationales, store_pairs
+from policies.data import dataset_pairs, dataset_unpaired_rows, store_pairs, store_unpaired_rows
 from reward.pairs import judged_candidates, to_preference_pairs
 
 A, B, C = "the circle is red", "the square is blue", "there are two shapes"
@@ -122,7 +122,7 @@ def test_every_consumer_agrees(run_dir):
         feedback = read_feedback(store)
         sft = [(r.example_id, r.text) for r in feedback.accepted()]
         dpo = _pairs(store_pairs(store, EXAMPLES))
-        kto = [(r.example_id, r.completion, r.accepted) for r in store_labelled_rationales(store, EXAMPLES)]
+        kto = [(r.example_id, r.completion, r.accepted) for r in store_unpaired_rows(store, EXAMPLES)]
         reward_pairs = _pairs(to_preference_pairs(store, EXAMPLES, include_reference_pairs=False))
         reward_labels = judged_candidates(store, EXAMPLES)
     # Exports: saved datasets and JSONL.
@@ -133,7 +133,7 @@ def test_every_consumer_agrees(run_dir):
     # `illume dpo RUN_DIR` trains on store_pairs, `illume dpo EXPORT` on dataset_pairs: the same pairs.
     from_dataset, _ = dataset_pairs(run_dir / "exports" / "dpo")
     assert _pairs(from_dataset) == dpo == [("q2", Y, X), ("q1", B, C)]
-    rows, _ = dataset_labelled_rationales(run_dir / "exports" / "kto")
+    rows, _ = dataset_unpaired_rows(run_dir / "exports" / "kto")
     assert [(r.example_id, r.completion, r.accepted) for r in rows] == kto
     # Consistency between them: every chosen is an SFT target, every rejected a KTO False row, nothing both.
     rejected = {(e, t) for e, t, ok in kto if not ok}

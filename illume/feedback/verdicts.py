@@ -221,6 +221,12 @@ class Feedback:
                 self._rejecting.setdefault(key, []).extend(rejecting)
             self._verdicts.append(verdicts)
 
+    def since(self, round_idx: int) -> Feedback:
+        """The verdicts of this feedback's items of round `round_idx` and later, as if only they had been read
+        (what `read_feedback(..., from_round=round_idx)` gives): on-policy DPO/KTO's `policy.rounds=latest`."""
+        items = [item for item in self.items if item.round_idx >= round_idx]
+        return Feedback(items, self.aggregate, None, f"{self.source} (rounds >= {round_idx})")
+
     # ---------------------------------------------------------------- verdicts
 
     def status(self, item: JudgedItem, text: str) -> str | None:

@@ -27,7 +27,7 @@ import evaluate
 
 from .ptb_tokenizer import java_available, ptb_tokenize
 
-SCORE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
+CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
 """Keys of the scores returned by `caption_scores` (and of its `per_example` dict)."""
 
 _ROUGE_BETA = 1.2  # pycocoevalcap's Rouge().beta
