@@ -25,10 +25,9 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from illume.data.records import CandidateSet
+from illume.data.records import SPLITS, CandidateSet
 from illume.feedback.engine import WriteSessions
 from illume.feedback.schema import (
-    SPLITS,
     AnnotatorRow,
     CandidateRow,
     DecisionRow,
