@@ -9,7 +9,7 @@ config by `illume.critic_registry.CRITICS[critic.kind]`, and the loop asks nothi
 
 Here: the simulated critic standing in for people, as in the paper's experiments (it accepts a candidate
 whose score against any single reference explanation reaches a threshold, ROUGE-L >= 0.7), and people
-(`human`) in the annotation page (the loop waits on the store, or stops and resumes) or in the terminal. The
+(`person`) in the annotation page (the loop waits on the store, or stops and resumes) or in the terminal. The
 reward-model critics (reward, hybrid) are in `reward.critic`.
 """
 
@@ -70,7 +70,7 @@ class Critic(Protocol):
 
 
 class PeopleCritic(Protocol):
-    """A critic standing for people (`PEOPLE_CRITICS`: simulated, human), which a model critic (reward model,
+    """A critic standing for people (`PEOPLE_CRITICS`: simulated, person), which a model critic (reward model,
     hybrid, AI judge) hands the items it leaves: what it hands over is the `order` argument, nothing shared."""
 
     def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
@@ -191,7 +191,7 @@ class SimulatedCritic:
 
 
 class TerminalCritic:
-    """critic.kind=human, critic.ui=terminal: a person judging in the terminal (for work over SSH): the image
+    """critic.kind=person, critic.ui=terminal: a person judging in the terminal (for work over SSH): the image
     path, the question, the answer and the numbered candidates; they type the numbers they accept, or 0 for
     none. Each judgment is stored as it is made: a person's work is never lost to a crash or Ctrl-C."""
 
@@ -243,7 +243,7 @@ class TerminalCritic:
 
 
 class WebCritic:
-    """critic.kind=human, critic.ui=web: people judge in the annotation page (`illume annotate RUN_DIR`); the
+    """critic.kind=person, critic.ui=web: people judge in the annotation page (`illume annotate RUN_DIR`); the
     loop waits until every item of the round has `annotate.annotations_per_item` judgments, or (critic.wait
     false) stops, to be continued by running the same command again."""
 
@@ -288,7 +288,7 @@ def _progress_metrics(progress: dict[str, int]) -> dict[str, float]:
             "annotation/complete_items": progress["complete_items"], "annotation/items": progress["items"]}
 
 
-HUMAN_UIS: dict[str, Callable[[RunConfig], Critic]] = {
+PERSON_UIS: dict[str, Callable[[RunConfig], Critic]] = {
     "web": WebCritic,
     "terminal": lambda cfg: TerminalCritic(cfg.critic),
 }
@@ -299,9 +299,9 @@ def simulated_critic(cfg: RunConfig) -> Critic:
     return SimulatedCritic(cfg.critic)
 
 
-def human_critic(cfg: RunConfig) -> Critic:
-    return HUMAN_UIS[cfg.critic.ui](cfg)
+def person_critic(cfg: RunConfig) -> Critic:
+    return PERSON_UIS[cfg.critic.ui](cfg)
 
 
-PEOPLE_CRITICS: dict[str, Callable[[RunConfig], PeopleCritic]] = {"simulated": simulated_critic, "human": human_critic}
-"""critic.people -> who judges what a reward-model critic leaves to people."""
+PEOPLE_CRITICS: dict[str, Callable[[RunConfig], PeopleCritic]] = {"simulated": simulated_critic, "person": person_critic}
+"""critic.people_kind -> who judges what a reward-model critic leaves to people."""

@@ -1,13 +1,13 @@
 """The reward model as a critic: critic.kind=reward (it judges every item) and hybrid (the items it is sure of).
 
-Per round, from round `reward.human_rounds` on:
+Per round, from round `reward.people_rounds` on:
 - **Its reward model** is the one fitted on people's judgments of the earlier rounds, or reused, or the saved
   `reward.checkpoint`: `reward.fitted.reward_model_on(cfg, round - 1, ...)`, where GRPO gets its own too.
 - **Judge.** Every process fits (together, through the Trainer) and scores identically; rank 0 stores the
   verdicts under the annotator "reward:<kind>" of kind "reward". Items already judged this round (a resumed
   run, people on the annotation page meanwhile) are left alone.
-- **People for the rest.** `critic.people` (the simulated critic standing in for them, or real people)
-  judges what the reward model left: everything in rounds before `reward.human_rounds`, the items it was not
+- **People for the rest.** `critic.people_kind` (the simulated critic standing in for them, or real people)
+  judges what the reward model left: everything in rounds before `reward.people_rounds`, the items it was not
   sure of (hybrid: a candidate within `reward.hybrid_band` of the threshold), or with
   `annotate.budget_per_round: N` (hybrid) the first N items in `annotate.order` (`uncertainty`: the least
   certain by `reward.uncertainty.UNCERTAINTY`; `random`: a seeded draw; `stored`: the first N sampled), less
@@ -91,22 +91,22 @@ def check_critique_order(cfg: RunConfig) -> None:
 
 
 class RewardCritic:
-    """critic.kind=reward: the reward model judges every item from round `reward.human_rounds` on; people
-    (`critic.people`) judge the rounds before."""
+    """critic.kind=reward: the reward model judges every item from round `reward.people_rounds` on; people
+    (`critic.people_kind`) judge the rounds before."""
 
     kind = "reward"
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.annotator = f"reward:{cfg.critic.kind}"
-        self.people = PEOPLE_CRITICS[cfg.critic.people](cfg)
+        self.people = PEOPLE_CRITICS[cfg.critic.people_kind](cfg)
 
     def band(self) -> float | None:
         """Distance from the threshold within which an item goes to people (None: the model decides all)."""
         return None
 
     def review(self, context: CritiqueContext) -> bool:
-        if context.round_idx < self.cfg.reward.human_rounds:
+        if context.round_idx < self.cfg.reward.people_rounds:
             return self.people.review(context)
         report, people_order = self._critique(context)
         context.report.update(report)

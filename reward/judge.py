@@ -14,7 +14,7 @@ rounds when there are any (the kinds in `feedback.people`, the judge's own left 
 precision reaches `judge.target_precision`, as the reward model's), else `judge.threshold`. The verdicts are
 stored under the annotator "judge:<method>" of kind "judge": they count as people's only where
 `feedback.people` lists "judge", and the reward model learns from them where `reward.learn_from` (or
-`feedback.people`) does. Rounds before `judge.human_rounds` are judged by `critic.people`.
+`feedback.people`) does. Rounds before `judge.people_rounds` are judged by `critic.people_kind`.
 
 The judge runs on rank 0 (nothing it does is collective); the round's row of results.json gets
 `judge_threshold`, `judge_threshold_from` ("people" or "config"), `judge_judged_items`,
@@ -151,15 +151,15 @@ def agreement(judge_judgments: Sequence[NewJudgment], oracle_judgments: Sequence
 
 
 class JudgeCritic:
-    """critic.kind=judge: an AI judge decides every item from round `judge.human_rounds` on; people
-    (`critic.people`) judge the rounds before."""
+    """critic.kind=judge: an AI judge decides every item from round `judge.people_rounds` on; people
+    (`critic.people_kind`) judge the rounds before."""
 
     kind = JUDGE_KIND
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.annotator = f"judge:{cfg.judge.method}"
-        self.people = PEOPLE_CRITICS[cfg.critic.people](cfg)
+        self.people = PEOPLE_CRITICS[cfg.critic.people_kind](cfg)
         self._judge: Judge | None = None
 
     @property
@@ -207,7 +207,7 @@ class JudgeCritic:
         return judgments
 
     def review(self, context: CritiqueContext) -> bool:
-        if context.round_idx < self.cfg.judge.human_rounds:
+        if context.round_idx < self.cfg.judge.people_rounds:
             return self.people.review(context)
         if not distributed.is_main():
             return True

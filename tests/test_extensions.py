@@ -63,5 +63,5 @@ def test_an_unknown_critic_kind_fails_before_any_work(tmp_path, capsys):
 
     assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "critic.kind=oracle"]) == 2
     err = capsys.readouterr().err
-    assert "critic.kind" in err and "oracle" in err and "'simulated', 'human', 'reward', 'hybrid', 'judge'" in err
+    assert "critic.kind" in err and "oracle" in err and "'simulated', 'person', 'reward', 'hybrid', 'judge'" in err
     assert not (tmp_path / "runs" / "demo").exists()
