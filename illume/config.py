@@ -439,13 +439,14 @@ class CriticConfig:
     standing in for them) or `person` (real people, as critic.kind=person: `critic.ui`). Which annotator kinds
     count as people's when judgments are read is another setting, `feedback.people`."""
     ui: Literal["web", "terminal"] = "web"
-    """Human critic only: the annotation page (`illume annotate`) or a prompt in this terminal."""
+    """Where people judge (critic.kind=person, or critic.people_kind=person): the annotation page (`illume
+    annotate`) or a prompt in this terminal."""
     wait: bool = True
-    """Human critic, web: wait until the round is judged (True) or exit and continue on the next run (False)."""
+    """critic.kind=person, web: wait until the round is judged (True) or exit and continue on the next run (False)."""
     poll_seconds: float = 5.0
-    """Human critic, web: how often the waiting loop checks the store."""
+    """critic.kind=person, web: how often the waiting loop checks the store."""
     annotator: str | None = None
-    """Human critic, terminal: the person's name (asked once when not set)."""
+    """critic.kind=person, terminal: the person's name (asked once when not set)."""
     metric: Literal["rouge_l", "bleu_1", "bleu_2", "bleu_3", "bleu_4"] = "rouge_l"
     """Per-candidate metric of the simulated critic (pycocoevalcap's, on its tokenisation)."""
     threshold: float = 0.7
