@@ -428,22 +428,25 @@ class SampleConfig:
 class CriticConfig:
     """Who judges the candidates. `simulated` stands in for people in the paper's experiments."""
 
-    kind: Literal["simulated", "human", "reward", "hybrid", "judge"] = "simulated"
+    kind: Literal["simulated", "person", "reward", "hybrid", "judge"] = "simulated"
     """Critic (illume.critic_registry.CRITICS): `simulated` accepts a candidate whose metric against any reference reaches the threshold;
-    `human`: people judge in the annotation page (or the terminal) and the loop waits for them;
-    `reward`: the reward model judges (after `reward.human_rounds` rounds judged by people);
+    `person`: people judge in the annotation page (or the terminal) and the loop waits for them;
+    `reward`: the reward model judges (after `reward.people_rounds` rounds judged by people);
     `hybrid`: the reward model decides the confident items, people the rest;
-    `judge`: an AI judge (a VLM, `judge.*`) judges every item (after `judge.human_rounds` rounds by people)."""
-    people: Literal["simulated", "human"] = "simulated"
-    """Who the people are in reward/hybrid/judge runs: the simulated critic standing in for them, or real people."""
+    `judge`: an AI judge (a VLM, `judge.*`) judges every item (after `judge.people_rounds` rounds by people)."""
+    people_kind: Literal["simulated", "person"] = "simulated"
+    """Who the people are in reward/hybrid/judge runs, as an annotator kind: `simulated` (the simulated critic
+    standing in for them) or `person` (real people, as critic.kind=person: `critic.ui`). Which annotator kinds
+    count as people's when judgments are read is another setting, `feedback.people`."""
     ui: Literal["web", "terminal"] = "web"
-    """Human critic only: the annotation page (`illume annotate`) or a prompt in this terminal."""
+    """Where people judge (critic.kind=person, or critic.people_kind=person): the annotation page (`illume
+    annotate`) or a prompt in this terminal."""
     wait: bool = True
-    """Human critic, web: wait until the round is judged (True) or exit and continue on the next run (False)."""
+    """critic.kind=person, web: wait until the round is judged (True) or exit and continue on the next run (False)."""
     poll_seconds: float = 5.0
-    """Human critic, web: how often the waiting loop checks the store."""
+    """critic.kind=person, web: how often the waiting loop checks the store."""
     annotator: str | None = None
-    """Human critic, terminal: the person's name (asked once when not set)."""
+    """critic.kind=person, terminal: the person's name (asked once when not set)."""
     metric: Literal["rouge_l", "bleu_1", "bleu_2", "bleu_3", "bleu_4"] = "rouge_l"
     """Per-candidate metric of the simulated critic (pycocoevalcap's, on its tokenisation)."""
     threshold: float = 0.7
@@ -493,12 +496,12 @@ class JudgeConfig:
     target_precision: float = 0.9
     """With people's judgments of earlier rounds, the threshold is the lowest judge score whose precision
     against them reaches this (reward.evaluate.calibrate_threshold)."""
-    human_rounds: int = 0
-    """Rounds judged by people (`critic.people`) before the judge takes over (0: the judge judges all)."""
+    people_rounds: int = 0
+    """Rounds judged by people (`critic.people_kind`) before the judge takes over (0: the judge judges all)."""
     batch_size: int = 32
     """Candidates scored per forward pass."""
 
-    RANGES: ClassVar = {"target_precision": Range(0, 1, low_open=True), "human_rounds": AT_LEAST_0,
+    RANGES: ClassVar = {"target_precision": Range(0, 1, low_open=True), "people_rounds": AT_LEAST_0,
                         "batch_size": COUNT}
 
     def template(self) -> str:
@@ -549,7 +552,8 @@ class FeedbackConfig:
     enough) or `unanimous` (accepted only if nobody rejects). With one annotator per item all three agree."""
     people: list[str] = field(default_factory=lambda: ["person", "simulated"])
     """Annotator kinds whose judgments count as people's: the reward model learns from them (unless
-    `reward.learn_from` says otherwise) and results.json's human_judgments counts them. The default is
+    `reward.learn_from` says otherwise) and results.json's human_judgments counts them (that key keeps its
+    name: results.json is read by scripts and older runs). The default is
     `illume.feedback.verdicts.PEOPLE`; adding "judge" counts an AI judge's verdicts as people's."""
 
 
@@ -587,7 +591,7 @@ class AnnotateConfig:
     seeded shuffle per round) or `uncertainty` (critic.kind=hybrid: the items whose reward-model decision is
     least certain, by `reward.uncertainty`; rounds before a reward model exists keep the stored order)."""
     budget_per_round: int | None = None
-    """critic.kind=hybrid: people judge this many items per round from `reward.human_rounds` on, the first in
+    """critic.kind=hybrid: people judge this many items per round from `reward.people_rounds` on, the first in
     `annotate.order`, and the reward model decides all the others (replaces `reward.hybrid_band`); None: the
     band rule."""
 
@@ -602,8 +606,9 @@ class AnnotateConfig:
 class RewardConfig:
     """The reward model learned from people's selections (reward/)."""
 
-    human_rounds: int = 1
-    """critic.kind=reward: rounds judged by people before the reward model takes over."""
+    people_rounds: int = 1
+    """critic.kind=reward or hybrid: rounds judged by people (`critic.people_kind`) before the reward model takes
+    over."""
     include_reference_pairs: bool = True
     """Pair the reference explanation (chosen) with the candidates of "none fits" items (rejected)."""
     heldout_fraction: float = 0.2
@@ -638,7 +643,7 @@ class RewardConfig:
     ensemble_size: int = 8
     """reward.uncertainty=ensemble: heads fitted on bootstrap resamples of the training pairs."""
 
-    RANGES: ClassVar = {"human_rounds": AT_LEAST_0, "heldout_fraction": Range(0, 1, low_open=True, high_open=True),
+    RANGES: ClassVar = {"people_rounds": AT_LEAST_0, "heldout_fraction": Range(0, 1, low_open=True, high_open=True),
                         "margin": AT_LEAST_0, "center_coef": AT_LEAST_0, "num_epochs": COUNT, "batch_size": COUNT,
                         "learning_rate": POSITIVE, "target_precision": Range(0, 1, low_open=True),
                         "hybrid_band": AT_LEAST_0, "ensemble_size": COUNT}
@@ -949,6 +954,39 @@ RENAMED_POLICY_KEYS: dict[str, dict[str, str]] = {
 config.yaml that illume wrote before (`load_run_config`), into the section of that run's policy.kind."""
 
 
+RENAMED_KEYS: dict[str, str] = {
+    "critic.people": "critic.people_kind",
+    "reward.human_rounds": "reward.people_rounds",
+    "judge.human_rounds": "judge.people_rounds",
+}
+"""Keys renamed so that one word names one thing (issue 26: people are `person`, and `feedback.people` is the
+only `people` list): old dotted key -> new. Refused in a config file or an override (with the new name); moved
+in a run folder's config.yaml that illume wrote before (`load_run_config`)."""
+
+RENAMED_VALUES: dict[str, dict[str, str]] = {
+    "critic.kind": {"human": "person"},
+    "critic.people_kind": {"human": "person"},
+}
+"""Values renamed (issue 26: people judging are annotator kind `person` everywhere): dotted key (new name) ->
+{old value: new value}. Refused and moved as RENAMED_KEYS are."""
+
+
+def _section_of(layer: DictConfig, dotted: str) -> tuple[DictConfig | None, str]:
+    """The mapping holding the dotted key in `layer` (None if the layer has no such section), and the key's name."""
+    section, _, name = dotted.rpartition(".")
+    parent = OmegaConf.select(layer, section, default=None) if section else layer
+    return (parent if isinstance(parent, DictConfig) else None), name
+
+
+def _renamed_value(layer: DictConfig, dotted: str) -> str | None:
+    """The old value (RENAMED_VALUES) that `layer` sets `dotted` to, else None."""
+    parent, name = _section_of(layer, dotted)
+    if parent is None or name not in parent or OmegaConf.is_interpolation(parent, name):
+        return None
+    value = parent[name]
+    return value if isinstance(value, str) and value in RENAMED_VALUES[dotted] else None
+
+
 def _refuse_renamed(layer: DictConfig, where: str) -> None:
     policy = layer.get("policy")
     renamed = [key for key in policy if key in RENAMED_POLICY_KEYS] if isinstance(policy, DictConfig) else []
@@ -957,11 +995,32 @@ def _refuse_renamed(layer: DictConfig, where: str) -> None:
         instead = " or ".join(f"policy.{new}" for new in RENAMED_POLICY_KEYS[key].values())
         raise ConfigError(f"{where}: key 'policy.{key}' was renamed (each algorithm has its own section): "
                           f"did you mean {instead}?")
+    for old, new in RENAMED_KEYS.items():
+        parent, name = _section_of(layer, old)
+        if parent is not None and name in parent:
+            raise ConfigError(f"{where}: key '{old}' was renamed: did you mean {new}?")
+    for key, values in RENAMED_VALUES.items():
+        value = _renamed_value(layer, key)
+        if value is not None:
+            raise ConfigError(f"{where}: key '{key}': the value '{value}' was renamed: did you mean "
+                              f"{key}={values[value]}?")
 
 
 def _upgrade_renamed(layer: DictConfig) -> None:
-    """Move a run's flat policy keys into the section of its policy.kind (the other kinds never read them; a
-    key that none of the run's kind reads goes to the first section that has it)."""
+    """Move a run's renamed keys (RENAMED_KEYS) and values (RENAMED_VALUES) to their new names, and its flat
+    policy keys into the section of its policy.kind (the other kinds never read them; a key that none of the
+    run's kind reads goes to the first section that has it)."""
+    for old, new in RENAMED_KEYS.items():
+        parent, name = _section_of(layer, old)
+        if parent is not None and name in parent:
+            new_parent, new_name = _section_of(layer, new)
+            value = parent.pop(name)
+            if new_parent is None or new_name not in new_parent:  # a config with both: the new name's value
+                OmegaConf.update(layer, new, value, merge=False)
+    for key, values in RENAMED_VALUES.items():
+        value = _renamed_value(layer, key)
+        if value is not None:
+            OmegaConf.update(layer, key, values[value], merge=False)
     policy = layer.get("policy")
     if not isinstance(policy, DictConfig):
         return
@@ -995,8 +1054,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """`load_config` of a run folder's config.yaml (what `save_config` wrote): a config that an earlier illume
-    wrote with keys renamed since is read with them moved to their new place (RENAMED_POLICY_KEYS), so a
-    run started before a rename continues and exports."""
+    wrote with keys or values renamed since is read with them moved to their new place (RENAMED_POLICY_KEYS,
+    RENAMED_KEYS, RENAMED_VALUES: `critic.kind: human` is read as `person`), so a run started before a rename
+    continues and exports."""
     return _load(path, overrides, upgrade=True)
 
 

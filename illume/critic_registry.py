@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from illume.config import ConfigError, RunConfig
-from illume.critics import Critic, human_critic, simulated_critic
+from illume.critics import Critic, person_critic, simulated_critic
 from reward.critic import HybridCritic, RewardCritic, check_critique_order
 from reward.fitted import check_reward_checkpoint
 from reward.judge import JudgeCritic
 
 CRITICS: dict[str, Callable[[RunConfig], Critic]] = {
     "simulated": simulated_critic,
-    "human": human_critic,
+    "person": person_critic,
     "reward": RewardCritic,
     "hybrid": HybridCritic,
     "judge": JudgeCritic,

@@ -1,6 +1,7 @@
 """Critics: who decides which candidate rationales are acceptable, behind one interface.
 
-A critic gets one round's candidate sets (`CritiqueContext`) and puts its judgments into the feedback store;
+A critic gets one round's candidate sets (`CritiqueContext`) and puts its judgments (`NewJudgment`s, accepted
+candidates by text) into the feedback store (`FeedbackStore.add_judgments`);
 `review` says whether the round is judged (False: people have not finished and the run should stop and be
 continued later). The loop calls `review` on every process and uses rank 0's answer; a critic that only
 one process may run (a person, the simulated critic) works on rank 0. Each critic is created from the run
@@ -8,7 +9,7 @@ config by `illume.critic_registry.CRITICS[critic.kind]`, and the loop asks nothi
 
 Here: the simulated critic standing in for people, as in the paper's experiments (it accepts a candidate
 whose score against any single reference explanation reaches a threshold, ROUGE-L >= 0.7), and people
-(`human`) in the annotation page (the loop waits on the store, or stops and resumes) or in the terminal. The
+(`person`) in the annotation page (the loop waits on the store, or stops and resumes) or in the terminal. The
 reward-model critics (reward, hybrid) are in `reward.critic`.
 """
 
@@ -28,23 +29,11 @@ from illume.config import CriticConfig, RunConfig
 from illume.data.records import CandidateSet, Example
 from illume.feedback.queue import AnnotationQueue
 from illume.feedback.store import FeedbackStore
+from illume.feedback.writes import NewJudgment
 from illume.metrics.caption_scores import caption_scores, rouge_l_per_item
 
 CRITIQUE_CHUNK = 100
 """Judgments stored per transaction by the simulated critic: a kill loses at most the chunk under way."""
-
-
-@dataclass
-class Review:
-    """One critic's verdict on one item (an example's candidate set in a round)."""
-
-    example_id: str
-    accepted: list[int]
-    """Indices into the candidate set's `candidates` that are accepted."""
-    none_fit: bool
-    """True when no candidate is acceptable."""
-    seconds: float | None = None
-    """Time the critic spent (people only)."""
 
 
 @dataclass
@@ -81,7 +70,7 @@ class Critic(Protocol):
 
 
 class PeopleCritic(Protocol):
-    """A critic standing for people (`PEOPLE_CRITICS`: simulated, human), which a model critic (reward model,
+    """A critic standing for people (`PEOPLE_CRITICS`: simulated, person), which a model critic (reward model,
     hybrid, AI judge) hands the items it leaves: what it hands over is the `order` argument, nothing shared."""
 
     def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
@@ -89,14 +78,6 @@ class PeopleCritic(Protocol):
         to hand them out (it chose them: `reward.critic`); None: every item no model decided, in
         `annotate.order` (`left_for_people`)."""
         ...
-
-
-def store_reviews(context: CritiqueContext, reviews: Sequence[Review], annotator: str, kind: str) -> int:
-    """Store reviews of the round's items as `annotator`'s judgments (one transaction); returns how many."""
-    sets = context.sets
-    return context.store.add_judgments(context.round_idx, [
-        (r.example_id, [sets[r.example_id].candidates[i].text for i in r.accepted], r.none_fit, r.seconds)
-        for r in reviews], annotator, "train", kind=kind)
 
 
 def order_items(order: str, example_ids: Sequence[str], seed: int, round_idx: int,
@@ -186,17 +167,17 @@ class SimulatedCritic:
         self.cfg = cfg
         self.annotator = f"simulated:{cfg.metric}>={cfg.threshold:g}"
 
-    def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
-        """The verdicts on these candidate sets (nothing is stored)."""
+    def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[NewJudgment]:
+        """The judgments of these candidate sets, accepted candidates by text (nothing is stored)."""
         missing = [cs.example_id for cs in candidate_sets if not examples_by_id[cs.example_id].explanations]
         if missing:
             raise ValueError(f"the simulated critic needs reference explanations; {len(missing)} examples have "
                              f"none, e.g. {missing[:3]}")
-        reviews = []
+        judgments = []
         for cs, scores in zip(candidate_sets, candidate_scores(candidate_sets, examples_by_id, self.cfg.metric)):
-            accepted = [i for i, score in enumerate(scores) if score >= self.cfg.threshold]
-            reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
-        return reviews
+            accepted = [c.text for c, score in zip(cs.candidates, scores) if score >= self.cfg.threshold]
+            judgments.append(NewJudgment(cs.example_id, accepted, none_fit=not accepted))
+        return judgments
 
     def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
         if not distributed.is_main():
@@ -204,13 +185,13 @@ class SimulatedCritic:
         todo = left_for_people(context, self.annotator, order)
         for start in tqdm(range(0, len(todo), CRITIQUE_CHUNK), desc=f"critique ({self.annotator})", unit="chunk",
                           disable=not todo):
-            store_reviews(context, self.decide(todo[start:start + CRITIQUE_CHUNK], context.examples_by_id),
-                          self.annotator, self.kind)
+            judgments = self.decide(todo[start:start + CRITIQUE_CHUNK], context.examples_by_id)
+            context.store.add_judgments(context.round_idx, judgments, self.annotator, kind=self.kind)
         return True
 
 
 class TerminalCritic:
-    """critic.kind=human, critic.ui=terminal: a person judging in the terminal (for work over SSH): the image
+    """critic.kind=person, critic.ui=terminal: a person judging in the terminal (for work over SSH): the image
     path, the question, the answer and the numbered candidates; they type the numbers they accept, or 0 for
     none. Each judgment is stored as it is made: a person's work is never lost to a crash or Ctrl-C."""
 
@@ -226,7 +207,7 @@ class TerminalCritic:
         if not self.annotator:
             raise ValueError("an annotator name is needed to record judgments")
 
-    def review_one(self, cs: CandidateSet, example: Example, image_path: str | None = None) -> Review:
+    def review_one(self, cs: CandidateSet, example: Example, image_path: str | None = None) -> NewJudgment:
         from rich.markup import escape
 
         self.console.rule(f"item {escape(cs.example_id)}")
@@ -245,9 +226,10 @@ class TerminalCritic:
                 self.console.print("type numbers separated by spaces")
                 continue
             if numbers == [0]:
-                return Review(cs.example_id, [], True, time.monotonic() - start)
+                return NewJudgment(cs.example_id, [], True, time.monotonic() - start)
             if numbers and all(1 <= n <= len(cs.candidates) for n in numbers):
-                return Review(cs.example_id, [n - 1 for n in numbers], False, time.monotonic() - start)
+                return NewJudgment(cs.example_id, [cs.candidates[n - 1].text for n in numbers], False,
+                                   time.monotonic() - start)
             self.console.print(f"numbers must be 1..{len(cs.candidates)}, or 0 alone")
 
     def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
@@ -255,13 +237,13 @@ class TerminalCritic:
             return True
         todo = left_for_people(context, self.annotator, order)
         for cs in tqdm(todo, desc=f"critique ({self.annotator})", unit="item", disable=not todo):
-            review = self.review_one(cs, context.examples_by_id[cs.example_id], context.image_path(cs.example_id))
-            store_reviews(context, [review], self.annotator, self.kind)
+            judgment = self.review_one(cs, context.examples_by_id[cs.example_id], context.image_path(cs.example_id))
+            context.store.add_judgments(context.round_idx, [judgment], self.annotator, kind=self.kind)
         return True
 
 
 class WebCritic:
-    """critic.kind=human, critic.ui=web: people judge in the annotation page (`illume annotate RUN_DIR`); the
+    """critic.kind=person, critic.ui=web: people judge in the annotation page (`illume annotate RUN_DIR`); the
     loop waits until every item of the round has `annotate.annotations_per_item` judgments, or (critic.wait
     false) stops, to be continued by running the same command again."""
 
@@ -306,7 +288,7 @@ def _progress_metrics(progress: dict[str, int]) -> dict[str, float]:
             "annotation/complete_items": progress["complete_items"], "annotation/items": progress["items"]}
 
 
-HUMAN_UIS: dict[str, Callable[[RunConfig], Critic]] = {
+PERSON_UIS: dict[str, Callable[[RunConfig], Critic]] = {
     "web": WebCritic,
     "terminal": lambda cfg: TerminalCritic(cfg.critic),
 }
@@ -317,9 +299,9 @@ def simulated_critic(cfg: RunConfig) -> Critic:
     return SimulatedCritic(cfg.critic)
 
 
-def human_critic(cfg: RunConfig) -> Critic:
-    return HUMAN_UIS[cfg.critic.ui](cfg)
+def person_critic(cfg: RunConfig) -> Critic:
+    return PERSON_UIS[cfg.critic.ui](cfg)
 
 
-PEOPLE_CRITICS: dict[str, Callable[[RunConfig], PeopleCritic]] = {"simulated": simulated_critic, "human": human_critic}
-"""critic.people -> who judges what a reward-model critic leaves to people."""
+PEOPLE_CRITICS: dict[str, Callable[[RunConfig], PeopleCritic]] = {"simulated": simulated_critic, "person": person_critic}
+"""critic.people_kind -> who judges what a reward-model critic leaves to people."""

@@ -35,8 +35,8 @@ from PIL import Image
 from rich.table import Table
 
 from illume.config import RunConfig, load_run_config
-from illume.data.datasets import SPLITS, DatasetError, load_split
-from illume.data.records import Example, load_image
+from illume.data.datasets import DatasetError, load_split
+from illume.data.records import SPLITS, Example, load_image
 from illume.exports import ExportError, store_for_run
 from illume.feedback.verdicts import read_feedback
 from illume.loading import load_vlm, model_identity

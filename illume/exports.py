@@ -58,7 +58,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from illume.feedback.reads import JudgedItem, JudgmentInfo
+from illume.feedback.reads import JudgedItem, Judgment
 from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import AGGREGATES, DEFAULT_AGGREGATE, Feedback
 from illume.prompts import ChatStyle
@@ -84,7 +84,7 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat()
 
 
-def _provenance(judgments: Iterable[JudgmentInfo]) -> dict[str, list[str]]:
+def _provenance(judgments: Iterable[Judgment]) -> dict[str, list[str]]:
     """Parallel `annotators` / `created_at` lists of distinct judgments, oldest first."""
     unique = sorted({j.id: j for j in judgments}.values(), key=lambda j: (j.created_at, j.id))
     return {"annotators": [j.annotator for j in unique], "created_at": [_iso(j.created_at) for j in unique]}

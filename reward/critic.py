@@ -1,13 +1,13 @@
 """The reward model as a critic: critic.kind=reward (it judges every item) and hybrid (the items it is sure of).
 
-Per round, from round `reward.human_rounds` on:
+Per round, from round `reward.people_rounds` on:
 - **Its reward model** is the one fitted on people's judgments of the earlier rounds, or reused, or the saved
   `reward.checkpoint`: `reward.fitted.reward_model_on(cfg, round - 1, ...)`, where GRPO gets its own too.
 - **Judge.** Every process fits (together, through the Trainer) and scores identically; rank 0 stores the
   verdicts under the annotator "reward:<kind>" of kind "reward". Items already judged this round (a resumed
   run, people on the annotation page meanwhile) are left alone.
-- **People for the rest.** `critic.people` (the simulated critic standing in for them, or real people)
-  judges what the reward model left: everything in rounds before `reward.human_rounds`, the items it was not
+- **People for the rest.** `critic.people_kind` (the simulated critic standing in for them, or real people)
+  judges what the reward model left: everything in rounds before `reward.people_rounds`, the items it was not
   sure of (hybrid: a candidate within `reward.hybrid_band` of the threshold), or with
   `annotate.budget_per_round: N` (hybrid) the first N items in `annotate.order` (`uncertainty`: the least
   certain by `reward.uncertainty.UNCERTAINTY`; `random`: a seeded draw; `stored`: the first N sampled), less
@@ -29,12 +29,11 @@ from illume.config import ConfigError, RunConfig
 from illume.critics import (
     PEOPLE_CRITICS,
     CritiqueContext,
-    Review,
     SimulatedCritic,
     order_items,
-    store_reviews,
 )
 from illume.data.records import CandidateSet, Example
+from illume.feedback.writes import NewJudgment
 from reward.fitted import learn_from, reward_model_on
 from reward.uncertainty import UNCERTAINTY
 
@@ -59,13 +58,13 @@ class RewardDecider:
         """Whether the item is the model's to decide: every candidate at least `band` from the threshold."""
         return self.band is None or all(abs(s - self.threshold) >= self.band for s in scores)
 
-    def review(self, example_id: str, scores: Sequence[float]) -> Review:
-        """The model's verdict on one item from its candidates' scores."""
-        accepted = [i for i, s in enumerate(scores) if s >= self.threshold]
-        return Review(example_id, accepted, none_fit=not accepted)
+    def decide_item(self, cs: CandidateSet, scores: Sequence[float]) -> NewJudgment:
+        """The model's judgment of one item from its candidates' scores (accepted candidates by text)."""
+        accepted = [c.text for c, s in zip(cs.candidates, scores) if s >= self.threshold]
+        return NewJudgment(cs.example_id, accepted, none_fit=not accepted)
 
-    def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[Review]:
-        return [self.review(cs.example_id, scores)
+    def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[NewJudgment]:
+        return [self.decide_item(cs, scores)
                 for cs, scores in zip(candidate_sets, self.scores(candidate_sets, examples_by_id))
                 if self.confident(scores)]  # the others: not confident, people decide them
 
@@ -92,22 +91,22 @@ def check_critique_order(cfg: RunConfig) -> None:
 
 
 class RewardCritic:
-    """critic.kind=reward: the reward model judges every item from round `reward.human_rounds` on; people
-    (`critic.people`) judge the rounds before."""
+    """critic.kind=reward: the reward model judges every item from round `reward.people_rounds` on; people
+    (`critic.people_kind`) judge the rounds before."""
 
     kind = "reward"
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.annotator = f"reward:{cfg.critic.kind}"
-        self.people = PEOPLE_CRITICS[cfg.critic.people](cfg)
+        self.people = PEOPLE_CRITICS[cfg.critic.people_kind](cfg)
 
     def band(self) -> float | None:
         """Distance from the threshold within which an item goes to people (None: the model decides all)."""
         return None
 
     def review(self, context: CritiqueContext) -> bool:
-        if context.round_idx < self.cfg.reward.human_rounds:
+        if context.round_idx < self.cfg.reward.people_rounds:
             return self.people.review(context)
         report, people_order = self._critique(context)
         context.report.update(report)
@@ -125,9 +124,9 @@ class RewardCritic:
             {item.example_id: any(j.annotator_kind in cfg.feedback.people for j in item.judgments)
              for item in store.judged_items("train", round_idx=round_idx)})
         todo = [cs for example_id, cs in sets.items() if example_id not in judged]
-        reviews, people_order, split_report = self._split(context, decider, todo, sum(judged.values()))
+        judgments, people_order, split_report = self._split(context, decider, todo, sum(judged.values()))
         if distributed.is_main():
-            store_reviews(context, reviews, self.annotator, self.kind)
+            store.add_judgments(round_idx, judgments, self.annotator, kind=self.kind)
         distributed.barrier()  # the others read these judgments below
         decided_by_models = sum(any(j.annotator_kind not in cfg.feedback.people for j in item.judgments)
                                 for item in store.judged_items("train", round_idx=round_idx))
@@ -136,24 +135,24 @@ class RewardCritic:
                   "rm_decided_items": decided_by_models, **split_report}
         # Where the references are known (the demo), say how the reward model's decisions compare with the
         # simulated critic's: the achieved precision and recall of its accepts.
-        decided_ids = {r.example_id for r in reviews}
+        decided_ids = {j.example_id for j in judgments}
         decided = [cs for cs in todo if cs.example_id in decided_ids]
         if decided and all(context.examples_by_id[cs.example_id].explanations for cs in decided):
             oracle = SimulatedCritic(cfg.critic).decide(decided, context.examples_by_id)
-            by_id = {r.example_id: r for r in reviews}
-            pairs = [(i in set(by_id[o.example_id].accepted), i in set(o.accepted))
-                     for o in oracle for i in range(len(sets[o.example_id].candidates))]
+            by_id = {j.example_id: set(j.accepted) for j in judgments}
+            pairs = [(c.text in by_id[o.example_id], c.text in set(o.accepted))
+                     for o in oracle for c in sets[o.example_id].candidates]
             true_pos = sum(rm and ref for rm, ref in pairs)
             report["rm_precision_vs_simulated"] = true_pos / max(1, sum(rm for rm, _ in pairs))
             report["rm_recall_vs_simulated"] = true_pos / max(1, sum(ref for _, ref in pairs))
         return report, people_order
 
     def _split(self, context: CritiqueContext, decider: RewardDecider, todo: list[CandidateSet],
-               num_by_people: int) -> tuple[list[Review], list[str] | None, dict]:
+               num_by_people: int) -> tuple[list[NewJudgment], list[str] | None, dict]:
         """Which of the items nobody judged yet the reward model decides and which go to people.
 
         Returns:
-            (the model's reviews; the people's items in hand-out order, None when the order is today's (no
+            (the model's judgments; the people's items in hand-out order, None when the order is today's (no
             budget, `annotate.order: stored`); report keys for such runs, see the module doc).
         """
         cfg, round_idx = self.cfg, context.round_idx
@@ -173,19 +172,19 @@ class RewardCritic:
             people = {cs.example_id for cs, item_scores in zip(todo, scores) if not decider.confident(item_scores)}
         else:  # the first items in annotate.order, up to what people have left of the round's budget
             people = set(ordered[:max(0, budget - num_by_people)])
-        reviews = [decider.review(cs.example_id, item_scores) for cs, item_scores in zip(todo, scores)
-                   if cs.example_id not in people]
+        judgments = [decider.decide_item(cs, item_scores) for cs, item_scores in zip(todo, scores)
+                     if cs.example_id not in people]
         if budget is None and order == "stored":
-            return reviews, None, {}  # today's behaviour: results.json of such runs is unchanged
+            return judgments, None, {}  # today's behaviour: results.json of such runs is unchanged
         people_order = [example_id for example_id in ordered if example_id in people]
         report = {"people_items": len(people)}
         people_sets = [cs for cs in todo if cs.example_id in people]
         if people_sets and all(context.examples_by_id[cs.example_id].explanations for cs in people_sets):
-            model = {cs.example_id: decider.review(cs.example_id, item_scores).accepted
+            model = {cs.example_id: decider.decide_item(cs, item_scores).accepted
                      for cs, item_scores in zip(todo, scores) if cs.example_id in people}
             oracle = SimulatedCritic(cfg.critic).decide(people_sets, context.examples_by_id)
             report["people_items_rm_wrong"] = sum(model[o.example_id] != o.accepted for o in oracle) / len(oracle)
-        return reviews, people_order, report
+        return judgments, people_order, report
 
 
 class HybridCritic(RewardCritic):

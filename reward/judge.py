@@ -14,7 +14,7 @@ rounds when there are any (the kinds in `feedback.people`, the judge's own left 
 precision reaches `judge.target_precision`, as the reward model's), else `judge.threshold`. The verdicts are
 stored under the annotator "judge:<method>" of kind "judge": they count as people's only where
 `feedback.people` lists "judge", and the reward model learns from them where `reward.learn_from` (or
-`feedback.people`) does. Rounds before `judge.human_rounds` are judged by `critic.people`.
+`feedback.people`) does. Rounds before `judge.people_rounds` are judged by `critic.people_kind`.
 
 The judge runs on rank 0 (nothing it does is collective); the round's row of results.json gets
 `judge_threshold`, `judge_threshold_from` ("people" or "config"), `judge_judged_items`,
@@ -31,9 +31,10 @@ import torch
 
 from illume import distributed
 from illume.config import RunConfig
-from illume.critics import PEOPLE_CRITICS, CritiqueContext, Review, SimulatedCritic, store_reviews
+from illume.critics import PEOPLE_CRITICS, CritiqueContext, SimulatedCritic
 from illume.data.records import CandidateSet, Example, load_image
 from illume.feedback.verdicts import read_feedback
+from illume.feedback.writes import NewJudgment
 from illume.status import krippendorff_alpha_nominal
 
 JUDGE_KIND = "judge"
@@ -136,13 +137,13 @@ def load_judge_vlm(cfg: RunConfig):
     return load_vlm(judge_cfg, device)
 
 
-def agreement(judge_reviews: Sequence[Review], oracle_reviews: Sequence[Review],
+def agreement(judge_judgments: Sequence[NewJudgment], oracle_judgments: Sequence[NewJudgment],
               sets: dict[str, CandidateSet]) -> dict:
     """Precision and recall of the judge's accepts against the oracle's, and Krippendorff's alpha, per
     candidate (alpha None when undefined: every candidate got the same verdict)."""
-    by_id = {r.example_id: set(r.accepted) for r in judge_reviews}
-    pairs = [(i in by_id[o.example_id], i in set(o.accepted))
-             for o in oracle_reviews for i in range(len(sets[o.example_id].candidates))]
+    by_id = {j.example_id: set(j.accepted) for j in judge_judgments}
+    pairs = [(c.text in by_id[o.example_id], c.text in set(o.accepted))
+             for o in oracle_judgments for c in sets[o.example_id].candidates]
     true_pos = sum(j and ref for j, ref in pairs)
     return {"judge_precision_vs_simulated": true_pos / max(1, sum(j for j, _ in pairs)),
             "judge_recall_vs_simulated": true_pos / max(1, sum(ref for _, ref in pairs)),
@@ -150,15 +151,15 @@ def agreement(judge_reviews: Sequence[Review], oracle_reviews: Sequence[Review],
 
 
 class JudgeCritic:
-    """critic.kind=judge: an AI judge decides every item from round `judge.human_rounds` on; people
-    (`critic.people`) judge the rounds before."""
+    """critic.kind=judge: an AI judge decides every item from round `judge.people_rounds` on; people
+    (`critic.people_kind`) judge the rounds before."""
 
     kind = JUDGE_KIND
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.annotator = f"judge:{cfg.judge.method}"
-        self.people = PEOPLE_CRITICS[cfg.critic.people](cfg)
+        self.people = PEOPLE_CRITICS[cfg.critic.people_kind](cfg)
         self._judge: Judge | None = None
 
     @property
@@ -196,17 +197,17 @@ class JudgeCritic:
         return calibrate_threshold(scores, labels, judge_cfg.target_precision), "people"
 
     def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example],
-               threshold: float) -> list[Review]:
+               threshold: float) -> list[NewJudgment]:
         items = [(examples_by_id[cs.example_id], cs.answer, [c.text for c in cs.candidates])
                  for cs in candidate_sets]
-        reviews = []
+        judgments = []
         for cs, scores in zip(candidate_sets, self.judge.score(items)):
-            accepted = [i for i, s in enumerate(scores) if s >= threshold]
-            reviews.append(Review(cs.example_id, accepted, none_fit=not accepted))
-        return reviews
+            accepted = [c.text for c, s in zip(cs.candidates, scores) if s >= threshold]
+            judgments.append(NewJudgment(cs.example_id, accepted, none_fit=not accepted))
+        return judgments
 
     def review(self, context: CritiqueContext) -> bool:
-        if context.round_idx < self.cfg.judge.human_rounds:
+        if context.round_idx < self.cfg.judge.people_rounds:
             return self.people.review(context)
         if not distributed.is_main():
             return True
@@ -214,15 +215,15 @@ class JudgeCritic:
         threshold, source = self.threshold(context)
         judged = {item.example_id for item in store.judged_items("train", round_idx=round_idx)}
         todo = [cs for example_id, cs in sets.items() if example_id not in judged]
-        reviews = self.decide(todo, context.examples_by_id, threshold) if todo else []
-        store_reviews(context, reviews, self.annotator, self.kind)
+        judgments = self.decide(todo, context.examples_by_id, threshold) if todo else []
+        store.add_judgments(round_idx, judgments, self.annotator, kind=self.kind)
         report = {"judge_threshold": threshold, "judge_threshold_from": source,
-                  "judge_judged_items": len(reviews),
-                  "judge_accepted_candidates": sum(len(r.accepted) for r in reviews)}
+                  "judge_judged_items": len(judgments),
+                  "judge_accepted_candidates": sum(len(j.accepted) for j in judgments)}
         decided = [cs for cs in todo if context.examples_by_id[cs.example_id].explanations]
         if decided and len(decided) == len(todo):
             oracle = SimulatedCritic(self.cfg.critic).decide(decided, context.examples_by_id)
-            report.update(agreement(reviews, oracle, sets))
+            report.update(agreement(judgments, oracle, sets))
         context.report.update(report)
         return True
 

@@ -74,7 +74,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return loss
 
 
-class PairsDataset(torch.utils.data.Dataset):
+class RewardPairsDataset(torch.utils.data.Dataset):
     """Both rationales of each pair as scored rows (`encode_scored_rows`), each (example, prompt)'s image
     processed once and shared by its rows."""
 
@@ -169,7 +169,7 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
         rm = RewardModel(base, seed=cfg.seed, pooling=pooling)
     rm.backbone_id = backbone_id
     rm.train()
-    dataset = PairsDataset(rm, pairs_train, examples_by_id)
+    dataset = RewardPairsDataset(rm, pairs_train, examples_by_id)
     record = _RecordHeldout(rm, pairs_eval, examples_by_id)
     args = trainer_arguments(
         out_dir, seed=cfg.seed, report=report, num_train_epochs=cfg.num_epochs, per_device_train_batch_size=cfg.batch_size,

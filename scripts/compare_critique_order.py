@@ -7,7 +7,7 @@ items per round for people, chosen in random order or by the reward model's unce
 Per seed (scripts/compare.py `seed_overrides`; the study's data.shapes.num_test_scenes=500 too, so that a band
 run of the study is the same run):
 1. `band`: configs/demo_hybrid.yaml as it is (reward.hybrid_band). Its people-judged items per round from
-   reward.human_rounds on set the budget N = their mean, rounded (or --budget N).
+   reward.people_rounds on set the budget N = their mean, rounded (or --budget N).
 2. `budgetN-random` and `budgetN-uncertainty`: the same with annotate.budget_per_round=N and annotate.order=
    random | uncertainty (reward.uncertainty=ensemble, its default), so people judge (about) as many items.
 Then it prints a markdown table: val CIDEr per round and final, judgments by people (total and per round) and,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.run and not args.band_dir:  # a finished run is only read again (`illume run` resumes)
             run_all([command(band_dir.parent, band_dir.name, seed, [])], 1, args.out)
         band = json.loads((band_dir / "results.json").read_text())
-        first = load_run_config(band_dir / "config.yaml").reward.human_rounds  # the rounds all judged by people
+        first = load_run_config(band_dir / "config.yaml").reward.people_rounds  # the rounds all judged by people
         per_round = people_per_round(band)[first:]
         budget = args.budget if args.budget is not None else round(sum(per_round) / len(per_round))
         names = {order: f"budget{budget}-{order}__seed{seed}" for order in ORDERS}

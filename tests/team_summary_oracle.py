@@ -23,11 +23,11 @@ from illume.feedback.agreement import (
     _Tally,
     _tally,
 )
-from illume.feedback.reads import JudgedItem, JudgmentInfo
+from illume.feedback.reads import JudgedItem, Judgment
 from illume.feedback.verdicts import PEOPLE
 
 
-def _last_activity(judgment: JudgmentInfo) -> datetime:
+def _last_activity(judgment: Judgment) -> datetime:
     return max(judgment.created_at, judgment.updated_at or judgment.created_at)
 
 
@@ -42,7 +42,7 @@ class _AnnotatorStats:
     seconds: list[float] = field(default_factory=list)
     last: datetime | None = None
 
-    def add(self, judgment: JudgmentInfo) -> None:
+    def add(self, judgment: Judgment) -> None:
         self.items += 1
         self.none_fit += bool(judgment.none_fit)
         self.shown += len(judgment.decisions)

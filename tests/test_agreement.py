@@ -310,7 +310,7 @@ def test_reward_vs_people(team):
 
 
 def test_a_judgment_without_a_correction_attribute_still_works(team):
-    """JudgmentInfo from before `correction` existed (or built elsewhere) has no such attribute."""
+    """A Judgment from before `correction` existed (or built elsewhere) has no such attribute."""
     store, _ = team
 
     @dataclasses.dataclass(frozen=True)

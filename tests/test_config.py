@@ -311,3 +311,66 @@ def test_a_run_folder_written_before_the_rename_loads_and_resumes_unchanged(tmp_
     # A user's own file with the old keys is refused, not moved.
     with pytest.raises(ConfigError, match="was renamed"):
         load_config(tmp_path / "config.yaml")
+
+
+# --- one word per thing (issue 26): people are `person`; renamed keys and values ------------------------------
+
+
+def test_the_renamed_keys_name_todays_keys():
+    """Every old key is gone from RunConfig and its new name is there; every renamed value's key is today's."""
+    from illume.config import RENAMED_KEYS, RENAMED_VALUES
+
+    known = set(dotted_keys(asdict(RunConfig())))
+    assert not set(RENAMED_KEYS) & known and set(RENAMED_KEYS.values()) <= known
+    assert set(RENAMED_VALUES) <= known
+
+
+@pytest.mark.parametrize("override, message", [
+    ("critic.kind=human", r"key 'critic\.kind': the value 'human' was renamed: did you mean critic\.kind=person\?"),
+    ("critic.people_kind=human",
+     r"key 'critic\.people_kind': the value 'human' was renamed: did you mean critic\.people_kind=person\?"),
+    ("critic.people=simulated", r"key 'critic\.people' was renamed: did you mean critic\.people_kind\?"),
+    ("reward.human_rounds=2", r"key 'reward\.human_rounds' was renamed: did you mean reward\.people_rounds\?"),
+    ("judge.human_rounds=0", r"key 'judge\.human_rounds' was renamed: did you mean judge\.people_rounds\?"),
+])
+def test_an_old_name_in_a_new_config_is_refused_with_the_new_one(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=rf"overrides .*{message}"):
+        load_config(CONFIGS / "demo.yaml", [override])
+    key, value = override.split("=")
+    section, name = key.split(".")
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"base: {CONFIGS / 'demo.yaml'}\n{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"mine\.yaml: {message}"):
+        load_config(path)
+
+
+def test_a_run_folder_with_human_critics_loads_with_person_and_resumes_unchanged(tmp_path):
+    """A run's config.yaml that illume wrote before people were `person` everywhere (critic.kind: human,
+    critic.people: human, *.human_rounds) is read with today's names and values, and today's config with the new
+    names counts as the same run; the same file given as a new config is refused."""
+    from omegaconf import OmegaConf
+
+    from illume.config import load_run_config
+    from illume.resume import setting_changes
+
+    save_config(load_config(CONFIGS / "demo.yaml"), tmp_path / "config.yaml")
+    saved = OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"))
+    saved["critic"]["kind"] = "human"
+    saved["critic"]["people"] = saved["critic"].pop("people_kind")
+    saved["critic"]["people"] = "human"
+    saved["reward"]["human_rounds"] = saved["reward"].pop("people_rounds") + 1
+    saved["judge"]["human_rounds"] = saved["judge"].pop("people_rounds") + 3
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+
+    old = load_run_config(tmp_path / "config.yaml")
+    assert (old.critic.kind, old.critic.people_kind) == ("person", "person")
+    assert (old.reward.people_rounds, old.judge.people_rounds) == (2, 3)
+    today = load_config(CONFIGS / "demo.yaml", ["critic.kind=person", "critic.people_kind=person",
+                                                "reward.people_rounds=2", "judge.people_rounds=3"])
+    assert setting_changes(old, today, finished_rounds=1) == {}
+    # A run that kept a simulated critic keeps it.
+    saved["critic"]["kind"], saved["critic"]["people"] = "simulated", "simulated"
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    assert (load_run_config(tmp_path / "config.yaml").critic.people_kind) == "simulated"
+    with pytest.raises(ConfigError, match="was renamed"):
+        load_config(tmp_path / "config.yaml")

@@ -10,7 +10,8 @@ from functools import partial
 
 import pytest
 
-from illume.critics import CritiqueContext, Review, store_reviews
+from illume.critics import CritiqueContext
+from illume.feedback.writes import NewJudgment
 from tests.conftest import REPO, tiny_overrides
 from tests.test_policies import _toy_policy
 
@@ -25,10 +26,10 @@ class FirstCandidateJudge:
 
     def review(self, context: CritiqueContext) -> bool:
         self.seen.append(context.round_idx)
-        reviews = [Review(example_id, [0] if cs.candidates else [], not cs.candidates)
-                   for example_id, cs in context.sets.items()]
-        store_reviews(context, reviews, self.annotator, self.kind)
-        context.report["judge_items"] = len(reviews)
+        judgments = [NewJudgment(example_id, [cs.candidates[0].text] if cs.candidates else [], not cs.candidates)
+                     for example_id, cs in context.sets.items()]
+        context.store.add_judgments(context.round_idx, judgments, self.annotator, kind=self.kind)
+        context.report["judge_items"] = len(judgments)
         return True
 
 
@@ -62,5 +63,5 @@ def test_an_unknown_critic_kind_fails_before_any_work(tmp_path, capsys):
 
     assert main(["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), "critic.kind=oracle"]) == 2
     err = capsys.readouterr().err
-    assert "critic.kind" in err and "oracle" in err and "'simulated', 'human', 'reward', 'hybrid', 'judge'" in err
+    assert "critic.kind" in err and "oracle" in err and "'simulated', 'person', 'reward', 'hybrid', 'judge'" in err
     assert not (tmp_path / "runs" / "demo").exists()

@@ -287,7 +287,7 @@ def test_the_loop_runs_grpo_with_the_reward_model_each_round(tmp_path):
     saved = json.loads((run / "reward" / "round_01" / "reward_model.json").read_text())
     assert saved["backbone"] == model_identity(load_config(run / "config.yaml"))
     # ... so another run on the same base model can use it as reward.checkpoint, with no people at all ...
-    again = overrides[:-1] + ["name=grpo_checkpoint", "loop.num_rounds=1", "reward.human_rounds=0",
+    again = overrides[:-1] + ["name=grpo_checkpoint", "loop.num_rounds=1", "reward.people_rounds=0",
                               f"reward.checkpoint={run / 'reward' / 'round_01'}"]
     assert main(["run", str(REPO / "configs" / "demo_grpo.yaml"), *again]) == 0
     row = json.loads((tmp_path / "runs" / "grpo_checkpoint" / "results.json").read_text())[1]

@@ -9,7 +9,7 @@ import torch
 
 from illume.cli import main
 from illume.config import ConfigError, FeedbackConfig, load_config
-from illume.critics import CritiqueContext, SimulatedCritic, store_reviews
+from illume.critics import CritiqueContext, SimulatedCritic
 from illume.data.datasets import load_split
 from illume.data.records import Candidate, CandidateSet, load_image
 from illume.data.shapes import vocabulary
@@ -129,9 +129,8 @@ def test_judge_verdicts_are_the_judges_and_count_as_people_only_if_configured(tm
     with FeedbackStore(tmp_path / "feedback.db") as store:
         # Round 0 judged by people (the simulated critic): the threshold of round 1 is calibrated on them.
         sets0 = _store_round(store, 0, examples)
-        context0 = CritiqueContext(cfg, store, 0, sets0, by_id, say=lambda _: None)
-        store_reviews(context0, SimulatedCritic(cfg.critic).decide(list(sets0.values()), by_id),
-                      "simulated:rouge_l>=0.7", "simulated")
+        store.add_judgments(0, SimulatedCritic(cfg.critic).decide(list(sets0.values()), by_id),
+                            "simulated:rouge_l>=0.7", kind="simulated")
         critic = JudgeCritic(cfg)
         critic._judge = _FakeJudge(table)
         sets1 = _store_round(store, 1, examples)

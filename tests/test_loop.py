@@ -111,7 +111,7 @@ def test_malformed_dataset_fails_with_file_and_row_named(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_human_web_critic_stops_waiting_then_continues_from_the_store(tmp_path, capsys):
-    args = ["run", *_config(tmp_path, "people", 2), "critic.kind=human", "critic.wait=false"]
+    args = ["run", *_config(tmp_path, "people", 2), "critic.kind=person", "critic.wait=false"]
     assert main(args) == 0
     assert "illume annotate" in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "people"
@@ -132,7 +132,7 @@ def test_human_web_critic_stops_waiting_then_continues_from_the_store(tmp_path, 
 def test_terminal_critic_records_each_answer(tmp_path, monkeypatch):
     replies = iter(["x", "9", "1 2"] + ["0"] * 20)  # two bad replies first, re-asked; then 1 and 2; then none
     monkeypatch.setattr("rich.prompt.Prompt.ask", lambda *a, **k: next(replies))
-    args = ["run", *_config(tmp_path, "ssh", 1), "critic.kind=human", "critic.ui=terminal", "critic.annotator=bob",
+    args = ["run", *_config(tmp_path, "ssh", 1), "critic.kind=person", "critic.ui=terminal", "critic.annotator=bob",
             "sample.samples_per_temperature=3"]
     assert main(args) == 0
     store = FeedbackStore(tmp_path / "runs" / "ssh" / "feedback.db")
@@ -149,8 +149,8 @@ def test_terminal_critic_records_each_answer(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["reward", "hybrid"])
-def test_reward_and_hybrid_critics_take_over_after_the_human_rounds(tmp_path, kind):
-    args = ["run", *_config(tmp_path, kind, 2), f"critic.kind={kind}", "reward.human_rounds=1",
+def test_reward_and_hybrid_critics_take_over_after_the_people_rounds(tmp_path, kind):
+    args = ["run", *_config(tmp_path, kind, 2), f"critic.kind={kind}", "reward.people_rounds=1",
             "reward.num_epochs=1", "reward.batch_size=8", "reward.hybrid_band=0.05"]
     assert main(args) == 0
     run_dir = tmp_path / "runs" / kind

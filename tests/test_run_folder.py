@@ -25,7 +25,7 @@ from tests.conftest import REPO, tiny_overrides
 DEMO = str(REPO / "configs" / "demo.yaml")
 TIMEOUT = 240
 # A run that holds its folder: round 0 is sampled, then the human critic waits for people (nobody comes).
-WAITING = ["critic.kind=human", "critic.wait=true", "critic.poll_seconds=0.2", "sample.samples_per_temperature=2",
+WAITING = ["critic.kind=person", "critic.wait=true", "critic.poll_seconds=0.2", "sample.samples_per_temperature=2",
            "sample.max_new_tokens=6", "loop.num_rounds=1"]
 
 

@@ -20,7 +20,7 @@ from tests.test_store import make_sets
 
 OLD_STORE = REPO / "tests" / "assets" / "store-68697c1.db"
 """Made by illume 68697c1 (before the migrations) with scripts/make_old_store.py; beside it, what that code read
-back from it (.json)."""
+back from it (.json; its reprs name the read classes as they are called today: `Judgment`, once `JudgmentInfo`)."""
 HEAD = "r0004"
 
 

@@ -147,7 +147,7 @@ def test_trls_grpo_reports_its_loss(questions, tmp_path):
 
 def test_the_web_critic_reports_annotation_progress_while_it_waits(tmp_path, monkeypatch):
     cfg = RunConfig(output_dir=str(tmp_path), name="people")
-    cfg = replace(cfg, critic=replace(cfg.critic, kind="human", wait=True, poll_seconds=0.01))
+    cfg = replace(cfg, critic=replace(cfg.critic, kind="person", wait=True, poll_seconds=0.01))
     with FeedbackStore(tmp_path / "feedback.db") as store:
         store.add_candidate_sets(0, "train", [candidate_set("e1", ["A", "B"]), candidate_set("e2", ["C"])])
         people = iter([("e1", ["A"]), ("e2", [])])

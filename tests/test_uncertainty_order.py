@@ -48,7 +48,7 @@ def _hybrid_round(tmp_path, monkeypatch, *overrides, people_before: tuple[str, .
     """Round 1 of a hybrid critic over IDS with fixed scores and a fixed second opinion (no model is
     fitted); people are the simulated critic. Returns (who judged what: example -> annotator kind, the
     context, the order the reward model handed the people critic: `PeopleCritic.review`'s `order`)."""
-    cfg = _cfg(tmp_path, "reward.human_rounds=1", "reward.hybrid_band=1.0", *overrides)
+    cfg = _cfg(tmp_path, "reward.people_rounds=1", "reward.hybrid_band=1.0", *overrides)
     store = FeedbackStore(tmp_path / "feedback.db")
     sets = _sets()
     store.add_candidate_sets(1, "train", sets)
@@ -183,7 +183,7 @@ def _lease(queue, annotator):
 
 
 def test_the_web_critic_writes_the_hand_out_order(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, "critic.kind=human", "critic.wait=false", "annotate.order=random")
+    cfg = _cfg(tmp_path, "critic.kind=person", "critic.wait=false", "annotate.order=random")
     with FeedbackStore(tmp_path / "feedback.db") as store:
         sets = _sets()
         store.add_candidate_sets(0, "train", sets)
@@ -203,7 +203,7 @@ def test_the_web_critic_writes_the_hand_out_order(tmp_path, monkeypatch):
 @pytest.mark.parametrize("overrides, message", [
     (["annotate.budget_per_round=5"], "only critic.kind=hybrid"),
     (["critic.kind=reward", "annotate.budget_per_round=5"], "only critic.kind=hybrid"),
-    (["critic.kind=human", "annotate.order=uncertainty"], "no reward model"),
+    (["critic.kind=person", "annotate.order=uncertainty"], "no reward model"),
     (["critic.kind=hybrid", "annotate.order=uncertainty", "reward.uncertainty=vibes"], "not one of ensemble"),
 ])
 def test_nonsense_is_a_config_error(tmp_path, overrides, message):
@@ -231,7 +231,7 @@ def test_a_hybrid_run_with_a_budget_and_the_ensemble(tmp_path):
     from tests.test_loop import LOOP
 
     args = ["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), *LOOP, "name=budget",
-            "loop.num_rounds=2", "critic.kind=hybrid", "reward.human_rounds=1", "reward.num_epochs=1",
+            "loop.num_rounds=2", "critic.kind=hybrid", "reward.people_rounds=1", "reward.num_epochs=1",
             "reward.batch_size=8", "annotate.budget_per_round=3", "annotate.order=uncertainty"]
     assert main(args) == 0
     run_dir = Path(tmp_path) / "runs" / "budget"

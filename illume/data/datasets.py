@@ -9,9 +9,7 @@ from PIL import Image
 
 from illume.config import DataConfig
 from illume.data.errors import DatasetError
-from illume.data.records import Example, verify_image
-
-SPLITS = ("train", "val", "test")
+from illume.data.records import SPLITS, Example, verify_image
 
 
 def load_split(cfg: DataConfig, split: str, *, images_must_exist: bool = False) -> list[Example]:

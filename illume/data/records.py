@@ -196,6 +196,11 @@ class CandidateSet:
     """Distinct rationales, in the order they were drawn; duplicates dropped."""
 
 
+SPLITS = ("train", "val", "test")
+"""A dataset's splits: `train` (sampled and judged), `val` (chooses the epoch and the sweep), `test` (reported
+once, by the study). The shapes world adds its own `pretrain` split (`illume.data.shapes.WORLD_SPLITS`)."""
+
+
 ANNOTATOR_KINDS = ("person", "simulated", "reward", "judge")
 """What an annotator is, stored with its name in the feedback store (whether a judgment counts as people's
 is decided by this, never by the name):

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from illume.data.records import Example
+from illume.data.records import SPLITS, Example
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 POSITIONS = ("left", "middle", "right")
 NUMBERS = ("zero", "one", "two", "three")
-SPLITS = ("train", "val", "test", "pretrain")
+WORLD_SPLITS = (*SPLITS, "pretrain")
+"""The shapes world's splits: a dataset's, and `pretrain` (the demo model's pre-training examples)."""
 
 # How captions say where an object is; references use other phrasings too (REF_POSITION).
 CAPTION_POSITION = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
@@ -284,8 +285,8 @@ class ShapesWorld:
     max_objects: int = 3
 
     def num_scenes(self, split: str) -> int:
-        if split not in SPLITS:
-            raise ValueError(f"unknown shapes-world split {split!r}; expected one of {SPLITS}")
+        if split not in WORLD_SPLITS:
+            raise ValueError(f"unknown shapes-world split {split!r}; expected one of {WORLD_SPLITS}")
         return getattr(self, f"num_{split}_scenes")
 
     def rng(self, split: str, index: int, purpose: str) -> random.Random:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from illume.feedback.reads import CandidateInfo, JudgedItem, JudgmentInfo
+from illume.feedback.reads import CandidateInfo, JudgedItem, Judgment
 from illume.feedback.verdicts import ACCEPTED, AGGREGATES, CONTESTED, DEFAULT_AGGREGATE, PEOPLE
 
 REWARD = frozenset({"reward"})
@@ -110,7 +110,7 @@ class _Tally:
     """One item as the counted judgments saw it."""
 
     item: JudgedItem
-    judgments: list[JudgmentInfo]
+    judgments: list[Judgment]
     """The counted judgments, in the order stored."""
     candidates: list[tuple[CandidateInfo, list[str], list[str]]]
     """Each candidate with the counted annotators that accepted it and that rejected it."""
@@ -143,8 +143,8 @@ def _add_units(coincidences: _Coincidences, tally: _Tally) -> None:
         coincidences.add({True: len(accepted_by), False: len(rejected_by)})
 
 
-def _correction(judgment: JudgmentInfo) -> str | None:
-    """The rationale written when none fit; read with getattr so older JudgmentInfo work too."""
+def _correction(judgment: Judgment) -> str | None:
+    """The rationale written when none fit; read with getattr so that a Judgment built without one works too."""
     text = getattr(judgment, "correction", None)
     return text if text and text.strip() else None
 

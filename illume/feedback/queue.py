@@ -40,7 +40,7 @@ from illume.feedback.schema import (
 )
 from illume.feedback.store import FeedbackStore
 from illume.feedback.writes import (
-    NewJudgment,
+    ResolvedJudgment,
     check_annotator_kind,
     check_correction,
     revise_judgment,
@@ -331,7 +331,7 @@ class AnnotationQueue:
                             "by other annotators (your hold on it expired)")
                 if shown_order is None and lease is not None and lease.shown_order:
                     shown_order = lease.shown_order
-                write_judgments(session, annotator, kind, [NewJudgment(
+                write_judgments(session, annotator, kind, [ResolvedJudgment(
                     item_id=item_id, candidate_ids=candidate_ids, accepted=set(accepted), none_fit=none_fit,
                     seconds=seconds, client_token=client_token, correction=correction, shown_order=shown_order,
                 )], created_at=now)
@@ -393,7 +393,7 @@ class AnnotationQueue:
                 if session.scalar(select(JudgmentRow.id).where(JudgmentRow.client_token == client_token)):
                     raise JudgmentConflict(f"client_token {client_token!r} was used for another submission")
                 row.client_token = client_token
-            revise_judgment(session, row, NewJudgment(
+            revise_judgment(session, row, ResolvedJudgment(
                 item_id=item_id, candidate_ids=candidate_ids, accepted=set(accepted), none_fit=none_fit,
                 seconds=seconds, correction=correction, shown_order=shown_order,
             ), revised_at=now)

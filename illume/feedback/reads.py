@@ -54,8 +54,9 @@ class CandidateInfo:
 
 
 @dataclass(frozen=True)
-class JudgmentInfo:
-    """One annotator's (current) judgment of an item."""
+class Judgment:
+    """One annotator's (current) judgment of an item, as read back (stored, it is a `JudgmentRow`; in flight, a
+    `illume.feedback.writes.NewJudgment`)."""
 
     id: int
     annotator: str
@@ -93,18 +94,18 @@ class JudgedItem:
     image_ref: str | None
     candidates: list[CandidateInfo]
     """In drawn order."""
-    judgments: list[JudgmentInfo]
+    judgments: list[Judgment]
     """In the order stored (judgment id)."""
     question: str | None = None
     """The question as asked; None for items stored without it (older stores)."""
     item_id: int | None = None
     """The item's row id in the store (`judgment_history`, the admin page); None for items built elsewhere."""
 
-    def accepting(self, candidate_id: int) -> list[JudgmentInfo]:
+    def accepting(self, candidate_id: int) -> list[Judgment]:
         """The judgments that accepted the candidate."""
         return [j for j in self.judgments if j.decisions.get(candidate_id) is True]
 
-    def rejecting(self, candidate_id: int) -> list[JudgmentInfo]:
+    def rejecting(self, candidate_id: int) -> list[Judgment]:
         """The judgments that were shown the candidate and did not accept it."""
         return [j for j in self.judgments if j.decisions.get(candidate_id) is False]
 
@@ -317,7 +318,7 @@ def judged_items(
         candidates: dict[int, list[CandidateInfo]] = {}
         decisions: dict[int, dict[int, bool]] = {}
         positions: dict[int, dict[int, int | None]] = {}
-        judgments: dict[int, list[JudgmentInfo]] = {}
+        judgments: dict[int, list[Judgment]] = {}
         keep = set(wanted)
         for first in range(0, len(wanted), _JUDGED_CHUNK):
             low, high = wanted[first], wanted[min(first + _JUDGED_CHUNK, len(wanted)) - 1]
@@ -352,7 +353,7 @@ def judged_items(
                 .where(JudgmentRow.item_id.between(low, high)).order_by(JudgmentRow.id)
             ):
                 if row.item_id in keep:
-                    judgments.setdefault(row.item_id, []).append(JudgmentInfo(
+                    judgments.setdefault(row.item_id, []).append(Judgment(
                         id=row.id, annotator=row.annotator, annotator_kind=row.kind,
                         none_fit=bool(row.none_fit), seconds=row.seconds, created_at=row.created_at,
                         client_token=row.client_token, decisions=decisions.pop(row.id, {}),

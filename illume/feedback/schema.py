@@ -48,8 +48,6 @@ from sqlalchemy.schema import DDL
 
 from illume.data.records import ANNOTATOR_KINDS
 
-SPLITS = ("train", "val", "test")
-
 # Integer on SQLite (its INTEGER PRIMARY KEY is the 64-bit rowid and autoincrements), BIGINT elsewhere.
 _Id = BigInteger().with_variant(Integer, "sqlite")
 # Written to the table and constraint names so that later migrations (Alembic) can address them.

@@ -54,7 +54,7 @@ from illume.feedback.engine import (
     to_url,
 )
 from illume.feedback.reads import JudgedItem
-from illume.feedback.writes import JudgmentInput
+from illume.feedback.writes import NewJudgment
 from illume.run_folder import RunInUse
 
 _WRITER_LOCK = 0x696C6C756D77  # "illumw": the advisory lock key of `FeedbackStore.writer_lock`
@@ -315,10 +315,10 @@ class FeedbackStore:
             ValueError: Unknown item, a candidate that is not the item's, `none_fit` with accepts, an
                 unknown `kind`, or a `kind` other than the one the annotator is registered with.
         """
-        row = (example_id, accepted, none_fit, seconds)
+        judgment = NewJudgment(example_id, accepted, none_fit, seconds)
         try:
             with self._write.begin() as session:
-                stored = writes.insert_judgments(session, round_idx, split, annotator, [row], [client_token],
+                stored = writes.insert_judgments(session, round_idx, split, annotator, [judgment], [client_token],
                                                  kind, [correction])
                 return stored == 1
         except IntegrityError:
@@ -330,18 +330,19 @@ class FeedbackStore:
 
     @retry_on_conflict
     def add_judgments(
-        self, round_idx: int, judgments: Iterable[JudgmentInput], annotator: str, split: str = "train",
+        self, round_idx: int, judgments: Iterable[NewJudgment], annotator: str, split: str = "train",
         *, kind: str = "person",
     ) -> int:
         """Store many judgments by one annotator in one transaction (the simulated and reward critics).
 
         Items the annotator already judged are skipped (so a resumed critic can resend everything);
-        an example repeated in `judgments` is stored once, the first time. If any row is invalid
+        an example repeated in `judgments` is stored once, the first time. If any judgment is invalid
         nothing is written.
 
         Args:
             round_idx: The items' round.
-            judgments: (example_id, accepted candidate ids or texts, none_fit, seconds) rows.
+            judgments: `NewJudgment`s (example_id, accepted candidate ids or texts, none_fit, seconds); plain
+                tuples of those four are taken as they are.
             annotator: Who judged.
             split: The items' split.
             kind: What the annotator is (`ANNOTATOR_KINDS`): "simulated" for the simulated critic,
@@ -351,11 +352,12 @@ class FeedbackStore:
             How many judgments were stored.
 
         Raises:
-            ValueError: As in `add_judgment`, for any row.
+            ValueError: As in `add_judgment`, for any judgment.
         """
-        rows = list(judgments)
+        judgments = list(judgments)
         with self._write.begin() as session:
-            return writes.insert_judgments(session, round_idx, split, annotator, rows, [None] * len(rows), kind)
+            return writes.insert_judgments(session, round_idx, split, annotator, judgments, [None] * len(judgments),
+                                           kind)
 
     # ---------------------------------------------------------------- reading feedback
 

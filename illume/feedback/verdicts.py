@@ -54,7 +54,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from illume.config import ConfigError, RunConfig
-from illume.feedback.reads import JudgedItem, JudgmentInfo
+from illume.feedback.reads import JudgedItem, Judgment
 from illume.feedback.store import FeedbackStore
 
 ACCEPTED, REJECTED, CONTESTED = "accepted", "rejected", "contested"
@@ -118,7 +118,7 @@ class AcceptedRationale:
 
     item: JudgedItem
     text: str
-    judgments: list[JudgmentInfo]
+    judgments: list[Judgment]
     """Every counted judgment that accepted it, in any item."""
 
     @property
@@ -134,7 +134,7 @@ class LabelledRationale:
     """The item it was first accepted in (accepted) or first judged in (rejected)."""
     text: str
     accepted: bool
-    judgments: list[JudgmentInfo]
+    judgments: list[Judgment]
     """The counted judgments that accepted it (accepted) or rejected it (rejected), in every item."""
 
     @property
@@ -162,7 +162,7 @@ class PreferencePair:
     from a saved preference dataset."""
     item: JudgedItem | None = field(default=None, repr=False, compare=False)
     """The earliest item the pair comes from (None for dataset pairs)."""
-    judgments: list[JudgmentInfo] = field(default_factory=list, repr=False, compare=False)
+    judgments: list[Judgment] = field(default_factory=list, repr=False, compare=False)
     """The counted judgments of every item the pair comes from (they saw both candidates)."""
 
 
@@ -195,8 +195,8 @@ class Feedback:
         # Per item: the distinct corrections written in it, in judgment order (rule 8).
         self._corrections: list[list[str]] = []
         self._status: dict[RationaleKey, set[str]] = {}
-        self._accepting: dict[RationaleKey, list[JudgmentInfo]] = {}
-        self._rejecting: dict[RationaleKey, list[JudgmentInfo]] = {}
+        self._accepting: dict[RationaleKey, list[Judgment]] = {}
+        self._rejecting: dict[RationaleKey, list[Judgment]] = {}
         for item in self.items:
             corrections: list[str] = []
             for judgment in item.judgments:

@@ -19,16 +19,15 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from numbers import Integral
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from illume.data.records import CandidateSet
+from illume.data.records import SPLITS, CandidateSet
 from illume.feedback.engine import WriteSessions
 from illume.feedback.schema import (
-    SPLITS,
     AnnotatorRow,
     CandidateRow,
     DecisionRow,
@@ -43,9 +42,24 @@ from illume.feedback.schema import (
 _MAX_IN = 500  # look items up with IN (...) below this many ids, else read the whole round
 
 
+class NewJudgment(NamedTuple):
+    """One annotator's judgment of one item, in flight, by example id: what a critic decides (`illume.critics`,
+    `reward.critic`, `reward.judge`) and `FeedbackStore.add_judgment(s)` stores (a plain (example_id, accepted,
+    none_fit, seconds) tuple is one too). Checked and resolved to ids, it is written as a `ResolvedJudgment`."""
+
+    example_id: str
+    accepted: Sequence[int | str]
+    """The accepted candidates, by id (`FeedbackStore.candidate_ids`) or by text; the others are rejected."""
+    none_fit: bool = False
+    """The explicit "none of them fits" (then nothing is accepted)."""
+    seconds: float | None = None
+    """Time spent on the item, when known."""
+
+
 @dataclass(frozen=True)
-class NewJudgment:
-    """One annotator's judgment of one item as it is written (`write_judgments`, `revise_judgment`), validated."""
+class ResolvedJudgment:
+    """One annotator's judgment of one item as it is written (`write_judgments`, `revise_judgment`), validated:
+    by item and candidate ids (a `NewJudgment` resolved by `insert_judgments`, or the annotation page's)."""
 
     item_id: int
     candidate_ids: Sequence[int]
@@ -62,10 +76,6 @@ class NewJudgment:
     """The rationale written because none fit (`check_correction`)."""
     shown_order: Sequence[int] | None = None
     """`candidate_ids` in the order the annotator saw them (`decisions.position_shown`); None: not recorded."""
-
-
-JudgmentInput = tuple[str, Sequence[int | str], bool, float | None]
-"""(example_id, accepted candidate ids or texts, none_fit, seconds) for `FeedbackStore.add_judgments`."""
 
 
 MAX_CORRECTION_CHARS = 2000
@@ -168,19 +178,20 @@ def insert_judgments(
     round_idx: int,
     split: str,
     annotator: str,
-    rows: list[JudgmentInput],
+    judgments: Sequence[NewJudgment],
     client_tokens: list[str | None],
     kind: str,
     corrections: list[str | None] | None = None,
 ) -> int:
-    """The critics' judgments by example id (`FeedbackStore.add_judgment(s)`): validate every row, skip the items
+    """The critics' judgments by example id (`FeedbackStore.add_judgment(s)`): validate every one, skip the items
     the annotator already judged and the used client tokens, and write the rest (`write_judgments`); returns how
     many were written."""
-    corrections = corrections or [None] * len(rows)
+    judgments = [NewJudgment(*judgment) for judgment in judgments]  # a plain tuple is a NewJudgment too
+    corrections = corrections or [None] * len(judgments)
     if not annotator:
         raise ValueError("annotator must be a non-empty name")
     check_annotator_kind(session, annotator, kind)
-    example_ids = {row[0] for row in rows}
+    example_ids = {judgment.example_id for judgment in judgments}
     in_round = [ItemRow.round_idx == round_idx, ItemRow.split == split]
     if len(example_ids) <= _MAX_IN:
         in_round.append(ItemRow.example_id.in_(example_ids))
@@ -192,9 +203,9 @@ def insert_judgments(
     ):
         candidates.setdefault(item_id, []).append((candidate_id, text))
 
-    validated = []  # (item_id, accepted candidate ids, row, token)
-    for row, token, correction in zip(rows, client_tokens, corrections):
-        example_id, accepted, none_fit, _ = row
+    validated = []  # (item_id, accepted candidate ids, judgment, token, correction)
+    for judgment, token, correction in zip(judgments, client_tokens, corrections):
+        example_id, accepted, none_fit, _ = judgment
         where = f"example {example_id!r} (round {round_idx}, {split})"
         check_correction(correction, none_fit, where)
         if example_id not in item_ids:
@@ -216,7 +227,7 @@ def insert_judgments(
                 raise ValueError(
                     f"{where}: accepted candidate {candidate!r} is not one of this item's candidates"
                 )
-        validated.append((item_id, accepted_ids, row, token, correction))
+        validated.append((item_id, accepted_ids, judgment, token, correction))
 
     done = set(session.scalars(
         select(JudgmentRow.item_id).join(ItemRow).where(JudgmentRow.annotator == annotator, *in_round)
@@ -226,26 +237,27 @@ def insert_judgments(
         select(JudgmentRow.client_token).where(JudgmentRow.client_token.in_(tokens))
     )) if tokens else set()
     new = []
-    for item_id, accepted_ids, row, token, correction in validated:
+    for item_id, accepted_ids, judgment, token, correction in validated:
         if item_id in done or (token is not None and token in used_tokens):
             continue
         done.add(item_id)
         if token is not None:
             used_tokens.add(token)
-        new.append((item_id, accepted_ids, row, token, correction))
+        new.append((item_id, accepted_ids, judgment, token, correction))
     if not new:
         return 0
     write_judgments(session, annotator, kind, [
-        NewJudgment(item_id=item_id, candidate_ids=[candidate_id for candidate_id, _ in candidates.get(item_id, [])],
-                    accepted=accepted_ids, none_fit=bool(row[2]), seconds=row[3], client_token=token,
-                    correction=correction)
-        for item_id, accepted_ids, row, token, correction in new
+        ResolvedJudgment(item_id=item_id,
+                         candidate_ids=[candidate_id for candidate_id, _ in candidates.get(item_id, [])],
+                         accepted=accepted_ids, none_fit=bool(judgment.none_fit), seconds=judgment.seconds,
+                         client_token=token, correction=correction)
+        for item_id, accepted_ids, judgment, token, correction in new
     ])
     return len(new)
 
 
 def write_judgments(
-    session: Session, annotator: str, kind: str, judgments: Sequence[NewJudgment], created_at: datetime | None = None
+    session: Session, annotator: str, kind: str, judgments: Sequence[ResolvedJudgment], created_at: datetime | None = None
 ) -> list[int]:
     """Insert judgments by one annotator, each with a decision for every candidate of its item, in the caller's
     transaction; the annotator's first judgment registers its kind. Returns the new judgments' ids, in order.
@@ -279,7 +291,7 @@ def write_judgments(
     return list(judgment_ids)
 
 
-def revise_judgment(session: Session, row: JudgmentRow, judgment: NewJudgment, revised_at: datetime) -> None:
+def revise_judgment(session: Session, row: JudgmentRow, judgment: ResolvedJudgment, revised_at: datetime) -> None:
     """Replace the judgment `row` (locked by the caller) by `judgment`, in the caller's transaction.
 
     The version replaced is first copied into `judgment_revisions` (`FeedbackStore.judgment_history`). The
@@ -312,7 +324,7 @@ def revise_judgment(session: Session, row: JudgmentRow, judgment: NewJudgment, r
         session.execute(insert(DecisionRow), decisions)
 
 
-def _decision_rows(judgment_id: int, judgment: NewJudgment) -> list[dict[str, Any]]:
+def _decision_rows(judgment_id: int, judgment: ResolvedJudgment) -> list[dict[str, Any]]:
     """One decision per candidate of the item, in drawn order, with its place in the order shown (if known)."""
     shown = judgment.shown_order
     position = {candidate_id: i for i, candidate_id in enumerate(shown)} if shown else {}
