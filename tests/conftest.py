@@ -107,10 +107,16 @@ def finished_run(tmp_path_factory) -> FinishedRun:
     Shared by the whole session: never write to it; take `finished_run_copy`, a copy of one's own.
     """
     from illume.cli import main
+    from tests.deprecation_guard import DeprecationGuard
 
     output_dir = tmp_path_factory.mktemp("finished_run") / "runs"
     args = [str(REPO / "configs" / "demo.yaml"), *tiny_overrides(output_dir.parent), *FINISHED_RUN]
-    assert main(["run", *args]) == 0
+    guard = DeprecationGuard()  # set up before a test's own guard starts: the run gets its own
+    guard.start()
+    try:
+        assert main(["run", *args]) == 0
+    finally:
+        guard.stop()
     return FinishedRun(output_dir / "finished", args)
 
 
