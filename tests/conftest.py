@@ -1,4 +1,5 @@
-"""Shared fixtures: seeds, tiny models built from configs, the path to ../shared when it is there."""
+"""Shared fixtures: seeds, tiny models built from configs, one finished tiny run for tests that only read a run,
+the path to ../shared when it is there."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,69 @@ def shared_tiny_cache() -> Path:
             f"model.cache_dir={cache}", f"output_dir={cache / 'runs'}"]))
         _SHARED_CACHE.append(cache)
     return _SHARED_CACHE[0]
+
+
+# The settings of `finished_run`: those of tests/test_loop.py (a threshold the barely trained tiny model's
+# rationales reach, so both rounds train), plus reward settings that let `illume reward train RUN_DIR` fit on its
+# 24 judgments (unused by the loop itself: the critic is simulated).
+FINISHED_RUN = [
+    "critic.kind=simulated", "critic.threshold=0.1", "policy.kind=sft", "loop.num_rounds=2",
+    "loop.stop_when_nothing_new=false", "train.num_epochs=2", "train.batch_size=8",
+    "sample.samples_per_temperature=2", "sample.max_new_tokens=6",
+    "reward.num_epochs=1", "reward.batch_size=8", "reward.heldout_fraction=0.3", "reward.target_precision=0.5",
+    "name=finished"]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run: its folder, and the `illume run` arguments (config file, then overrides) that continue it
+    (`main(["run", *args])`; as they were at its start, with output_dir its folder's parent)."""
+
+    run_dir: Path
+    args: list[str]
+
+    def config(self, *overrides: str):
+        """Its settings as `illume run` with `args` (and `overrides`) loads them; `run_dir` is this folder."""
+        from illume.config import load_config
+
+        return load_config(self.args[0], [*self.args[1:], *overrides])
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> FinishedRun:
+    """The ILLUME loop run once per session, for the tests that only need a finished run to look at.
+
+    configs/demo.yaml on the tiny model (`TINY_MODEL` + `TINY_DATA`, the session's `shared_tiny_cache`) with
+    `FINISHED_RUN`: 2 rounds, the simulated critic (ROUGE-L >= 0.1, annotator `simulated:rouge_l>=0.1`),
+    selection-SFT, name `finished`. Both rounds train. It holds config.yaml; feedback.db (per round the 12 train
+    questions, each with the distinct ones of its 4 sampled candidates, and one simulated judgment: 24 in all);
+    images/ (the 12 train images); base_metrics.json; round_00/ and round_01/ (adapters.safetensors,
+    metrics.json, training_set.jsonl, training.json); results.json (rows base, 0, 1). No reward model, no dpo/
+    or kto/, no exports/.
+
+    Shared by the whole session: never write to it; take `finished_run_copy`, a copy of one's own.
+    """
+    from illume.cli import main
+    from tests.deprecation_guard import DeprecationGuard
+
+    output_dir = tmp_path_factory.mktemp("finished_run") / "runs"
+    args = [str(REPO / "configs" / "demo.yaml"), *tiny_overrides(output_dir.parent), *FINISHED_RUN]
+    guard = DeprecationGuard()  # set up before a test's own guard starts: the run gets its own
+    guard.start()
+    try:
+        assert main(["run", *args]) == 0
+    finally:
+        guard.stop()
+    return FinishedRun(output_dir / "finished", args)
+
+
+@pytest.fixture
+def finished_run_copy(finished_run, tmp_path_factory) -> FinishedRun:
+    """A copy of `finished_run` for one test to read or change as it likes, in a folder of its own (not the
+    test's tmp_path, which stays empty); its `args` continue the copy, not the original."""
+    output_dir = tmp_path_factory.mktemp("finished_run_copy") / "runs"
+    shutil.copytree(finished_run.run_dir, output_dir / finished_run.run_dir.name)
+    return FinishedRun(output_dir / finished_run.run_dir.name, [*finished_run.args, f"output_dir={output_dir}"])
 
 
 @pytest.fixture

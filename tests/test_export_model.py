@@ -20,11 +20,8 @@ from illume.loading import load_vlm
 from illume.models.weights import load_trainable_weights
 from illume.prompts import answer_prompt, rationale_prompt
 from illume.training import ADAPTERS_FILE
-from tests.conftest import REPO, TINY_DATA, tiny_overrides
+from tests.conftest import REPO, TINY_DATA
 
-LOOP = ["critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_epochs=2", "train.batch_size=8",
-        "sample.samples_per_temperature=2", "sample.max_new_tokens=6"]
-REWARD = ["reward.num_epochs=1", "reward.batch_size=8", "reward.heldout_fraction=0.3", "reward.target_precision=0.5"]
 GENERATE = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}  # EOS held off: 5 tokens compared
 
 # Loads an export in a fresh interpreter with stock libraries and writes, per input row, the greedy tokens and
@@ -125,14 +122,11 @@ def _assert_same_model(results: dict, expected: list[dict]) -> None:
 # ------------------------------------------------------------------ MAGMA (the demo model)
 
 
-@pytest.fixture(scope="module")
-def magma_run(tmp_path_factory):
-    """A tiny demo run: 2 rounds on the pre-trained tiny demo model, simulated critic."""
-    tmp_path = tmp_path_factory.mktemp("magma")
-    args = [str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), *LOOP, *REWARD, "name=run",
-            "loop.num_rounds=2"]
-    assert main(["run", *args]) == 0
-    return tmp_path / "runs" / "run"
+@pytest.fixture
+def magma_run(finished_run_copy):
+    """A tiny demo run: 2 rounds on the pre-trained tiny demo model, simulated critic, both rounds trained; with
+    reward settings `illume reward train` fits with (tests/conftest.py: `finished_run`). This test's own copy."""
+    return finished_run_copy.run_dir
 
 
 @pytest.mark.slow
@@ -159,7 +153,6 @@ def test_a_magma_export_loads_with_transformers_and_gives_the_runs_greedy_tokens
                                        "illume.models.clip_resnet"}, results["modules"]
 
 
-@pytest.mark.slow
 def test_round_chooses_the_rounds_weights(magma_run, tmp_path):
     out = tmp_path / "round0"
     assert main(["export-model", str(magma_run), "--round", "0", str(out)]) == 0
@@ -169,10 +162,9 @@ def test_round_chooses_the_rounds_weights(magma_run, tmp_path):
     assert all(torch.equal(exported[name], tensor) for name, tensor in rounds[0].items())
     assert any(not torch.equal(exported[name], tensor) for name, tensor in rounds[1].items())
     assert json.loads((out / MARKER_FILE).read_text())["exported"] == "round 0"
-    assert "# run, round 0:" in (out / "README.md").read_text()
+    assert f"# {magma_run.name}, round 0:" in (out / "README.md").read_text()
 
 
-@pytest.mark.slow
 def test_a_round_that_is_not_there_is_refused_naming_the_rounds_there(magma_run, tmp_path, capsys):
     out = tmp_path / "round7"
     assert main(["export-model", str(magma_run), str(out), "--round", "7"]) == 2
@@ -181,7 +173,6 @@ def test_a_round_that_is_not_there_is_refused_naming_the_rounds_there(magma_run,
     assert not out.exists()
 
 
-@pytest.mark.slow
 def test_out_is_replaced_only_when_it_is_an_earlier_export_and_force_is_given(magma_run, tmp_path, capsys):
     foreign = tmp_path / "theirs"
     foreign.mkdir()

@@ -29,10 +29,10 @@ def _judgments(run_dir):
     return sorted(rows)
 
 
-@pytest.mark.slow
-def test_run_completes_two_rounds(tmp_path):
-    assert main(["run", *_config(tmp_path, "e2e", 2)]) == 0
-    run_dir = tmp_path / "runs" / "e2e"
+def test_run_completes_two_rounds(finished_run_copy):
+    """The session's finished run (tests/conftest.py: `finished_run`): 2 rounds with this file's LOOP settings."""
+    assert set(LOOP) <= set(finished_run_copy.args)
+    run_dir = finished_run_copy.run_dir
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in results] == ["base", 0, 1]
     for r in results[1:]:
@@ -45,7 +45,7 @@ def test_run_completes_two_rounds(tmp_path):
     assert (run_dir / "config.yaml").is_file()
     # Running the finished run again changes nothing.
     before = _judgments(run_dir)
-    assert main(["run", *_config(tmp_path, "e2e", 2)]) == 0
+    assert main(["run", *finished_run_copy.args]) == 0
     assert _judgments(run_dir) == before
 
 

@@ -12,7 +12,7 @@ import pytest
 from illume.config import load_config
 from illume.data.shapes import ShapesWorld
 from illume.metrics.answer_accuracy import answer_containment
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO
 
 
 def _compare_module():
@@ -75,24 +75,21 @@ def test_written_rationales_are_one_reference_for_each_of_k_questions():
         written_rationales(train, 41, seed=0)
 
 
-LOOP = ["critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_epochs=2", "train.batch_size=8",
-        "sample.samples_per_temperature=2", "sample.max_new_tokens=6", "loop.num_rounds=1"]
-
-
 @pytest.mark.slow
-def test_heldout_scores_of_val_equal_what_the_run_recorded(tmp_path):
+def test_heldout_scores_of_val_equal_what_the_run_recorded(finished_run_copy):
     """Scoring a finished run's folders again on val gives exactly the val scores the run recorded for its base
-    model and its kept epoch: the right adapters are loaded, in the right order. Test scores are cached."""
+    model and each round's kept epoch: the right adapters are loaded, in the right order. Test scores are
+    cached. The run: tests/conftest.py's `finished_run`, 2 rounds, both trained."""
     from illume.heldout import heldout_scores
-    from illume.loop import run
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tmp_path) + LOOP + ["name=held"])
-    results = run(cfg)
-    scores = heldout_scores(cfg, ["base", "round_00"], split="val")
+    cfg = finished_run_copy.config()
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    scores = heldout_scores(cfg, ["base", "round_00", "round_01"], split="val")
     assert scores["base"] == json.loads((cfg.run_dir / "base_metrics.json").read_text())
-    assert {k: scores["round_00"][k] for k in results[1]["val"]} == results[1]["val"]
+    for folder, row in zip(("round_00", "round_01"), results[1:], strict=True):
+        assert {k: scores[folder][k] for k in row["val"]} == row["val"]
     test = heldout_scores(cfg)  # default: test, base and every trained folder
-    assert set(test) == {"base", "round_00"} and (cfg.run_dir / "heldout_test.json").is_file()
+    assert set(test) == {"base", "round_00", "round_01"} and (cfg.run_dir / "heldout_test.json").is_file()
     cached = json.loads((cfg.run_dir / "heldout_test.json").read_text())
     assert cached == test
     with pytest.raises(FileNotFoundError, match="round_05"):
