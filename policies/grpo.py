@@ -282,8 +282,8 @@ def acceptance(context: RoundContext, sets: Sequence[CandidateSet]) -> list[list
     """Which samples the simulated critic accepts; None when some train question has no reference."""
     if not sets or not all(context.train_by_id[cs.example_id].explanations for cs in sets):
         return None
-    reviews = SimulatedCritic(context.cfg.critic).decide(sets, context.train_by_id)
-    return [[j in set(r.accepted) for j in range(len(cs.candidates))] for cs, r in zip(sets, reviews, strict=True)]
+    judgments = SimulatedCritic(context.cfg.critic).decide(sets, context.train_by_id)  # accepted by text
+    return [[c.text in set(r.accepted) for c in cs.candidates] for cs, r in zip(sets, judgments, strict=True)]
 
 
 def _mean(values) -> float | None:

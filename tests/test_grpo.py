@@ -344,3 +344,20 @@ def test_a_round_whose_reward_rose_while_acceptance_fell_says_so(tmp_path):
     assert previous_round_warning(out_dir, 1, reward=0.4, accept=0.3) is None
     assert previous_round_warning(out_dir, 1, reward=0.9, accept=None) is None  # no references: nothing to say
     assert previous_round_warning(tmp_path / "round_00", 0, reward=0.9, accept=0.1) is None
+
+
+def test_acceptance_marks_each_sample_the_simulated_critic_accepts():
+    """GRPO's `grpo_accept`: per sample, whether the simulated critic (ROUGE-L >= 0.7) accepts it; None when
+    a question has no reference explanation."""
+    from illume.config import CriticConfig
+    from illume.data.records import Candidate, CandidateSet, Example
+    from policies.grpo import acceptance
+
+    example = Example("e1", Path("e1.png"), "What is red?", ["the circle"], ["the circle is red"])
+    sets = [CandidateSet("e1", "the circle", "the circle", "Q: What is red? A: the circle, seeing that", 0,
+                         [Candidate("two dogs run", 1.0, 1, 0, -1.0), Candidate("the circle is red", 1.0, 1, 1, -1.0)])]
+    context = SimpleNamespace(cfg=SimpleNamespace(critic=CriticConfig(metric="rouge_l", threshold=0.7)),
+                              train_by_id={"e1": example})
+    assert acceptance(context, sets) == [[False, True]]
+    context.train_by_id = {"e1": Example("e1", Path("e1.png"), "What is red?", ["the circle"])}
+    assert acceptance(context, sets) is None
