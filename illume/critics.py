@@ -45,12 +45,11 @@ class CritiqueContext:
     round_idx: int
     sets: dict[str, CandidateSet]
     """The round's train candidate sets, by example id, in the order stored."""
-    examples_by_id: dict[str, Example]
+    train_by_id: dict[str, Example]
+    """The train examples by id (what `RoundContext.train_by_id` holds for the policies)."""
     image_refs: dict[str, str] = field(default_factory=dict)
     """Example id -> image path (relative to the run directory unless absolute), for people."""
     say: Callable[[str], None] = print
-    report: dict = field(default_factory=dict)
-    """Keys a critic adds to the round's row of results.json (the reward model's threshold, ...)."""
     track: Callable[[dict[str, float], int], None] = lambda metrics, step: None
     """Where a critic reports progress (metrics, step = the round) to the run's trackers (illume.tracking)."""
 
@@ -61,11 +60,22 @@ class CritiqueContext:
         return image
 
 
+@dataclass
+class Critique:
+    """What a critic's review gives back to the loop (and a model critic gets back from the people critic it
+    hands items to)."""
+
+    done: bool = True
+    """False when people have not judged everything and the run should stop, to be continued (critic.wait)."""
+    report: dict = field(default_factory=dict)
+    """Keys for the round's row of results.json (the reward model's threshold, ...)."""
+
+
 class Critic(Protocol):
     """What the loop needs from a critic."""
 
-    def review(self, context: CritiqueContext) -> bool:
-        """Get the round's judgments into the store; False when the run should stop and wait for people."""
+    def review(self, context: CritiqueContext) -> Critique:
+        """Get the round's judgments into the store; say whether people are done, and what to report."""
         ...
 
 
@@ -73,7 +83,7 @@ class PeopleCritic(Protocol):
     """A critic standing for people (`PEOPLE_CRITICS`: simulated, person), which a model critic (reward model,
     hybrid, AI judge) hands the items it leaves: what it hands over is the `order` argument, nothing shared."""
 
-    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> Critique:
         """As `Critic.review`. `order`: example ids of the items a model critic left for people, in the order
         to hand them out (it chose them: `reward.critic`); None: every item no model decided, in
         `annotate.order` (`left_for_people`)."""
@@ -179,15 +189,15 @@ class SimulatedCritic:
             judgments.append(NewJudgment(cs.example_id, accepted, none_fit=not accepted))
         return judgments
 
-    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> Critique:
         if not distributed.is_main():
-            return True
+            return Critique()
         todo = left_for_people(context, self.annotator, order)
         for start in tqdm(range(0, len(todo), CRITIQUE_CHUNK), desc=f"critique ({self.annotator})", unit="chunk",
                           disable=not todo):
-            judgments = self.decide(todo[start:start + CRITIQUE_CHUNK], context.examples_by_id)
+            judgments = self.decide(todo[start:start + CRITIQUE_CHUNK], context.train_by_id)
             context.store.add_judgments(context.round_idx, judgments, self.annotator, kind=self.kind)
-        return True
+        return Critique()
 
 
 class TerminalCritic:
@@ -232,14 +242,14 @@ class TerminalCritic:
                                    time.monotonic() - start)
             self.console.print(f"numbers must be 1..{len(cs.candidates)}, or 0 alone")
 
-    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> Critique:
         if not distributed.is_main():
-            return True
+            return Critique()
         todo = left_for_people(context, self.annotator, order)
         for cs in tqdm(todo, desc=f"critique ({self.annotator})", unit="item", disable=not todo):
-            judgment = self.review_one(cs, context.examples_by_id[cs.example_id], context.image_path(cs.example_id))
+            judgment = self.review_one(cs, context.train_by_id[cs.example_id], context.image_path(cs.example_id))
             context.store.add_judgments(context.round_idx, [judgment], self.annotator, kind=self.kind)
-        return True
+        return Critique()
 
 
 class WebCritic:
@@ -250,9 +260,9 @@ class WebCritic:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
-    def review(self, context: CritiqueContext, order: list[str] | None = None) -> bool:
+    def review(self, context: CritiqueContext, order: list[str] | None = None) -> Critique:
         if not distributed.is_main():
-            return True
+            return Critique()
         cfg, round_idx = self.cfg, context.round_idx
         queue = AnnotationQueue(context.store)
         if cfg.annotate.order != "stored" or order is not None:
@@ -264,13 +274,13 @@ class WebCritic:
         progress = queue.annotation_progress(round_idx, wanted)
         context.track(_progress_metrics(progress), round_idx)
         if progress["complete_items"] == progress["items"]:
-            return True
+            return Critique()
         context.say(f"round {round_idx}: {progress['items']} items wait for {wanted} judgment(s) each "
                     f"({progress['counted_judgments']} of {progress['needed_judgments']} so far). "
                     f"People judge them in the annotation page:\n    illume annotate {cfg.run_dir}")
         if not cfg.critic.wait:
             context.say("critic.wait=false: stopping here; run the same command again to continue")
-            return False
+            return Critique(done=False)
         with tqdm(total=progress["needed_judgments"], initial=progress["counted_judgments"],
                   desc="waiting for judgments") as bar:
             while progress["complete_items"] < progress["items"]:
@@ -279,7 +289,7 @@ class WebCritic:
                 if progress["counted_judgments"] != bar.n:
                     context.track(_progress_metrics(progress), round_idx)
                 bar.update(progress["counted_judgments"] - bar.n)
-        return True
+        return Critique()
 
 
 def _progress_metrics(progress: dict[str, int]) -> dict[str, float]:

@@ -371,8 +371,8 @@ def critique_round(run: Run, rnd: Round) -> None:
     into the store. Rank 0's answer counts: people work there while the others wait."""
     context = CritiqueContext(run.cfg, run.store, rnd.idx, rnd.sets, run.train_by_id, run.image_refs,
                               say=run.console.print, track=run.tracker.log)
-    rnd.people_done = distributed.broadcast_object(run.critic.review(context))
-    rnd.critique = context.report
+    critique = distributed.broadcast_object(run.critic.review(context))
+    rnd.people_done, rnd.critique = critique.done, critique.report
 
 
 def read_verdicts(run: Run, rnd: Round) -> None:

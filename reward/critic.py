@@ -28,6 +28,7 @@ from illume import distributed
 from illume.config import ConfigError, RunConfig
 from illume.critics import (
     PEOPLE_CRITICS,
+    Critique,
     CritiqueContext,
     SimulatedCritic,
     order_items,
@@ -105,18 +106,18 @@ class RewardCritic:
         """Distance from the threshold within which an item goes to people (None: the model decides all)."""
         return None
 
-    def review(self, context: CritiqueContext) -> bool:
+    def review(self, context: CritiqueContext) -> Critique:
         if context.round_idx < self.cfg.reward.people_rounds:
             return self.people.review(context)
         report, people_order = self._critique(context)
-        context.report.update(report)
-        return self.people.review(context, people_order)  # the items it left, in the order it chose
+        people = self.people.review(context, people_order)  # the items it left, in the order it chose
+        return Critique(people.done, {**report, **people.report})
 
     def _critique(self, context: CritiqueContext) -> tuple[dict, list[str] | None]:
         """Decide the items the reward model is sure of; returns (the round's report keys, the items left for
         people in hand-out order: `PeopleCritic.review`'s `order`)."""
         cfg, store, round_idx, sets = self.cfg, context.store, context.round_idx, context.sets
-        rm, info = reward_model_on(cfg, round_idx - 1, store, context.examples_by_id, context.say)
+        rm, info = reward_model_on(cfg, round_idx - 1, store, context.train_by_id, context.say)
         decider = RewardDecider(rm, info["threshold"], self.band())
         # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
         # Example id -> whether people judged it.
@@ -137,8 +138,8 @@ class RewardCritic:
         # simulated critic's: the achieved precision and recall of its accepts.
         decided_ids = {j.example_id for j in judgments}
         decided = [cs for cs in todo if cs.example_id in decided_ids]
-        if decided and all(context.examples_by_id[cs.example_id].explanations for cs in decided):
-            oracle = SimulatedCritic(cfg.critic).decide(decided, context.examples_by_id)
+        if decided and all(context.train_by_id[cs.example_id].explanations for cs in decided):
+            oracle = SimulatedCritic(cfg.critic).decide(decided, context.train_by_id)
             by_id = {j.example_id: set(j.accepted) for j in judgments}
             pairs = [(c.text in by_id[o.example_id], c.text in set(o.accepted))
                      for o in oracle for c in sets[o.example_id].candidates]
@@ -161,12 +162,12 @@ class RewardCritic:
         if order == "uncertainty" and todo:
             scores, values = UNCERTAINTY[cfg.reward.uncertainty](
                 cfg, decider.reward_model, decider.threshold, context.store, round_idx, todo,
-                context.examples_by_id, learn_from(cfg))
+                context.train_by_id, learn_from(cfg))
             uncertainty = {cs.example_id: (value, min((abs(s - decider.threshold) for s in item_scores),
                                                       default=float("inf")))
                            for cs, item_scores, value in zip(todo, scores, values)}
         else:
-            scores = decider.scores(todo, context.examples_by_id) if todo else []
+            scores = decider.scores(todo, context.train_by_id) if todo else []
         ordered = order_items(order, [cs.example_id for cs in todo], cfg.seed, round_idx, uncertainty)
         if budget is None:  # the band rule (critic.kind=reward: no band, the model decides all)
             people = {cs.example_id for cs, item_scores in zip(todo, scores) if not decider.confident(item_scores)}
@@ -179,10 +180,10 @@ class RewardCritic:
         people_order = [example_id for example_id in ordered if example_id in people]
         report = {"people_items": len(people)}
         people_sets = [cs for cs in todo if cs.example_id in people]
-        if people_sets and all(context.examples_by_id[cs.example_id].explanations for cs in people_sets):
+        if people_sets and all(context.train_by_id[cs.example_id].explanations for cs in people_sets):
             model = {cs.example_id: decider.decide_item(cs, item_scores).accepted
                      for cs, item_scores in zip(todo, scores) if cs.example_id in people}
-            oracle = SimulatedCritic(cfg.critic).decide(people_sets, context.examples_by_id)
+            oracle = SimulatedCritic(cfg.critic).decide(people_sets, context.train_by_id)
             report["people_items_rm_wrong"] = sum(model[o.example_id] != o.accepted for o in oracle) / len(oracle)
         return judgments, people_order, report
 

@@ -31,7 +31,7 @@ import torch
 
 from illume import distributed
 from illume.config import RunConfig
-from illume.critics import PEOPLE_CRITICS, CritiqueContext, SimulatedCritic
+from illume.critics import PEOPLE_CRITICS, Critique, CritiqueContext, SimulatedCritic
 from illume.data.records import CandidateSet, Example, load_image
 from illume.feedback.verdicts import read_feedback
 from illume.feedback.writes import NewJudgment
@@ -180,7 +180,7 @@ class JudgeCritic:
         feedback = read_feedback(context.store, upto_round=context.round_idx - 1,
                                  aggregate=self.cfg.feedback.aggregate, kinds=calibration_kinds(self.cfg))
         labelled = labelled_candidates(feedback)
-        labelled = [row for row in labelled if row[0] in context.examples_by_id]
+        labelled = [row for row in labelled if row[0] in context.train_by_id]
         if not labelled or not any(label for *_, label in labelled):
             return judge_cfg.default_threshold(), "config"
         answers = {(item.example_id, item.prompt): item.answer for item in feedback.items}
@@ -188,7 +188,7 @@ class JudgeCritic:
         for example_id, prompt, text, _ in labelled:
             by_item.setdefault((example_id, prompt), []).append(text)
         keys = list(by_item)
-        items = [(context.examples_by_id[e], answers[e, p], by_item[e, p]) for e, p in keys]
+        items = [(context.train_by_id[e], answers[e, p], by_item[e, p]) for e, p in keys]
         scored = {}
         for (e, p), scores in zip(keys, self.judge.score(items)):
             scored.update({(e, p, t): s for t, s in zip(by_item[e, p], scores)})
@@ -206,24 +206,23 @@ class JudgeCritic:
             judgments.append(NewJudgment(cs.example_id, accepted, none_fit=not accepted))
         return judgments
 
-    def review(self, context: CritiqueContext) -> bool:
+    def review(self, context: CritiqueContext) -> Critique:
         if context.round_idx < self.cfg.judge.people_rounds:
             return self.people.review(context)
         if not distributed.is_main():
-            return True
+            return Critique()  # rank 0's counts: the loop broadcasts its critique
         store, round_idx, sets = context.store, context.round_idx, context.sets
         threshold, source = self.threshold(context)
         judged = {item.example_id for item in store.judged_items("train", round_idx=round_idx)}
         todo = [cs for example_id, cs in sets.items() if example_id not in judged]
-        judgments = self.decide(todo, context.examples_by_id, threshold) if todo else []
+        judgments = self.decide(todo, context.train_by_id, threshold) if todo else []
         store.add_judgments(round_idx, judgments, self.annotator, kind=self.kind)
         report = {"judge_threshold": threshold, "judge_threshold_from": source,
                   "judge_judged_items": len(judgments),
                   "judge_accepted_candidates": sum(len(j.accepted) for j in judgments)}
-        decided = [cs for cs in todo if context.examples_by_id[cs.example_id].explanations]
+        decided = [cs for cs in todo if context.train_by_id[cs.example_id].explanations]
         if decided and len(decided) == len(todo):
-            oracle = SimulatedCritic(self.cfg.critic).decide(decided, context.examples_by_id)
+            oracle = SimulatedCritic(self.cfg.critic).decide(decided, context.train_by_id)
             report.update(agreement(judgments, oracle, sets))
-        context.report.update(report)
-        return True
+        return Critique(report=report)
 

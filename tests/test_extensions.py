@@ -10,7 +10,7 @@ from functools import partial
 
 import pytest
 
-from illume.critics import CritiqueContext
+from illume.critics import Critique, CritiqueContext
 from illume.feedback.writes import NewJudgment
 from tests.conftest import REPO, tiny_overrides
 from tests.test_policies import _toy_policy
@@ -24,13 +24,12 @@ class FirstCandidateJudge:
     def __init__(self, cfg, seen: list):
         self.seen = seen
 
-    def review(self, context: CritiqueContext) -> bool:
+    def review(self, context: CritiqueContext) -> Critique:
         self.seen.append(context.round_idx)
         judgments = [NewJudgment(example_id, [cs.candidates[0].text] if cs.candidates else [], not cs.candidates)
                      for example_id, cs in context.sets.items()]
         context.store.add_judgments(context.round_idx, judgments, self.annotator, kind=self.kind)
-        context.report["judge_items"] = len(judgments)
-        return True
+        return Critique(report={"judge_items": len(judgments)})
 
 
 @pytest.mark.slow

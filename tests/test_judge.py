@@ -135,7 +135,8 @@ def test_judge_verdicts_are_the_judges_and_count_as_people_only_if_configured(tm
         critic._judge = _FakeJudge(table)
         sets1 = _store_round(store, 1, examples)
         context = CritiqueContext(cfg, store, 1, sets1, by_id, say=lambda _: None)
-        assert critic.review(context)
+        critique = critic.review(context)
+        assert critique.done
         kinds = store.annotator_kinds()
         assert kinds == {"simulated:rouge_l>=0.7": "simulated", "judge:likelihood": "judge"}
         # The judge judged round 1 only; its judgments never count as people's by default.
@@ -143,7 +144,7 @@ def test_judge_verdicts_are_the_judges_and_count_as_people_only_if_configured(tm
         assert store.num_judgments(kinds=["judge"]) == 4
         with_judge = dataclasses.replace(cfg.feedback, people=["person", "simulated", "judge"])
         assert store.num_judgments(kinds=with_judge.people) == 8
-    report = context.report
+    report = critique.report
     assert report["judge_threshold_from"] == "people"
     assert report["judge_threshold"] == calibrate_threshold([0.9] * 4 + [0.1] * 4, [True] * 4 + [False] * 4, 0.9)
     assert report["judge_judged_items"] == 4 and report["judge_accepted_candidates"] == 4
@@ -161,11 +162,11 @@ def test_the_judge_uses_the_configured_threshold_without_people(tmp_path):
         for round_idx in (0, 1):
             context = CritiqueContext(cfg, store, round_idx, _store_round(store, round_idx, examples), by_id,
                                       say=lambda _: None)
-            assert critic.review(context)
-            assert context.report["judge_threshold"] == 0.5 and context.report["judge_threshold_from"] == "config"
+            report = critic.review(context).report
+            assert report["judge_threshold"] == 0.5 and report["judge_threshold_from"] == "config"
             # It accepts the wrong one: the simulated critic disagrees on every candidate.
-            assert context.report["judge_precision_vs_simulated"] == 0.0
-            assert context.report["judge_alpha_vs_simulated"] < 0
+            assert report["judge_precision_vs_simulated"] == 0.0
+            assert report["judge_alpha_vs_simulated"] < 0
         assert store.annotator_kinds() == {"judge:yes_no": "judge"}
         assert store.num_judgments(kinds=cfg.feedback.people) == 0
 

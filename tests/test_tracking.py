@@ -161,7 +161,7 @@ def test_the_web_critic_reports_annotation_progress_while_it_waits(tmp_path, mon
         context = CritiqueContext(cfg, store, 0, {cs.example_id: cs for cs in store.candidate_sets(0, "train")},
                                   {k: example(k) for k in ("e1", "e2")}, say=lambda text: None,
                                   track=lambda metrics, step: logged.append((step, metrics)))
-        assert WebCritic(cfg).review(context)
+        assert WebCritic(cfg).review(context).done
     assert [(step, m["annotation/judged"], m["annotation/needed"], m["annotation/complete_items"])
             for step, m in logged] == [(0, 0, 2, 0), (0, 1, 2, 1), (0, 2, 2, 2)]
     assert all(m["annotation/items"] == 2 for _, m in logged)

@@ -47,7 +47,7 @@ def _cfg(tmp_path, *overrides) -> RunConfig:
 def _hybrid_round(tmp_path, monkeypatch, *overrides, people_before: tuple[str, ...] = ()):
     """Round 1 of a hybrid critic over IDS with fixed scores and a fixed second opinion (no model is
     fitted); people are the simulated critic. Returns (who judged what: example -> annotator kind, the
-    context, the order the reward model handed the people critic: `PeopleCritic.review`'s `order`)."""
+    critic's `Critique`, the order the reward model handed the people critic: `PeopleCritic.review`'s `order`)."""
     cfg = _cfg(tmp_path, "reward.people_rounds=1", "reward.hybrid_band=1.0", *overrides)
     store = FeedbackStore(tmp_path / "feedback.db")
     sets = _sets()
@@ -68,11 +68,12 @@ def _hybrid_round(tmp_path, monkeypatch, *overrides, people_before: tuple[str, .
         return people.review(context, order)
 
     critic.people = SimpleNamespace(review=review)
-    assert critic.review(context) and len(handed) == 1
+    critique = critic.review(context)
+    assert critique.done and len(handed) == 1
     judged = {item.example_id: [j.annotator_kind for j in item.judgments]
               for item in store.judged_items("train", round_idx=1)}
     assert all(len(kinds) == 1 for kinds in judged.values()) and set(judged) == set(IDS)  # each once, by one
-    return {e: kinds[0] for e, kinds in judged.items()}, context, handed[0]
+    return {e: kinds[0] for e, kinds in judged.items()}, critique, handed[0]
 
 
 def _people(judged):
@@ -128,17 +129,17 @@ def test_orders_are_seeded_and_stable():
 @pytest.mark.parametrize("order", ["stored", "random", "uncertainty"])
 def test_a_budget_sends_exactly_n_items_to_people_in_the_order_and_the_model_decides_the_rest(
         tmp_path, monkeypatch, order):
-    judged, context, handed = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2",
-                                            f"annotate.order={order}")
+    judged, critique, handed = _hybrid_round(tmp_path, monkeypatch, "annotate.budget_per_round=2",
+                                             f"annotate.order={order}")
     expected = {"stored": ["e0", "e1"], "random": order_items("random", IDS, 0, 1)[:2],
                 "uncertainty": ["e5", "e2"]}[order]
     assert _people(judged) == set(expected)  # exactly N, the first N in the order
     assert sum(kind == "reward" for kind in judged.values()) == len(IDS) - 2  # the model: exactly the rest
     assert handed == expected
-    assert context.report["people_items"] == 2 and context.report["rm_decided_items"] == 4
+    assert critique.report["people_items"] == 2 and critique.report["rm_decided_items"] == 4
     # e5 and e2: the model rejects both and the simulated critic accepts "reason 0": both are its mistakes.
     if order == "uncertainty":
-        assert context.report["people_items_rm_wrong"] == 1.0
+        assert critique.report["people_items_rm_wrong"] == 1.0
 
 
 def test_a_budget_counts_what_people_already_judged_this_round(tmp_path, monkeypatch):
@@ -155,12 +156,12 @@ def test_a_budget_of_zero_leaves_everything_to_the_model(tmp_path, monkeypatch):
 def test_the_band_rule_is_unchanged_by_default(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path)
     assert (cfg.annotate.order, cfg.annotate.budget_per_round) == ("stored", None)
-    judged, context, handed = _hybrid_round(tmp_path, monkeypatch)
+    judged, critique, handed = _hybrid_round(tmp_path, monkeypatch)
     assert _people(judged) == {"e1", "e4"}  # a candidate within the band of 1.0
-    assert handed is None and "people_items" not in context.report  # results.json as before
+    assert handed is None and "people_items" not in critique.report  # results.json as before
     # The band rule with order=uncertainty: the same items, the least certain first.
     (tmp_path / "feedback.db").unlink()
-    judged, context, handed = _hybrid_round(tmp_path, monkeypatch, "annotate.order=uncertainty")
+    judged, _, handed = _hybrid_round(tmp_path, monkeypatch, "annotate.order=uncertainty")
     assert _people(judged) == {"e1", "e4"} and handed == ["e4", "e1"]
 
 
@@ -188,7 +189,7 @@ def test_the_web_critic_writes_the_hand_out_order(tmp_path, monkeypatch):
         sets = _sets()
         store.add_candidate_sets(0, "train", sets)
         context = CritiqueContext(cfg, store, 0, {cs.example_id: cs for cs in sets}, _examples(), say=lambda _: None)
-        assert not WebCritic(cfg).review(context)  # nobody judged yet: stops, to be continued
+        assert not WebCritic(cfg).review(context).done  # nobody judged yet: stops, to be continued
         queue = AnnotationQueue(store)
         handed = [_lease(queue, f"p{i}") for i in range(6)]
         assert handed == order_items("random", IDS, cfg.seed, 0)
