@@ -167,3 +167,53 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.gather_objects([1, 2]) == [1, 2] and distributed.broadcast_object("x") == "x"
     distributed.barrier()
     assert distributed.ddp_backend() is None
+
+
+def _node(rank_count: int, endpoint: str, *args: str) -> subprocess.Popen:
+    """One node's torchrun agent: `--nnodes 2`, one process, rendezvous at `endpoint` (c10d), as on a cluster."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # the launcher sets them
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(rank_count),
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "illume-two-nodes",
+               "-m", "illume.cli", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_node_ranks_run_the_loop_end_to_end(config, postgres_url):
+    """Two torchrun agents on this machine stand for two nodes (`--nnodes 2`, one process each, a c10d
+    rendezvous endpoint), with one run folder both see and a PostgreSQL store: what docs/scaling.md's
+    several-node recipe runs on a cluster, with the hosts changed. Every candidate is stored once, both
+    processes train together, rank 0 alone writes the folder."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    args = ["run", *config, "name=nodes", f"store_url={postgres_url}"]
+    nodes = [_node(1, endpoint, *args) for _ in range(2)]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=SUBPROCESS_TIMEOUT)[0])
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-6000:]
+    assert sum(output.count("results: ") for output in outputs) == 1  # one node's rank 0 reports
+
+    cfg = load_config(config[0], config[1:] + ["name=nodes", f"store_url={postgres_url}"])
+    train = load_split(cfg.data, "train")
+    with FeedbackStore(postgres_url) as store:
+        for round_idx in (0, 1):
+            assert sorted(cs.example_id for cs in store.candidate_sets(round_idx)) == sorted(e.id for e in train)
+            judged = [r["example_id"] for r in store.judgments_table() if r["round_idx"] == round_idx]
+            assert sorted(set(judged)) == sorted(e.id for e in train)  # every item judged
+        assert store.num_judgments() == 2 * len(train)  # once each: one critic, on one node
+        # Round 0: the candidates one process draws, as with two processes on one node.
+        one_process = sample(load_vlm(cfg), train, cfg.sample, round_idx=0, use_reference_answer=True)
+        assert _without_logprobs(store.candidate_sets(0)) == _without_logprobs(one_process)
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    assert [r["round"] for r in results] == ["base", 0, 1] and all(r["trained"] for r in results[1:])
+    for round_idx in (0, 1):
+        training = json.loads((cfg.run_dir / f"round_{round_idx:02d}" / "training.json").read_text())
+        assert training["world_size"] == 2
+    assert not (cfg.run_dir / "feedback.db").exists()  # the store is the PostgreSQL database
