@@ -59,6 +59,7 @@ def prompt_batch(vlm, images: list, prompts: list[str]) -> dict[str, torch.Tenso
 
 
 def _generate(vlm, batch: dict, **kwargs) -> list[list[int]]:
+    batch = {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in batch.items()}  # a GPU model too
     out = vlm.model.generate(**batch, pad_token_id=vlm.pad_token_id, **kwargs)
     return out[:, batch["input_ids"].shape[1]:].tolist()
 
