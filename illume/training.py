@@ -1,8 +1,9 @@
-"""Selection fine-tuning: tune the adapters on every rationale accepted so far (ILLUME's step 3).
+"""Selection fine-tuning: tune the adapters on every rationale accepted so far (ILLUME's tune step), and the
+adapter trainer every policy shares (`adapter_trainer`: SFT, DPO, KTO, GRPO).
 
 Assumptions, up front:
-- The training set is rebuilt each round from the store: every accepted rationale of every round so far
-  (deduplicated per example and text) as `Q: q A: a, seeing that r<eos>` rows with loss on the rationale, plus
+- The training set is rebuilt each round from the feedback the loop read: every accepted rationale of every
+  round so far (deduplicated per example and text) as `Q: q A: a, seeing that r<eos>` rows with loss on the rationale, plus
   answer-only rows `Q: q A: a<eos>` (loss on the answer) for examples that have no accepted rationale.
 - loss = answer CE + w * rationale CE, summed over rows: each row's mean token CE is weighted by 1 (answer rows)
   or w (rationale rows), w = #answer-only rows / #rationale rows unless configured (the paper's choice: both
