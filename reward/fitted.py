@@ -11,6 +11,9 @@ reward critic (reward/critic.py) and GRPO (policies/grpo.py, policies/grpo_trl.p
   train`); it is used as it is, every round, after `check_reward_checkpoint` made sure (before any model
   loads) that it was fitted on this run's base model.
 - Every process fits (together, through the Trainer); rank 0 writes the files.
+- **A saved one, served or exported.** `saved_reward_folder` is the one rule of which saved reward model a
+  command takes from a run (`illume reward serve`, `illume export-model --reward`); `check_reward_base` that
+  it belongs to the run's base model.
 """
 
 from __future__ import annotations
