@@ -506,7 +506,10 @@ def cmd_reward_serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"reward error: {error}", file=sys.stderr)
         return 2
-    app = create_app(served, cfg)  # refuses a malformed --allowed-host before anything is served
+    try:
+        app = create_app(served, cfg)
+    except ValueError as error:  # a malformed --allowed-host
+        raise ConfigError(str(error)) from error
     rm = served.rm
     accept = f"accept: score >= {rm.threshold:.4g}" if rm.threshold is not None else "no accept threshold"
     shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host

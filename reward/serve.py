@@ -293,7 +293,8 @@ def _open(opener: Callable[[], Image.Image], field: str) -> Image.Image:
         image.load()
         return image
     except DatasetError as error:
-        raise _error(422, field, str(error).replace(f"image {field}", "the image")) from None
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names its buffer
+        raise _error(422, field, message.replace(f"image {field}", "the image")) from None
     except Exception as error:  # PIL raises several types for corrupt files
         raise _error(422, field, f"cannot read the image: {error}") from None
 

@@ -158,7 +158,7 @@ def test_a_request_is_scored_as_reward_model_scores_it_in_process(live, served):
     expected_1 = in_process(served.rm, 1, question, "red", [RATIONALES[1], RATIONALES[2]])
     expected = [expected_0[0], expected_1[0], expected_0[1], expected_1[1], expected_0[2]]
     assert body["scores"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    assert body["scores"][0] == body["scores"][2]  # the same rationale, once with the connective
+    assert body["scores"][0] == pytest.approx(body["scores"][2], rel=1e-6)  # the same rationale, once with the connective
     assert body["accept"] == [value >= THRESHOLD for value in body["scores"]] and body["threshold"] == THRESHOLD
 
 
@@ -309,6 +309,8 @@ def test_the_command_binds_loopback_by_default_and_a_wider_bind_needs_a_token(se
     assert main(["reward", "train", "runs/x", "--port", "1"]) == 2
     assert "--port is for `illume reward serve`" in capsys.readouterr().err
     assert main(["reward", "serve", "runs/x", "--max-items", "0"]) == 2
+    assert main(["reward", "serve", "runs/x", "--allowed-host", "lab.*.org"]) == 2
+    assert "--allowed-host: 'lab.*.org'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
