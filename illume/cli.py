@@ -483,7 +483,7 @@ SERVE_OPTIONS = {"host": "--host", "port": "--port", "token": "--token", "allowe
 def cmd_reward_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from illume.http_guard import is_loopback, serve
+    from illume.http_guard import allowed_hosts, is_loopback, serve
     from reward.serve import ServeConfig, create_app, load_served_model
 
     given = {name: getattr(args, name) for name in SERVE_OPTIONS if getattr(args, name) is not None}
@@ -495,6 +495,7 @@ def cmd_reward_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--image-root {given['image_root']} is not a folder")
     try:
         cfg = ServeConfig(**given)
+        allowed_hosts(cfg.host, cfg.allowed_hosts, "--allowed-host")  # checked before the model loads
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if not is_loopback(cfg.host) and not cfg.token:
@@ -503,17 +504,17 @@ def cmd_reward_serve(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     try:
         served = load_served_model(run_dir, args.round)
-    except (FileNotFoundError, ValueError) as error:
+    except ConfigError:  # no readable config.yaml: main() says `config error:`
+        raise
+    except (FileNotFoundError, ValueError) as error:  # no such reward model; fitted on another base model
         print(f"reward error: {error}", file=sys.stderr)
         return 2
-    try:
-        app = create_app(served, cfg)
-    except ValueError as error:  # a malformed --allowed-host
-        raise ConfigError(str(error)) from error
+    app = create_app(served, cfg)
     rm = served.rm
     accept = f"accept: score >= {rm.threshold:.4g}" if rm.threshold is not None else "no accept threshold"
     shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"serving {run_dir / served.reward_dir} ({accept}) on http://{shown_host}:{cfg.port}: POST /score, "
+    print(f"serving {run_dir / served.reward_dir} (fitted on {rm.backbone_id or 'an unrecorded base model'}; "
+          f"{accept}) on http://{shown_host}:{cfg.port}: POST /score, "
           f"POST /openrlhf, GET /health" + ("" if cfg.token is None else " (token required but for /health)"))
     print("stop with Ctrl+C")
     serve(app, cfg.host, cfg.port, log_level="warning")

@@ -5,7 +5,7 @@ that run elsewhere (TRL's GRPOTrainer, verl, OpenRLHF: scripts/integrations/ and
 
 Routes (JSON in and out; errors are `{"detail": ..., "errors": [{"field", "message"}]}`):
 - `GET /health`, no token: `{"status": "ok", "model": {...}, "limits": {...}}`: which reward model is loaded
-  (its folder under RUN_DIR and round, base model identity, threshold, held-out precision) and the limits.
+  (its folder under RUN_DIR and round, threshold, held-out precision and recall) and the limits.
 - `POST /score`: `{"items": [{"image": BASE64, "question": Q, "answer": A, "rationale": R}, ...]}` ->
   `{"scores": [float, ...], "accept": [bool, ...] | null, "threshold": float | null}`, parallel to the items.
   `image_path` (a path under the server's `--image-root`) may stand in for `image` when the server was
@@ -422,17 +422,18 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
     def accept_of(scores: list[float]) -> list[bool] | None:
         return None if threshold is None else [value >= threshold for value in scores]
 
-    async def json_body(request: Request) -> Any:
-        raw = await request.body()  # the body limit (BodyLimit) applies while it is read
+    def parsed(raw: bytes, parse: Callable[[Any], list[Item]]) -> list[Item]:
         try:
-            return json.loads(raw)
+            payload = json.loads(raw)
         except ValueError:
             raise _error(422, None, "the body is not JSON") from None
+        return parse(payload)
 
     async def answer(request: Request, parse: Callable[[Any], list[Item]],
                      reply: Callable[[list[float]], dict]) -> JSONResponse:
-        try:
-            items = await run_in_threadpool(parse, await json_body(request))  # decodes images
+        raw = await request.body()  # the body limit (BodyLimit) applies while it is read
+        try:  # parsing and decoding images in a worker thread, as scoring: the event loop stays free
+            items = await run_in_threadpool(parsed, raw, parse)
         except RequestError as error:
             return errors_response(error.errors, error.status_code)
         return JSONResponse(reply(await run_in_threadpool(scores_of, items)))
@@ -441,9 +442,9 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
     def health() -> dict[str, Any]:
         return {
             "status": "ok",
-            "model": {"reward_dir": served.reward_dir, "round": served.round_idx, "backbone": rm.backbone_id,
-                      "pooling": rm.pooling, "threshold": threshold, "target_precision": rm.target_precision,
-                      "heldout": served.heldout},
+            # (not the base model's identity: it may be a local path, and this route is open)
+            "model": {"reward_dir": served.reward_dir, "round": served.round_idx, "pooling": rm.pooling,
+                      "threshold": threshold, "target_precision": rm.target_precision, "heldout": served.heldout},
             "accept": ("score >= threshold, calibrated on held-out judgments by people to reach "
                        "target_precision" if threshold is not None else None),
             "limits": {"max_items": cfg.max_items, "max_body_bytes": cfg.max_body_bytes,

@@ -137,7 +137,7 @@ def test_health_needs_no_token_and_names_the_model(live):
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
-    assert body["model"] == {"reward_dir": "reward/round_01", "round": 1, "backbone": "tiny", "pooling": "mean",
+    assert body["model"] == {"reward_dir": "reward/round_01", "round": 1, "pooling": "mean",
                              "threshold": THRESHOLD, "target_precision": 0.5, "heldout": HELDOUT}
     assert "threshold" in body["accept"] and "probability" not in json.dumps(body)
     assert body["limits"] == {"max_items": MAX_ITEMS, "max_body_bytes": MAX_BODY, "max_text_chars": 4096,
