@@ -33,7 +33,8 @@ Assumptions, up front:
 - Protections (illume/http_guard.py, as the annotation page's): a `Host` header the server was not bound
   under gets 400; a body over `max_body_bytes` gets 413 before it is read; the token (`Authorization: Bearer
   T`, or `?token=T` for clients that cannot set a header, such as OpenRLHF) is checked from the headers and
-  query before the body is read (401); more than `max_items` items get 413; a malformed item gets 422
+  query before the body is read (401); more than `max_items` items get 413, as do images of more than
+  `MAX_REQUEST_PIXELS` in all (read from their headers, before any is decoded); a malformed item gets 422
   naming the field and what is allowed. It binds 127.0.0.1 unless told otherwise, and then needs a token.
 """
 
@@ -64,6 +65,9 @@ from illume.prompts import ChatStyle, rationale_prompt
 
 MAX_TEXT_CHARS = 4096
 """The longest question, answer or rationale accepted (characters)."""
+MAX_REQUEST_PIXELS = 1 << 26
+"""The most pixels a request's distinct images may hold in all (67M: 256 images of 512 x 512), checked from their
+headers before any is decoded (413 above): a small compressed file may decode to a huge image."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
 """The only files an `image_path` may name."""
 HEALTH_PATH = "/health"
@@ -237,14 +241,15 @@ def check_items(raw: Any, cfg: ServeConfig, field: str = "items",
     if errors:
         raise RequestError(422, errors)
     images: dict[str, Image.Image] = {}
+    pixels = _PixelBudget(field)
     items = []
     for i, item in enumerate(parsed):
         key = item.image if item.image is not None else f"path:{item.image_path}"
         if key not in images:
             if item.image is not None:
-                images[key] = _decode_image(item.image, f"{field}.{i}.image")
+                images[key] = _decode_image(item.image, f"{field}.{i}.image", pixels)
             else:
-                images[key] = _read_image(item.image_path, cfg.image_root, f"{field}.{i}.image_path")
+                images[key] = _read_image(item.image_path, cfg.image_root, f"{field}.{i}.image_path", pixels)
         items.append(Item(images[key], key, item.question, item.answer,
                           rationale_text(item.answer, item.rationale, connective)))
     return items
@@ -258,7 +263,20 @@ def _with_allowed(error: dict) -> str:
     return message
 
 
-def _decode_image(text: str, field: str) -> Image.Image:
+class _PixelBudget:
+    """What is left of `MAX_REQUEST_PIXELS` while a request's images are opened."""
+
+    def __init__(self, field: str):
+        self.left, self.field = MAX_REQUEST_PIXELS, field
+
+    def take(self, image: Image.Image) -> None:
+        self.left -= image.width * image.height
+        if self.left < 0:
+            raise _error(413, self.field, f"the request's images hold more than {MAX_REQUEST_PIXELS} pixels in "
+                                          "all: send fewer or smaller images per request")
+
+
+def _decode_image(text: str, field: str, pixels: _PixelBudget) -> Image.Image:
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
@@ -267,10 +285,10 @@ def _decode_image(text: str, field: str) -> Image.Image:
         raise _error(422, field, f"not base64 (standard alphabet, padded): {error}") from None
     if not data:
         raise _error(422, field, "empty: the image file as base64 is required")
-    return _open(lambda: image_from_bytes(data, field), field)
+    return _open(lambda: image_from_bytes(data, field), field, pixels)
 
 
-def _read_image(ref: str, root: Path | None, field: str) -> Image.Image:
+def _read_image(ref: str, root: Path | None, field: str, pixels: _PixelBudget) -> Image.Image:
     if root is None:
         raise _error(422, field, "this server reads no image files (it was started without --image-root): "
                                  "send the image as base64 in `image`")
@@ -283,20 +301,29 @@ def _read_image(ref: str, root: Path | None, field: str) -> Image.Image:
     if not inside or path.suffix.lower() not in IMAGE_SUFFIXES:
         raise _error(422, field, "no image file there: a path relative to the server's --image-root, ending "
                                  f"in one of {', '.join(IMAGE_SUFFIXES)}")
-    return _open(lambda: image_from_bytes(path.read_bytes(), field), field)
+    return _open(lambda: image_from_bytes(path.read_bytes(), field), field, pixels)
 
 
-def _open(opener: Callable[[], Image.Image], field: str) -> Image.Image:
-    """The image, decoded now (so that a broken one is this request's 422, not a failure while scoring)."""
+def _open(opener: Callable[[], Image.Image], field: str, pixels: _PixelBudget) -> Image.Image:
+    """The image, decoded now (so that a broken one is this request's 422, not a failure while scoring),
+    once its header said that its pixels fit in the request's budget."""
     try:
-        image = opener()
+        image = opener()  # the header only
+    except Exception as error:
+        raise _unreadable(error, field) from None
+    pixels.take(image)
+    try:
         image.load()
         return image
-    except DatasetError as error:
-        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names its buffer
-        raise _error(422, field, message.replace(f"image {field}", "the image")) from None
     except Exception as error:  # PIL raises several types for corrupt files
-        raise _error(422, field, f"cannot read the image: {error}") from None
+        raise _unreadable(error, field) from None
+
+
+def _unreadable(error: Exception, field: str) -> RequestError:
+    if isinstance(error, DatasetError):  # it names the image by `field`, which the 422 names anyway
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))  # PIL names its buffer
+        return _error(422, field, message.replace(f"image {field}", "the image"))
+    return _error(422, field, f"cannot read the image: {error}")
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -448,7 +475,8 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
             "accept": ("score >= threshold, calibrated on held-out judgments by people to reach "
                        "target_precision" if threshold is not None else None),
             "limits": {"max_items": cfg.max_items, "max_body_bytes": cfg.max_body_bytes,
-                       "max_text_chars": MAX_TEXT_CHARS, "batch_size": cfg.batch_size,
+                       "max_text_chars": MAX_TEXT_CHARS, "max_request_pixels": MAX_REQUEST_PIXELS,
+                       "batch_size": cfg.batch_size,
                        "image_paths": cfg.image_root is not None},
         }
 

@@ -141,7 +141,7 @@ def test_health_needs_no_token_and_names_the_model(live):
                              "threshold": THRESHOLD, "target_precision": 0.5, "heldout": HELDOUT}
     assert "threshold" in body["accept"] and "probability" not in json.dumps(body)
     assert body["limits"] == {"max_items": MAX_ITEMS, "max_body_bytes": MAX_BODY, "max_text_chars": 4096,
-                              "batch_size": BATCH, "image_paths": False}
+                              "max_request_pixels": 1 << 26, "batch_size": BATCH, "image_paths": False}
     assert httpx.post(f"{live.url}/score", json={"items": [item(0, "red")]}, timeout=10).status_code == 401
 
 
@@ -229,6 +229,16 @@ def test_errors_name_the_field_and_what_is_allowed(served):
     assert client.post("/score", content=b"{not json").json()["detail"] == "the body is not JSON"
     wrong_type = client.post("/score", json={"items": [{**item(0, "red"), "question": 7}]})
     assert wrong_type.json()["errors"][0]["field"] == "items.0.question"
+
+
+def test_the_images_of_a_request_have_a_pixel_budget(served, monkeypatch):
+    """Checked from the headers before anything is decoded; an image sent twice counts once."""
+    monkeypatch.setattr("reward.serve.MAX_REQUEST_PIXELS", 32 * 32 * 2)
+    client = TestClient(create_app(served, ServeConfig()), base_url=LOCAL)
+    assert client.post("/score", json={"items": [item(0, "a"), item(1, "b"), item(0, "c")]}).status_code == 200
+    over = client.post("/score", json={"items": [item(0, "a"), item(1, "b"), item(2, "c")]})
+    assert over.status_code == 413 and over.json()["errors"][0]["field"] == "items"
+    assert f"more than {32 * 32 * 2} pixels" in over.json()["detail"]
 
 
 def test_images_are_read_from_the_image_root_only(served, tmp_path):
