@@ -38,7 +38,7 @@ TOKEN = "serve-s3cret"
 LOCAL = "http://127.0.0.1"
 BATCH = 4
 MAX_ITEMS = 8
-MAX_BODY = 300_000
+MAX_BODY = 60_000
 THRESHOLD = 0.0
 HELDOUT = {"target_precision": 0.5, "precision": 0.75, "recall": 0.5, "precision_crossfit": 0.7,
            "recall_crossfit": 0.4, "roc_auc": 0.8, "pairwise_accuracy": 0.9, "num_candidates": 12, "num_examples": 4}
@@ -170,7 +170,7 @@ def test_twenty_concurrent_clients_with_bad_requests_mixed_in(live, served):
     for k in range(30):  # expectations first: the model is not thread-safe, in-process scoring included
         rationales = [f"{RATIONALES[(k + j) % len(RATIONALES)]} {'and ' * (k % 3)}it is" for j in range(1 + k % 5)]
         good[k] = (rationales, in_process(served.rm, k, question, "blue", rationales))
-    oversized = json.dumps({"items": [item(0, "x" * 4000)] * 80}).encode()
+    oversized = json.dumps({"items": [item(0, "x" * 4000)] * 20}).encode()
     assert len(oversized) > MAX_BODY
     bad = {
         "wrong token": (lambda: _post(f"{live.url}/score", {"items": [item(1, "red")]}, token="wrong"), 401, None),
