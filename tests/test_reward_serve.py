@@ -213,6 +213,35 @@ def test_twenty_concurrent_clients_with_bad_requests_mixed_in(live, served):
     assert "--max-body-bytes" in next(r for kind, _, r in results if kind == "oversized body").json()["detail"]
 
 
+def test_scoring_is_serialised(served, monkeypatch):
+    """The model is not thread-safe: concurrent requests reach `reward.model.score` one at a time (a wrapper
+    that lingers in it counts how many are inside at once)."""
+    import reward.model
+
+    original, inside, most = reward.model.score, [0], [0]
+    guard = threading.Lock()
+
+    def lingering_score(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(reward.model, "score", lingering_score)
+    server = LiveServer(create_app(served, ServeConfig(token=TOKEN)))
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            responses = list(pool.map(lambda k: _post(f"{server.url}/score", {"items": [item(k, "red")]}), range(8)))
+    finally:
+        server.stop()
+    assert [r.status_code for r in responses] == [200] * 8 and most[0] == 1
+
+
 def test_errors_name_the_field_and_what_is_allowed(served):
     client = TestClient(create_app(served, ServeConfig()), base_url=LOCAL)
     unknown = client.post("/score", json={"items": [{**item(0, "red"), "colour": "red"}]})
