@@ -13,6 +13,8 @@
                                                       stock transformers / PEFT load, with a model card
     illume reward train runs/demo [--round N]         fit the reward model on the judgments (rounds <= N)
     illume reward eval runs/demo                      its pairwise accuracy, ROC-AUC, precision/recall, plot
+    illume reward serve runs/demo [--round N] [--host H --port P --token T]
+                                                      the reward model over HTTP (TRL, verl, OpenRLHF)
     illume dpo runs/demo [key=value ...]              DPO on the run's judgments (or on a saved TRL dataset)
     illume kto runs/demo [key=value ...]              KTO on the run's judgments (or on a saved TRL dataset)
     illume convert-magma mp_rank_00_model_states.pt OUT --version v1|v2
@@ -374,6 +376,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reward(args: argparse.Namespace) -> int:
+    if args.action == "serve":
+        return cmd_reward_serve(args)
+    misplaced = [name for name in SERVE_OPTIONS if getattr(args, name) is not None]
+    if misplaced:
+        raise ConfigError(f"{SERVE_OPTIONS[misplaced[0]]} is for `illume reward serve`")
     from rich.console import Console
     from rich.table import Table
 
@@ -433,12 +440,85 @@ def cmd_reward(args: argparse.Namespace) -> int:
 
 
 def _add_reward_parser(commands) -> None:
-    sub = commands.add_parser("reward", help="train or evaluate the reward model on a run's judgments")
-    sub.add_argument("action", choices=("train", "eval"), help="train (then evaluate) | eval (the saved one)")
-    sub.add_argument("run_dir", help="run directory (its config.yaml and feedback store); writes RUN_DIR/reward/")
-    sub.add_argument("--round", type=int, default=None, help="train: judgments of rounds <= N (default: all)")
+    from reward.serve import ServeConfig
+
+    sub = commands.add_parser("reward", help="train, evaluate or serve the reward model of a run's judgments",
+                              description="serve: the reward model over HTTP (GET /health, POST /score, POST "
+                                          "/openrlhf) for TRL, verl and OpenRLHF; see the reward.serve module "
+                                          "doc and docs/reward-model.md.")
+    sub.add_argument("action", choices=("train", "eval", "serve"),
+                     help="train (then evaluate) | eval (the saved one) | serve (it, over HTTP)")
+    sub.add_argument("run_dir", help="run directory (its config.yaml and feedback store); train writes "
+                                     "RUN_DIR/reward/")
+    sub.add_argument("--round", type=int, default=None,
+                     help="train: judgments of rounds <= N (default: all); serve: the reward model of "
+                          "RUN_DIR/reward/round_NN (default: RUN_DIR/reward, else the latest round's)")
     sub.add_argument("--force", action="store_true", help="train: replace the reward model an earlier train wrote")
+    serve = sub.add_argument_group("serve")
+    serve.add_argument("--host", default=None,
+                       help=f"interface to bind (default {ServeConfig.host}; another one needs a token, generated "
+                            "and printed when --token is not given)")
+    serve.add_argument("--port", type=int, default=None, help=f"TCP port (default {ServeConfig.port})")
+    serve.add_argument("--token", default=None, help="the token every route but /health requires (Authorization: "
+                                                     "Bearer T, or ?token=T); default: none on loopback")
+    serve.add_argument("--allowed-host", action="append", default=None, dest="allowed_hosts", metavar="NAME",
+                       help="another Host name to answer (a proxy's; '*.example.org'); repeatable")
+    serve.add_argument("--max-items", type=int, default=None,
+                       help=f"the most items one request may hold (default {ServeConfig.max_items})")
+    serve.add_argument("--max-body-bytes", type=int, default=None,
+                       help=f"the largest request body read (default {ServeConfig.max_body_bytes})")
+    serve.add_argument("--batch-size", type=int, default=None,
+                       help=f"rationales per forward pass (default {ServeConfig.batch_size})")
+    serve.add_argument("--image-root", type=Path, default=None,
+                       help="a folder items may name images in (`image_path`); default: base64 images only")
     sub.set_defaults(handler=cmd_reward)
+
+
+SERVE_OPTIONS = {"host": "--host", "port": "--port", "token": "--token", "allowed_hosts": "--allowed-host",
+                 "max_items": "--max-items", "max_body_bytes": "--max-body-bytes", "batch_size": "--batch-size",
+                 "image_root": "--image-root"}
+"""`illume reward serve`'s own options (None unless given): attribute -> flag."""
+
+
+def cmd_reward_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from illume.http_guard import allowed_hosts, is_loopback, serve
+    from reward.serve import ServeConfig, create_app, load_served_model
+
+    given = {name: getattr(args, name) for name in SERVE_OPTIONS if getattr(args, name) is not None}
+    if "allowed_hosts" in given:
+        given["allowed_hosts"] = tuple(given["allowed_hosts"])
+    if args.force:
+        raise ConfigError("--force is for `illume reward train`")
+    if "image_root" in given and not given["image_root"].is_dir():
+        raise ConfigError(f"--image-root {given['image_root']} is not a folder")
+    try:
+        cfg = ServeConfig(**given)
+        allowed_hosts(cfg.host, cfg.allowed_hosts, "--allowed-host")  # checked before the model loads
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if not is_loopback(cfg.host) and not cfg.token:
+        cfg = replace(cfg, token=secrets.token_urlsafe(24))
+        print(f"--host {cfg.host} is reachable from other machines: generated a token: {cfg.token}")
+    run_dir = Path(args.run_dir)
+    try:
+        served = load_served_model(run_dir, args.round)
+    except ConfigError:  # no readable config.yaml: main() says `config error:`
+        raise
+    except (FileNotFoundError, ValueError) as error:  # no such reward model; fitted on another base model
+        print(f"reward error: {error}", file=sys.stderr)
+        return 2
+    app = create_app(served, cfg)
+    rm = served.rm
+    accept = f"accept: score >= {rm.threshold:.4g}" if rm.threshold is not None else "no accept threshold"
+    shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    print(f"serving {run_dir / served.reward_dir} (fitted on {rm.backbone_id or 'an unrecorded base model'}; "
+          f"{accept}) on http://{shown_host}:{cfg.port}: POST /score, "
+          f"POST /openrlhf, GET /health" + ("" if cfg.token is None else " (token required but for /health)"))
+    print("stop with Ctrl+C")
+    serve(app, cfg.host, cfg.port, log_level="warning")
+    return 0
 
 
 def cmd_policy(args: argparse.Namespace) -> int:

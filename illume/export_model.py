@@ -46,7 +46,7 @@ from illume.models.weights import load_trainable_weights, save_safetensors
 from illume.prompts import answer_prompt
 from illume.run_folder import check_output_folder
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
-from reward.model import CONFIG_FILE as REWARD_CONFIG_FILE
+from reward.fitted import check_reward_base, saved_reward_folder
 from reward.model import RewardModel
 
 COMMAND = "illume export-model"
@@ -89,18 +89,6 @@ def trained_rounds(run_dir: Path) -> list[int]:
     return rounds
 
 
-def reward_folders(run_dir: Path) -> dict[int | None, Path]:
-    """The run's saved reward models: round -> RUN_DIR/reward/round_NN, and None -> RUN_DIR/reward (the one
-    `illume reward train` writes), where there is one."""
-    root = run_dir / "reward"
-    folders: dict[int | None, Path] = {int(p.parent.name.removeprefix("round_")): p.parent
-                                       for p in sorted(root.glob(f"round_*/{REWARD_CONFIG_FILE}"))
-                                       if p.parent.name.removeprefix("round_").isdigit()}
-    if (root / REWARD_CONFIG_FILE).is_file():
-        folders[None] = root
-    return folders
-
-
 def _choose_round(run_dir: Path, round_idx: int | None) -> int:
     rounds = trained_rounds(run_dir)
     if not rounds:
@@ -115,20 +103,10 @@ def _choose_round(run_dir: Path, round_idx: int | None) -> int:
 
 
 def _choose_reward(run_dir: Path, round_idx: int | None) -> Path:
-    folders = reward_folders(run_dir)
-    shown = ", ".join(("reward/ (illume reward train)" if key is None else f"reward/round_{key:02d}")
-                      for key in sorted(folders, key=lambda k: -1 if k is None else k))
-    if round_idx is not None:
-        if round_idx not in folders:
-            raise ExportModelError(f"{run_dir / 'reward' / f'round_{round_idx:02d}'} holds no reward model; "
-                                   + (f"{run_dir} has {shown}" if folders else "the run has none"))
-        return folders[round_idx]
-    if None in folders:
-        return folders[None]
-    if folders:
-        return folders[max(k for k in folders if k is not None)]
-    raise ExportModelError(f"{run_dir} has no reward model: fit one with `illume reward train {run_dir}` (a run "
-                           "with critic.kind=reward or hybrid saves one per round under reward/round_NN)")
+    try:
+        return saved_reward_folder(run_dir, round_idx)
+    except FileNotFoundError as error:
+        raise ExportModelError(str(error)) from error
 
 
 def _base_model(cfg: RunConfig) -> str:
@@ -287,11 +265,10 @@ def _export_vlm(cfg: RunConfig, vlm, tmp: Path, out: Path, merge: bool, trained,
 
 
 def _check_reward_base(cfg: RunConfig, source: Path) -> None:
-    saved = (_read_json(source / REWARD_CONFIG_FILE) or {}).get("backbone")
-    ours = model_identity(cfg)
-    if saved is not None and saved != ours:
-        raise ExportModelError(f"{source} was fitted on another base model ({saved}) than the run's config.yaml "
-                               f"names ({ours}): its adapters belong to that model")
+    try:
+        check_reward_base(cfg, source)
+    except ValueError as error:
+        raise ExportModelError(str(error)) from error
 
 
 # -------------------------------------------------------------------- the model card

@@ -11,6 +11,9 @@ reward critic (reward/critic.py) and GRPO (policies/grpo.py, policies/grpo_trl.p
   train`); it is used as it is, every round, after `check_reward_checkpoint` made sure (before any model
   loads) that it was fitted on this run's base model.
 - Every process fits (together, through the Trainer); rank 0 writes the files.
+- **A saved one, served or exported.** `saved_reward_folder` is the one rule of which saved reward model a
+  command takes from a run (`illume reward serve`, `illume export-model --reward`); `check_reward_base` that
+  it belongs to the run's base model.
 """
 
 from __future__ import annotations
@@ -68,6 +71,61 @@ def check_reward_checkpoint(cfg: RunConfig) -> None:
     if cfg.critic.kind in ("reward", "hybrid") and saved.get("threshold") is None:
         raise ConfigError(f"reward.checkpoint={directory} has no calibrated accept threshold, which critic.kind="
                           f"{cfg.critic.kind} needs; calibrate it with `illume reward eval`")
+
+
+def reward_folders(run_dir: Path) -> dict[int | None, Path]:
+    """The run's saved reward models: round -> RUN_DIR/reward/round_NN, and None -> RUN_DIR/reward (the one
+    `illume reward train` writes), where there is one."""
+    from reward.model import CONFIG_FILE
+
+    root = Path(run_dir) / "reward"
+    folders: dict[int | None, Path] = {int(p.parent.name.removeprefix("round_")): p.parent
+                                       for p in sorted(root.glob(f"round_*/{CONFIG_FILE}"))
+                                       if p.parent.name.removeprefix("round_").isdigit()}
+    if (root / CONFIG_FILE).is_file():
+        folders[None] = root
+    return folders
+
+
+def saved_reward_folder(run_dir: Path, round_idx: int | None = None) -> Path:
+    """The reward model a command takes from a run (`illume export-model --reward`, `illume reward serve`):
+    RUN_DIR/reward/round_NN with `round_idx` (what a run with a reward or hybrid critic fitted for round N),
+    else RUN_DIR/reward (`illume reward train`), else the latest round's.
+
+    Raises:
+        FileNotFoundError: no such folder (the message lists the run's reward models and how to fit one).
+    """
+    run_dir = Path(run_dir)
+    folders = reward_folders(run_dir)
+    shown = ", ".join(("reward/ (illume reward train)" if key is None else f"reward/round_{key:02d}")
+                      for key in sorted(folders, key=lambda k: -1 if k is None else k))
+    if round_idx is not None:
+        if round_idx not in folders:
+            raise FileNotFoundError(f"{run_dir / 'reward' / f'round_{round_idx:02d}'} holds no reward model; "
+                                    + (f"{run_dir} has {shown}" if folders else "the run has none"))
+        return folders[round_idx]
+    if None in folders:
+        return folders[None]
+    if folders:
+        return folders[max(k for k in folders if k is not None)]
+    raise FileNotFoundError(f"{run_dir} has no reward model: fit one with `illume reward train {run_dir}` (a run "
+                            "with critic.kind=reward or hybrid saves one per round under reward/round_NN)")
+
+
+def check_reward_base(cfg: RunConfig, folder: Path) -> None:
+    """A reward model saved in `folder` may be rebuilt on the base model `cfg` loads: it was fitted on it (or
+    does not say, having been fitted before that was recorded, by this run).
+
+    Raises:
+        ValueError: it was fitted on another base model (its adapters belong to that one).
+    """
+    from illume.loading import model_identity
+
+    saved = _saved_config(Path(folder)).get("backbone")
+    ours = model_identity(cfg)
+    if saved is not None and saved != ours:
+        raise ValueError(f"{folder} was fitted on another base model ({saved}) than the run's config.yaml "
+                         f"names ({ours}): its adapters belong to that model")
 
 
 def _load_checkpoint(cfg: RunConfig) -> tuple[object, dict]:

@@ -19,10 +19,11 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from illume.annotate.server import LOOPBACK_NAMES, allowed_hosts, create_app
+from illume.annotate.server import create_app
 from illume.config import AnnotateConfig
 from illume.feedback.queue import AnnotationQueue, JudgmentConflict
 from illume.feedback.store import FeedbackStore
+from illume.http_guard import LOOPBACK_NAMES, allowed_hosts
 from tests.live_server import start_server, wait_in_page
 from tests.test_annotate_server import LOCAL, make_sets
 

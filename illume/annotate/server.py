@@ -10,13 +10,14 @@ A JSON API and one static page (static/: plain JS, no build step). Assumptions, 
   same `client_token`, a second tab) is answered 200 with `duplicate: true` and stored once if it makes the
   same choices, and 409 with the stored judgment (`stored`) if it makes others: the page shows what is
   stored and offers to revise it (PUT), so a new choice is never dropped while the page says "saved".
-- Every request passes three checks before any route runs, in this order: its `Host` header must name
-  the bound host (the loopback names for a loopback bind; this machine's names and addresses for
-  0.0.0.0/::; else the host itself) or one of `annotate.allowed_hosts` (400 otherwise: a web page that
-  DNS-rebinds its own name to 127.0.0.1 reaches nothing); its body may be at most `annotate.max_body_bytes`
-  (413: refused on its Content-Length before a byte is read, a streamed body as soon as it passes the
-  limit, so the server never holds more than that); and its token (below) is checked from the headers and
-  query alone, before the body is read or parsed (401). Only the static files need no token.
+- Every request passes three checks before any route runs (illume/http_guard.py, shared with the reward
+  model service), in this order: its `Host` header must name the bound host (the loopback names for a
+  loopback bind; this machine's names and addresses for 0.0.0.0/::; else the host itself) or one of
+  `annotate.allowed_hosts` (400 otherwise: a web page that DNS-rebinds its own name to 127.0.0.1 reaches
+  nothing); its body may be at most `annotate.max_body_bytes` (413: refused on its Content-Length before a
+  byte is read, a streamed body as soon as it passes the limit, so the server never holds more than that);
+  and its token (below) is checked from the headers and query alone, before the body is read or parsed
+  (401). Only the static files need no token.
 - Items are handed out so that each gets `annotations_per_item` judgments, each by a different person: an
   item handed to a page is leased to that annotator for `lease_seconds` (the page renews the lease while
   it shows the item) and goes back to the pool when the lease expires.
@@ -36,12 +37,9 @@ A JSON API and one static page (static/: plain JS, no build step). Assumptions, 
 from __future__ import annotations
 
 import argparse
-import gc
-import ipaddress
 import math
 import secrets
-import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -52,16 +50,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, model_validator
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
-from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from illume.annotate.admin import admin_routes
 from illume.config import AnnotateConfig
 from illume.feedback.queue import AnnotationQueue, JudgmentConflict
 from illume.feedback.store import FeedbackStore
 from illume.feedback.writes import MAX_CORRECTION_CHARS
+from illume.http_guard import IDENTITY, add_guards, is_loopback, serve, validation_error
 
 STATIC_DIR = Path(__file__).parent / "static"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -69,12 +64,6 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
 """The only files the image route serves, by suffix."""
 SPLIT = "train"
 """People judge the train candidates (val/test candidates are for evaluation)."""
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
-"""`Host` names a loopback-bound server answers to (besides `annotate.allowed_hosts`)."""
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-"""Binds that listen on every interface."""
-IDENTITY = "illume.identity"
-"""Key of the request scope where `Authenticate` puts who is asking (an `Identity`)."""
 OPEN_PREFIX = "/static/"
 """Paths that need no token: the script and the style sheet hold no data."""
 
@@ -185,7 +174,7 @@ def create_app(
         The FastAPI app; serve it with `serve` or uvicorn.
     """
     app = FastAPI(title="illume annotate", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(JudgmentConflict, _judgment_conflict)
     queue = AnnotationQueue(store)
     per_item = cfg.annotations_per_item
@@ -369,12 +358,10 @@ def create_app(
                             headers={"Cache-Control": "no-cache", **_PAGE_HEADERS})
 
     app.mount(OPEN_PREFIX.rstrip("/"), StaticFiles(directory=STATIC_DIR), name="static")
-    # Added innermost first, so a request meets them as Host check -> body limit -> token -> route: a foreign
-    # Host is refused before anything else, and nobody without a token gets their body read.
-    app.add_middleware(Authenticate, identify=authenticate)
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg.host, cfg.allowed_hosts),
-                       www_redirect=False)
+    # Host check -> body limit -> token (`Authenticate`, from headers and query alone) -> route.
+    add_guards(app, identify=authenticate, is_open=lambda path: path.startswith(OPEN_PREFIX), host=cfg.host,
+               extra_hosts=cfg.allowed_hosts, hosts_setting="annotate.allowed_hosts",
+               max_body_bytes=cfg.max_body_bytes, body_setting="annotate.max_body_bytes")
     return app
 
 
@@ -386,152 +373,6 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-class Authenticate:
-    """ASGI middleware: settles who is asking from the headers and query alone, before any route runs.
-
-    FastAPI reads and parses a request's body before it solves the route's dependencies, so a token
-    checked in a dependency would be checked after the body of anyone who reaches the port was read and
-    parsed. Here a request without a valid token is answered (`{"detail": ...}`, as the routes answer)
-    without its body being read; the others carry their `Identity` in the scope (`IDENTITY`) to the routes.
-
-    Args:
-        app: The app behind it.
-        identify: The request (headers and query; reading its body fails) to its `Identity`, or an
-            HTTPException (401, 403). It reads the store, so it runs in a worker thread.
-    """
-
-    def __init__(self, app: ASGIApp, identify: Callable[[Request], Identity]) -> None:
-        self.app = app
-        self.identify = identify
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(OPEN_PREFIX):
-            await self.app(scope, receive, send)
-            return
-        try:
-            scope[IDENTITY] = await run_in_threadpool(self.identify, Request(scope))
-        except HTTPException as error:
-            await JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)(
-                scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-class _BodyTooLarge(HTTPException):
-    """Raised from `receive` once a body passes the limit; an HTTPException, so that FastAPI's body reading
-    passes it on (it turns other errors into 400) and the app answers it as JSON."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body over the server's limit of {max_bytes} bytes "
-                              "(annotate.max_body_bytes)")
-
-
-class BodyLimit:
-    """ASGI middleware: refuses (413) a request body over `max_bytes` without holding more than that.
-
-    A declared Content-Length over the limit is answered before anything is read; a streamed (chunked)
-    body is counted as it arrives and refused once it passes the limit. Starlette >= 1.x and FastAPI
-    >= 0.16x ship the same (`RequestBodyLimitMiddleware`, `FastAPI(max_body_size=)`), but the versions
-    pyproject.toml allows do not all have it, and FastAPI's sits outside this app's own middleware, where
-    it would run before the Host check.
-
-    Args:
-        app: The app behind it.
-        max_bytes: The largest body (bytes) passed on (`annotate.max_body_bytes`).
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge(self.max_bytes)
-            return message
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, watched_send)
-        except _BodyTooLarge:
-            if started:  # too late to answer 413: let the server drop the connection
-                raise
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = _BodyTooLarge(self.max_bytes)
-        await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, send)
-
-
-def allowed_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
-    """The `Host` header names (without port) the server answers when bound to `host`.
-
-    The bound host's own names, then `extra` (`annotate.allowed_hosts`: names, or "*.example.org" for a
-    domain's hosts): for a loopback bind the loopback names; for a wildcard bind (0.0.0.0, ::) this
-    machine's name, fully qualified name and addresses (as getaddrinfo resolves its name) and the loopback
-    names; for any other host, that host.
-
-    Raises:
-        ValueError: An `extra` pattern with a "*" anywhere but a leading "*." (or alone).
-    """
-    for pattern in extra:
-        if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
-            raise ValueError(f"annotate.allowed_hosts: {pattern!r} is not a host name or '*.domain' pattern")
-    if host in WILDCARD_HOSTS:
-        names = {socket.gethostname(), socket.getfqdn(), *_addresses(socket.gethostname()), *LOOPBACK_NAMES}
-    elif is_loopback(host):
-        names = {host, *LOOPBACK_NAMES}
-    else:
-        names = {host}
-    return sorted({_host_name(name) for name in names} | {pattern.lower() for pattern in extra})
-
-
-def _addresses(name: str) -> list[str]:
-    """The addresses `name` resolves to; none if it does not resolve."""
-    try:
-        return [info[4][0] for info in socket.getaddrinfo(name, None)]
-    except OSError:
-        return []
-
-
-def _host_name(name: str) -> str:
-    """`name` as a Host header carries it: lower case, an IPv6 address in brackets (without a zone)."""
-    bare = name.strip("[]").split("%")[0].lower()
-    try:
-        return f"[{bare}]" if ipaddress.ip_address(bare).version == 6 else bare
-    except ValueError:
-        return bare
-
-
-async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 with one readable reason (`detail`) and the field errors (`errors`), never echoing the input."""
-    errors = []
-    for e in error.errors():
-        where = ".".join(str(part) for part in e.get("loc", ()) if part not in ("body", "query", "path"))
-        message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        errors.append({"field": where or None, "message": message})
-    detail = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
-    return JSONResponse({"detail": detail or "malformed request", "errors": errors}, status_code=422)
 
 
 async def _judgment_conflict(request: Request, error: JudgmentConflict) -> JSONResponse:
@@ -574,18 +415,6 @@ def _image_path(image_ref: str | None, images_dir: Path | None) -> Path | None:
     return None
 
 
-def serve(app: Any, host: str, port: int, log_level: str = "warning") -> None:
-    """Serve the app (any ASGI app: this one, or it wrapped) with uvicorn (one process; the store handles
-    concurrent requests)."""
-    import uvicorn
-
-    # Everything alive now (the imports and the app: ~10^5 objects) lives as long as the server: kept out of
-    # the cyclic GC, whose full collections over it would stall every request in flight (scripts/bench_store.py
-    # saw 60-150 ms with torch imported).
-    gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     """`python -m illume.annotate.server`: serve a store without a run config (tests, scripts)."""
     parser = argparse.ArgumentParser(description="Serve the annotation page over a feedback store.")
@@ -610,16 +439,6 @@ def main(argv: list[str] | None = None) -> None:
                          lease_seconds=args.lease_seconds, corrections=args.corrections,
                          allowed_hosts=args.allowed_hosts, max_body_bytes=args.max_body_bytes)
     serve(create_app(store, args.run_dir, cfg, args.token, args.round_idx), args.host, args.port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":
