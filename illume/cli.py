@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import secrets
 import socket
 import sys
@@ -460,7 +461,8 @@ def _add_reward_parser(commands) -> None:
                             "and printed when --token is not given)")
     serve.add_argument("--port", type=int, default=None, help=f"TCP port (default {ServeConfig.port})")
     serve.add_argument("--token", default=None, help="the token every route but /health requires (Authorization: "
-                                                     "Bearer T, or ?token=T); default: none on loopback")
+                                                     "Bearer T, or ?token=T); default: $ILLUME_REWARD_TOKEN, else "
+                                                     "none on loopback")
     serve.add_argument("--allowed-host", action="append", default=None, dest="allowed_hosts", metavar="NAME",
                        help="another Host name to answer (a proxy's; '*.example.org'); repeatable")
     serve.add_argument("--max-items", type=int, default=None,
@@ -478,6 +480,8 @@ SERVE_OPTIONS = {"host": "--host", "port": "--port", "token": "--token", "allowe
                  "max_items": "--max-items", "max_body_bytes": "--max-body-bytes", "batch_size": "--batch-size",
                  "image_root": "--image-root"}
 """`illume reward serve`'s own options (None unless given): attribute -> flag."""
+TOKEN_VARIABLE = "ILLUME_REWARD_TOKEN"
+"""The reward service's token when --token is not given (a flag's value shows in every user's process list)."""
 
 
 def cmd_reward_serve(args: argparse.Namespace) -> int:
@@ -487,6 +491,8 @@ def cmd_reward_serve(args: argparse.Namespace) -> int:
     from reward.serve import ServeConfig, create_app, load_served_model
 
     given = {name: getattr(args, name) for name in SERVE_OPTIONS if getattr(args, name) is not None}
+    if "token" not in given and os.environ.get(TOKEN_VARIABLE):  # kept out of the process list
+        given["token"] = os.environ[TOKEN_VARIABLE]
     if "allowed_hosts" in given:
         given["allowed_hosts"] = tuple(given["allowed_hosts"])
     if args.force:

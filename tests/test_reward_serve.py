@@ -345,6 +345,16 @@ def test_the_command_binds_loopback_by_default_and_a_wider_bind_needs_a_token(se
     assert wide.get("/health").status_code == 200
     assert wide.post(f"/score?token={token}", json={"items": [item(0, "red")]}).status_code == 200
 
+    # The token from the environment (kept out of the process list), for a wide bind: none is generated.
+    monkeypatch.setenv("ILLUME_REWARD_TOKEN", "from-the-environment")
+    assert main(["reward", "serve", "runs/x", "--host", "0.0.0.0"]) == 0
+    assert "generated a token" not in capsys.readouterr().out
+    by_env = TestClient(serve_calls[-1][0], base_url=LOCAL)
+    assert by_env.post(f"/score?token={token}", json={"items": [item(0, "red")]}).status_code == 401
+    assert by_env.post("/score", json={"items": [item(0, "red")]},
+                       headers={"Authorization": "Bearer from-the-environment"}).status_code == 200
+    monkeypatch.delenv("ILLUME_REWARD_TOKEN")
+
     assert main(["reward", "train", "runs/x", "--port", "1"]) == 2
     assert "--port is for `illume reward serve`" in capsys.readouterr().err
     assert main(["reward", "serve", "runs/x", "--max-items", "0"]) == 2
