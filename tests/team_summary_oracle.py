@@ -133,16 +133,8 @@ def team_summary(
         kinds: The annotator kinds that count (None: every kind); judgments of other kinds are ignored.
 
     Returns:
-        `{"kinds": sorted kinds or None, "rounds": [ROUND, ...] (ascending), "total": TOTAL}`, where ROUND is
-        `{"round_idx", "items" (int | None), "judged_items" (>= 1 counted judgment), "paired_items" (>= 2),
-        "judgments" (counted), "alpha" (float | None), "disagreement_items" (some candidate accepted by one
-        counted annotator and rejected by another), "annotators": [PERSON, ...] (by name)}` and TOTAL is the
-        same without round_idx, over all rounds (alpha pooled over every round's units). PERSON is
-        `{"annotator", "kind", "items_judged", "none_fit_rate" (share of items judged "none fits"),
-        "accept_rate" (share of candidates shown that were accepted), "median_seconds", "mean_seconds"
-        (per item, over judgments with a time; None without any), "corrections" (judgments with a written
-        rationale), "last_activity" (ISO time of the latest judgment or revision)}`. Rates are None when
-        their denominator is 0.
+        What `illume.feedback.figures.team_summary` returns (its docstring states every field): the oracle
+        the tests compare that SQL with.
     """
     rounds: dict[int, _RoundStats] = {r: _RoundStats() for r in items_per_round or {}}
     for item in items:

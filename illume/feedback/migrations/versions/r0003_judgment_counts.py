@@ -2,7 +2,8 @@
 
 A store from before the column gets it (0) and then its counts, in the opening transaction (which holds the write
 lock, or on PostgreSQL the schema lock), so no judgment is missed in between; triggers and indexes are created
-where missing.
+where missing. The triggers' SQL is a copy of `illume.feedback.schema.JUDGMENT_COUNT_TRIGGERS` as it was at this
+revision, on purpose: a migration must do what it did when it was written, whatever the schema becomes later.
 
 Revision ID: r0003
 Revises: r0002
