@@ -20,6 +20,7 @@ from illume.critics import candidate_scores
 from illume.data.records import CandidateSet, Example
 from illume.metrics.answer_accuracy import answer_accuracy, answer_containment
 from illume.metrics.caption_scores import caption_scores
+from illume.models.sharding import whole
 from illume.models.vlm import VLM
 from illume.models.weights import DIGEST_SUFFIX, load_trainable_weights, save_trainable_weights
 from illume.sampling import sample
@@ -79,24 +80,26 @@ def keep_best_epoch(vlm: VLM, val: Sequence[Example], sample_cfg: SampleConfig, 
     """
     if not epoch_weights:
         raise ValueError("the training saved no epoch: nothing to evaluate")
-    epochs = []
-    for number, path in enumerate(epoch_weights, 1):
-        load_trainable_weights(vlm.model, path)
-        scores = explanation_scores(vlm, val, sample_cfg, progress=False)
-        scores["epoch"] = number
-        epochs.append(scores)
-    best = epochs[0]
-    for scores in epochs[1:]:
-        if scores[metric] > best[metric]:
-            best = scores
-    load_trainable_weights(vlm.model, epoch_weights[best["epoch"] - 1])
-    distributed.barrier()  # every rank has read every epoch's file before rank 0 removes them
-    if distributed.is_main():
-        save_trainable_weights(vlm.model, keep_as)
-        for path in epoch_weights:
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + DIGEST_SUFFIX).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            epoch_weights[0].parent.rmdir()  # empty now, unless someone put files of their own there
+    # ZeRO-3: the weights gathered once for every epoch's loading, decoding and saving; the kept epoch's stay.
+    with whole(vlm.model, keep_writes=True):
+        epochs = []
+        for number, path in enumerate(epoch_weights, 1):
+            load_trainable_weights(vlm.model, path)
+            scores = explanation_scores(vlm, val, sample_cfg, progress=False)
+            scores["epoch"] = number
+            epochs.append(scores)
+        best = epochs[0]
+        for scores in epochs[1:]:
+            if scores[metric] > best[metric]:
+                best = scores
+        load_trainable_weights(vlm.model, epoch_weights[best["epoch"] - 1])
+        distributed.barrier()  # every rank has read every epoch's file before rank 0 removes them
+        if distributed.is_main():
+            save_trainable_weights(vlm.model, keep_as)
+            for path in epoch_weights:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + DIGEST_SUFFIX).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                epoch_weights[0].parent.rmdir()  # empty now, unless someone put files of their own there
     distributed.barrier()  # rank 0 saved the kept epoch before any rank reads it (a resumed round, an export)
     return Kept(best, epochs)

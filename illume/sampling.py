@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from illume.config import SampleConfig
 from illume.data.records import Candidate, CandidateSet, Example, load_image
+from illume.models.sharding import whole
 from illume.models.vlm import VLM
 from illume.prompts import ANSWER_PROMPT, answer_seed, example_seed, rationale_prompt
 
@@ -65,7 +66,15 @@ def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: 
 
     Returns:
         One CandidateSet per example, in order, with at most K distinct non-empty rationales in drawing order.
+
+    Several processes under ZeRO-3: every rank calls this (with its share, possibly empty).
     """
+    with whole(vlm.model):  # ZeRO-3: the weights gathered on every rank for the whole draw (collective)
+        return _sample(vlm, examples, cfg, round_idx, use_reference_answer, seeds, progress)
+
+
+def _sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: int, use_reference_answer: bool,
+            seeds: dict[str, int] | None, progress: bool) -> list[CandidateSet]:
     temperatures = [t for t in cfg.temperatures for _ in range(cfg.samples_per_temperature)]
     k = len(temperatures)
     model_was_training = vlm.model.training

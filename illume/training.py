@@ -11,8 +11,9 @@ Assumptions, up front:
 - Only the adapters train (optionally the prefix projection); each round continues from the weights the
   previous round kept. Every epoch's weights are saved (`round_NN/epochs/`); the loop's evaluate step scores
   them on val and keeps the best (`adapters.safetensors`, loaded back into the model).
-- A DeepSpeed JSON path (`train.deepspeed`) switches ZeRO on through the HF Trainer; ZeRO-2 keeps full weights
-  on every rank, so each epoch's weights are saved whole.
+- A DeepSpeed JSON path (`train.deepspeed`) switches ZeRO on through the HF Trainer. ZeRO-2 keeps full weights
+  on every rank; ZeRO-3 partitions them (frozen ones too), and each epoch's adapters are gathered to be saved,
+  the model gathered to be sampled and scored (illume.models.sharding).
 - Several processes (torchrun / accelerate launch): DDP over gloo on CPU, nccl on GPUs; `train.batch_size` is
   per process. Val is decoded in shares and gathered, so every rank keeps the same epoch; rank 0 writes files.
 """
@@ -35,6 +36,7 @@ from illume.collate import RowEncoder
 from illume.config import SampleConfig, TrainConfig
 from illume.data.records import Example
 from illume.evaluation import keep_best_epoch
+from illume.models.sharding import release_training_hooks, whole
 from illume.models.vlm import VLM
 from illume.models.weights import save_trainable_weights
 from illume.prompts import ANSWER_PROMPT, rationale_prompt
@@ -162,21 +164,23 @@ class SaveEachEpoch(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         path = self.round_dir / EPOCHS_DIR / f"epoch_{round(state.epoch):02d}.safetensors"
-        if args.process_index == 0:
-            save_trainable_weights(self.vlm.model, path)
+        trainable = [p for p in self.vlm.model.parameters() if p.requires_grad]
+        with whole(self.vlm.model, trainable):  # ZeRO-3: every rank gathers the adapters, rank 0 writes them
+            if args.process_index == 0:
+                save_trainable_weights(self.vlm.model, path)
         self.saved.append(path)
         return control
 
 
-def check_zero_stage(deepspeed_config: str | None, what: str = "selection-SFT") -> None:
-    """Refuse ZeRO-3: it partitions the weights, and the per-epoch evaluation and the adapter checkpoint would
-    need to gather them first, which is not written yet. Failing early beats saving empty tensors."""
+def check_zero_stage(deepspeed_config: str | None, what: str) -> None:
+    """Refuse ZeRO-3 for a training that does not gather sharded weights yet (GRPO, the reward model):
+    selection-SFT, DPO and KTO do (illume.models.sharding). Failing early beats saving empty tensors."""
     if deepspeed_config is None:
         return
     stage = json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by {what} yet; "
-                                  "use ZeRO-2 (configs/deepspeed/zero2.json)")
+        raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by {what} yet (selection-SFT, "
+                                  "DPO and KTO support it); use ZeRO-2 (configs/deepspeed/zero2.json)")
 
 
 def trainer_arguments(out_dir: Path, *, seed: int, report: TrainerReport = NO_REPORT,
@@ -210,16 +214,14 @@ def training_arguments(cfg: TrainConfig, out_dir: Path, learning_rate: float | N
 
 
 def adapter_trainer(trainer_cls: type[Trainer], vlm: VLM, dataset, collator, cfg: TrainConfig, round_dir: Path, *,
-                    learning_rate: float | None = None, what: str = "selection-SFT",
+                    learning_rate: float | None = None,
                     report: TrainerReport = NO_REPORT, **trainer_kwargs) -> Trainer:
     """A `trainer_cls` that tunes the adapters (`train.*`) and saves them after every epoch (`SaveEachEpoch`);
     the caller calls `train()`, then hands `trained(trainer)` to the loop's evaluate step.
 
     Args:
-        what: The training's name in errors (a ZeRO-3 config is refused: the weights would be partitioned).
         report: Where the trainer reports (train.report_to: illume.tracking.trainer_report); none by default.
     """
-    check_zero_stage(cfg.deepspeed, what)
     round_dir.mkdir(parents=True, exist_ok=True)
     vlm.set_trainable(adapters=True, prefix=cfg.train_prefix)
     return trainer_cls(model=vlm.model, args=training_arguments(cfg, round_dir, learning_rate, report),
@@ -246,6 +248,7 @@ def trained(trainer: Trainer) -> Trained:
     `train()`."""
     saver = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SaveEachEpoch))
     history = trainer.state.log_history
+    release_training_hooks(trainer.model_wrapped)  # DeepSpeed: its hooks go (ZeRO-3: forwards run gathered)
     distributed.barrier()  # rank 0 saved the epochs' weights; every rank reads them
     return Trained(list(saver.saved), [entry["loss"] for entry in history if "loss" in entry],
                    trainer.args.world_size, history)

@@ -125,7 +125,7 @@ def train_dpo(vlm: VLM, pairs: Sequence[PreferencePair], examples_by_id: dict[st
     write_jsonl(pairs, out_dir / "training_set.jsonl")
     dataset = DPODataset(vlm, pairs, examples_by_id, with_answer_rows=bool(policy.dpo.answer_weight), seed=policy.seed)
     trainer = adapter_trainer(DPOLossTrainer, vlm, dataset, partial(collate_pairs, vlm=vlm), train_cfg, out_dir,
-                              learning_rate=policy.learning_rate, what="DPO", report=report, policy=policy)
+                              learning_rate=policy.learning_rate, report=report, policy=policy)
     fill_pair_reference(trainer, dataset, vlm)
     trainer.train()
     result = trained(trainer)

@@ -360,7 +360,7 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     dataset = SamplesDataset(items)
     trainer = adapter_trainer(
         GRPOLossTrainer, vlm, dataset, partial(collate_samples, vlm=vlm), replace(cfg.train, num_epochs=p.iterations),
-        out_dir, learning_rate=cfg.policy.learning_rate, what="GRPO", report=trainer_report(cfg, out_dir), policy=p,
+        out_dir, learning_rate=cfg.policy.learning_rate, report=trainer_report(cfg, out_dir), policy=p,
         max_completion_length=cfg.sample.max_new_tokens + 1)  # + the end token the rows carry
     fill_sample_reference(trainer, dataset, vlm, out_dir)
     trainer.train()

@@ -138,7 +138,7 @@ def train_kto(vlm: VLM, rows: Sequence[UnpairedRow], examples_by_id: dict[str, E
     write_jsonl(rows, out_dir / "training_set.jsonl")
     dataset = KTODataset(vlm, rows, examples_by_id, policy.seed, with_answer_rows=bool(policy.kto.answer_weight))
     trainer = adapter_trainer(KTOLossTrainer, vlm, dataset, partial(collate_labelled, vlm=vlm), train_cfg, out_dir,
-                              learning_rate=policy.learning_rate, what="KTO", report=report, policy=policy,
+                              learning_rate=policy.learning_rate, report=report, policy=policy,
                               undesirable_weight=undesirable_weight)
     fill_labelled_reference(trainer, dataset, vlm)
     trainer.train()

@@ -13,6 +13,7 @@ from transformers import Trainer
 
 from illume.collate import RowEncoder
 from illume.data.records import Example
+from illume.models.sharding import whole
 from illume.prompts import ANSWER_PROMPT
 from policies.reference import batch_logps, reference_logps
 
@@ -39,7 +40,9 @@ def score_before_training(trainer: Trainer, vlm, rows: list[dict]) -> torch.Tens
     """Sequence log-probs of `rows` under the model as it is now: the reference of the coming optimisation."""
     args = trainer.args
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    return reference_logps(vlm.model, rows, vlm.collate, args.per_device_train_batch_size * 2, args.device, dtype)
+    with whole(vlm.model):  # ZeRO-3 after an earlier round: scored on the gathered weights (every rank)
+        return reference_logps(vlm.model, rows, vlm.collate, args.per_device_train_batch_size * 2, args.device,
+                               dtype)
 
 
 def answer_rows(encode: RowEncoder, examples_by_id: Mapping[str, Example], count: int, seed: int) -> list[dict]:

@@ -65,6 +65,10 @@ def test_memory_levers_move_the_estimate_the_right_way():
     assert zero2["bytes"]["gradients"] == trainable * 2 // 4  # bf16 gradients, sharded over 4 GPUs
     assert zero2["bytes"]["optimizer_states"] == trainable * 12 // 4  # fp32 master + Adam m, v, sharded
     assert zero2["bytes"]["frozen_weights"] == base["frozen_weights"]  # only ZeRO-3 shards weights
+    zero3 = plan(load_config(path, ["train.deepspeed=configs/deepspeed/zero3.json"]), num_gpus=4)["training"]
+    assert zero3["zero_stage"] == 3
+    assert zero3["bytes"]["frozen_weights"] == base["frozen_weights"] // 4  # ZeRO-3 shards the frozen weights
+    assert zero3["bytes"]["trainable_weights"] == trainable * 2 // 4
 
 
 def test_plan_reads_a_saved_models_config(tmp_path, tiny_vlm):

@@ -79,16 +79,6 @@ def test_fine_tune_trains_adapters_only_and_keeps_the_best_epoch(tiny_vlm, examp
     assert not (tmp_path / "round" / "epochs").exists()  # the epochs' files are removed once one is kept
 
 
-def test_zero3_is_refused_before_training(tiny_vlm, examples, tmp_path):
-    from tests.conftest import REPO
-
-    cfg = TrainConfig(deepspeed=str(REPO / "configs" / "deepspeed" / "zero3.json"))
-    rows = build_training_set([], examples)
-    with pytest.raises(NotImplementedError, match="ZeRO stage 3 is not supported by selection-SFT"):
-        fine_tune(tiny_vlm, rows, examples, [], cfg, SampleConfig(), tmp_path / "round")
-    assert not (tmp_path / "round" / "adapters.safetensors").exists()
-
-
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_vlm):
     """`train.gradient_checkpointing` (HF's activation checkpointing of the LM blocks) with a frozen LM and
     trainable adapters: the adapters must still get gradients, equal to those without checkpointing."""

@@ -70,6 +70,7 @@ def test_dpo_from_a_damaged_round_is_one_error_line_before_the_model_loads(tmp_p
         raise AssertionError("the model was loaded before the round's adapters were checked")
 
     monkeypatch.setattr(loading, "load_vlm", fail)
+    capsys.readouterr()  # the shared tiny base model's pre-training bars, when this test is the first to need it
     assert main(["dpo", str(run_dir), "--init-round", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"weights error: {path} is not a readable safetensors file")

@@ -27,6 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from illume.models.sharding import whole
+
 WRITE_AGAIN = "delete it and run the command that wrote it again"
 DIGEST_SUFFIX = ".sha256"
 """`model.safetensors` -> `model.safetensors.sha256`: the file's sha256, as `sha256sum` writes it."""
@@ -183,6 +185,7 @@ def save_trainable_weights(model: nn.Module, path: str | Path) -> None:
 
 def load_trainable_weights(model: nn.Module, path: str | Path, remedy: str = WRITE_AGAIN) -> list[str]:
     """Copy the parameters stored in `path` into `model`; every stored key must exist with the same shape.
+    A model sharded by ZeRO-3 is written whole on every rank: then every rank must call this.
 
     Args:
         remedy: What a damaged file's error tells the reader to do (see `read_safetensors`).
@@ -198,11 +201,12 @@ def load_trainable_weights(model: nn.Module, path: str | Path, remedy: str = WRI
     unknown = sorted(set(state) - set(parameters))
     if unknown:
         raise KeyError(f"{path}: {len(unknown)} keys not in the model, e.g. {unknown[:5]}")
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(parameters[k].shape)}" for k, v in state.items()
-                  if v.shape != parameters[k].shape]
-    if mismatched:
-        raise ValueError(f"{path}: shape mismatch for {mismatched[:5]}")
-    with torch.no_grad():
+    # Under ZeRO-3 every rank gathers the targets, writes them, and keeps the writes (illume.models.sharding).
+    with whole(model, [parameters[k] for k in state], keep_writes=True), torch.no_grad():
+        mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(parameters[k].shape)}" for k, v in state.items()
+                      if v.shape != parameters[k].shape]
+        if mismatched:
+            raise ValueError(f"{path}: shape mismatch for {mismatched[:5]}")
         for name, tensor in state.items():
             parameters[name].copy_(tensor.to(parameters[name].dtype))
     return sorted(state)
