@@ -149,7 +149,10 @@ class StandInServer:
         if name not in self.loras:
             raise BadRequest(f"The lora adapter '{name}' cannot be found.", 404)
         with self.lock:
-            self.peft.delete_adapter(name)
+            if len(self.loras) == 1:  # PEFT keeps no model without an adapter: back to the bare base model
+                self.base, self.peft = self.peft.unload(), None
+            else:
+                self.peft.delete_adapter(name)
         del self.loras[name]
         return f"Success: LoRA adapter '{name}' removed successfully."
 
