@@ -384,6 +384,39 @@ class PoolModelConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """A vLLM server that draws the candidates (`sample.engine: vllm`, illume.vllm_engine): one that runs
+    already (`url`), or one illume starts from another Python environment (`python`) and stops at the end.
+    Unverified until it has run on a GPU with real vLLM (docs/scaling.md, "Sampling with vLLM")."""
+
+    url: str | None = None
+    """Base URL of a running vLLM OpenAI-compatible server (http://HOST:PORT), started with `--enable-lora` and
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, that can read this run's folder (it loads each round's LoRA from
+    there); None: illume starts one with `python`."""
+    python: str | None = None
+    """The Python of a separate environment where vLLM is installed (scripts/vllm_env.sh makes one), so that
+    vLLM's pins never meet ours; illume runs `PYTHON -m vllm.entrypoints.openai.api_server` with it."""
+    port: int = 0
+    """Port of the server illume starts, on 127.0.0.1; 0: a free one."""
+    server_args: list[str] = field(default_factory=list)
+    """More arguments for the server illume starts (e.g. ["--dtype", "bfloat16", "--gpu-memory-utilization",
+    "0.5"]); illume sets --model, --host, --port, --enable-lora and --max-lora-rank itself."""
+    startup_timeout: float = 900.0
+    """Seconds to wait for the started server's `GET /health` (it loads the model and captures CUDA graphs)."""
+    request_timeout: float = 600.0
+    """Seconds one request may take."""
+    max_concurrency: int = 32
+    """Examples whose requests are in flight at once (the server batches them; its prefix cache shares each
+    prompt's image among its K rationales)."""
+    retries: int = 3
+    """Tries of a request that failed on the connection or with a server error (5xx), a second apart and
+    doubling; a refused request (4xx) is not tried again."""
+
+    RANGES: ClassVar = {"port": Range(0, 65_535), "startup_timeout": POSITIVE, "request_timeout": POSITIVE,
+                        "max_concurrency": COUNT, "retries": COUNT}
+
+
+@dataclass
 class SampleConfig:
     """Sampling the answer and K candidate rationales per example."""
 
@@ -413,6 +446,13 @@ class SampleConfig:
     pool: list[PoolModelConfig] = field(default_factory=list)
     """Train rounds only: more models whose K candidates per item join the policy's (duplicates dropped), each
     stored with the model that wrote it (illume.pool). Empty: the policy alone, as the paper."""
+    engine: Literal["generate", "vllm"] = "generate"
+    """What draws the candidates (illume.sampling.ENGINES): `generate`, the model in this process
+    (`VLM.decode`); `vllm`, a vLLM server through its OpenAI-compatible API (`sample.vllm`; model.kind=hf only),
+    with each round's LoRA loaded into it. The stored fields are the same; the draws are not (vLLM's own
+    sampler and kernels), so a run keeps one engine."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM server (`engine: vllm`)."""
 
     RANGES: ClassVar = {"temperatures": AT_LEAST_0, "samples_per_temperature": COUNT, "max_new_tokens": COUNT,
                         "answer_max_new_tokens": COUNT, "top_k": AT_LEAST_0, "top_p": Range(0, 1, low_open=True),
@@ -871,6 +911,19 @@ class RunConfig:
         check_ranges(self.model, "model.")
         if self.model.kind == "magma" and self.prompt.format == "chat":
             raise ValueError("prompt.format=chat needs a chat template: model.kind=magma has none (use plain)")
+        if self.sample.engine == "vllm":
+            # vLLM serves HF checkpoints and loads PEFT LoRA; our MAGMA is neither, and a trained projector or a
+            # pool entry's other base model is not something one server with per-round LoRA can draw from.
+            if self.model.kind != "hf":
+                raise ValueError(f"sample.engine=vllm needs model.kind=hf (vLLM serves Hugging Face models), got "
+                                 f"model.kind={self.model.kind}; use sample.engine=generate")
+            if self.train.train_prefix:
+                raise ValueError("sample.engine=vllm cannot draw with a trained multimodal projector "
+                                 "(train.train_prefix=true): vLLM loads LoRA only; use sample.engine=generate")
+            others = [i for i, entry in enumerate(self.sample.pool) if entry.model is not None]
+            if others:
+                raise ValueError(f"sample.engine=vllm serves the run's own base model: sample.pool[{others[0]}]"
+                                 ".model names another; use sample.engine=generate, or pool rounds/adapters")
         if not self.name.strip() or self.name.strip() in (".", ".."):
             raise ValueError(f"name must name the run's folder inside output_dir, got {self.name!r}")
 

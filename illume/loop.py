@@ -54,10 +54,11 @@ from illume.models.vlm import VLM
 from illume.models.weights import WeightsFileError, check_safetensors, load_trainable_weights
 from illume.pool import check_pool, merge_pool, sample_pool
 from illume.resume import CHANGES_FILE, check_resumed_settings, describe, record_setting_changes
-from illume.sampling import sample
+from illume.sampling import engine_session, sample
 from illume.status import POLICY_COLUMNS, policy_cell
 from illume.tracking import RunTracker, check_report_to, open_tracker, round_scalars
 from illume.training import ADAPTERS_FILE, retrain_round_remedy
+from illume.vllm_engine import check_vllm_settings
 from policies.base import PolicyResult, RoundContext, keep_best, kept_epoch
 from policies.registry import POLICIES, check_policy_config
 
@@ -69,6 +70,7 @@ PREFLIGHT = (
     check_aggregate,  # feedback.aggregate (illume.feedback.verdicts)
     check_pool,  # sample.pool (illume.pool)
     check_report_to,  # an unknown tracker or a missing package fails now, not after the first round
+    check_vllm_settings,  # sample.vllm: a server to use or a Python to start one with (illume.vllm_engine)
 )
 """The settings checks `run` makes before any work, after the config loaded (types, ranges, kinds)."""
 TABLE_SCORES = ("bleu_4", "meteor", "rouge_l", "cider", "answer_accuracy")  # the table's columns
@@ -193,6 +195,9 @@ def opened(cfg: RunConfig) -> Iterator[Run]:
             console.print(f"continuing with changed settings ({describe(changes)}), recorded in "
                           f"{run_dir / CHANGES_FILE}", markup=False)
         vlm = load_vlm(cfg)
+        # What sample.engine needs while the run draws (illume.sampling.ENGINES): nothing for generate, the vLLM
+        # server for vllm (started now unless sample.vllm.url; stopped when the run ends).
+        held.enter_context(engine_session(cfg.sample, vlm, run_dir))
         critic = CRITICS[cfg.critic.kind](cfg)
         image_refs = save_images(run_dir, train)
         # The round table and the annotation progress, to train.report_to's trackers (the trainers report on

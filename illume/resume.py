@@ -36,6 +36,10 @@ RESULT_NEUTRAL = frozenset({
     "annotate.host", "annotate.port", "annotate.lease_seconds",  # where the page is served; when a lease ends
     "annotate.allowed_hosts", "annotate.max_body_bytes",  # who may reach the page, how much it reads
     "data.check_images",  # whether images are checked before the model loads, not what they are
+    # Where the vLLM server is and how it is talked to; which engine draws (sample.engine) and the server's own
+    # arguments (sample.vllm.server_args: dtype, ...) do change the draws.
+    "sample.vllm.url", "sample.vllm.python", "sample.vllm.port", "sample.vllm.startup_timeout",
+    "sample.vllm.request_timeout", "sample.vllm.max_concurrency", "sample.vllm.retries",
     # When to stop, like loop.num_rounds (checked below): they decide how many rounds run, not what one does.
     "loop.stop_when_nothing_new", "loop.patience", "loop.min_improvement",
     "loop.allow_changed_settings",  # the opt-in itself

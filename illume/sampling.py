@@ -12,24 +12,28 @@ Randomness is per example: row k of example e draws its Gumbel noise from a gene
 (`illume.prompts.example_seed`), so a candidate depends only on (model, example, seed, k), not on the batch
 it was drawn in; the recorded seeds reproduce it. A sampled answer draws from its own generator, seeded with
 `illume.prompts.answer_seed` of the example's seed; a greedy answer (the default) draws nothing.
+
+Who draws is `sample.engine` (`ENGINES`, the one place that chooses): `generate`, the model in this process, as
+above; `vllm`, a vLLM server (illume.vllm_engine) with the same stored fields. Callers (the loop, the pool,
+evaluation) call `sample` and, around a run, `engine_session`; none asks which engine it has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from illume import vllm_engine
 from illume.config import SampleConfig
-from illume.data.records import Candidate, CandidateSet, Example, load_image
+from illume.data.records import CandidateSet, Example, clean_text, distinct_candidates, load_image
 from illume.models.sharding import whole
 from illume.models.vlm import VLM
 from illume.prompts import ANSWER_PROMPT, answer_seed, example_seed, rationale_prompt
-
-
-def _clean(text: str) -> str:
-    return " ".join(text.split())
 
 
 def answer_stop_ids(vlm: VLM) -> list[int]:
@@ -46,13 +50,25 @@ def answer_text(vlm: VLM, ids: list[int]) -> str:
     text = vlm.tokenizer.decode(ids, skip_special_tokens=True)
     for stop in vlm.answer_stops:
         text = text.split(stop)[0]
-    return _clean(text)
+    return clean_text(text)
 
 
 def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: int = 0,
            use_reference_answer: bool = False, seeds: dict[str, int] | None = None,
            progress: bool = True) -> list[CandidateSet]:
-    """Draw a near-greedy answer and K rationales for every example.
+    """Draw a near-greedy answer and K rationales for every example, by the engine `cfg.engine` names
+    (`ENGINES`); arguments and result as `decode_candidates`, whichever engine draws.
+
+    Several processes: each passes its share of the examples and gets its share's sets back (the vLLM
+    engine draws them all on rank 0 and hands each rank its share)."""
+    return ENGINES[cfg.engine].draw(vlm, examples, cfg, round_idx, use_reference_answer, seeds, progress)
+
+
+def decode_candidates(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: int = 0,
+                      use_reference_answer: bool = False, seeds: dict[str, int] | None = None,
+                      progress: bool = True) -> list[CandidateSet]:
+    """Draw a near-greedy answer and K rationales for every example with the model in this process
+    (`VLM.decode`; the `generate` engine).
 
     Rationales are drawn at each of `cfg.temperatures`, `cfg.samples_per_temperature` times, from the
     `cfg.top_k` / `cfg.top_p` tokens (when set), up to `cfg.max_new_tokens`, stopped at EOS; the answer at
@@ -70,10 +86,10 @@ def sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: 
     Several processes under ZeRO-3: every rank calls this (with its share, possibly empty).
     """
     with whole(vlm.model):  # ZeRO-3: the weights gathered on every rank for the whole draw (collective)
-        return _sample(vlm, examples, cfg, round_idx, use_reference_answer, seeds, progress)
+        return _decode_all(vlm, examples, cfg, round_idx, use_reference_answer, seeds, progress)
 
 
-def _sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: int, use_reference_answer: bool,
+def _decode_all(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx: int, use_reference_answer: bool,
             seeds: dict[str, int] | None, progress: bool) -> list[CandidateSet]:
     temperatures = [t for t in cfg.temperatures for _ in range(cfg.samples_per_temperature)]
     k = len(temperatures)
@@ -106,17 +122,39 @@ def _sample(vlm: VLM, examples: Sequence[Example], cfg: SampleConfig, round_idx:
                                          cfg.top_k, cfg.top_p)
         texts = vlm.tokenizer.batch_decode(sequences, skip_special_tokens=True)
         for i, example in enumerate(batch):
-            seen, candidates = set(), []
-            for j in range(k):
-                row = i * k + j
-                text = _clean(texts[row])
-                if not text or text in seen:
-                    continue
-                seen.add(text)
-                candidates.append(Candidate(text, temperatures[j], batch_seeds[i], j, logprobs[row]))
+            rows = slice(i * k, (i + 1) * k)
+            candidates = distinct_candidates(texts[rows], temperatures, batch_seeds[i], logprobs[rows])
             results.append(CandidateSet(example.id, answers[i], predicted[i], prompts[i], batch_seeds[i],
                                         candidates))
         bar.update(len(batch))
     bar.close()
     vlm.model.train(model_was_training)
     return results
+
+
+@contextlib.contextmanager
+def _no_session(cfg: SampleConfig, vlm: VLM, run_dir: Path) -> Iterator[None]:
+    yield
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A way to draw candidates: `draw` as `sample` (same arguments, same result), and `session`, a context
+    manager around a run (`engine_session`) holding what the engine needs for all its draws."""
+
+    draw: Callable[..., list[CandidateSet]]
+    session: Callable[[SampleConfig, VLM, Path], contextlib.AbstractContextManager]
+
+
+ENGINES = {
+    "generate": Engine(decode_candidates, _no_session),
+    "vllm": Engine(vllm_engine.draw_candidates, vllm_engine.serving),
+}
+"""`sample.engine` -> the engine that draws the candidates."""
+
+
+def engine_session(cfg: SampleConfig, vlm: VLM, run_dir: Path) -> contextlib.AbstractContextManager:
+    """What `cfg.engine` keeps for a run's draws, opened once and closed at its end: nothing for `generate`;
+    for `vllm` the server (started here unless `sample.vllm.url`), its log and the LoRA folders in
+    RUN_DIR/vllm/."""
+    return ENGINES[cfg.engine].session(cfg, vlm, run_dir)

@@ -69,6 +69,8 @@ BACKEND_SPECIFIC = {
     ("illume/cli.py", "imports illume.models.magma_checkpoint"): "registers `illume convert-magma`",
     ("policies/grpo.py", ""): "GRPO_TRAINERS: the one place GRPO's trainer is chosen per model.kind",
     ("policies/grpo_trl.py", "imports illume.models.hf"): "TRL's GRPOTrainer, for HF VLMs only",
+    ("illume/vllm_engine.py", "imports illume.models.hf"): "vLLM serves HF checkpoints with PEFT LoRA: the "
+                                                            "engine is for model.kind=hf only",
 }
 """Code outside illume/models/ that is about one backend by its purpose: (path or folder, the question it may
 ask, "" for any) -> why. Everywhere else the backends differ only behind the VLM protocol."""

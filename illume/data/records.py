@@ -179,6 +179,26 @@ POLICY_MODEL = "policy"
 """`Candidate.model` of the candidates the model being tuned wrote (every candidate of a run without a pool)."""
 
 
+def clean_text(text: str) -> str:
+    """A drawn text as it is stored: whitespace runs made one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def distinct_candidates(texts: list[str], temperatures: list[float], seed: int,
+                        logprobs: list[float]) -> list[Candidate]:
+    """An example's K draws (row j: `texts[j]` at `temperatures[j]`) as its candidates: cleaned (`clean_text`),
+    empty ones and repeats dropped, in drawing order, each keeping its row as `sample_idx`. Every sampling
+    engine (illume.sampling.ENGINES) keeps its draws by this one rule."""
+    seen, candidates = set(), []
+    for j, raw in enumerate(texts):
+        text = clean_text(raw)
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        candidates.append(Candidate(text, temperatures[j], seed, j, logprobs[j]))
+    return candidates
+
+
 @dataclass
 class CandidateSet:
     """What the sampler produced for one example: the answer in the prompt and its distinct rationales."""
