@@ -14,7 +14,9 @@ still run):
   `illume.demo.tiny_families`, through `model.kind: hf` code (LoRA), the same two figures (no plan for hf).
 - `zero`: one selection-SFT epoch of the MAGMA model under DeepSpeed ZeRO-2 and ZeRO-3
   (configs/deepspeed/zero{2,3}.json) on one process, with each one's peak memory.
-- `vllm`: whether vLLM is installed here; it is not exercised (issue 27's vLLM sampling is not built yet).
+- `vllm`: with `--vllm-python` (the Python of an environment with vLLM, scripts/vllm_env.sh), the `hf`
+  section's model saved, served by vLLM and sampled through `sample.engine: vllm` (warm-up batch, then timed),
+  next to our sampler's figure; without it the section records that it did not run.
 
 The models are random, so their rationales never stop early: every candidate runs to `sample.max_new_tokens`,
 the slowest case. `--dry-run` uses configs/demo.yaml's tiny MAGMA and a tiny Qwen2.5-VL on the CPU, float32,
@@ -141,6 +143,7 @@ def check_hf(args, device, dtype, out_dir: Path, shared: dict) -> dict:
     examples = examples_for(vlm, args.num_examples)
     sample_cfg = SampleConfig(batch_size=4 if args.dry_run else 16, max_new_tokens=8 if args.dry_run else 32)
     sampling = sampling_figures(vlm, examples, sample_cfg, device, dtype)
+    shared["hf"] = (vlm, sample_cfg, sampling)
     train_cfg = TrainConfig(num_epochs=1, batch_size=4, bf16=device.type == "cuda")
     peak = peak_memory(device, training_epoch(vlm, examples, train_cfg, out_dir / "hf"))
     return {"family": "qwen2_5_vl", "text_sizes": "tiny" if args.dry_run else "Qwen2.5-VL-7B",
@@ -166,9 +169,37 @@ def check_zero(args, device, dtype, out_dir: Path, shared: dict) -> dict:
 
 
 def check_vllm(args, device, dtype, out_dir: Path, shared: dict) -> dict:
-    installed = importlib.util.find_spec("vllm") is not None
-    return {"installed": installed, "exercised": False,
-            "why": "illume samples with its own sampler; vLLM sampling (issue 27) is not built yet"}
+    python = args.vllm_python or os.environ.get("ILLUME_VLLM_PYTHON")
+    if not python:
+        return {"ran": False, "installed_here": importlib.util.find_spec("vllm") is not None,
+                "why": "no vLLM environment given (--vllm-python; scripts/vllm_env.sh makes one)"}
+    if "hf" not in shared:
+        raise RuntimeError("needs the hf section's model (run with it)")
+    from illume.config import VLLMConfig
+    from illume.models.hf import HFVLM
+    from illume.sampling import engine_session, sample
+
+    vlm, sample_cfg, ours = shared.pop("hf")
+    folder = out_dir / "hf_model"
+    vlm.save(folder)  # the server serves a folder; our copy stays on the CPU, the GPU is vLLM's
+    del vlm
+    shared.pop("magma", None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    served = HFVLM.load(folder, device="cpu", dtype=dtype)
+    cfg = replace(sample_cfg, engine="vllm",
+                  vllm=VLLMConfig(python=python, server_args=["--gpu-memory-utilization", "0.85"]))
+    examples = examples_for(served, args.num_examples)
+    with engine_session(cfg, served, out_dir / "vllm_run"):
+        sample(served, examples[:cfg.batch_size], cfg, progress=False)  # warm-up: the server's first batch
+        start = time.perf_counter()
+        sets = sample(served, examples, cfg, progress=False)
+        seconds = time.perf_counter() - start
+    drawn = sum(len(s.candidates) for s in sets)
+    return {"ran": True, "candidates": drawn, "seconds": round(seconds, 2),
+            "candidates_per_second": round(drawn / seconds, 1),
+            "ours_candidates_per_second": ours["ours"]["candidates_per_second"],
+            "server_log": str(out_dir / "vllm_run" / "vllm" / "server.log")}
 
 
 def _free_port() -> int:
@@ -187,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-examples", type=int, default=None,
                         help="val questions sampled and trained on (default 64; 4 with --dry-run)")
     parser.add_argument("--out", default="gpu_check.json", help="where the figures go")
+    parser.add_argument("--vllm-python", default=None,
+                        help="the Python of an environment with vLLM (scripts/vllm_env.sh); default "
+                             "$ILLUME_VLLM_PYTHON; without it the vllm section does not run")
     args = parser.parse_args(argv)
     args.num_examples = args.num_examples or (4 if args.dry_run else 64)
     if args.dry_run:

@@ -33,6 +33,7 @@ def test_the_gpu_check_dry_run_runs_every_section(tmp_path):
     assert sections["magma"]["plan_training_bytes"] > 0
     assert sections["zero"]["zero2"]["ran"] is True
     assert sections["zero"]["zero3"]["ran"] is True  # sharded training (tests/test_sharded.py)
+    assert sections["vllm"]["ran"] is False and "--vllm-python" in sections["vllm"]["why"]  # no vLLM here
 
 
 def test_without_a_gpu_the_check_asks_for_the_dry_run(tmp_path):
