@@ -54,7 +54,7 @@ from illume.models.weights import save_safetensors
 from illume.prompts import ANSWER_PROMPT, example_seed
 from illume.sampling import sample
 from illume.tracking import trainer_report
-from illume.training import adapter_trainer, trained
+from illume.training import adapter_trainer, check_zero_stage, trained
 from policies.base import PolicyResult, RoundContext
 from policies.data import PolicyDataError
 from policies.losses import group_advantages, grpo_loss, grpo_per_token_kl, per_token_logps
@@ -311,6 +311,7 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     """policy.kind=grpo as a loop policy (see the module doc)."""
     cfg, p, vlm, out_dir = context.cfg, context.cfg.policy.grpo, context.vlm, context.out_dir
     check_config(cfg)
+    check_zero_stage(cfg.train.deepspeed, "GRPO")  # its samples' rewards and reference are not gathered yet
     trainer = GRPO_TRAINERS.get(cfg.model.kind)
     if trainer is not None:
         return trainer(context, sources=REWARDS, round_warning=previous_round_warning)

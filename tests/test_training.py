@@ -102,3 +102,14 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_vlm):
     assert grads[0] and all(g.abs().sum() > 0 for g in grads[1].values())
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_zero3_is_refused_only_by_trainings_that_do_not_gather_yet():
+    from illume.training import check_zero_stage
+    from tests.conftest import REPO
+
+    zero2, zero3 = (str(REPO / "configs" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
+    check_zero_stage(None, "GRPO")
+    check_zero_stage(zero2, "GRPO")
+    with pytest.raises(NotImplementedError, match="ZeRO stage 3 is not supported by GRPO yet .selection-SFT, DPO"):
+        check_zero_stage(zero3, "GRPO")
