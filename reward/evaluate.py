@@ -258,7 +258,8 @@ def _probability_report(scores: Sequence[float], labels: Sequence[bool],
                         judged: Sequence[tuple[str, str, str, bool]]) -> tuple[tuple[float, float] | None, dict]:
     """Platt's (a, b) on all of the held-out judgments (None when it cannot be fitted), and the report's
     probability entries: (a, b), in-sample Brier and ECE, the base rate's Brier, and their 2-fold cross-fit
-    (fit on one half of the examples, predict the other, both ways; pooled)."""
+    (fit on one half of the examples, predict the other, both ways; pooled; None when either half has too
+    few accepted or rejected candidates to fit)."""
     base_rate = sum(labels) / len(labels)
     report = {"platt_a": None, "platt_b": None, "probability_unavailable": None, "brier": None, "ece": None,
               "brier_base_rate": base_rate * (1 - base_rate), "brier_crossfit": None, "ece_crossfit": None}
@@ -330,7 +331,7 @@ def calibration_plot(scores: Sequence[float], labels: Sequence[bool], path: str 
     if platt is not None:
         grid = [low + (high - low) * k / 100 for k in range(101)]
         ax.plot(grid, accept_probability(grid, platt), color="tab:gray",
-                label=f"P(accept) = sigmoid({platt[0]:.3g} reward + {platt[1]:.3g})")
+                label=f"P(accept) = sigmoid({platt[0]:.3g} reward {platt[1]:+.3g})")
     for x, y, k in zip(centers, rates, sorted(bins)):
         ax.annotate(str(len(bins[k])), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set(xlabel="reward (bin centre)", ylabel="share accepted by people", ylim=(-0.02, 1.08),
