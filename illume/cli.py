@@ -12,7 +12,8 @@
                                                       the tuned model (or the reward model) as a folder
                                                       stock transformers / PEFT load, with a model card
     illume reward train runs/demo [--round N]         fit the reward model on the judgments (rounds <= N)
-    illume reward eval runs/demo                      its pairwise accuracy, ROC-AUC, precision/recall, plot
+    illume reward eval runs/demo                      its pairwise accuracy, ROC-AUC, precision/recall,
+                                                      P(accept) Brier/ECE, plot; saves its calibration
     illume reward serve runs/demo [--round N] [--host H --port P --token T]
                                                       the reward model over HTTP (TRL, verl, OpenRLHF)
     illume dpo runs/demo [key=value ...]              DPO on the run's judgments (or on a saved TRL dataset)
@@ -430,12 +431,19 @@ def cmd_reward(args: argparse.Namespace) -> int:
             ("  reference pairs", "pairwise_accuracy_reference"), ("ROC-AUC", "roc_auc"),
             ("threshold", "threshold"), ("precision (calibration set)", "precision"),
             ("recall (calibration set)", "recall"), ("precision (2-fold cross-fit)", "precision_crossfit"),
-            ("recall (2-fold cross-fit)", "recall_crossfit")]
+            ("recall (2-fold cross-fit)", "recall_crossfit"),
+            ("P(accept): Brier (calibration set)", "brier"),
+            ("P(accept): ECE, 10 bins (calibration set)", "ece"),
+            ("P(accept): Brier (2-fold cross-fit)", "brier_crossfit"),
+            ("P(accept): ECE (2-fold cross-fit)", "ece_crossfit"),
+            ("Brier of always saying the acceptance rate", "brier_base_rate")]
     for label, key in rows:
         table.add_row(label, "-" if report[key] is None else f"{report[key]:.3f}")
     table.add_row("held-out pairs / candidates / accepted",
                   f"{report['num_pairs']} / {report['num_candidates']} / {report['num_accepted']}")
     Console().print(table)
+    if report["probability_unavailable"] is not None:
+        print(report["probability_unavailable"])
     print(f"written to {out_dir / 'reward_eval.json'} and {out_dir / 'calibration.png'}")
     return 0
 
@@ -518,6 +526,7 @@ def cmd_reward_serve(args: argparse.Namespace) -> int:
     app = create_app(served, cfg)
     rm = served.rm
     accept = f"accept: score >= {rm.threshold:.4g}" if rm.threshold is not None else "no accept threshold"
+    accept += "; probability: Platt scaling" if rm.platt is not None else "; no accept probability"
     shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving {run_dir / served.reward_dir} (fitted on {rm.backbone_id or 'an unrecorded base model'}; "
           f"{accept}) on http://{shown_host}:{cfg.port}: POST /score, "

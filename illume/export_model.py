@@ -54,8 +54,8 @@ MARKER_FILE = "illume-export-model.json"
 """Written into every export-model folder: what was exported, from where, by which command. An existing OUT is
 replaced (with --force) only when it holds this file."""
 REWARD_EXPORT_FILE = "reward_config.json"
-"""The exported reward model's threshold, pooling and base model (not the run's `reward_model.json`, whose
-folder layout it does not have)."""
+"""The exported reward model's threshold, Platt scaling's (a, b), pooling and base model (not the run's
+`reward_model.json`, whose folder layout it does not have)."""
 
 
 class ExportModelError(ValueError):
@@ -213,14 +213,17 @@ def _export_reward(cfg: RunConfig, run_dir: Path, source: Path, tmp: Path, out: 
                                                            "reward_critic.json")}
     heldout = facts["reward_eval.json"] or {}
     config = {
-        "threshold": rm.threshold, "target_precision": rm.target_precision, "pooling": rm.pooling,
+        "threshold": rm.threshold, "target_precision": rm.target_precision,
+        "platt": None if rm.platt is None else {"a": rm.platt[0], "b": rm.platt[1]},
+        "probability": "P(people accept) = sigmoid(platt.a * reward + platt.b)", "pooling": rm.pooling,
         "hidden_size": rm.head.in_features, "base_model": _base_model(cfg), "base_model_identity": rm.backbone_id,
         "backbone": "backbone", "backbone_holds": exported.description, "head": "head.safetensors",
         "row": "the backbone's input for prompt + ' ' + rationale + EOS (the prompt as the policy's)",
         "reward": "head(final hidden states pooled over the rationale's tokens and EOS (mean) or at EOS (last))",
         "fitted_on_rounds_upto": (facts["split.json"] or {}).get("upto_round"),
         "heldout": {key: heldout.get(key) for key in ("pairwise_accuracy", "roc_auc", "precision", "recall",
-                                                      "num_examples", "num_pairs")} if heldout else None,
+                                                      "brier", "ece", "num_examples", "num_pairs")}
+        if heldout else None,
     }
     (tmp / REWARD_EXPORT_FILE).write_text(json.dumps(config, indent=2) + "\n")
     where = source.relative_to(run_dir)
@@ -247,7 +250,9 @@ def _export_reward(cfg: RunConfig, run_dir: Path, source: Path, tmp: Path, out: 
           if config["heldout"] else ["(no reward_eval.json beside the reward model)"]),
         "",
         "## Use", "",
-        f"`{REWARD_EXPORT_FILE}` holds the threshold, the pooling and the base model. Load the backbone:", "",
+        f"`{REWARD_EXPORT_FILE}` holds the threshold, Platt scaling's (a, b) of the accept probability "
+        "(null when too few held-out judgments fitted them), the pooling and the base model. Load the "
+        "backbone:", "",
         "```python", exported.usage, "```", "",
         "then score rows of prompt + \" \" + rationale + EOS, `start` being the rationale's first token:", "",
         "```python", _reward_usage(out, rm.pooling), "```", "",
@@ -368,16 +373,20 @@ def _reward_usage(out: Path, pooling: str) -> str:
     pool = ("pooled = hidden[:, start:].mean(1)  # mean over the rationale's tokens and EOS" if pooling == "mean"
             else "pooled = hidden[:, -1]  # the EOS's state")
     return f"""import json
+import math
 
 from safetensors.torch import load_file
 
 head = load_file({str(out / 'head.safetensors')!r})  # weight (1, D), bias (1,)
-threshold = json.load(open({str(out / REWARD_EXPORT_FILE)!r}))["threshold"]
+config = json.load(open({str(out / REWARD_EXPORT_FILE)!r}))
+threshold, platt = config["threshold"], config["platt"]
 # inputs: one row, the backbone's input (as above) for prompt + " " + rationale, then EOS
 hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # (1, T, D), after the final norm
 {pool}
 reward = float(pooled @ head["weight"].T + head["bias"])
-accepted = reward >= threshold"""
+accepted = reward >= threshold
+if platt is not None:  # the calibrated probability that people accept it
+    probability = 1 / (1 + math.exp(-(platt["a"] * reward + platt["b"])))"""
 
 
 def _read_json(path: Path):

@@ -6,6 +6,11 @@
 - The accept threshold: the lowest reward whose precision on the held-out judgments reaches the target;
   its precision and recall there (in-sample, so optimistic), and a 2-fold cross-fit estimate (calibrate on
   half of the held-out examples, measure on the other half, both ways) of what a new round will see.
+- The accept probability: Platt scaling, P(accept | reward) = sigmoid(a * reward + b), fitted on the same
+  held-out judgments (`fit_platt`); its Brier score and expected calibration error (10 bins) there
+  (in-sample) and cross-fit the same way, beside the Brier score of always saying the held-out acceptance
+  rate (what a probability must beat to say anything). Too few accepted or rejected candidates: no
+  probability, and the report says why.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ from pathlib import Path
 from illume import distributed
 from illume.data.records import Example
 from illume.feedback.verdicts import PreferencePair
-from reward.model import RewardModel, score
+from reward.model import RewardModel, accept_probability, score
 from reward.pairs import RewardDataError
 
 EVAL_FILE = "reward_eval.json"
 PLOT_FILE = "calibration.png"
+MIN_PLATT_PER_CLASS = 5
+"""Platt scaling needs at least this many accepted and as many rejected candidates: 5 to 9 events per
+variable are enough for a logistic regression's estimates (Vittinghoff & McCulloch 2007, Am. J. Epidemiol.
+165(6):710), and Platt's has one variable, the reward."""
+NUM_ECE_BINS = 10
 
 
 def _score_texts(rm: RewardModel, texts_by_prompt: dict[tuple[str, str], list[str]],
@@ -160,10 +170,127 @@ def calibrate_threshold(scores: Sequence[float], labels: Sequence[bool], target_
     return threshold
 
 
+def fit_platt(scores: Sequence[float], labels: Sequence[bool]) -> tuple[float, float]:
+    """(a, b) of P(accept | score) = sigmoid(a * score + b), by maximum likelihood on these judgments.
+
+    Platt's targets stand in for the labels (Platt 1999, "Probabilistic outputs for support vector
+    machines"; Lin, Lin & Weng 2007, Machine Learning 68:267): (N+ + 1) / (N+ + 2) for an accepted
+    candidate and 1 / (N- + 2) for a rejected one, so that a held-out set the reward separates perfectly
+    still gets finite (a, b) instead of probabilities of exactly 0 and 1 (scikit-learn's
+    `CalibratedClassifierCV(method="sigmoid")` does the same). Fitted by Newton's method with step halving
+    on the two parameters, in plain Python: the problem is convex and tiny, and scikit-learn is not a
+    dependency of illume (nor worth becoming one for two parameters).
+
+    Raises:
+        ValueError: lengths differ; fewer than `MIN_PLATT_PER_CLASS` accepted or rejected candidates; every
+            score the same (the score then says nothing about acceptance). The message says which.
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    num_pos = sum(bool(y) for y in labels)
+    num_neg = len(labels) - num_pos
+    if min(num_pos, num_neg) < MIN_PLATT_PER_CLASS:
+        raise ValueError(f"no accept probability: Platt scaling needs at least {MIN_PLATT_PER_CLASS} accepted "
+                         f"and {MIN_PLATT_PER_CLASS} rejected held-out candidates, got {num_pos} and {num_neg}")
+    mean = sum(scores) / len(scores)
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+    if std == 0:
+        raise ValueError(f"no accept probability: all {len(scores)} held-out candidates have the same score")
+    z = [(s - mean) / std for s in scores]  # standardised, so that one Newton scale suits any reward range
+    target_pos, target_neg = (num_pos + 1) / (num_pos + 2), 1 / (num_neg + 2)
+    t = [target_pos if y else target_neg for y in labels]
+
+    def loss(alpha: float, beta: float) -> float:  # -log likelihood; log(1 + e^x) without overflow
+        return sum(ti * _softplus(-(alpha * zi + beta)) + (1 - ti) * _softplus(alpha * zi + beta)
+                   for zi, ti in zip(z, t))
+
+    alpha, beta, current = 0.0, 0.0, loss(0.0, 0.0)
+    for _ in range(100):
+        p = accept_probability(z, (alpha, beta))
+        g_alpha = sum((pi - ti) * zi for pi, ti, zi in zip(p, t, z))  # the gradient
+        g_beta = sum(pi - ti for pi, ti in zip(p, t))
+        if abs(g_alpha) + abs(g_beta) < 1e-9 * len(z):
+            break
+        w = [pi * (1 - pi) for pi in p]
+        h_aa = sum(wi * zi * zi for wi, zi in zip(w, z))  # the Hessian [[h_aa, h_ab], [h_ab, h_bb]]
+        h_ab = sum(wi * zi for wi, zi in zip(w, z))
+        h_bb = sum(w)
+        det = h_aa * h_bb - h_ab * h_ab
+        d_alpha, d_beta = (h_bb * g_alpha - h_ab * g_beta) / det, (h_aa * g_beta - h_ab * g_alpha) / det
+        step = 1.0
+        while (new := loss(alpha - step * d_alpha, beta - step * d_beta)) > current and step > 1e-10:
+            step /= 2  # halve the Newton step until the loss falls
+        if new > current:  # no step lowers it: the minimum, to rounding
+            break
+        alpha, beta, previous, current = alpha - step * d_alpha, beta - step * d_beta, current, new
+        if previous - current < 1e-12 * len(z):
+            break
+    else:
+        raise ValueError("no accept probability: Platt scaling did not converge in 100 Newton steps")
+    return alpha / std, beta - alpha * mean / std  # back to the raw score: a * s + b = alpha * z + beta
+
+
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def brier_score(probabilities: Sequence[float], labels: Sequence[bool]) -> float:
+    """Mean squared difference between the probability and the label (1 accepted, 0 rejected)."""
+    if not probabilities or len(probabilities) != len(labels):
+        raise ValueError(f"{len(probabilities)} probabilities and {len(labels)} labels")
+    return sum((p - float(bool(y))) ** 2 for p, y in zip(probabilities, labels)) / len(labels)
+
+
+def expected_calibration_error(probabilities: Sequence[float], labels: Sequence[bool],
+                               num_bins: int = NUM_ECE_BINS) -> float:
+    """ECE: the probabilities in `num_bins` equal-width bins of [0, 1]; the mean over candidates of
+    |share accepted in its bin - mean probability in its bin| (Eq. 3 of https://arxiv.org/abs/1706.04599)."""
+    if not probabilities or len(probabilities) != len(labels):
+        raise ValueError(f"{len(probabilities)} probabilities and {len(labels)} labels")
+    bins: dict[int, list[tuple[float, bool]]] = {}
+    for p, y in zip(probabilities, labels):
+        bins.setdefault(min(int(p * num_bins), num_bins - 1), []).append((p, bool(y)))
+    return sum(abs(sum(y for _, y in members) - sum(p for p, _ in members))  # n_b * |acc_b - conf_b|
+               for members in bins.values()) / len(labels)
+
+
+def _probability_report(scores: Sequence[float], labels: Sequence[bool],
+                        judged: Sequence[tuple[str, str, str, bool]]) -> tuple[tuple[float, float] | None, dict]:
+    """Platt's (a, b) on all of the held-out judgments (None when it cannot be fitted), and the report's
+    probability entries: (a, b), in-sample Brier and ECE, the base rate's Brier, and their 2-fold cross-fit
+    (fit on one half of the examples, predict the other, both ways; pooled; None when either half has too
+    few accepted or rejected candidates to fit)."""
+    base_rate = sum(labels) / len(labels)
+    report = {"platt_a": None, "platt_b": None, "probability_unavailable": None, "brier": None, "ece": None,
+              "brier_base_rate": base_rate * (1 - base_rate), "brier_crossfit": None, "ece_crossfit": None}
+    try:
+        platt = fit_platt(scores, labels)
+    except ValueError as error:
+        return None, {**report, "probability_unavailable": str(error)}
+    probabilities = accept_probability(scores, platt)
+    report.update(platt_a=platt[0], platt_b=platt[1], brier=brier_score(probabilities, labels),
+                  ece=expected_calibration_error(probabilities, labels))
+    predicted, observed = [], []
+    for fold in (0, 1):
+        fit = [(s, y) for row, s, y in zip(judged, scores, labels) if _half(row[0]) == fold]
+        test = [(s, y) for row, s, y in zip(judged, scores, labels) if _half(row[0]) != fold]
+        try:
+            half_platt = fit_platt([s for s, _ in fit], [y for _, y in fit])
+        except ValueError:  # a half too small to fit: no cross-fit figure
+            return platt, report
+        predicted += accept_probability([s for s, _ in test], half_platt)
+        observed += [y for _, y in test]
+    report.update(brier_crossfit=brier_score(predicted, observed),
+                  ece_crossfit=expected_calibration_error(predicted, observed))
+    return platt, report
+
+
 def calibration_plot(scores: Sequence[float], labels: Sequence[bool], path: str | Path,
-                     threshold: float | None = None, target_precision: float | None = None) -> Path:
+                     threshold: float | None = None, target_precision: float | None = None,
+                     platt: tuple[float, float] | None = None) -> Path:
     """A PNG with three panels: reward histograms (counts) of accepted vs rejected candidates; precision and
-    recall of "accept if reward >= t" against t; the share accepted by people per reward bin (reliability)."""
+    recall of "accept if reward >= t" against t; the share accepted by people per reward bin (reliability),
+    with Platt's P(accept | reward) over it when `platt` is given."""
     # A bare Figure draws on the Agg canvas: no pyplot, no global backend switch, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -200,7 +327,11 @@ def calibration_plot(scores: Sequence[float], labels: Sequence[bool], path: str 
         bins.setdefault(min(int((s - low) / width), num_bins - 1), []).append(bool(y))
     centers = [low + (k + 0.5) * width for k in sorted(bins)]
     rates = [sum(bins[k]) / len(bins[k]) for k in sorted(bins)]
-    ax.plot(centers, rates, marker="o", color="tab:purple")
+    ax.plot(centers, rates, marker="o", color="tab:purple", label="share accepted per bin")
+    if platt is not None:
+        grid = [low + (high - low) * k / 100 for k in range(101)]
+        ax.plot(grid, accept_probability(grid, platt), color="tab:gray",
+                label=f"P(accept) = sigmoid({platt[0]:.3g} reward {platt[1]:+.3g})")
     for x, y, k in zip(centers, rates, sorted(bins)):
         ax.annotate(str(len(bins[k])), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set(xlabel="reward (bin centre)", ylabel="share accepted by people", ylim=(-0.02, 1.08),
@@ -212,6 +343,7 @@ def calibration_plot(scores: Sequence[float], labels: Sequence[bool], path: str 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8, loc="lower left")
+    axes[2].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -248,13 +380,16 @@ def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePai
                           judged_heldout: Sequence[tuple[str, str, str, bool]],
                           examples_by_id: dict[str, Example], target_precision: float,
                           out_dir: str | Path, batch_size: int = 64) -> dict:
-    """Score the held-out pairs and judged candidates, calibrate `rm.threshold`, write the report and plot.
+    """Score the held-out pairs and judged candidates, calibrate `rm.threshold` and `rm.platt`, write the
+    report and plot.
 
-    Sets `rm.threshold` and `rm.target_precision` (save the model afterwards to keep them).
+    Sets `rm.threshold`, `rm.target_precision` and `rm.platt` (save the model afterwards to keep them).
 
     Returns:
         The report written to `out_dir/reward_eval.json` (pairwise accuracies, ROC-AUC, threshold, precision
-        and recall at it, cross-fit precision and recall, counts); `out_dir/calibration.png` is the plot.
+        and recall at it, cross-fit precision and recall, Platt's (a, b) or why there is none, Brier score
+        and ECE of its probability in-sample and cross-fit, the base rate's Brier score, counts);
+        `out_dir/calibration.png` is the plot.
 
     Raises:
         RewardDataError: the held-out judgments lack accepted or rejected candidates.
@@ -270,7 +405,8 @@ def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePai
     scores = score_judged(rm, judged_heldout, examples_by_id, batch_size)
     threshold = calibrate_threshold(scores, labels, target_precision)
     precision, recall = accept_metrics(scores, labels, threshold)
-    rm.threshold, rm.target_precision = threshold, target_precision
+    platt, probability = _probability_report(scores, labels, judged_heldout)
+    rm.threshold, rm.target_precision, rm.platt = threshold, target_precision, platt
     report = {
         "pairwise_accuracy": _accuracy(margins),
         "pairwise_accuracy_judged": _accuracy([m for m, p in zip(margins, pairs_heldout) if p.source == "judged"]),
@@ -282,6 +418,7 @@ def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePai
         "precision": _finite(precision),
         "recall": _finite(recall),
         **_crossfit(judged_heldout, scores, target_precision),
+        **probability,
         "num_pairs": len(pairs_heldout),
         "num_pairs_judged": sum(p.source == "judged" for p in pairs_heldout),
         "num_pairs_reference": sum(p.source == "reference" for p in pairs_heldout),
@@ -293,5 +430,5 @@ def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePai
     }
     if distributed.is_main():  # every rank computed the same report; one writes it
         (out_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        calibration_plot(scores, labels, out_dir / PLOT_FILE, threshold, target_precision)
+        calibration_plot(scores, labels, out_dir / PLOT_FILE, threshold, target_precision, platt)
     return report

@@ -14,8 +14,12 @@ Assumptions, up front:
 - The backbone is its own copy of the VLM given (the loop's policy keeps training separately). Only the
   backbone's adapters and the head train; the image encoder, the prefix projection and the LM stay frozen.
 - `save(dir)` writes the trainable backbone weights (`backbone.safetensors`), the head (`head.safetensors`) and
-  `reward_model.json` (base model path, head pooling, calibrated threshold); `load(dir, base_vlm)` rebuilds the
-  model from the same base VLM, checking every stored key.
+  `reward_model.json` (base model path, head pooling, calibrated threshold, Platt scaling's (a, b));
+  `load(dir, base_vlm)` rebuilds the model from the same base VLM, checking every stored key. A file written
+  before the Platt parameters were kept loads without them (`platt` None: no probability).
+- The reward is a Bradley-Terry score: only differences between rationales mean something. The probability
+  that people accept a rationale is `accept_probability`: sigmoid(a * reward + b), (a, b) fitted on held-out
+  judgments by people (`reward.evaluate.fit_platt`), or none.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +85,10 @@ class RewardModel(nn.Module):
         """Accept when the reward is >= this (calibrated on held-out judgments; None until calibrated)."""
         self.target_precision: float | None = None
         """The held-out precision the threshold was calibrated to."""
+        self.platt: tuple[float, float] | None = None
+        """(a, b) of P(people accept | reward) = sigmoid(a * reward + b) (`accept_probability`), fitted on the
+        held-out judgments the threshold is calibrated on; None when not fitted (too few judgments of either
+        kind, or a model saved before it was kept)."""
         self.backbone_id: str | None = None
         """Which base model the backbone is (`illume.loading.model_identity`), saved with the model so that a run
         on another base model refuses it (`reward.fitted.check_reward_checkpoint`); None when not known."""
@@ -159,6 +168,7 @@ class RewardModel(nn.Module):
             "row": "image slots + prompt + ' ' + rationale + eos",
             "threshold": self.threshold,
             "target_precision": self.target_precision,
+            "platt": None if self.platt is None else {"a": self.platt[0], "b": self.platt[1]},
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -191,8 +201,24 @@ class RewardModel(nn.Module):
         load_trainable_weights(model.backbone, directory / BACKBONE_FILE, remedy)
         model.head.load_state_dict(read_safetensors(directory / HEAD_FILE, remedy))
         model.threshold, model.target_precision = config.get("threshold"), config.get("target_precision")
+        platt = config.get("platt")  # absent from files written before it was kept
+        model.platt = None if platt is None else (float(platt["a"]), float(platt["b"]))
         model.backbone_id = config.get("backbone")
         return model.to(base_vlm.model.device).eval()
+
+
+def accept_probability(rewards: Sequence[float], platt: tuple[float, float]) -> list[float]:
+    """P(people accept | reward) = sigmoid(a * reward + b) for each reward, (a, b) = `platt`
+    (`RewardModel.platt`)."""
+    a, b = platt
+    return [_sigmoid(a * reward + b) for reward in rewards]
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:  # two branches: exp of a large positive number overflows
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 @torch.no_grad()

@@ -4,16 +4,20 @@ that run elsewhere (TRL's GRPOTrainer, verl, OpenRLHF: scripts/integrations/ and
     illume reward serve runs/demo [--round N] [--host 127.0.0.1 --port 8770 --token T]
 
 Routes (JSON in and out; errors are `{"detail": ..., "errors": [{"field", "message"}]}`):
-- `GET /health`, no token: `{"status": "ok", "model": {...}, "limits": {...}}`: which reward model is loaded
-  (its folder under RUN_DIR and round, threshold, held-out precision and recall) and the limits.
+- `GET /health`, no token: `{"status": "ok", "model": {...}, "accept": ..., "probability": ..., "limits":
+  {...}}`: which reward model is loaded (its folder under RUN_DIR and round, threshold, Platt's (a, b) or
+  null, held-out precision, recall, Brier score and ECE), what `accept` and `probability` are (null when
+  the model has none), and the limits.
 - `POST /score`: `{"items": [{"image": BASE64, "question": Q, "answer": A, "rationale": R}, ...]}` ->
-  `{"scores": [float, ...], "accept": [bool, ...] | null, "threshold": float | null}`, parallel to the items.
+  `{"scores": [float, ...], "probability": [float, ...] | null, "accept": [bool, ...] | null, "threshold":
+  float | null}`, parallel to the items.
   `image_path` (a path under the server's `--image-root`) may stand in for `image` when the server was
   started with one; by default images come as base64 only (a data: URL prefix is allowed).
 - `POST /openrlhf`: OpenRLHF's remote reward request (`--reward.remote_url`, once `--remote_rm_url`):
   `{"query": [...], "prompts": [...], "labels": [...]}` -> `{"rewards": [...], "scores": [...], "extra_logs":
-  {...}}`, each label the item without its rationale (`{"image", "question", "answer"}`, as an object or a
-  JSON string), the rationale the query's text after its prompt (`openrlhf_rationale`).
+  {"accept": [...], "probability": [...]}}` (each log where the model has it), each label the item without
+  its rationale (`{"image", "question", "answer"}`, as an object or a JSON string), the rationale the query's
+  text after its prompt (`openrlhf_rationale`).
 
 Assumptions, up front:
 - An item is scored as the loop's reward critic scores a candidate: the rationale prompt
@@ -22,10 +26,16 @@ Assumptions, up front:
   normalised as the sampler stores it, and a leading "{answer}, seeing that" (the start of the reply in the
   chat format, which a chat model writes itself) is dropped (`rationale_text`).
 - What the numbers mean. `scores` are the raw rewards (a Bradley-Terry head: only differences between
-  rationales mean something). `accept` is `score >= threshold`, the threshold calibrated on held-out judgments
-  by people to reach `target_precision` (its measured precision and a 2-fold cross-fit estimate are in
-  /health); null when the model has no threshold. There is no per-item probability: the fitted model has
-  no calibrated probability (only that threshold), and none is made up here.
+  rationales mean something). `probability` is the calibrated probability that people accept the rationale,
+  sigmoid(a * score + b) (`reward.model.accept_probability`), with (a, b) fitted by Platt scaling on the
+  held-out judgments by people (`reward.evaluate.fit_platt`); how good it is (its Brier score and expected
+  calibration error there, in-sample and 2-fold cross-fit, beside the Brier score of always saying the
+  acceptance rate) is in /health. It is null when the model has no (a, b): too few accepted or rejected
+  held-out candidates to fit them (/health's `heldout.probability_unavailable` says which), or a model
+  saved before they were kept; none is made up. `accept` is `score >= threshold`, the threshold calibrated
+  on the same judgments to reach `target_precision` (its measured precision and a 2-fold cross-fit estimate
+  are in /health); null when the model has no threshold. The two are fitted separately: `accept` is not
+  `probability >= 0.5`.
 - Batching: a request's items that show the same image with the same question and answer are one scored
   item (the image encoded once); rows are scored `batch_size` at a time. One request is scored at a time: the
   model is not thread-safe, so a lock serialises scoring (images are decoded before it, in the request's
@@ -112,13 +122,15 @@ class ServedModel:
     round_idx: int | None
     """The round whose folder it is; None for RUN_DIR/reward (`illume reward train`)."""
     heldout: dict | None = None
-    """Its held-out report (reward_eval.json: precision, recall, cross-fit estimates, ROC-AUC), if written."""
+    """Its held-out report (reward_eval.json: precision, recall, Brier score and ECE, cross-fit estimates,
+    ROC-AUC), if written."""
     connective: str = ChatStyle.connective
     """How the run's chat format starts a reply (`prompt.connective`, slot {answer}): dropped from the start
     of a rationale (`rationale_text`)."""
 
 
-HELDOUT_KEYS = ("target_precision", "precision", "recall", "precision_crossfit", "recall_crossfit", "roc_auc",
+HELDOUT_KEYS = ("target_precision", "precision", "recall", "precision_crossfit", "recall_crossfit", "brier",
+                "ece", "brier_crossfit", "ece_crossfit", "brier_base_rate", "probability_unavailable", "roc_auc",
                 "pairwise_accuracy", "num_candidates", "num_examples")
 """The facts of reward_eval.json that /health passes on."""
 
@@ -436,10 +448,12 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
     Returns:
         The FastAPI app; serve it with `illume.http_guard.serve` or uvicorn.
     """
+    from reward.model import accept_probability
+
     app = FastAPI(title="illume reward", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, validation_error)
     rm = served.rm
-    threshold = rm.threshold
+    threshold, platt = rm.threshold, rm.platt
     lock = threading.Lock()  # one request's scoring at a time: the model is not thread-safe
 
     def scores_of(items: list[Item]) -> list[float]:
@@ -448,6 +462,9 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
 
     def accept_of(scores: list[float]) -> list[bool] | None:
         return None if threshold is None else [value >= threshold for value in scores]
+
+    def probability_of(scores: list[float]) -> list[float] | None:
+        return None if platt is None else accept_probability(scores, platt)
 
     def parsed(raw: bytes, parse: Callable[[Any], list[Item]]) -> list[Item]:
         try:
@@ -471,9 +488,13 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
             "status": "ok",
             # (not the base model's identity: it may be a local path, and this route is open)
             "model": {"reward_dir": served.reward_dir, "round": served.round_idx, "pooling": rm.pooling,
-                      "threshold": threshold, "target_precision": rm.target_precision, "heldout": served.heldout},
+                      "threshold": threshold, "target_precision": rm.target_precision,
+                      "platt": None if platt is None else {"a": platt[0], "b": platt[1]},
+                      "heldout": served.heldout},
             "accept": ("score >= threshold, calibrated on held-out judgments by people to reach "
                        "target_precision" if threshold is not None else None),
+            "probability": ("P(people accept) = sigmoid(a * score + b), Platt scaling fitted on held-out "
+                            "judgments by people" if platt is not None else None),
             "limits": {"max_items": cfg.max_items, "max_body_bytes": cfg.max_body_bytes,
                        "max_text_chars": MAX_TEXT_CHARS, "max_request_pixels": MAX_REQUEST_PIXELS,
                        "batch_size": cfg.batch_size,
@@ -488,8 +509,9 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
                                         "question, answer, rationale}")
             return check_items(payload["items"], cfg, connective=served.connective)
 
-        return await answer(request, parse, lambda scores: {"scores": scores, "accept": accept_of(scores),
-                                                            "threshold": threshold})
+        return await answer(request, parse, lambda scores: {
+            "scores": scores, "probability": probability_of(scores), "accept": accept_of(scores),
+            "threshold": threshold})
 
     @app.post("/openrlhf")
     async def openrlhf_route(request: Request) -> JSONResponse:
@@ -501,8 +523,11 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> FastAPI:
             return openrlhf_items(body, cfg, served.connective)
 
         def reply(scores: list[float]) -> dict:
-            accept = accept_of(scores)  # extra_logs become tensors in OpenRLHF: numbers, not booleans
-            extra = {"accept": [float(a) for a in accept]} if accept is not None else {}
+            accept, probability = accept_of(scores), probability_of(scores)
+            # extra_logs become tensors in OpenRLHF: numbers, not booleans
+            extra = {} if accept is None else {"accept": [float(a) for a in accept]}
+            if probability is not None:
+                extra["probability"] = probability
             return {"rewards": scores, "scores": scores, "extra_logs": extra}
 
         return await answer(request, parse, reply)

@@ -252,7 +252,9 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
 def evaluate_saved(store: FeedbackStore, examples_by_id: dict[str, Example], rm: RewardModel,
                    out_dir: str | Path, target_precision: float,
                    kinds: Collection[str] | None = PEOPLE, aggregate: str = DEFAULT_AGGREGATE) -> dict:
-    """Evaluate a saved reward model on the held-out examples recorded in `out_dir/split.json`."""
+    """Evaluate a saved reward model on the held-out examples recorded in `out_dir/split.json`, and save it
+    again with what that calibrates (the threshold, Platt's (a, b)): a model saved before (a, b) were kept
+    gets them here."""
     from reward.evaluate import evaluate_reward_model
 
     out_dir = Path(out_dir)
@@ -263,5 +265,9 @@ def evaluate_saved(store: FeedbackStore, examples_by_id: dict[str, Example], rm:
     feedback = reward_feedback(store, upto_round=split["upto_round"], kinds=kinds, aggregate=aggregate)
     pairs = preference_pairs(feedback, examples_by_id, split["include_reference_pairs"])
     judged = labelled_candidates(feedback, example_ids=heldout)
-    return evaluate_reward_model(rm, [p for p in pairs if p.example_id in heldout], judged, examples_by_id,
-                                 target_precision, out_dir)
+    report = evaluate_reward_model(rm, [p for p in pairs if p.example_id in heldout], judged, examples_by_id,
+                                   target_precision, out_dir)
+    if distributed.is_main():
+        rm.save(out_dir)
+    distributed.barrier()
+    return report

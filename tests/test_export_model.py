@@ -210,6 +210,7 @@ def test_the_reward_model_exports_with_its_head_and_threshold(magma_run, tmp_pat
     saved = json.loads((magma_run / "reward" / "reward_model.json").read_text())
     config = json.loads((out / "reward_config.json").read_text())
     assert config["threshold"] == saved["threshold"] and config["pooling"] == saved["pooling"] == "mean"
+    assert config["platt"] == saved["platt"]  # the accept probability's (a, b), or None for both
     assert config["base_model_identity"] == saved["backbone"] and config["fitted_on_rounds_upto"] == 0
     assert f"reward >= {saved['threshold']:.4f}" in (out / "README.md").read_text()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -14,14 +15,19 @@ from illume.config import RewardConfig, TrainConfig, load_config, save_config
 from illume.data.records import Candidate, CandidateSet, Example
 from illume.feedback.store import FeedbackStore
 from reward.evaluate import (
+    MIN_PLATT_PER_CLASS,
     accept_metrics,
+    brier_score,
     calibrate_threshold,
     calibration_plot,
     evaluate_reward_model,
+    expected_calibration_error,
+    fit_platt,
     pairwise_accuracy,
     roc_auc,
+    score_judged,
 )
-from reward.model import RewardModel, score
+from reward.model import RewardModel, accept_probability, score
 from reward.pairs import (
     PreferencePair,
     RewardDataError,
@@ -233,8 +239,60 @@ def test_unreachable_precision_warns_and_takes_the_most_precise_threshold():
 
 def test_calibration_plot_is_a_png(tmp_path):
     path = calibration_plot([0.1, 0.5, 0.9, 1.2, -0.3], [0, 1, 1, 1, 0], tmp_path / "c.png", threshold=0.5,
-                            target_precision=0.9)
+                            target_precision=0.9, platt=(2.0, -0.5))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_platt_scaling_recovers_the_logistic_model_its_labels_were_drawn_from():
+    """20,000 scores ~ N(0.5, 2), each accepted with probability sigmoid(1.5 s - 0.7): the fit is within 0.08
+    of (1.5, -0.7). Their standard errors at this size are 0.021 and 0.023 (the inverse Fisher information
+    at the truth), so 0.08 is about 3.5 of them; Platt's targets move the optimum by O(1/N) only."""
+    rng = random.Random(0)
+    scores = [rng.gauss(0.5, 2.0) for _ in range(20_000)]
+    labels = [rng.random() < p for p in accept_probability(scores, (1.5, -0.7))]
+    a, b = fit_platt(scores, labels)
+    assert a == pytest.approx(1.5, abs=0.08) and b == pytest.approx(-0.7, abs=0.08)
+    shifted = fit_platt([10 * s + 300 for s in scores], labels)  # any reward scale: a / 10, b - 30 a
+    assert shifted == pytest.approx((a / 10, b - 30 * a), rel=1e-6)
+
+
+def test_platt_scaling_is_the_maximum_likelihood_fit_on_platts_targets():
+    """At the optimum the log-likelihood's gradient is zero: sum(p_i - t_i) = 0 and sum((p_i - t_i) s_i) = 0,
+    with t = (N+ + 1) / (N+ + 2) = 7/8 for the 6 accepted and 1 / (N- + 2) = 1/8 for the 6 rejected. Scores
+    that separate the labels perfectly still give finite (a, b), and the probability rises with the score."""
+    scores = [0.3, -1.2, 2.5, 0.9, -0.4, 1.7, 0.1, -2.0, 1.1, 0.6, -0.8, 3.0]
+    labels = [True, False, True, False, False, True, True, False, True, False, False, True]
+    platt = fit_platt(scores, labels)
+    targets = [7 / 8 if y else 1 / 8 for y in labels]
+    residuals = [p - t for p, t in zip(accept_probability(scores, platt), targets)]
+    assert sum(residuals) == pytest.approx(0, abs=1e-9)
+    assert sum(r * s for r, s in zip(residuals, scores)) == pytest.approx(0, abs=1e-9)
+    separated = fit_platt(list(range(10)), [k >= 5 for k in range(10)])
+    assert all(math.isfinite(x) for x in separated) and separated[0] > 0
+    probabilities = accept_probability([-5.0, 0.0, 4.5, 9.0, 50.0], separated)
+    assert probabilities == sorted(probabilities) and 0 < probabilities[0] and probabilities[-1] <= 1
+
+
+def test_platt_scaling_refuses_too_few_judgments_of_a_kind_and_constant_scores():
+    few = MIN_PLATT_PER_CLASS - 1
+    with pytest.raises(ValueError, match=f"at least {MIN_PLATT_PER_CLASS} accepted .* got {few} and 20"):
+        fit_platt([float(k) for k in range(few + 20)], [k < few for k in range(few + 20)])
+    with pytest.raises(ValueError, match="got 0 and 12"):
+        fit_platt([float(k) for k in range(12)], [False] * 12)
+    with pytest.raises(ValueError, match="all 12 held-out candidates have the same score"):
+        fit_platt([0.5] * 12, [k % 2 == 0 for k in range(12)])
+    with pytest.raises(ValueError, match="3 scores but 2 labels"):
+        fit_platt([1.0, 2.0, 3.0], [True, False])
+
+
+def test_brier_score_and_ece_equal_the_hand_computed_values():
+    """p = [0.1, 0.15, 0.8, 0.85], y = [0, 1, 1, 1]. Brier: (0.01 + 0.7225 + 0.04 + 0.0225) / 4 = 0.19875.
+    ECE, 10 bins: [0.1, 0.2) holds 0.1 and 0.15 (1 accepted, 0.25 predicted): 2/4 * |1/2 - 0.125| = 0.1875;
+    [0.8, 0.9) holds 0.8 and 0.85 (2 accepted, 1.65 predicted): 2/4 * |1 - 0.825| = 0.0875; sum 0.275."""
+    probabilities, labels = [0.1, 0.15, 0.8, 0.85], [False, True, True, True]
+    assert brier_score(probabilities, labels) == pytest.approx(0.19875)
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(0.275)
+    assert expected_calibration_error([1.0, 0.0], [True, False]) == 0.0  # p = 1 falls in the last bin
 
 
 # ------------------------------------------------------------------ the model
@@ -327,8 +385,43 @@ def test_evaluate_writes_report_and_plot_and_sets_the_threshold(tiny_vlm, tmp_pa
     assert report["pairwise_accuracy"] == pytest.approx(pairwise_accuracy(rm, pairs, EXAMPLES))
     assert report["num_pairs"] == 5 and report["num_pairs_reference"] == 2 and report["num_candidates"] == 9
     assert rm.threshold == report["threshold"] and 0.0 <= report["roc_auc"] <= 1.0
+    # 4 of the 9 held-out candidates accepted: too few for an accept probability, and the report says why
+    assert report["num_accepted"] == 4 and rm.platt is None and report["platt_a"] is None
+    assert report["brier"] is None and report["brier_crossfit"] is None
+    assert f"at least {MIN_PLATT_PER_CLASS} accepted" in report["probability_unavailable"]
+    assert report["brier_base_rate"] == pytest.approx(4 / 9 * 5 / 9)
     with pytest.raises(RewardDataError, match="need both accepted and rejected"):
         evaluate_reward_model(rm, pairs, [j for j in judged if j[3]], EXAMPLES, 0.9, tmp_path / "eval")
+
+
+def test_evaluate_fits_the_accept_probability_and_save_load_keeps_it(tiny_vlm, tmp_path):
+    """24 examples, each with one accepted and two rejected candidates: Platt's (a, b) are fitted on the 72
+    judgments, the report's Brier score and ECE are those of sigmoid(a * reward + b) against the labels,
+    the 2-fold cross-fit is measured, and (a, b) survive save and load; a file written before they were kept
+    loads without them."""
+    examples = {f"p{k}": Example(f"p{k}", Image.new("RGB", (96, 96), (10 * k, 255 - 10 * k, 99)),
+                                 "what colour is it?", ["red"], ["it is red"]) for k in range(24)}
+    judged = [(example_id, "Q: what colour is it? A: red, seeing that", text, text == "it is red")
+              for example_id in examples for text in ("it is red", "the sky is blue", f"a dog {example_id}")]
+    rm = RewardModel(tiny_vlm, seed=3)
+    report = evaluate_reward_model(rm, [], judged, examples, 0.5, tmp_path / "eval")
+    scores, labels = score_judged(rm, judged, examples), [row[3] for row in judged]
+    assert rm.platt == (report["platt_a"], report["platt_b"]) == pytest.approx(fit_platt(scores, labels))
+    assert report["probability_unavailable"] is None
+    probabilities = accept_probability(scores, rm.platt)
+    assert report["brier"] == pytest.approx(brier_score(probabilities, labels))
+    assert report["ece"] == pytest.approx(expected_calibration_error(probabilities, labels))
+    assert report["brier_base_rate"] == pytest.approx(1 / 3 * 2 / 3)
+    assert 0 <= report["brier_crossfit"] <= 1 and 0 <= report["ece_crossfit"] <= 1
+    rm.save(tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["platt"] == {
+        "a": report["platt_a"], "b": report["platt_b"]}
+    assert RewardModel.load(tmp_path / "rm", tiny_vlm).platt == rm.platt
+    config = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
+    del config["platt"]  # as written before (a, b) were kept
+    (tmp_path / "rm" / "reward_model.json").write_text(json.dumps(config))
+    old = RewardModel.load(tmp_path / "rm", tiny_vlm)
+    assert old.platt is None and old.threshold == rm.threshold
 
 
 # ------------------------------------------------------------------ the command
@@ -376,8 +469,15 @@ def test_reward_train_and_eval_commands_write_their_files(tiny_vlm, tmp_path, ca
     assert json.loads((reward_dir / "reward_model.json").read_text())["threshold"] == report["threshold"]
     precision, _ = report["precision"], report["recall"]
     assert precision >= 0.5  # the target it was calibrated to, on the same held-out judgments
+    saved = json.loads((reward_dir / "reward_model.json").read_text())
+    assert saved["platt"] is None and "got 3 and 6" in report["probability_unavailable"]  # 3 of 9 accepted
+    del saved["threshold"], saved["platt"]  # as a file written before the eval's calibration was kept
+    (reward_dir / "reward_model.json").write_text(json.dumps(saved))
     assert main(["reward", "eval", str(run_dir)]) == 0
+    assert "Platt scaling needs at least" in capsys.readouterr().out
     assert json.loads((reward_dir / "reward_eval.json").read_text())["roc_auc"] == pytest.approx(report["roc_auc"])
+    resaved = json.loads((reward_dir / "reward_model.json").read_text())  # eval saved what it calibrated
+    assert resaved["threshold"] == pytest.approx(report["threshold"]) and resaved["platt"] is None
 
 
 def test_reward_train_on_a_run_without_judgments_says_so(tiny_vlm, tmp_path, capsys):

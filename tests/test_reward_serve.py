@@ -11,6 +11,7 @@ import base64
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -40,8 +41,11 @@ BATCH = 4
 MAX_ITEMS = 8
 MAX_BODY = 60_000
 THRESHOLD = 0.0
+PLATT = (3.0, -0.2)
 HELDOUT = {"target_precision": 0.5, "precision": 0.75, "recall": 0.5, "precision_crossfit": 0.7,
-           "recall_crossfit": 0.4, "roc_auc": 0.8, "pairwise_accuracy": 0.9, "num_candidates": 12, "num_examples": 4}
+           "recall_crossfit": 0.4, "brier": 0.15, "ece": 0.05, "brier_crossfit": 0.18, "ece_crossfit": 0.08,
+           "brier_base_rate": 0.21, "probability_unavailable": None, "roc_auc": 0.8, "pairwise_accuracy": 0.9,
+           "num_candidates": 12, "num_examples": 4}
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
 RATIONALES = ["the circle is red", "there is a small blue square on the left", "two triangles",
               "the square is on the right of the circle", "it is green", "there are three shapes"]
@@ -77,6 +81,11 @@ def item(k: int, rationale: str, question: str = "what colour is the circle?", a
     return {"image": b64(picture(k)), "question": question, "answer": answer, "rationale": rationale}
 
 
+def sigmoid_of(scores: list[float], platt: tuple[float, float] = PLATT) -> list[float]:
+    """P(accept) as the service must give it: 1 / (1 + exp(-(a * score + b)))."""
+    return [1 / (1 + math.exp(-(platt[0] * s + platt[1]))) for s in scores]
+
+
 def in_process(rm, k: int, question: str, answer: str, rationales: list[str]) -> list[float]:
     """`reward.model.score` of rationales for picture k, as the loop's critic calls it."""
     example = Example(f"e{k}", picture(k), question, [answer])
@@ -85,12 +94,13 @@ def in_process(rm, k: int, question: str, answer: str, rationales: list[str]) ->
 
 @pytest.fixture(scope="module")
 def served() -> ServedModel:
-    """A tiny random MAGMA reward model, with a threshold and a held-out report as a fit would leave them."""
+    """A tiny random MAGMA reward model, with a threshold, Platt's (a, b) and a held-out report as a fit would
+    leave them."""
     from illume.demo.tiny_models import build_demo_vlm
 
     vlm = build_demo_vlm(load_config(REPO / "configs" / "demo.yaml", TINY_MODEL).model, seed=0)
     rm = RewardModel(vlm, seed=0).eval()
-    rm.threshold, rm.target_precision, rm.backbone_id = THRESHOLD, 0.5, "tiny"
+    rm.threshold, rm.target_precision, rm.platt, rm.backbone_id = THRESHOLD, 0.5, PLATT, "tiny"
     return ServedModel(rm, "reward/round_01", 1, HELDOUT)
 
 
@@ -138,8 +148,9 @@ def test_health_needs_no_token_and_names_the_model(live):
     body = response.json()
     assert body["status"] == "ok"
     assert body["model"] == {"reward_dir": "reward/round_01", "round": 1, "pooling": "mean",
-                             "threshold": THRESHOLD, "target_precision": 0.5, "heldout": HELDOUT}
-    assert "threshold" in body["accept"] and "probability" not in json.dumps(body)
+                             "threshold": THRESHOLD, "target_precision": 0.5, "platt": {"a": 3.0, "b": -0.2},
+                             "heldout": HELDOUT}
+    assert "threshold" in body["accept"] and "sigmoid(a * score + b)" in body["probability"]
     assert body["limits"] == {"max_items": MAX_ITEMS, "max_body_bytes": MAX_BODY, "max_text_chars": 4096,
                               "max_request_pixels": 1 << 26, "batch_size": BATCH, "image_paths": False}
     assert httpx.post(f"{live.url}/score", json={"items": [item(0, "red")]}, timeout=10).status_code == 401
@@ -160,6 +171,10 @@ def test_a_request_is_scored_as_reward_model_scores_it_in_process(live, served):
     assert body["scores"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert body["scores"][0] == pytest.approx(body["scores"][2], rel=1e-6)  # the same rationale, once with the connective
     assert body["accept"] == [value >= THRESHOLD for value in body["scores"]] and body["threshold"] == THRESHOLD
+    assert body["probability"] == pytest.approx(sigmoid_of(body["scores"]), rel=1e-12)
+    by_score = sorted(zip(body["scores"], body["probability"]))
+    assert [p for _, p in by_score] == sorted(body["probability"])  # a higher score, a higher probability
+    assert 0 < min(body["probability"]) < max(body["probability"]) < 1
 
 
 def test_twenty_concurrent_clients_with_bad_requests_mixed_in(live, served):
@@ -287,17 +302,19 @@ def test_images_are_read_from_the_image_root_only(served, tmp_path):
         assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "items.0.image_path", ref
 
 
-def test_a_model_without_threshold_gives_no_accept(served):
-    unthresholded = ServedModel(served.rm, "reward", None, None)  # create_app reads the threshold once
-    saved, served.rm.threshold = served.rm.threshold, None
+def test_a_model_without_threshold_or_platt_gives_no_accept_and_no_probability(served):
+    unthresholded = ServedModel(served.rm, "reward", None, None)  # create_app reads threshold and (a, b) once
+    saved, (served.rm.threshold, served.rm.platt) = (served.rm.threshold, served.rm.platt), (None, None)
     try:
         client = TestClient(create_app(unthresholded, ServeConfig()), base_url=LOCAL)
     finally:
-        served.rm.threshold = saved
+        served.rm.threshold, served.rm.platt = saved
     body = client.post("/score", json={"items": [item(0, "red")]}).json()
     assert body["accept"] is None and body["threshold"] is None and len(body["scores"]) == 1
+    assert body["probability"] is None
     health = client.get("/health").json()
     assert health["accept"] is None and health["model"]["round"] is None and health["model"]["heldout"] is None
+    assert health["probability"] is None and health["model"]["platt"] is None
     openrlhf = client.post("/openrlhf", json={"query": ["Q: a A: red, seeing that it is red"],
                                               "prompts": ["Q: a A: red, seeing that"],
                                               "labels": [{"image": b64(picture(0)), "question": "a", "answer": "red"}]})
@@ -376,7 +393,7 @@ def test_the_command_serves_a_runs_reward_model(tmp_path):
     run_dir = tmp_path / "run"
     save_config(cfg, run_dir / "config.yaml")
     rm = RewardModel(vlm, seed=1)
-    rm.threshold, rm.target_precision, rm.backbone_id = 0.01, 0.5, model_identity(cfg)
+    rm.threshold, rm.target_precision, rm.platt, rm.backbone_id = 0.01, 0.5, PLATT, model_identity(cfg)
     rm.save(run_dir / "reward" / "round_01")
     (run_dir / "reward" / "round_01" / "reward_eval.json").write_text(json.dumps(HELDOUT))
     port = _free_port()
@@ -403,6 +420,8 @@ def test_the_command_serves_a_runs_reward_model(tmp_path):
         assert response.json()["scores"] == pytest.approx(
             in_process(loaded, 0, items[0]["question"], "red", RATIONALES[:2]), rel=1e-5, abs=1e-6)
         assert response.json()["threshold"] == 0.01
+        scores = response.json()["scores"]
+        assert response.json()["probability"] == pytest.approx(sigmoid_of(scores), rel=1e-12)
     finally:
         process.kill()
         process.wait(timeout=30)
@@ -441,6 +460,10 @@ def test_trl_grpo_calls_the_reward_function_and_gets_the_services_scores(live, s
     assert accept(prompts=[x["prompt"] for x in inputs], completions=completions, image=[x["image"] for x in inputs],
                   question=[x["question"] for x in inputs], answer=[x["answer"] for x in inputs]) == [
         float(value >= THRESHOLD) for value in expected]
+    probability = _module("trl_reward").IllumeReward(live.url, token=TOKEN, reward="probability")
+    assert probability(prompts=[x["prompt"] for x in inputs], completions=completions,
+                       image=[x["image"] for x in inputs], question=[x["question"] for x in inputs],
+                       answer=[x["answer"] for x in inputs]) == pytest.approx(sigmoid_of(expected), rel=1e-4)
 
 
 def test_verl_calls_compute_score_as_its_reward_managers_do(live, served):
@@ -468,6 +491,10 @@ def test_verl_calls_compute_score_as_its_reward_managers_do(live, served):
                                      ground_truths=["left", "left"],
                                      extra_infos=np.array(extra_infos, dtype=object), **reward_kwargs, max_items=1)
     assert batch == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    probabilities = verl.compute_score_batch(data_sources=["illume"] * 2, solution_strs=responses,
+                                             ground_truths=["left", "left"], extra_infos=extra_infos,
+                                             **reward_kwargs, reward="probability")
+    assert probabilities == pytest.approx(sigmoid_of(expected), rel=1e-4)
     with pytest.raises(RuntimeError, match="401"):
         verl.compute_score("illume", "x", "left", extra_infos[1], url=live.url, token="wrong")
 
@@ -493,7 +520,9 @@ def test_openrlhf_remote_reward_request_is_answered(live, served):
     assert status == 200, body
     expected = in_process(served.rm, 5, "what colour is the circle?", "red", ["the circle is red"])
     assert body["rewards"] == pytest.approx(expected, rel=1e-5, abs=1e-6) and body["scores"] == body["rewards"]
-    assert body["extra_logs"] == {"accept": [float(expected[0] >= THRESHOLD)]}
+    assert body["extra_logs"]["accept"] == [float(expected[0] >= THRESHOLD)]
+    assert body["extra_logs"]["probability"] == pytest.approx(sigmoid_of(expected), rel=1e-4)
+    assert set(body["extra_logs"]) == {"accept", "probability"}
     assert asyncio.run(post(f"{live.url}/openrlhf"))[0] == 401
     bad = _post(f"{live.url}/openrlhf", {**payload, "labels": ["not json"]}).json()["detail"]
     assert bad.startswith("labels.0:")

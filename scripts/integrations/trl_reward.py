@@ -14,10 +14,11 @@ per completion (None becomes NaN).
 So the dataset carries, besides its conversational `prompt` (TRL needs one for images): `image` (a PIL image;
 or `images`, a list whose first image is used), `question` and `answer`. A completion is text, or a
 conversation whose assistant messages hold the text. The reward is the service's raw score (`reward="score"`,
-default) or its accept decision as 1.0 / 0.0 (`reward="accept"`: score >= the threshold calibrated on held-out
-judgments). Each distinct image is encoded (PNG, base64) once per call (TRL hands a prompt's row to each of its
-generations, as separate image objects when they come from a `datasets` column), and the completions go in
-requests of at most `max_items`.
+default), its calibrated probability that people accept the rationale (`reward="probability"`: Platt scaling
+fitted on held-out judgments, in [0, 1]), or its accept decision as 1.0 / 0.0 (`reward="accept"`: score >= the
+threshold calibrated on held-out judgments). Each distinct image is encoded (PNG, base64) once per call (TRL
+hands a prompt's row to each of its generations, as separate image objects when they come from a `datasets`
+column), and the completions go in requests of at most `max_items`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class IllumeReward:
     Args:
         url: The service (http://HOST:PORT).
         token: Its token (None: an open loopback service).
-        reward: "score" (the raw reward) or "accept" (1.0 / 0.0 from the service's calibrated threshold).
+        reward: "score" (the raw reward), "probability" (the service's calibrated accept probability) or
+            "accept" (1.0 / 0.0 from the service's calibrated threshold).
         max_items: Items per request (the service's --max-items or fewer).
         timeout: Seconds per request.
     """
@@ -88,8 +90,8 @@ class IllumeReward:
 
     def __init__(self, url: str, token: str | None = None, reward: str = "score", max_items: int = 256,
                  timeout: float = 300.0):
-        if reward not in ("score", "accept"):
-            raise ValueError(f"reward must be 'score' or 'accept', got {reward!r}")
+        if reward not in ("score", "probability", "accept"):
+            raise ValueError(f"reward must be 'score', 'probability' or 'accept', got {reward!r}")
         self.url, self.token, self.reward = url.rstrip("/") + "/score", token, reward
         self.max_items, self.timeout = max_items, timeout
 
@@ -115,6 +117,11 @@ class IllumeReward:
                 if answer_["accept"] is None:
                     raise RuntimeError("the reward model has no accept threshold: use reward='score'")
                 rewards += [float(accepted) for accepted in answer_["accept"]]
+            elif self.reward == "probability":
+                if answer_["probability"] is None:
+                    raise RuntimeError("the reward model has no calibrated accept probability (see the "
+                                       "service's /health): use reward='score'")
+                rewards += answer_["probability"]
             else:
                 rewards += answer_["scores"]
         return rewards

@@ -8,7 +8,8 @@ verl's config (stdlib only: the file is loaded by path in verl's reward workers)
       reward_kwargs:                 # passed to every call (else ILLUME_REWARD_URL / ILLUME_REWARD_TOKEN)
         url: http://127.0.0.1:8770
         token: ...
-        reward: score                # or accept: 1.0 / 0.0 from the service's calibrated threshold
+        reward: score                # or probability (calibrated P(accept)), or accept: 1.0 / 0.0 from the
+                                     # service's calibrated threshold
 
 What verl calls (volcengine/verl at b178a3c, 2026-01; docs/preparation/reward_function.rst):
 - the naive reward manager (verl/workers/reward_manager/naive.py, and the reward loop's
@@ -74,14 +75,19 @@ def _settings(url: str | None, token: str | None, reward: str) -> tuple[str, str
     url = url or os.environ.get("ILLUME_REWARD_URL")
     if not url:
         raise ValueError("no reward service: set custom_reward_function.reward_kwargs.url (or ILLUME_REWARD_URL)")
-    if reward not in ("score", "accept"):
-        raise ValueError(f"reward must be 'score' or 'accept', got {reward!r}")
+    if reward not in ("score", "probability", "accept"):
+        raise ValueError(f"reward must be 'score', 'probability' or 'accept', got {reward!r}")
     return url.rstrip("/") + "/score", token if token is not None else os.environ.get("ILLUME_REWARD_TOKEN")
 
 
 def _rewards(answer: dict, reward: str) -> list[float]:
     if reward == "score":
         return answer["scores"]
+    if reward == "probability":
+        if answer["probability"] is None:
+            raise RuntimeError("the reward model has no calibrated accept probability (see the service's "
+                               "/health): use reward: score")
+        return answer["probability"]
     if answer["accept"] is None:
         raise RuntimeError("the reward model has no accept threshold: use reward: score")
     return [float(accepted) for accepted in answer["accept"]]
