@@ -290,7 +290,7 @@ class Study:
                 job = jobs[index][0]
                 try:
                     results[index] = future.result()  # a run's exception is raised here
-                except Exception as error:  # noqa: BLE001 - reported, and the study goes on without it
+                except Exception as error:  # reported in the docs; the other runs go on
                     self.failed[job.name] = f"{type(error).__name__}: {error}"
                     print(f"[study] FAILED {job.variant} seed {job.seed}: {self.failed[job.name]}", flush=True)
                     self.left.pop(job.name, None)
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run nothing: write the docs from the finished runs (a study in progress)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md, study.json and plots go")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes running the runs, each "
-                        "single-threaded (1: one after another in this process)")
+                        "single-threaded (default 1: one after another)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (e.g. model.cache_dir=/scratch/cache)")
     args = parser.parse_args(argv)

@@ -78,6 +78,22 @@ def test_written_rationales_are_one_reference_for_each_of_k_questions():
         written_rationales(train, 41, seed=0)
 
 
+def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, capsys):
+    """In the workers, a run that raises (here: its config does not exist) is named with its error; the run
+    beside it still reports (not finished: report-only, None)."""
+    compare = _compare_module()
+    broken = compare.Job("broken", 0, "configs/no_such.yaml", [])
+    absent = compare.Job("illume-sft", 0, "configs/demo.yaml", [])
+    pool = compare.worker_pool(1)
+    try:
+        study = compare.Study(tmp_path, compare.QUICK, False, [broken, absent], pool, 1)
+        assert study.run_all([(broken, False), (absent, True)]) == [None, None]
+    finally:
+        pool.shutdown()
+    assert list(study.failed) == ["broken__seed0"] and "no_such.yaml" in study.failed["broken__seed0"]
+    assert "[study] FAILED broken seed 0" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_heldout_scores_of_val_equal_what_the_run_recorded(finished_run_copy):
     """Scoring a finished run's folders again on val gives exactly the val scores the run recorded for its base
