@@ -633,7 +633,8 @@ class AnnotateConfig:
     budget_per_round: int | None = None
     """critic.kind=hybrid: people judge this many items per round from `reward.people_rounds` on, the first in
     `annotate.order`, and the reward model decides all the others (replaces `reward.hybrid_band`); None: the
-    band rule."""
+    band rule. With `reward.people_rounds: 0`, round 0 too: people judge a seeded draw of N items and a reward
+    model fitted on them decides the rest (`reward.critic.budgets_first_round`)."""
 
     RANGES: ClassVar = {"port": PORT, "annotations_per_item": COUNT, "lease_seconds": POSITIVE,
                         "budget_per_round": AT_LEAST_0, "max_body_bytes": Range(1024)}
@@ -648,7 +649,7 @@ class RewardConfig:
 
     people_rounds: int = 1
     """critic.kind=reward or hybrid: rounds judged by people (`critic.people_kind`) before the reward model takes
-    over."""
+    over. 0 needs a `reward.checkpoint`, or (hybrid) `annotate.budget_per_round`."""
     include_reference_pairs: bool = True
     """Pair the reference explanation (chosen) with the candidates of "none fits" items (rejected)."""
     heldout_fraction: float = 0.2

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from illume.config import ConfigError, RunConfig
 from illume.critics import Critic, person_critic, simulated_critic
-from reward.critic import HybridCritic, RewardCritic, check_critique_order
+from reward.critic import HybridCritic, RewardCritic, check_critique_order, check_first_round
 from reward.fitted import check_reward_checkpoint
 from reward.judge import JudgeCritic
 
@@ -27,6 +27,7 @@ CRITICS: dict[str, Callable[[RunConfig], Critic]] = {
 CONFIG_CHECKS: tuple[Callable[[RunConfig], None], ...] = (
     check_reward_checkpoint,  # a saved reward model fitted on another base model fails now, not rounds later
     check_critique_order,  # annotate.order / budget_per_round where the critic kind gives them a meaning
+    check_first_round,  # reward.people_rounds=0: round 0 needs a reward model (a checkpoint, or a budget)
 )
 """Checks of the critique's settings, each owned by the module the setting belongs to, raising ConfigError."""
 

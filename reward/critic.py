@@ -13,6 +13,10 @@ Per round, from round `reward.people_rounds` on:
   certain by `reward.uncertainty.UNCERTAINTY`; `random`: a seeded draw; `stored`: the first N sampled), less
   those people already judged this round. People get their items in `annotate.order` (the annotation page
   by `items.priority`).
+- **Round 0 on a budget.** With a budget and `reward.people_rounds: 0` (hybrid, no checkpoint) there is no
+  earlier judgment to fit a model on: people judge N items of round 0 first (a seeded draw:
+  `first_round_draw`), a reward model is fitted on those (saved as reward/round_01, which round 1 reuses
+  unless people judged more) and decides the rest of round 0 (`budgets_first_round`, `check_first_round`).
 - **Report.** The round's row of results.json gets the threshold, the held-out precision/recall/ROC-AUC and
   how many items the reward model decided; where the references are known (the demo), also the precision and
   recall of its accepts against the simulated critic's. With a budget or an order other than `stored`, also
@@ -91,6 +95,43 @@ def check_critique_order(cfg: RunConfig) -> None:
             raise ConfigError(f"reward.uncertainty={cfg.reward.uncertainty!r} is not one of {', '.join(UNCERTAINTY)}")
 
 
+def budgets_first_round(cfg: RunConfig) -> bool:
+    """Whether people judge only a budget of round 0 (critic.kind=hybrid, `annotate.budget_per_round` set,
+    `reward.people_rounds: 0`, no `reward.checkpoint`): the reward model of round 0 is then fitted on those
+    judgments of round 0 itself, there being no earlier ones."""
+    return (cfg.critic.kind == "hybrid" and cfg.annotate.budget_per_round is not None
+            and cfg.reward.people_rounds == 0 and cfg.reward.checkpoint is None)
+
+
+def first_round_draw(cfg: RunConfig, example_ids: list[str]) -> list[str]:
+    """The items people judge in round 0 when `budgets_first_round`: the first `annotate.budget_per_round` in
+    `annotate.order`, where `uncertainty` (no reward model to be unsure yet) is a seeded random draw, so the
+    first reward model learns from an unbiased sample of the round."""
+    order = "random" if cfg.annotate.order == "uncertainty" else cfg.annotate.order
+    return order_items(order, example_ids, cfg.seed, 0)[:cfg.annotate.budget_per_round]
+
+
+def check_first_round(cfg: RunConfig) -> None:
+    """A reward or hybrid critic judging round 0 (`reward.people_rounds: 0`) has a reward model for it: a
+    `reward.checkpoint`, or (hybrid) one fitted on people's budget of round 0 (`budgets_first_round`).
+
+    Raises:
+        ConfigError: neither; or a budgeted round 0 with people on the annotation page, which waits for every
+            item of a round before the reward model could decide any.
+    """
+    if cfg.critic.kind not in ("reward", "hybrid") or cfg.reward.people_rounds > 0 or cfg.reward.checkpoint:
+        return
+    if not budgets_first_round(cfg):
+        raise ConfigError(f"reward.people_rounds=0 with critic.kind={cfg.critic.kind}: round 0 has no reward model "
+                          "(no judgments by people yet); set reward.people_rounds >= 1, a reward.checkpoint, or "
+                          "critic.kind=hybrid with annotate.budget_per_round (people judge that many items of "
+                          "round 0 and a reward model fitted on them decides the rest)")
+    if cfg.critic.people_kind == "person" and cfg.critic.ui == "web":
+        raise ConfigError("annotate.budget_per_round with reward.people_rounds=0 and people on the annotation page "
+                          "(critic.ui=web): the page waits for every item of round 0, so people would judge all of "
+                          "it; set reward.people_rounds=1, or critic.ui=terminal")
+
+
 class RewardCritic:
     """critic.kind=reward: the reward model judges every item from round `reward.people_rounds` on; people
     (`critic.people_kind`) judge the rounds before."""
@@ -107,17 +148,27 @@ class RewardCritic:
         return None
 
     def review(self, context: CritiqueContext) -> Critique:
-        if context.round_idx < self.cfg.reward.people_rounds:
+        cfg = self.cfg
+        if context.round_idx < cfg.reward.people_rounds:
             return self.people.review(context)
-        report, people_order = self._critique(context)
+        upto_round = context.round_idx - 1  # the reward model learns from people's judgments of earlier rounds
+        if budgets_first_round(cfg) and context.round_idx == 0:
+            # No reward model yet: people judge the round's first `budget_per_round` items (a seeded draw,
+            # `first_round_draw`), then the model fitted on those judgments decides the rest of round 0.
+            first = self.people.review(context, first_round_draw(cfg, list(context.sets)))
+            if not first.done:
+                return first
+            upto_round = context.round_idx
+        report, people_order = self._critique(context, upto_round)
         people = self.people.review(context, people_order)  # the items it left, in the order it chose
         return Critique(people.done, {**report, **people.report})
 
-    def _critique(self, context: CritiqueContext) -> tuple[dict, list[str] | None]:
-        """Decide the items the reward model is sure of; returns (the round's report keys, the items left for
-        people in hand-out order: `PeopleCritic.review`'s `order`)."""
+    def _critique(self, context: CritiqueContext, upto_round: int) -> tuple[dict, list[str] | None]:
+        """Decide the items the reward model (fitted on people's judgments of rounds 0..`upto_round`) is sure
+        of; returns (the round's report keys, the items left for people in hand-out order:
+        `PeopleCritic.review`'s `order`)."""
         cfg, store, round_idx, sets = self.cfg, context.store, context.round_idx, context.sets
-        rm, info = reward_model_on(cfg, round_idx - 1, store, context.train_by_id, context.say)
+        rm, info = reward_model_on(cfg, upto_round, store, context.train_by_id, context.say)
         decider = RewardDecider(rm, info["threshold"], self.band())
         # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
         # Example id -> whether people judged it.
@@ -159,7 +210,8 @@ class RewardCritic:
         cfg, round_idx = self.cfg, context.round_idx
         order, budget = cfg.annotate.order, cfg.annotate.budget_per_round
         uncertainty = None
-        if order == "uncertainty" and todo:
+        left = None if budget is None else max(0, budget - num_by_people)  # what people have left of the budget
+        if order == "uncertainty" and todo and left != 0:  # (nothing left: no order to choose)
             scores, values = UNCERTAINTY[cfg.reward.uncertainty](
                 cfg, decider.reward_model, decider.threshold, context.store, round_idx, todo,
                 context.train_by_id, learn_from(cfg))
@@ -172,7 +224,7 @@ class RewardCritic:
         if budget is None:  # the band rule (critic.kind=reward: no band, the model decides all)
             people = {cs.example_id for cs, item_scores in zip(todo, scores) if not decider.confident(item_scores)}
         else:  # the first items in annotate.order, up to what people have left of the round's budget
-            people = set(ordered[:max(0, budget - num_by_people)])
+            people = set(ordered[:left])
         judgments = [decider.decide_item(cs, item_scores) for cs, item_scores in zip(todo, scores)
                      if cs.example_id not in people]
         if budget is None and order == "stored":

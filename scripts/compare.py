@@ -1,27 +1,45 @@
 """The study: ILLUME's selection-SFT beside preference optimisation, online RL, AI feedback and supervised
-fine-tuning on k written rationales, over several seeds, with final numbers on a held-out test split.
+fine-tuning on k written rationales, and the human-effort curve, over several seeds, with final numbers on a
+held-out test split.
 
-    python scripts/compare.py --seeds 3            # the full study (about 2 h on 2 CPU cores) -> docs/
+    python scripts/compare.py --seeds 5 --jobs 2   # the full study in 2 worker processes -> docs/
     python scripts/compare.py --quick --docs /tmp/q   # a tiny version of every step (a test runs it)
 
 What it does, in order:
 1. A small sweep per preference method (SWEEP: beta x learning rate for DPO and KTO) on seed 0 with fewer
-   rounds, picked by final val CIDEr (GRPO: the settings of its demo config, from an earlier sweep). The chosen settings are used for every seed and written in the docs.
-2. Every variant of STUDY, and SFT on one written rationale for each of k train questions (k in
-   SUPERVISED_K), for seeds 0..n-1. Seed s changes the world's train/val/test questions (data.shapes.seed)
-   and every sampling, training and reward seed; the pre-trained base model is the same for all seeds
-   (data.shapes.pretrain_seed=0), as every ILLUME run starts from the same pre-trained MAGMA.
+   rounds, picked by final val CIDEr (GRPO: the settings of its demo config, from an earlier sweep). The
+   sweep's points run first (in parallel with --jobs); the chosen settings are used for every seed and
+   written in the docs.
+2. Every variant of STUDY, SFT on one written rationale for each of k train questions (k in SUPERVISED_K),
+   and the human-effort curve (EFFORT_SHARES, below), for seeds 0..n-1. Seed s changes the world's
+   train/val/test questions (data.shapes.seed) and every sampling, training and reward seed; the pre-trained
+   base model is the same for all seeds (data.shapes.pretrain_seed=0), as every ILLUME run starts from the
+   same pre-trained MAGMA.
 3. Each variant's final model (the last trained round, its epoch kept on val) is scored on the test split
    (data.shapes.num_test_scenes questions that no epoch or setting choice saw); ILLUME's every round too,
    for the data-efficiency table.
 4. docs/results.md: mean +- 95 % t-interval over seeds per variant on test, paired t-tests against
    selection-SFT on the same seeds, the data-efficiency table (ILLUME round r ~ SFT on k questions) with the
-   human effort of each (selection judgments vs rationales written), the chosen settings and wall times;
-   docs/compare_cider.png (test CIDEr per variant with intervals), docs/data_efficiency.png, docs/study.json.
+   human effort of each (selection judgments vs rationales written), the human-effort curve, the chosen
+   settings and wall times; docs/compare_cider.png (test CIDEr per variant with intervals),
+   docs/data_efficiency.png, docs/effort_curve.png, docs/study.json.
+
+The human-effort curve: the hybrid critic with people's budget set so that they judge a share of what people
+judge every round (illume-sft): `annotate.budget_per_round` = share x the round's items, from round 0 on
+(`reward.people_rounds=0`: people judge a seeded draw of round 0's budget and a reward model fitted on it
+decides the rest, reward/critic.py), `annotate.order=uncertainty` after round 0. The share reported is the
+one counted in the store (results.json's human_judgments / judgments), not the nominal budget; 100 % is
+illume-sft itself.
+
+Workers: --jobs N (default 1) runs the runs in N spawned worker processes, each single-threaded
+(OMP/MKL/torch threads 1: the thread count changes the numbers, docs/study.md); a run is deterministic given
+its seed, so the run folders and numbers do not depend on N (a test checks --jobs 2 against --jobs 1 on
+--quick). A base model not cached yet is pre-trained in a worker before any run starts.
 
 Resuming: each run directory is reused. A finished run (RUN_DIR/wall_seconds.json says complete) is not run
 again; an interrupted one continues from its finished rounds and its wall time is summed over invocations;
-test scores are cached per run (RUN_DIR/heldout_test.json). --fresh starts everything over.
+test scores are cached per run (RUN_DIR/heldout_test.json). The study's own wall clock is summed over
+invocations in OUT/study_wall.json. --fresh starts everything over.
 """
 
 from __future__ import annotations
@@ -29,9 +47,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
@@ -65,6 +86,11 @@ EXTRA = {
     "kto-all": ("iterative KTO on the labels of every round so far", "configs/demo_kto.yaml", ["policy.rounds=all"]),
 }
 SUPERVISED_K = (25, 50, 100, 200, 400)
+# The human-effort curve: % of people-every-round's judgments that people make (the hybrid critic on a budget,
+# EFFORT_CONFIG + EFFORT_OVERRIDES); 100 % is illume-sft's runs (people judge every item of every round).
+EFFORT_SHARES = (5, 10, 15, 25, 50)
+EFFORT_CONFIG = "configs/demo_hybrid.yaml"
+EFFORT_OVERRIDES = ["reward.people_rounds=0", "annotate.order=uncertainty"]
 SWEEP = {
     "dpo": {"policy.dpo.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
     "kto": {"policy.kto.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
@@ -77,7 +103,7 @@ METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("ci
            ("answer_accuracy", "VQA acc."), ("answer_contains", "Q/A acc. (ILLUME)"))
 # Rough minutes per run on 2 CPU cores, for the first ETA; replaced by measured times as runs finish.
 GUESS_MINUTES = {"illume-sft": 1.5, "illume-rm": 1.5, "hybrid": 3.5, "dpo": 2, "kto": 3, "grpo": 4, "rlaif": 9,
-                 "grpo-sft": 4, "dpo-nll": 2, "silkie": 14, "sft-ref": 1, "sft-k": 0.8}
+                 "grpo-sft": 4, "dpo-nll": 2, "silkie": 14, "sft-ref": 1, "sft-k": 0.8, "effort": 5}
 
 
 @dataclass
@@ -88,6 +114,7 @@ class Profile:
     sweep_rounds: int
     supervised_k: tuple[int, ...]
     variants: tuple[str, ...]
+    effort_shares: tuple[int, ...] = EFFORT_SHARES
     sweep: dict = field(default_factory=lambda: SWEEP)
 
 
@@ -101,7 +128,8 @@ QUICK = Profile([
     "data.shapes.num_val_scenes=8", "data.shapes.num_test_scenes=8", "pretrain.num_steps=20",
     "pretrain.batch_size=8", "critic.threshold=0.1", "loop.stop_when_nothing_new=false", "train.num_epochs=1",
     "train.batch_size=8", "sample.samples_per_temperature=2", "sample.max_new_tokens=6", "loop.num_rounds=2",
-], sweep_rounds=1, supervised_k=(4, 8), variants=("illume-sft", "dpo"),
+    "reward.heldout_fraction=0.5",  # the effort runs' reward model: 3 of a 6-item budget to calibrate on
+], sweep_rounds=1, supervised_k=(4, 8), variants=("illume-sft", "dpo"), effort_shares=(50,),
     sweep={"dpo": {"policy.dpo.beta": (0.1, 0.3)}})
 
 
@@ -129,6 +157,13 @@ class Job:
     @property
     def name(self) -> str:
         return f"{self.variant}__seed{self.seed}"
+
+    @property
+    def kind(self) -> str:
+        """What its minutes are guessed and measured under, for the ETA (GUESS_MINUTES)."""
+        if self.supervised_k is not None:
+            return "sft-k"
+        return "effort" if self.variant.startswith("effort-") else self.variant.split("@")[0]
 
 
 def _final_round(results: list[dict]) -> dict:
@@ -194,33 +229,74 @@ def human_effort(run: dict) -> tuple[int, int]:
     return final.get("human_judgments", 0), 0
 
 
-class Study:
-    """Runs jobs in order with progress and an ETA from the times measured so far."""
+def _single_threaded() -> None:
+    """A worker's start, before it imports torch (importing this module does not): one thread per run."""
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    import torch
 
-    def __init__(self, out: Path, profile: Profile, fresh: bool, total_jobs: int):
-        self.out, self.profile, self.fresh, self.total = out, profile, fresh, total_jobs
-        self.done, self.start = 0, time.perf_counter()
+    torch.set_num_threads(1)
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """`jobs` spawned worker processes, each single-threaded (`_single_threaded`). Spawned, not forked (torch's
+    thread pools do not survive a fork); single-threaded because the thread count changes the numbers (floats
+    summed in another order: docs/study.md) and two threads per process on shared cores slow every step."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_single_threaded)
+
+
+class Study:
+    """Runs jobs in a pool of worker processes (`worker_pool`), with a line per finished run and an ETA from
+    the times measured so far."""
+
+    def __init__(self, out: Path, profile: Profile, fresh: bool, planned: list[Job], pool: ProcessPoolExecutor,
+                 jobs: int):
+        self.out, self.profile, self.fresh, self.pool, self.jobs = out, profile, fresh, pool, jobs
+        self.total, self.done, self.start = len(planned), 0, time.perf_counter()
+        self.left = {job.name: job.kind for job in planned}  # not finished yet, for the ETA
         self.measured: dict[str, list[float]] = {}
-        self.remaining_guess: list[str] = []
+        self.failed: dict[str, str] = {}  # run name -> its error
 
     def _minutes(self, kind: str) -> float:
         times = self.measured.get(kind)
         return sum(times) / len(times) / 60 if times else GUESS_MINUTES.get(kind, 2.0)
 
-    def run(self, job: Job, remaining_kinds: list[str], report_only: bool = False) -> dict | None:
-        kind = "sft-k" if job.supervised_k is not None else job.variant.split("@")[0]
-        eta = sum(self._minutes(k) for k in remaining_kinds)
-        elapsed = (time.perf_counter() - self.start) / 60
-        if not report_only:
-            print(f"[study] run {self.done + 1}/{self.total}: {job.variant} seed {job.seed} "
-                  f"(elapsed {elapsed:.1f} min, about {eta:.0f} min to go)", flush=True)
-        result = run_job(job, self.out, self.profile, self.fresh, report_only)
+    def _finished(self, job: Job, result: dict | None) -> None:
+        self.left.pop(job.name, None)
         if result is None:
             print(f"[study] not finished, left out: {job.variant} seed {job.seed}", flush=True)
-            return None
-        self.measured.setdefault(kind, []).append(result["seconds"])
+            return
+        self.measured.setdefault(job.kind, []).append(result["seconds"])
         self.done += 1
-        return result
+        # The runs left share the workers: their minutes (measured so far, else guessed) over the workers.
+        eta = sum(self._minutes(kind) for kind in self.left.values()) / min(self.jobs, max(1, len(self.left)))
+        elapsed = (time.perf_counter() - self.start) / 60
+        print(f"[study] {self.done}/{self.total} done: {job.variant} seed {job.seed} "
+              f"({result['seconds'] / 60:.1f} min) - elapsed {elapsed:.1f} min, about {eta:.0f} min to go",
+              flush=True)
+
+    def run_all(self, jobs: list[tuple[Job, bool]]) -> list[dict | None]:
+        """Run (or reuse, or with report_only only read) each (job, report_only) in the workers; results in the
+        given order (None: report_only and the run has not finished, or the run failed: `self.failed` says
+        why, and the other runs go on)."""
+        results: list[dict | None] = [None] * len(jobs)
+        pending = {self.pool.submit(run_job, job, self.out, self.profile, self.fresh, report_only): index
+                   for index, (job, report_only) in enumerate(jobs)}
+        if any(not report_only for _, report_only in jobs):
+            print(f"[study] {len(jobs)} runs to run or reuse in {self.jobs} worker(s)", flush=True)
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index = pending.pop(future)
+                job = jobs[index][0]
+                try:
+                    results[index] = future.result()  # a run's exception is raised here
+                except Exception as error:  # reported in the docs; the other runs go on
+                    self.failed[job.name] = f"{type(error).__name__}: {error}"
+                    print(f"[study] FAILED {job.variant} seed {job.seed}: {self.failed[job.name]}", flush=True)
+                    self.left.pop(job.name, None)
+                    continue
+                self._finished(job, results[index])
+        return results
 
 
 def sweep_points(method: str, grid: dict) -> list[list[str]]:
@@ -234,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="parent folder of the run directories "
                         "(default runs/study, or runs/study-quick with --quick)")
     parser.add_argument("--only", default=None, help="comma-separated variants (default: the study's); "
-                        f"more: {', '.join(EXTRA)}; 'sft-k' is the supervised curve")
+                        f"more: {', '.join(EXTRA)}; 'sft-k' is the supervised curve, 'effort' the human-effort curve")
     parser.add_argument("--quick", action="store_true", help="a tiny version of every step (minutes)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directories first")
     parser.add_argument("--run-seeds", default=None, metavar="S,S",
@@ -243,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the docs from the finished runs (a study in progress)")
     parser.add_argument("--docs", default=str(REPO / "docs"), help="where results.md, study.json and plots go")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes running the runs, each "
+                        "single-threaded (default 1: one after another)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (e.g. model.cache_dir=/scratch/cache)")
     args = parser.parse_args(argv)
@@ -251,20 +329,25 @@ def main(argv: list[str] | None = None) -> int:
         profile = replace(profile, seed_overrides=profile.seed_overrides + args.set)
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: intervals and paired tests need two seeds or more")
-    names = [n.strip() for n in args.only.split(",")] if args.only else [*profile.variants, "sft-k"]
-    unknown = [n for n in names if n not in STUDY and n not in EXTRA and n != "sft-k"]
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    names = [n.strip() for n in args.only.split(",")] if args.only else [*profile.variants, "sft-k", "effort"]
+    unknown = [n for n in names if n not in STUDY and n not in EXTRA and n not in ("sft-k", "effort")]
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {[*STUDY, *EXTRA, 'sft-k']}")
+        parser.error(f"unknown variant(s) {unknown}; choose from {[*STUDY, *EXTRA, 'sft-k', 'effort']}")
     out = Path(args.out or ("runs/study-quick" if args.quick else "runs/study"))
     seeds = list(range(args.seeds))
     catalogue = {**STUDY, **EXTRA}
 
-    # The jobs, in the order they run: each method's sweep right before its seeds.
+    # The jobs: every sweep point first (their choices apply to every seed), then the study's runs.
     plan: list[tuple[str, Job]] = []
     for name in names:
         if name == "sft-k":
             plan += [("sft-k", Job(f"sft-{k}", s, "configs/demo.yaml", [], supervised_k=k))
                      for s in seeds for k in profile.supervised_k]
+            continue
+        if name == "effort":
+            plan += [("effort", job) for job in effort_jobs(profile, seeds)]
             continue
         _, config, extra = catalogue[name]
         for point in sweep_points(name, profile.sweep[name]) if name in profile.sweep else []:
@@ -273,37 +356,83 @@ def main(argv: list[str] | None = None) -> int:
                 f"loop.num_rounds={profile.sweep_rounds}"], score_test=False, setting=point)))
         plan += [(name, Job(name, s, config, extra, all_reference=name == "sft-ref",
                             folders="all" if name == "illume-sft" else "final")) for s in seeds]
-    study = Study(out, profile, args.fresh, len(plan))
+    sweep = [job for _, job in plan if "@" in job.variant]
+    rest = [(name, job) for name, job in plan if "@" not in job.variant]
     start = time.perf_counter()
-    runs, chosen, missing = [], {}, []
-    for index, (name, job) in enumerate(plan):
-        if "@" not in job.variant and name in profile.sweep and name not in chosen:
-            choice = choose_setting(name, [r for r in runs if r["variant"].startswith(name + "@")])
-            if choice is not None:  # None: --report-only before any sweep point finished
-                chosen[name] = choice
-        if name in chosen and "@" not in job.variant:
-            job.overrides = job.overrides + chosen[name]["overrides"]
-        remaining = ["sft-k" if j.supervised_k is not None else j.variant.split("@")[0] for _, j in plan[index:]]
-        only_report = args.report_only or (args.run_seeds is not None and "@" not in job.variant
-                                            and str(job.seed) not in args.run_seeds.split(","))
-        result = study.run(job, remaining, only_report)
-        if result is None:
-            missing.append(job.name)
-        else:
-            runs.append(result)
-    # The runs' own recorded wall times (summed over invocations when a run was resumed), sweep included.
+    pool = worker_pool(args.jobs)
+    try:
+        if not args.report_only:
+            ensure_base_models([job for _, job in plan], out, profile, pool)
+        study = Study(out, profile, args.fresh, [job for _, job in plan], pool, args.jobs)
+        runs = study.run_all([(job, args.report_only) for job in sweep])
+        chosen = {}
+        for name in dict.fromkeys(name for name, _ in rest):
+            if name in profile.sweep:
+                choice = choose_setting(name, [r for r in runs if r is not None and r["variant"].startswith(
+                    name + "@")])
+                if choice is not None:  # None: --report-only before any sweep point finished
+                    chosen[name] = choice
+        for name, job in rest:
+            if name in chosen:
+                job.overrides = job.overrides + chosen[name]["overrides"]
+        runs += study.run_all([(job, args.report_only or (args.run_seeds is not None and str(job.seed)
+                                                          not in args.run_seeds.split(","))) for _, job in rest])
+    finally:  # after a failed run: the others under way finish (they would resume anyway), no new one starts
+        pool.shutdown(wait=True, cancel_futures=True)
+    missing = [job.name for job, run in zip(sweep + [job for _, job in rest], runs)
+               if run is None and job.name not in study.failed]
+    runs = [run for run in runs if run is not None]
+    # The runs' own recorded wall times (summed over invocations when a run was resumed), sweep included; and
+    # the study's wall clock, summed over its invocations (less than the runs' sum with several workers).
     minutes = sum(run["seconds"] for run in runs) / 60
-    print(f"this invocation: {(time.perf_counter() - start) / 60:.1f} min")
+    invocation = (time.perf_counter() - start) / 60
+    wall_path = out / "study_wall.json"
+    wall = json.loads(wall_path.read_text()) if wall_path.is_file() and not args.fresh else {"minutes": 0.0}
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        wall = {"minutes": wall["minutes"] + invocation, "jobs": args.jobs}
+        wall_path.write_text(json.dumps(wall))
+    print(f"this invocation: {invocation:.1f} min")
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, seeds, chosen)
     summary["missing"] = missing
+    summary["failed"] = study.failed
+    summary["study_wall_minutes"] = wall["minutes"]
     (docs / "study.json").write_text(json.dumps(summary, indent=2))
     write_plots(summary, docs)
     write_markdown(summary, docs / "results.md", quick=args.quick, seeds=seeds, minutes=minutes,
                    command="python scripts/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"{len(runs)} runs in {minutes:.1f} min -> {docs / 'results.md'}")
-    return 0
+    if study.failed:
+        print(f"{len(study.failed)} runs failed (left out of the docs): {', '.join(study.failed)}")
+    return 1 if study.failed else 0
+
+
+def effort_jobs(profile: Profile, seeds: list[int]) -> list[Job]:
+    """The human-effort curve's runs: per share, people's budget per round = share x the round's items (the
+    train questions: every round samples each once), at least 1."""
+    cfg = load_config(REPO / EFFORT_CONFIG, profile.seed_overrides)
+    items = cfg.data.shapes.num_train_scenes
+    return [Job(f"effort-{share}", s, EFFORT_CONFIG,
+                [*EFFORT_OVERRIDES, f"annotate.budget_per_round={max(1, round(share / 100 * items))}"])
+            for share in profile.effort_shares for s in seeds]
+
+
+def ensure_base_models(jobs: list[Job], out: Path, profile: Profile, pool: ProcessPoolExecutor) -> None:
+    """Pre-train the jobs' demo base models when they are not cached (one for all seeds:
+    data.shapes.pretrain_seed=0), in a worker, before any run starts: runs starting at once would each pre-train
+    the same one."""
+    from illume.demo.pretrain import demo_model_dir, ensure_demo_model
+
+    configs = {}
+    for job in jobs:
+        cfg = load_config(REPO / job.config, profile.seed_overrides + seed_overrides(job.seed) + job.overrides
+                          + [f"name={job.name}", f"output_dir={out}"])
+        if cfg.model.names_demo_model():
+            configs.setdefault(demo_model_dir(cfg), cfg)
+    for future in [pool.submit(ensure_demo_model, cfg) for cfg in configs.values()]:
+        future.result()
 
 
 def choose_setting(method: str, sweep_runs: list[dict]) -> dict | None:
@@ -368,7 +497,36 @@ def summarise(runs: list[dict], seeds: list[int], chosen: dict) -> dict:
             sweep_minutes[method] = sweep_minutes.get(method, 0.0) + run["seconds"] / 60
     return {"variants": variants, "comparisons": comparisons, "chosen": chosen, "sweep_minutes": sweep_minutes,
             "data_efficiency": data_efficiency(by_variant), "base_test_cider": base,
+            "effort": effort_curve(by_variant, variants, comparisons),
             "descriptions": {**{k: v[0] for k, v in {**STUDY, **EXTRA}.items()}}}
+
+
+def people_share(run: dict) -> float:
+    """% of the run's judgments (up to its final model) that people made, as its feedback store counted them
+    (results.json's human_judgments and judgments)."""
+    final = _final_round(run["results"])
+    return 100 * final.get("human_judgments", 0) / max(1, final.get("judgments", 0))
+
+
+def effort_curve(by_variant: dict[str, list[dict]], variants: dict, comparisons: dict) -> list[dict]:
+    """The human-effort curve's points (effort-<share> runs, and illume-sft as people judging everything),
+    by nominal share: the share people judged (from the store), test CIDEr, the paired comparison with
+    illume-sft."""
+    names = sorted((n for n in by_variant if n.startswith("effort-")), key=lambda n: int(n.split("-")[1]))
+    if not names:
+        return []
+    points = []
+    for name in [*names, "illume-sft"]:
+        if name not in by_variant:
+            continue
+        group = sorted(by_variant[name], key=lambda r: r["seed"])
+        shares = [people_share(r) for r in group]
+        points.append({"variant": name, "nominal": 100 if name == "illume-sft" else int(name.split("-")[1]),
+                       "share": sum(shares) / len(shares), "share_per_seed": shares,
+                       "judgments": variants[name]["human_judgments"], "seeds": variants[name]["seeds"],
+                       "cider": variants[name]["interval"]["cider"], "per_seed": variants[name]["test"]["cider"],
+                       "vs_people": comparisons.get(name, {}).get("cider")})
+    return points
 
 
 def _interval(values: list[float]) -> dict:
@@ -428,12 +586,15 @@ def _cell(interval: dict) -> str:
 def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], minutes: float, command: str) -> None:
     variants, comparisons = summary["variants"], summary["comparisons"]
     lines = [
-        "# The study: selection-SFT, preference optimisation, online RL, AI feedback and supervised data",
+        "# The study: selection-SFT, preference optimisation, online RL, AI feedback, supervised data and the "
+        "human-effort curve",
         "",
         f"Written by `{command}` ({minutes:.0f} min: the wall times of all its runs, sweep and test "
-        "scoring included, on the development machine, 2 CPU cores, no GPU)" + (" — the --quick profile: a tiny model and world, numbers mean nothing." if quick
-                                  else ". The demo world: 400 train / 100 val / 500 test questions per seed, "
-                                  "the cached demo base model."),
+        "scoring included, on the development machine, 2 CPU cores, no GPU; "
+        f"{summary.get('study_wall_minutes', minutes):.0f} min of wall clock over the study's invocations, "
+        "less than the runs' sum where --jobs ran them side by side)"
+        + (" — the --quick profile: a tiny model and world, numbers mean nothing." if quick
+           else ". The demo world: 400 train / 100 val / 500 test questions per seed, the cached demo base model."),
         "",
         f"Seeds {', '.join(map(str, seeds))}: seed s changes the world's questions (train, val and test) and every "
         "sampling, training and reward seed; the pre-trained base model is the same for all. Every epoch and "
@@ -455,9 +616,12 @@ def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], min
     for name, v in variants.items():
         effort = (f"{v['rationales_written']:.0f} written" if v["rationales_written"]
                   else f"{v['human_judgments']:.0f} judgments" if v["human_judgments"] else "none")
-        description = summary["descriptions"].get(name, _sft_k_description(name))
+        description = summary["descriptions"].get(name, _generated_description(name))
         lines.append(f"| **{name}**: {description} | " + " | ".join(_cell(v["interval"][k]) for k, _ in METRICS)
                      + f" | {effort} | {'/'.join(map(str, v['rounds']))} | {v['minutes']:.1f} min |")
+    if summary.get("failed"):
+        lines += ["", f"**Failed** ({len(summary['failed'])} runs, left out above): "
+                  + "; ".join(f"{name}: {error}" for name, error in summary["failed"].items()) + "."]
     if summary.get("missing"):
         lines += ["", f"**Not finished when this was written** ({len(summary['missing'])} runs, left out above): "
                   + ", ".join(summary["missing"]) + "."]
@@ -470,6 +634,8 @@ def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], min
                   "comparisons: with that many tests one false alarm in twenty is expected).", "",
                   "| variant | Δ CIDEr | p | real? | Δ VQA acc. | p | real? |", "|---|---:|---:|:---:|---:|---:|:---:|"]
         for name, by_key in comparisons.items():
+            if name.startswith("effort-"):
+                continue  # in the human-effort curve's table
             cells = []
             for key in ("cider", "answer_accuracy"):
                 c = by_key.get(key)
@@ -478,6 +644,7 @@ def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], min
                            "yes" if c["significant"] else "no"])
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _effort_lines(summary["effort"])
     eff = summary["data_efficiency"]
     if eff["rounds"] or eff["curve"]:
         lines += ["## Data efficiency: ILLUME's rounds against SFT on k written rationales", "",
@@ -512,9 +679,38 @@ def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], min
     path.write_text("\n".join(lines))
 
 
-def _sft_k_description(name: str) -> str:
-    k = name[4:]
-    return f"SFT on one written rationale for each of {k} train questions"
+def _effort_lines(points: list[dict]) -> list[str]:
+    if not points:
+        return []
+    lines = ["## The human-effort curve: test CIDEr against people's share of the judgments", "",
+             "The hybrid critic (`configs/demo_hybrid.yaml`) with `reward.people_rounds=0`, "
+             "`annotate.order=uncertainty` and `annotate.budget_per_round` = the share x the round's items (its "
+             "train questions): in round 0 people judge a seeded random draw of that many items and a reward model "
+             "fitted on those judgments decides the rest; from round 1 on people judge the items the reward model "
+             "(refitted on all of people's judgments so far) is least sure of (its ensemble's disagreement) and it "
+             "decides the others. *Share by people*: people's judgments / all judgments of the run up to its final "
+             "model, counted in its feedback store (mean over seeds, and per seed), not the nominal budget. "
+             "100 %: illume-sft (people judge every item of every round). Test CIDEr x100, mean ± 95 % interval; "
+             "Δ: paired against illume-sft on the same seeds (p of the paired t-test).", "",
+             "| nominal share | share by people (store) | per seed | people's judgments | test CIDEr | "
+             "Δ CIDEr vs illume-sft | p | real? |", "|---:|---:|---|---:|---:|---:|---:|:---:|"]
+    for point in points:
+        c = point["vs_people"]
+        versus = (["-", "-", "-"] if c is None else
+                  [f"{c['difference']:+.1f} ± {c['half_width']:.1f}", f"{c['p']:.3f}",
+                   "yes" if c["significant"] else "no"])
+        label = f"{point['nominal']} %" + (" (illume-sft)" if point["variant"] == "illume-sft" else "")
+        lines.append(f"| {label} | {point['share']:.1f} % | "
+                     + " / ".join(f"{x:.1f}" for x in point["share_per_seed"])
+                     + f" | {point['judgments']:.0f} | {_cell(point['cider'])} | " + " | ".join(versus) + " |")
+    return lines + ["", "![human-effort curve](effort_curve.png)", ""]
+
+
+def _generated_description(name: str) -> str:
+    if name.startswith("effort-"):
+        return (f"hybrid critic, people judge {name[7:]} % of each round's items (round 0 too), the reward model "
+                "the rest")
+    return f"SFT on one written rationale for each of {name[4:]} train questions"
 
 
 def write_plots(summary: dict, docs: Path) -> None:
@@ -541,6 +737,8 @@ def write_plots(summary: dict, docs: Path) -> None:
     fig.savefig(docs / "compare_cider.png", dpi=120)
     plt.close(fig)
 
+    if summary["effort"]:
+        _plot_effort(summary["effort"], docs / "effort_curve.png")
     eff = summary["data_efficiency"]
     if not (eff["curve"] and eff["rounds"]):
         return
@@ -563,6 +761,32 @@ def write_plots(summary: dict, docs: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(docs / "data_efficiency.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_effort(points: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.errorbar([p["share"] for p in points], [p["cider"]["mean"] for p in points],
+                yerr=[p["cider"]["half_width"] for p in points], marker="o", capsize=4,
+                label="hybrid critic on a budget; 100 %: people every round (illume-sft)")
+    for p in points:
+        ax.scatter([p["share"]] * len(p["per_seed"]), p["per_seed"], color="black", s=8, zorder=3)
+    people = next((p for p in points if p["variant"] == "illume-sft"), None)
+    if people is not None and math.isfinite(people["cider"]["mean"]):
+        ax.axhline(people["cider"]["mean"], color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ticks = sorted({p["nominal"] for p in points})
+    ax.set_xticks(ticks, [f"{t} %" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("share of the judgments made by people (counted in the store; log scale)")
+    ax.set_ylabel("test CIDEr (x100)")
+    ax.set_title("Human-effort curve: mean, 95 % interval, each seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

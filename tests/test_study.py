@@ -16,6 +16,9 @@ from tests.conftest import REPO
 
 
 def _compare_module():
+    # --jobs' spawned workers import the module by name: scripts/ must be on the path they inherit.
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location("compare", REPO / "scripts" / "compare.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["compare"] = module  # its dataclasses look their module up while the class is built
@@ -75,6 +78,22 @@ def test_written_rationales_are_one_reference_for_each_of_k_questions():
         written_rationales(train, 41, seed=0)
 
 
+def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, capsys):
+    """In the workers, a run that raises (here: its config does not exist) is named with its error; the run
+    beside it still reports (not finished: report-only, None)."""
+    compare = _compare_module()
+    broken = compare.Job("broken", 0, "configs/no_such.yaml", [])
+    absent = compare.Job("illume-sft", 0, "configs/demo.yaml", [])
+    pool = compare.worker_pool(1)
+    try:
+        study = compare.Study(tmp_path, compare.QUICK, False, [broken, absent], pool, 1)
+        assert study.run_all([(broken, False), (absent, True)]) == [None, None]
+    finally:
+        pool.shutdown()
+    assert list(study.failed) == ["broken__seed0"] and "no_such.yaml" in study.failed["broken__seed0"]
+    assert "[study] FAILED broken seed 0" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_heldout_scores_of_val_equal_what_the_run_recorded(finished_run_copy):
     """Scoring a finished run's folders again on val gives exactly the val scores the run recorded for its base
@@ -96,35 +115,76 @@ def test_heldout_scores_of_val_equal_what_the_run_recorded(finished_run_copy):
         heldout_scores(cfg, ["round_05"])
 
 
+def _without_times(value):
+    """A run's recorded numbers less its wall times (which differ between any two executions)."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def _run_record(run_dir):
+    """What a finished run left: its files (names) and its numbers (results.json, heldout_test.json)."""
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()
+                   and p.name not in ("wall_seconds.json",) and "logs" not in p.parts)
+    numbers = {name: _without_times(json.loads((run_dir / name).read_text()))
+               for name in ("results.json", "heldout_test.json") if (run_dir / name).is_file()}
+    return files, numbers
+
+
 @pytest.mark.slow
 def test_compare_quick_end_to_end_and_resumes(tmp_path):
+    """The quick study in 2 worker processes, every section present; runs reused when asked again; --jobs 1
+    gives the same runs (folders and numbers) as --jobs 2; --report-only runs nothing."""
     compare = _compare_module()
     docs, out = tmp_path / "docs", tmp_path / "runs"
     args = ["--quick", "--seeds", "2", "--out", str(out), "--docs", str(docs), "--set",
             f"model.cache_dir={tmp_path / 'cache'}"]
-    assert compare.main(args) == 0
+    assert compare.main([*args, "--jobs", "2"]) == 0
     text = (docs / "results.md").read_text()
     for heading in ("| variant |", "Paired comparisons", "Data efficiency", "≈ SFT on k questions",
-                    "Settings chosen on val", "judgments", "written"):
+                    "Settings chosen on val", "judgments", "written", "The human-effort curve",
+                    "share by people (store)"):
         assert heading in text, heading
     summary = json.loads((docs / "study.json").read_text())
-    assert set(summary["variants"]) == {"illume-sft", "dpo", "sft-4", "sft-8"}
+    assert set(summary["variants"]) == {"illume-sft", "dpo", "sft-4", "sft-8", "effort-50"}
     for variant in summary["variants"].values():
         assert variant["seeds"] == [0, 1] and len(variant["test"]["cider"]) == 2
     assert [r["round"] for r in summary["data_efficiency"]["rounds"]] == [0, 1]
     assert summary["variants"]["sft-8"]["rationales_written"] == 8
-    assert set(summary["comparisons"]) == {"dpo", "sft-4", "sft-8"}
+    assert set(summary["comparisons"]) == {"dpo", "sft-4", "sft-8", "effort-50"}
     assert summary["chosen"]["dpo"]["setting"] in ("policy.dpo.beta=0.1", "policy.dpo.beta=0.3")
-    for name in ("compare_cider.png", "data_efficiency.png"):
+    # The effort curve: a budget of 6 of the 12 items in each of 2 rounds (round 0 too) is half of the
+    # judgments, counted in the store; 100 % is illume-sft; each share paired with illume-sft.
+    curve = {point["variant"]: point for point in summary["effort"]}
+    assert list(curve) == ["effort-50", "illume-sft"]
+    assert curve["effort-50"]["share_per_seed"] == [50.0, 50.0] and curve["effort-50"]["judgments"] == 12
+    assert curve["illume-sft"]["share_per_seed"] == [100.0, 100.0] and curve["illume-sft"]["nominal"] == 100
+    assert curve["effort-50"]["vs_people"]["seeds"] == [0, 1] and curve["illume-sft"]["vs_people"] is None
+    for name in ("compare_cider.png", "data_efficiency.png", "effort_curve.png"):
         assert (docs / name).stat().st_size > 1000
     # Test scores come from the test split (8 questions per seed in --quick), not val.
     held = json.loads((out / "illume-sft__seed0" / "heldout_test.json").read_text())
     assert set(held) == {"base", "round_00", "round_01"}
     # Every run is reused when asked again: nothing is trained twice.
     walls = {p: p.read_text() for p in out.glob("*/wall_seconds.json")}
-    assert len(walls) == 2 + 2 * 2 + 2 * 2  # the sweep's two points, two variants and two ks on two seeds
+    assert len(walls) == 2 + 2 * 2 + 2 * 2 + 2  # the sweep's two points, two variants and two ks, one share
     assert compare.main(args) == 0
     assert {p: p.read_text() for p in out.glob("*/wall_seconds.json")} == walls
+    assert json.loads((out / "study_wall.json").read_text())["minutes"] > 0
+    # --jobs 1 (one after another, in this process) makes the same runs as --jobs 2 did: same folders, same
+    # numbers (the sweep, its choice, a variant and the effort curve).
+    serial = tmp_path / "serial"
+    assert compare.main(["--quick", "--seeds", "2", "--out", str(serial), "--docs", str(tmp_path / "docs1"),
+                         "--only", "dpo,effort", "--jobs", "1", *args[-2:]]) == 0
+    names = sorted(p.parent.name for p in serial.glob("*/wall_seconds.json"))
+    assert names == sorted(n for n in (p.parent.name for p in walls) if n.startswith(("dpo", "effort")))
+    for name in names:
+        assert _run_record(serial / name) == _run_record(out / name), name
+    serial_summary = json.loads((tmp_path / "docs1" / "study.json").read_text())
+    for name in ("dpo", "effort-50"):
+        assert serial_summary["variants"][name]["test"] == summary["variants"][name]["test"]
     # --report-only writes the docs from finished runs and says which are missing (here: a third seed).
     report = tmp_path / "report"
     assert compare.main([*args[:-4], "--seeds", "3", "--docs", str(report), "--report-only", *args[-2:]]) == 0

@@ -18,7 +18,13 @@ from illume.feedback.queue import AnnotationQueue
 from illume.feedback.store import FeedbackStore
 from reward import critic as reward_critic
 from reward import uncertainty
-from reward.critic import HybridCritic, RewardDecider, check_critique_order
+from reward.critic import (
+    HybridCritic,
+    RewardDecider,
+    check_critique_order,
+    check_first_round,
+    first_round_draw,
+)
 from reward.uncertainty import fit_ensemble, item_disagreement
 from tests.conftest import REPO, tiny_overrides
 
@@ -213,6 +219,30 @@ def test_nonsense_is_a_config_error(tmp_path, overrides, message):
         check_critique_order(cfg)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["critic.kind=reward"], "round 0 has no reward model"),
+    (["critic.kind=hybrid"], "round 0 has no reward model"),  # the band rule: nothing to fit a model on
+    (["critic.kind=hybrid", "annotate.budget_per_round=5", "critic.people_kind=person"], "waits for every item"),
+])
+def test_round_0_without_people_needs_a_reward_model(overrides, message):
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["reward.people_rounds=0", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_first_round(cfg)
+    check_first_round(load_config(REPO / "configs" / "demo.yaml", overrides))  # people judge round 0: fine
+    fixed = "critic.ui=terminal" if "critic.people_kind=person" in overrides else "annotate.budget_per_round=5"
+    if cfg.critic.kind == "hybrid":  # a budget, judged in the terminal: fine
+        check_first_round(load_config(REPO / "configs" / "demo.yaml", ["reward.people_rounds=0", *overrides, fixed]))
+
+
+def test_round_0_on_a_budget_is_a_seeded_draw():
+    cfg = load_config(REPO / "configs" / "demo_hybrid.yaml", ["reward.people_rounds=0", "annotate.budget_per_round=3",
+                                                              "annotate.order=uncertainty"])
+    drawn = first_round_draw(cfg, IDS)
+    assert len(drawn) == 3 and drawn == order_items("random", IDS, cfg.seed, 0)[:3]  # no model to doubt: random
+    stored = load_config(REPO / "configs" / "demo_hybrid.yaml", ["annotate.budget_per_round=3"])
+    assert first_round_draw(stored, IDS) == IDS[:3]
+
+
 def test_a_negative_budget_or_an_empty_ensemble_fails_at_load():
     with pytest.raises(ConfigError, match="budget_per_round must be >= 0"):
         load_config(REPO / "configs" / "demo_hybrid.yaml", ["annotate.budget_per_round=-1"])
@@ -240,3 +270,28 @@ def test_a_hybrid_run_with_a_budget_and_the_ensemble(tmp_path):
     assert results[1]["human_judgments"] == 12 and "people_items" not in results[1]  # round 0: all people
     assert results[2]["human_judgments"] == 12 + 3 and results[2]["people_items"] == 3
     assert results[2]["rm_decided_items"] == 9
+
+
+@pytest.mark.slow
+def test_round_0_on_a_budget_people_judge_a_draw_and_its_reward_model_the_rest(tmp_path):
+    """reward.people_rounds=0 with a budget (the human-effort curve of scripts/compare.py): in round 0 people
+    (simulated) judge 4 of the 12 items, a reward model fitted on those 4 decides the other 8; round 1 reuses
+    that model (no judgment by people came in between) and people judge 4 more, chosen by its doubt."""
+    from tests.test_loop import LOOP
+
+    args = ["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), *LOOP, "name=budget0",
+            "loop.num_rounds=2", "critic.kind=hybrid", "reward.people_rounds=0", "reward.num_epochs=1",
+            "reward.batch_size=8", "annotate.budget_per_round=4", "annotate.order=uncertainty"]
+    assert main(args) == 0
+    run_dir = Path(tmp_path) / "runs" / "budget0"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["human_judgments"] for r in results[1:]] == [4, 8]
+    assert [r["judgments"] for r in results[1:]] == [12, 24]
+    assert results[1]["rm_decided_items"] == 8 and results[2]["rm_decided_items"] == 8
+    assert results[2]["people_items"] == 4
+    store = FeedbackStore(run_dir / "feedback.db")
+    people = {item.example_id for item in store.judged_items("train", round_idx=0)
+              if any(j.annotator_kind == "simulated" for j in item.judgments)}
+    cfg = load_config(run_dir / "config.yaml")
+    assert people == set(first_round_draw(cfg, [s for s in store.unjudged_items(0, "nobody", "train")]))
+    assert [p.name for p in sorted((run_dir / "reward").glob("round_*"))] == ["round_01"]  # fitted once
