@@ -666,6 +666,11 @@ class RewardConfig:
     """Constant AdamW learning rate of adapters and head."""
     target_precision: float = 0.9
     """The accept threshold is the lowest score whose held-out precision reaches this."""
+    below_target: Literal["threshold", "reject"] = "threshold"
+    """What the reward or hybrid critic accepts when no threshold reached `target_precision` on the held-out
+    judgments (few of them, early rounds of a small budget): `threshold`, at the best threshold found (its
+    held-out precision is in the round's row); `reject`, nothing (the items it decides are none-fits, so only
+    people's accepts train; a model without held-out figures counts as below)."""
     hybrid_band: float = 1.0
     """critic.kind=hybrid: items with a candidate scored within this distance of the threshold go to people."""
     learn_from: list[str] | None = None

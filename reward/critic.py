@@ -50,8 +50,11 @@ class RewardDecider:
     (the confident ones); `decide` leaves the others out, for people.
     """
 
-    def __init__(self, reward_model, threshold: float, band: float | None = None):
+    def __init__(self, reward_model, threshold: float, band: float | None = None, accepts: bool = True):
         self.reward_model, self.threshold, self.band = reward_model, threshold, band
+        self.accepts = accepts
+        """False: it decides every item as none fits (`reward.below_target: reject`); the threshold still ranks
+        its uncertainty."""
 
     def scores(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[list[float]]:
         from reward.model import score
@@ -65,13 +68,21 @@ class RewardDecider:
 
     def decide_item(self, cs: CandidateSet, scores: Sequence[float]) -> NewJudgment:
         """The model's judgment of one item from its candidates' scores (accepted candidates by text)."""
-        accepted = [c.text for c, s in zip(cs.candidates, scores) if s >= self.threshold]
+        accepted = [c.text for c, s in zip(cs.candidates, scores) if s >= self.threshold] if self.accepts else []
         return NewJudgment(cs.example_id, accepted, none_fit=not accepted)
 
     def decide(self, candidate_sets: Sequence[CandidateSet], examples_by_id: dict[str, Example]) -> list[NewJudgment]:
         return [self.decide_item(cs, scores)
                 for cs, scores in zip(candidate_sets, self.scores(candidate_sets, examples_by_id))
                 if self.confident(scores)]  # the others: not confident, people decide them
+
+
+def accepts_below_target(cfg: RunConfig, heldout_precision: float | None) -> bool:
+    """Whether the reward model's accepts count this round: always with `reward.below_target: threshold`;
+    with `reject`, only when its threshold reached `reward.target_precision` on held-out judgments."""
+    if cfg.reward.below_target == "threshold":
+        return True
+    return heldout_precision is not None and heldout_precision >= cfg.reward.target_precision
 
 
 def check_critique_order(cfg: RunConfig) -> None:
@@ -169,7 +180,8 @@ class RewardCritic:
         `PeopleCritic.review`'s `order`)."""
         cfg, store, round_idx, sets = self.cfg, context.store, context.round_idx, context.sets
         rm, info = reward_model_on(cfg, upto_round, store, context.train_by_id, context.say)
-        decider = RewardDecider(rm, info["threshold"], self.band())
+        trusted = accepts_below_target(cfg, info["heldout_precision"])
+        decider = RewardDecider(rm, info["threshold"], self.band(), accepts=trusted)
         # Rank 0's view, taken before it writes: people may be judging on the annotation page meanwhile.
         # Example id -> whether people judged it.
         judged = distributed.broadcast_object(
@@ -185,6 +197,8 @@ class RewardCritic:
         report = {"rm_threshold": info["threshold"], "rm_heldout_precision": info["heldout_precision"],
                   "rm_heldout_recall": info["heldout_recall"], "rm_heldout_roc_auc": info["heldout_roc_auc"],
                   "rm_decided_items": decided_by_models, **split_report}
+        if cfg.reward.below_target == "reject":
+            report["rm_accepts"] = trusted  # whether this round's reward model reached the target
         # Where the references are known (the demo), say how the reward model's decisions compare with the
         # simulated critic's: the achieved precision and recall of its accepts.
         decided_ids = {j.example_id for j in judgments}

@@ -21,6 +21,7 @@ from reward import uncertainty
 from reward.critic import (
     HybridCritic,
     RewardDecider,
+    accepts_below_target,
     check_critique_order,
     check_first_round,
     first_round_draw,
@@ -169,6 +170,34 @@ def test_the_band_rule_is_unchanged_by_default(tmp_path, monkeypatch):
     (tmp_path / "feedback.db").unlink()
     judged, _, handed = _hybrid_round(tmp_path, monkeypatch, "annotate.order=uncertainty")
     assert _people(judged) == {"e1", "e4"} and handed == ["e4", "e1"]
+
+
+def _model_accepts(tmp_path) -> int:
+    """How many candidates the reward model accepted in round 1 of `_hybrid_round`'s store."""
+    items = FeedbackStore(tmp_path / "feedback.db").judged_items("train", round_idx=1)
+    return sum(accepted for item in items for j in item.judgments if j.annotator_kind == "reward"
+               for accepted in j.decisions.values())
+
+
+def test_below_target_reject_withholds_the_models_accepts_and_keeps_who_judges_what(tmp_path, monkeypatch):
+    budget = ("annotate.budget_per_round=2", "annotate.order=uncertainty")
+    judged, critique, handed = _hybrid_round(tmp_path, monkeypatch, *budget)
+    # By default: e0's first, e1's first and both of e3's candidates score >= 0 (e2 and e5 go to people).
+    assert _model_accepts(tmp_path) == 4 and "rm_accepts" not in critique.report
+    (tmp_path / "feedback.db").unlink()
+    # The stub's model has no held-out precision: below any target, so with `reject` it accepts nothing.
+    rejecting, critique, handed_then = _hybrid_round(tmp_path, monkeypatch, *budget, "reward.below_target=reject")
+    assert _model_accepts(tmp_path) == 0 and critique.report["rm_accepts"] is False
+    assert rejecting == judged and handed_then == handed  # the same items to people, in the same order
+
+
+@pytest.mark.parametrize(("setting", "precision", "accepts"), [
+    ("threshold", None, True), ("threshold", 0.1, True), ("reject", None, False), ("reject", 0.89, False),
+    ("reject", 0.9, True)])
+def test_the_models_accepts_count_when_its_threshold_reached_the_target(setting, precision, accepts):
+    cfg = load_config(REPO / "configs" / "demo_hybrid.yaml",
+                      [f"reward.below_target={setting}", "reward.target_precision=0.9"])
+    assert accepts_below_target(cfg, precision) is accepts
 
 
 # ------------------------------------------------------------------ the annotation page
