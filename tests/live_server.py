@@ -1,14 +1,17 @@
-"""A server of ours started for real (uvicorn in a subprocess on 127.0.0.1), for the tests that talk HTTP to it."""
+"""A server of ours started for real on 127.0.0.1 (uvicorn in a subprocess, or an app in a thread), for the tests
+that talk HTTP to it."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 from tests.conftest import REPO
 from tests.test_annotate_server import _free_port
@@ -43,3 +46,24 @@ def wait_in_page(page, script: str, wanted, timeout: float = 15.0):
             return value
         time.sleep(0.05)
     raise AssertionError(f"{script} is {page.evaluate(script)!r}")
+
+
+class ThreadedServer:
+    """uvicorn serving an app on 127.0.0.1 in a thread (its signal handlers are only installed in the main
+    thread, so it runs here as it runs under `illume reward serve`); `stop()` when done."""
+
+    def __init__(self, app, timeout: float = 30):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -24,7 +24,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -34,6 +33,7 @@ from illume.prompts import rationale_prompt
 from reward.model import RewardModel, score
 from reward.serve import ServeConfig, ServedModel, create_app, openrlhf_rationale, rationale_text
 from tests.conftest import REPO, TINY_MODEL
+from tests.live_server import ThreadedServer
 
 TOKEN = "serve-s3cret"
 LOCAL = "http://127.0.0.1"
@@ -104,30 +104,9 @@ def served() -> ServedModel:
     return ServedModel(rm, "reward/round_01", 1, HELDOUT)
 
 
-class LiveServer:
-    """uvicorn serving an app on 127.0.0.1 in a thread (its signal handlers are only installed in the main
-    thread, so it runs here as it runs under `illume reward serve`)."""
-
-    def __init__(self, app):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def live(served):
-    server = LiveServer(create_app(served, ServeConfig(token=TOKEN, max_items=MAX_ITEMS, max_body_bytes=MAX_BODY,
+    server = ThreadedServer(create_app(served, ServeConfig(token=TOKEN, max_items=MAX_ITEMS, max_body_bytes=MAX_BODY,
                                                        batch_size=BATCH)))
     yield server
     server.stop()
@@ -248,7 +227,7 @@ def test_scoring_is_serialised(served, monkeypatch):
                 inside[0] -= 1
 
     monkeypatch.setattr(reward.model, "score", lingering_score)
-    server = LiveServer(create_app(served, ServeConfig(token=TOKEN)))
+    server = ThreadedServer(create_app(served, ServeConfig(token=TOKEN)))
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             responses = list(pool.map(lambda k: _post(f"{server.url}/score", {"items": [item(k, "red")]}), range(8)))

@@ -10,14 +10,11 @@ import json
 import os
 import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-import uvicorn
 
 from illume.cli import main
 from illume.config import ConfigError, load_config
@@ -30,6 +27,7 @@ from illume.prompts import answer_prompt, example_seed, rationale_prompt
 from illume.sampling import engine_session, sample
 from illume.vllm_engine import VLLMError, adapter_digest, base_model_path, check_vllm_settings, max_lora_rank
 from tests.conftest import REPO
+from tests.live_server import ThreadedServer
 from tests.vllm_stand_in import StandInServer, make_app
 
 DEMO_HF = REPO / "configs" / "demo_hf.yaml"
@@ -44,26 +42,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class _Threaded:
-    """uvicorn serving the test server's app on 127.0.0.1 in a thread."""
-
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the test server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +62,7 @@ def examples(cfg):
 @pytest.fixture(scope="module")
 def served(vlm):
     stand_in = StandInServer(base_model_path(vlm), trust_request_chat_template=True)
-    threaded = _Threaded(make_app(stand_in))
+    threaded = ThreadedServer(make_app(stand_in))
     yield stand_in, threaded.url
     threaded.stop()
 
@@ -187,7 +165,7 @@ def test_the_plain_format_is_rendered_by_a_request_template(cfg, vlm, examples, 
 
 def test_a_request_template_needs_the_server_flag(vlm, examples, tmp_path):
     stand_in = StandInServer(base_model_path(vlm), trust_request_chat_template=False)
-    threaded = _Threaded(make_app(stand_in))
+    threaded = ThreadedServer(make_app(stand_in))
     try:
         cfg = load_config(DEMO_HF, [*SMALL, *SAMPLING, "prompt.format=plain", "sample.engine=vllm",
                                     f"sample.vllm.url={threaded.url}"])
