@@ -30,11 +30,6 @@ _held: dict[int, bool] = {}
 """id of each parameter an open `whole` block gathered -> whether that block keeps writes."""
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ZeRO-3 partitioned `model`'s parameters (whether or not they are gathered right now)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 @contextlib.contextmanager
 def whole(model: nn.Module, parameters: Iterable[torch.Tensor] | None = None,
           keep_writes: bool = False) -> Iterator[None]:
