@@ -173,14 +173,16 @@ class SaveEachEpoch(TrainerCallback):
 
 
 def check_zero_stage(deepspeed_config: str | None, what: str) -> None:
-    """Refuse ZeRO-3 for a training that does not gather sharded weights yet (GRPO, the reward model):
-    selection-SFT, DPO and KTO do (illume.models.sharding). Failing early beats saving empty tensors."""
+    """Refuse ZeRO-3 for what cannot run on partitioned weights (the AI judge, on rank 0 alone; TRL's GRPO):
+    selection-SFT, DPO, KTO, our GRPO and the reward model can (illume.models.sharding). Failing early beats
+    a hang or empty tensors."""
     if deepspeed_config is None:
         return
     stage = json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by {what} yet (selection-SFT, "
-                                  "DPO and KTO support it); use ZeRO-2 (configs/deepspeed/zero2.json)")
+        raise NotImplementedError(f"{deepspeed_config}: ZeRO stage 3 is not supported by {what} (selection-SFT, "
+                                  "DPO, KTO, GRPO and the reward model support it); use ZeRO-2 "
+                                  "(configs/deepspeed/zero2.json)")
 
 
 def trainer_arguments(out_dir: Path, *, seed: int, report: TrainerReport = NO_REPORT,

@@ -32,6 +32,8 @@ results.json gets `grpo_reward`, `grpo_accept` and `grpo_kl` (the kept epoch's m
 reward rose while acceptance fell from the previous round prints a warning.
 
 Distributed runs: every process samples and scores all questions alike (same seeds), then trains its shard.
+Under ZeRO-3 the sampling and the reference read gathered weights (illume.models.sharding) and the reward
+model is whole on every rank after its fit (reward.train).
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ from illume.collate import RowEncoder
 from illume.config import ConfigError, GRPOPolicyConfig, RunConfig
 from illume.critics import SimulatedCritic, candidate_scores
 from illume.data.records import CandidateSet
+from illume.models.sharding import whole
 from illume.models.vlm import VLM
 from illume.models.weights import save_safetensors
 from illume.prompts import ANSWER_PROMPT, example_seed
 from illume.sampling import sample
 from illume.tracking import trainer_report
-from illume.training import adapter_trainer, check_zero_stage, trained
+from illume.training import adapter_trainer, trained
 from policies.base import PolicyResult, RoundContext
 from policies.data import PolicyDataError
 from policies.losses import group_advantages, grpo_loss, grpo_per_token_kl, per_token_logps
@@ -245,7 +248,7 @@ def reference_per_token_logps(trainer, vlm: VLM, rows: list[dict], temperature: 
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     out: list[list[float]] = []
     batch_size = args.per_device_train_batch_size * 2
-    with autocast:
+    with autocast, whole(model):  # ZeRO-3 after an earlier round: the gathered weights, on every rank
         for start in range(0, len(rows), batch_size):
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                      for k, v in vlm.collate(rows[start:start + batch_size]).items()}
@@ -311,7 +314,6 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     """policy.kind=grpo as a loop policy (see the module doc)."""
     cfg, p, vlm, out_dir = context.cfg, context.cfg.policy.grpo, context.vlm, context.out_dir
     check_config(cfg)
-    check_zero_stage(cfg.train.deepspeed, "GRPO")  # its samples' rewards and reference are not gathered yet
     trainer = GRPO_TRAINERS.get(cfg.model.kind)
     if trainer is not None:
         return trainer(context, sources=REWARDS, round_warning=previous_round_warning)

@@ -50,6 +50,11 @@ is at that step), instead of our sampler once per round plus our loss.
   (TRL's `kl`, averaged over the kept epoch's steps); per-epoch and per-step values in training.json, the
   samples in training_set.jsonl (with several processes: every process's).
 
+ZeRO-3: TRL gathers the weights for generation itself (`unwrap_model_for_generation`); its "ref" adapter is
+copied from ours inside `illume.models.sharding.whole` (from the second round on ours is partitioned), and
+DeepSpeed partitions the new adapter when training starts. With `train.train_prefix` ZeRO-3 is refused (the
+reference would be a copy of a partitioned model). tests/test_sharded.py compares two rounds with DDP.
+
 What TRL does to the model while it trains is undone after the round (`_undo_trl_changes`): its reference
 adapter, the fused log-prob head it patches into `forward`, the dropout it switches off.
 
@@ -82,6 +87,7 @@ from illume.collate import RowEncoder
 from illume.critics import SimulatedCritic
 from illume.data.records import Candidate, CandidateSet, Example, load_image
 from illume.models.hf import HFVLM, banned_token_ids
+from illume.models.sharding import whole
 from illume.prompts import ANSWER_PROMPT, ChatStyle, rationale_prompt
 from illume.tracking import NO_REPORT, TrainerReport, trainer_report
 from illume.training import SaveEachEpoch, check_zero_stage, trained, training_arguments
@@ -436,7 +442,8 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
                 f"step, reward " + " + ".join(f"{w:g} x {name}" for name, w in weights.items()))
     if not context.train:
         raise PolicyDataError("GRPO has no train question")
-    check_zero_stage(cfg.train.deepspeed, "GRPO")
+    if cfg.train.train_prefix:  # its reference is then a copy of the model, which a partitioned one cannot give
+        check_zero_stage(cfg.train.deepspeed, "TRL's GRPO with train.train_prefix=true")
     out_dir.mkdir(parents=True, exist_ok=True)
     vlm.set_trainable(adapters=True, prefix=cfg.train.train_prefix)
     reward = RewardFunction(context, round_sources(context, sources, weights), weights, vlm.chat)
@@ -447,11 +454,12 @@ def trl_grpo_round(context: RoundContext, *, sources: Mapping[str, RewardSource]
                    if p.answer_weight else [])
     report = trainer_report(cfg, out_dir)
     with _undo_trl_changes(vlm.model):
-        trainer = IllumeGRPOTrainer(
-            model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm), report),
-            train_dataset=prompt_dataset(vlm, context.train), processing_class=trl_processor(vlm),
-            callbacks=[SaveEachEpoch(vlm, out_dir), *report.callbacks()], answer_rows=answer_rows,
-            answer_weight=p.answer_weight, collate=vlm.collate, reference=reference)
+        with whole(vlm.model):  # ZeRO-3 after an earlier round: TRL copies the adapters into its "ref" adapter
+            trainer = IllumeGRPOTrainer(
+                model=vlm.model, reward_funcs=reward, args=grpo_config(context, banned_token_ids(vlm), report),
+                train_dataset=prompt_dataset(vlm, context.train), processing_class=trl_processor(vlm),
+                callbacks=[SaveEachEpoch(vlm, out_dir), *report.callbacks()], answer_rows=answer_rows,
+                answer_weight=p.answer_weight, collate=vlm.collate, reference=reference)
         trainer.train()
 
     samples = distributed.gather_objects(reward.samples)

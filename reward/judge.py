@@ -36,6 +36,7 @@ from illume.data.records import CandidateSet, Example, load_image
 from illume.feedback.verdicts import read_feedback
 from illume.feedback.writes import NewJudgment
 from illume.status import krippendorff_alpha_nominal
+from illume.training import check_zero_stage
 
 JUDGE_KIND = "judge"
 RATIONALE_SLOT = "{rationale}"
@@ -157,6 +158,9 @@ class JudgeCritic:
     kind = JUDGE_KIND
 
     def __init__(self, cfg: RunConfig):
+        # Loaded and run on rank 0 alone, which a model built partitioned (ZeRO-3) cannot be: its build and
+        # every gather involve all ranks.
+        check_zero_stage(cfg.train.deepspeed, "the AI judge critic (critic.kind=judge, loaded on rank 0 alone)")
         self.cfg = cfg
         self.annotator = f"judge:{cfg.judge.method}"
         self.people = PEOPLE_CRITICS[cfg.critic.people_kind](cfg)

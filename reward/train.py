@@ -8,8 +8,11 @@ Assumptions, up front:
   the backend can share it (MAGMA: `image_index` maps the 2B rows onto the B images, so the image encoder
   runs once per pair).
 - Only the backbone's adapters and the head train, at a constant AdamW learning rate without weight decay;
-  mixed precision and DeepSpeed (a JSON path, ZeRO-2) pass through to `TrainingArguments`. ZeRO-3 is refused:
-  the checkpoint would hold partitioned (empty) tensors.
+  mixed precision and DeepSpeed (a JSON path) pass through to `TrainingArguments`. Under ZeRO-3 the backbone
+  is partitioned while it trains (the held-out accuracy after each epoch runs on every rank alike, DeepSpeed's
+  hooks gathering each layer), and made whole again on every rank after training
+  (`illume.models.sharding.unshard`): the reward model is then scored on one rank alone (the critic on rank 0)
+  and saved as plain tensors.
 - No model selection on the held-out pairs (they calibrate and evaluate): the last epoch is kept; the held-out
   pairwise accuracy after each epoch is only recorded.
 - Several processes (torchrun / accelerate launch): DDP (gloo on CPU); every rank ends with the same weights
@@ -38,7 +41,8 @@ from illume.feedback.verdicts import DEFAULT_AGGREGATE, PEOPLE, PreferencePair
 from illume.models.loading import load_saved_vlm
 from illume.models.vlm import VLM
 from illume.tracking import NO_REPORT, TrainerReport
-from illume.training import check_zero_stage, trainer_arguments
+from illume.models.sharding import release_training_hooks, unshard
+from illume.training import trainer_arguments
 from reward.model import RewardModel, encode_scored_rows
 from reward.pairs import (
     RewardDataError,
@@ -142,7 +146,7 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
         examples_by_id: The examples the pairs belong to (their images).
         cfg: num_epochs, batch_size, learning_rate, margin, center_coef, seed.
         out_dir: Where the model (`RewardModel.save`) and `training.json` go.
-        train: The run's `train` section, passed whole: its DeepSpeed config (ZeRO-2) and mixed precision
+        train: The run's `train` section, passed whole: its DeepSpeed config (ZeRO-2 or 3) and mixed precision
             (bf16/fp16, GPUs). The reward model's own epochs, batch and learning rate are `cfg` (reward.*).
         pooling: The head's input: "mean" of the rationale's hidden states, or the "last" token's.
         backbone_id: Which base model `base` is (`illume.loading.model_identity`), saved with the model.
@@ -158,7 +162,6 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
     if not pairs_train:
         raise RewardDataError("no preference pairs to train the reward model on")
     train = train or TrainConfig()
-    check_zero_stage(train.deepspeed, "reward training")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -182,6 +185,8 @@ def fit_reward(base: str | Path | VLM, pairs_train: Sequence[PreferencePair],
                                   callbacks=[record, *report.callbacks()])
     trainer.margin, trainer.center_coef = cfg.margin, cfg.center_coef
     trainer.train()
+    release_training_hooks(trainer.model_wrapped)
+    unshard(rm)  # ZeRO-3: whole on every rank from here on (collective)
     rm.eval()
     train_seconds = time.perf_counter() - start
     if distributed.is_main():

@@ -1,8 +1,11 @@
-"""Two rounds of adapter training (selection-SFT, DPO or KTO) on the tiny model, as `tests/test_sharded.py` launches it: one process, or
-several under torchrun with ZeRO-3. Not a test itself (no test_ prefix): the test compares what two launches
-write.
+"""Two rounds of adapter training (selection-SFT, DPO or KTO), or a reward model's fit, on the tiny model, as
+`tests/test_sharded.py` launches it: one process, or several under torchrun with ZeRO-3. Not a test itself (no
+test_ prefix): the test compares what two launches write.
 
-    python -m tests.sharded_training OUT {sft,dpo,kto} BATCH_PER_PROCESS [DEEPSPEED_JSON]
+    python -m tests.sharded_training OUT {sft,dpo,kto,reward} BATCH_PER_PROCESS [DEEPSPEED_JSON]
+
+reward: `fit_reward` on fixed pairs (2 epochs), then rank 0 alone scores the val questions' references, as the
+reward critic does; rank 0 writes OUT/reward/ (the saved model) and OUT/reward/scores.json.
 
 Each round trains from fixed rows (2 epochs), keeps the best val epoch (`keep_best_epoch`), then samples the
 train questions with the kept weights, in per-rank shares gathered in order, as the loop does. Rank 0 writes
@@ -19,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from illume import distributed
-from illume.config import PolicyConfig, SampleConfig, TrainConfig, load_config
+from illume.config import PolicyConfig, RewardConfig, SampleConfig, TrainConfig, load_config
 from illume.data.shapes import ShapesWorld
 from illume.demo.tiny_models import build_demo_vlm
 from illume.evaluation import keep_best_epoch
@@ -30,6 +33,8 @@ from illume.training import ADAPTERS_FILE, build_training_set, selection_trainer
 from policies.data import UnpairedRow
 from policies.dpo import train_dpo
 from policies.kto import train_kto
+from reward.model import score
+from reward.train import fit_reward
 from tests.conftest import REPO, TINY_MODEL
 
 NUM_ROWS = 8
@@ -53,6 +58,18 @@ def rows_of(policy: str, examples, round_idx: int):
                            f"there is no {e.answer}", round_idx) for e in picked]
 
 
+def fit_and_score(out: Path, vlm, train, val, batch_size: int, train_cfg: TrainConfig) -> None:
+    """The `reward` launch (module doc): one fixed pair per train question (12: whole global batches of 4)."""
+    pairs = [PreferencePair(e.id, rationale_prompt(e.question, e.answer), e.explanations[0],
+                            f"there is no {e.answer}", 0) for e in train]
+    cfg = RewardConfig(num_epochs=2, batch_size=batch_size, learning_rate=5e-3)
+    rm, _ = fit_reward(vlm, pairs, [], {e.id: e for e in train}, cfg, out / "reward", train=train_cfg)
+    if distributed.is_main():  # rank 0 alone, as the reward critic: the model must be whole there
+        scores = score(rm, [(e, rationale_prompt(e.question, e.answer), e.explanations) for e in val])
+        (out / "reward" / "scores.json").write_text(json.dumps(scores))
+    distributed.barrier()
+
+
 def main(out: Path, policy: str, batch_size: int, deepspeed: str | None) -> None:
     distributed.init_if_launched()
     # No dropout: its draws depend on the rank, and the launches are compared update for update.
@@ -62,6 +79,9 @@ def main(out: Path, policy: str, batch_size: int, deepspeed: str | None) -> None
     train, val = world.examples("train"), world.examples("val")
     by_id = {e.id: e for e in train}
     train_cfg = TrainConfig(num_epochs=2, batch_size=batch_size, learning_rate=5e-3, deepspeed=deepspeed)
+    if policy == "reward":
+        fit_and_score(out, vlm, train, val, batch_size, train_cfg)
+        return
     sample_cfg = SampleConfig(temperatures=[0.7], samples_per_temperature=2, max_new_tokens=6, batch_size=4)
     for round_idx in range(2):
         round_dir = out / f"round_{round_idx}"

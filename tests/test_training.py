@@ -104,12 +104,17 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_vlm):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
-def test_zero3_is_refused_only_by_trainings_that_do_not_gather_yet():
+def test_zero3_is_refused_only_by_what_cannot_run_partitioned():
+    from illume.config import load_config
     from illume.training import check_zero_stage
+    from reward.judge import JudgeCritic
     from tests.conftest import REPO
 
     zero2, zero3 = (str(REPO / "configs" / "deepspeed" / f"zero{n}.json") for n in (2, 3))
-    check_zero_stage(None, "GRPO")
-    check_zero_stage(zero2, "GRPO")
-    with pytest.raises(NotImplementedError, match="ZeRO stage 3 is not supported by GRPO yet .selection-SFT, DPO"):
-        check_zero_stage(zero3, "GRPO")
+    check_zero_stage(None, "the AI judge")
+    check_zero_stage(zero2, "the AI judge")
+    with pytest.raises(NotImplementedError, match="ZeRO stage 3 is not supported by the AI judge .selection-SFT"):
+        check_zero_stage(zero3, "the AI judge")
+    JudgeCritic(load_config(REPO / "configs" / "demo_rlaif.yaml", [f"train.deepspeed={zero2}"]))
+    with pytest.raises(NotImplementedError, match="the AI judge critic"):
+        JudgeCritic(load_config(REPO / "configs" / "demo_rlaif.yaml", [f"train.deepspeed={zero3}"]))

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from illume.config import DEMO_MODEL_PATH, ConfigError, RunConfig
+from illume.models.sharding import unshard
 from illume.models.vlm import MagmaVLM
 from illume.models.weights import readable_safetensors
 from illume.prompts import ChatStyle
@@ -18,8 +19,17 @@ from illume.prompts import ChatStyle
 
 def load_model_path(cfg: RunConfig, device: str = "cpu", remedy: str | None = None):
     """The VLM `model.path` names, loaded by the backend of `model.kind` (BACKENDS); damaged weights are
-    reported with `remedy` (None: the backend's own advice)."""
-    return BACKENDS[cfg.model.kind](cfg, device, remedy)
+    reported with `remedy` (None: the backend's own advice). Whole tensors, see `_whole`."""
+    return _whole(BACKENDS[cfg.model.kind](cfg, device, remedy))
+
+
+def _whole(vlm):
+    """`vlm` with plain whole tensors. transformers builds a model partitioned (inside `deepspeed.zero.Init`)
+    while a ZeRO-3 Trainer's arguments are alive, so a model loaded after the first round's training (the
+    reward model's base) would come partitioned; every model illume loads starts whole instead, and a Trainer
+    partitions what it trains. Collective in that case: every rank loads the model."""
+    unshard(vlm.model)
+    return vlm
 
 
 def _load_saved_magma(cfg: RunConfig, device: str, remedy: str | None) -> MagmaVLM:
@@ -45,8 +55,8 @@ def load_saved_vlm(directory: str | Path, device: str = "cpu"):
 
     directory = Path(directory)
     if (directory / ADAPTER_DIR / "adapter_config.json").is_file():
-        return HFVLM.load(directory, device)
-    return load_magma(directory, device, "write it again (save_pretrained or `illume convert-magma`)")
+        return _whole(HFVLM.load(directory, device))
+    return _whole(load_magma(directory, device, "write it again (save_pretrained or `illume convert-magma`)"))
 
 
 def _load_hf(cfg: RunConfig, device: str, remedy: str | None):

@@ -15,6 +15,9 @@ Assumptions, up front:
   outer one gathered does nothing, so the outermost block decides whether writes are kept.
 - After `train()`, `release_training_hooks` removes the engine's hooks (`DeepSpeedEngine.destroy`): ZeRO-3's
   would otherwise fetch partitions, a collective, in every forward pass made outside training.
+- A model that is done training and is then used on one rank alone (the reward model: the critic scores on
+  rank 0 while the others wait) cannot gather there, since gathering is collective. `unshard` turns it back
+  into plain whole tensors on every rank once, after its training.
 - Without ZeRO-3 (one process, DDP, ZeRO-1/2) every function here is a no-op, and DeepSpeed is not imported.
 """
 
@@ -59,6 +62,26 @@ def whole(model: nn.Module, parameters: Iterable[torch.Tensor] | None = None,
     finally:
         for p in pending:
             _held.pop(id(p), None)
+
+
+def unshard(model: nn.Module) -> None:
+    """Replace every ZeRO-3 partitioned parameter of `model` by a plain whole one, on every rank (collective:
+    every rank calls it). For a model whose training is over (`release_training_hooks` first): afterwards any
+    rank may use it alone, and nothing of DeepSpeed is left on it. Gathered one parameter at a time, so the
+    peak is the whole model plus one parameter. A no-op without ZeRO-3."""
+    sharded = [p for p in model.parameters() if hasattr(p, "ds_id")]  # each shared parameter once
+    if not sharded:
+        return
+    import deepspeed
+
+    plain: dict[int, nn.Parameter] = {}
+    for p in sharded:
+        with deepspeed.zero.GatheredParameters([p]):
+            plain[id(p)] = nn.Parameter(p.data.detach().clone(), requires_grad=p.requires_grad)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):  # every holder of a tied weight too
+            if id(p) in plain:
+                setattr(module, name, plain[id(p)])
 
 
 def release_training_hooks(wrapped_model: nn.Module) -> None:
