@@ -39,9 +39,9 @@ from illume.data.records import Example
 from illume.feedback.store import FeedbackStore
 from illume.feedback.verdicts import DEFAULT_AGGREGATE, PEOPLE, PreferencePair
 from illume.models.loading import load_saved_vlm
+from illume.models.sharding import release_training_hooks, unshard
 from illume.models.vlm import VLM
 from illume.tracking import NO_REPORT, TrainerReport
-from illume.models.sharding import release_training_hooks, unshard
 from illume.training import trainer_arguments
 from reward.model import RewardModel, encode_scored_rows
 from reward.pairs import (
