@@ -17,6 +17,8 @@ Per round, from round `reward.people_rounds` on:
   earlier judgment to fit a model on: people judge N items of round 0 first (a seeded draw:
   `first_round_draw`), a reward model is fitted on those (saved as reward/round_01, which round 1 reuses
   unless people judged more) and decides the rest of round 0 (`budgets_first_round`, `check_first_round`).
+  When those judgments are one-sided (no accepted rationale, say), people judge the draw's next budget's worth
+  until a model can be fitted (`RewardCritic._first_round`).
 - **Report.** The round's row of results.json gets the threshold, the held-out precision/recall/ROC-AUC and
   how many items the reward model decided; where the references are known (the demo), also the precision and
   recall of its accepts against the simulated critic's. With a budget or an order other than `stored`, also
@@ -40,6 +42,7 @@ from illume.critics import (
 from illume.data.records import CandidateSet, Example
 from illume.feedback.writes import NewJudgment
 from reward.fitted import learn_from, reward_model_on
+from reward.pairs import OneSidedJudgments
 from reward.uncertainty import UNCERTAINTY
 
 
@@ -114,12 +117,12 @@ def budgets_first_round(cfg: RunConfig) -> bool:
             and cfg.reward.people_rounds == 0 and cfg.reward.checkpoint is None)
 
 
-def first_round_draw(cfg: RunConfig, example_ids: list[str]) -> list[str]:
-    """The items people judge in round 0 when `budgets_first_round`: the first `annotate.budget_per_round` in
-    `annotate.order`, where `uncertainty` (no reward model to be unsure yet) is a seeded random draw, so the
-    first reward model learns from an unbiased sample of the round."""
+def first_round_draw(cfg: RunConfig, example_ids: list[str], size: int | None = None) -> list[str]:
+    """The items people judge in round 0 when `budgets_first_round`: the first `size` (default
+    `annotate.budget_per_round`) in `annotate.order`, where `uncertainty` (no reward model to be unsure yet) is
+    a seeded random draw, so the first reward model learns from an unbiased sample of the round."""
     order = "random" if cfg.annotate.order == "uncertainty" else cfg.annotate.order
-    return order_items(order, example_ids, cfg.seed, 0)[:cfg.annotate.budget_per_round]
+    return order_items(order, example_ids, cfg.seed, 0)[:size or cfg.annotate.budget_per_round]
 
 
 def check_first_round(cfg: RunConfig) -> None:
@@ -164,13 +167,33 @@ class RewardCritic:
             return self.people.review(context)
         upto_round = context.round_idx - 1  # the reward model learns from people's judgments of earlier rounds
         if budgets_first_round(cfg) and context.round_idx == 0:
-            # No reward model yet: people judge the round's first `budget_per_round` items (a seeded draw,
-            # `first_round_draw`), then the model fitted on those judgments decides the rest of round 0.
-            first = self.people.review(context, first_round_draw(cfg, list(context.sets)))
+            return self._first_round(context)
+        report, people_order = self._critique(context, upto_round)
+        people = self.people.review(context, people_order)  # the items it left, in the order it chose
+        return Critique(people.done, {**report, **people.report})
+
+    def _first_round(self, context: CritiqueContext) -> Critique:
+        """Round 0 on a budget (`budgets_first_round`): no reward model yet, so people judge the round's first
+        `budget_per_round` items (a seeded draw, `first_round_draw`), then the model fitted on those judgments
+        decides the rest. A small budget can bring only rejected rationales (or a held-out share without an
+        accepted one), on which no model can be fitted or calibrated: people then judge the next
+        `budget_per_round` items of the same draw, until the fit succeeds (their extra judgments are counted in
+        the store like any other) or the round has no item left."""
+        cfg, budget = self.cfg, self.cfg.annotate.budget_per_round
+        size = budget
+        while True:
+            first = self.people.review(context, first_round_draw(cfg, list(context.sets), size))
             if not first.done:
                 return first
-            upto_round = context.round_idx
-        report, people_order = self._critique(context, upto_round)
+            try:
+                report, people_order = self._critique(context, upto_round=0)
+                break
+            except OneSidedJudgments as error:
+                if size >= len(context.sets):
+                    raise
+                size += budget
+                context.say(f"round 0: no reward model from people's judgments so far ({error}); people judge "
+                            f"{budget} more items of the draw ({min(size, len(context.sets))} in all)")
         people = self.people.review(context, people_order)  # the items it left, in the order it chose
         return Critique(people.done, {**report, **people.report})
 

@@ -26,7 +26,7 @@ from illume import distributed
 from illume.data.records import Example
 from illume.feedback.verdicts import PreferencePair
 from reward.model import RewardModel, accept_probability, score
-from reward.pairs import RewardDataError
+from reward.pairs import OneSidedJudgments
 
 EVAL_FILE = "reward_eval.json"
 PLOT_FILE = "calibration.png"
@@ -392,11 +392,11 @@ def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePai
         `out_dir/calibration.png` is the plot.
 
     Raises:
-        RewardDataError: the held-out judgments lack accepted or rejected candidates.
+        OneSidedJudgments: the held-out judgments lack accepted or rejected candidates.
     """
     labels = [bool(row[3]) for row in judged_heldout]
     if not any(labels) or all(labels):
-        raise RewardDataError(
+        raise OneSidedJudgments(
             f"the held-out judgments ({len(labels)} candidates, {sum(labels)} accepted) need both accepted and "
             "rejected candidates to calibrate a threshold: judge more items or raise reward.heldout_fraction")
     out_dir = Path(out_dir)

@@ -26,17 +26,23 @@ from illume.feedback.verdicts import (
     REJECTED,
     Feedback,
     FeedbackDataError,
+    OneSidedFeedback,
     PreferencePair,
     read_feedback,
     reference_explanations,
 )
 
-__all__ = ["PreferencePair", "RewardDataError", "judged_candidates", "judged_example_ids", "reward_feedback",
+__all__ = ["PreferencePair", "OneSidedJudgments", "RewardDataError", "judged_candidates", "judged_example_ids", "reward_feedback",
            "split_by_example", "to_preference_pairs"]
 
 
 class RewardDataError(ValueError):
     """Feedback the reward model cannot be trained or evaluated on; the message says what is missing."""
+
+
+class OneSidedJudgments(RewardDataError):
+    """Judged rationales (all of them, or the held-out ones) that are all accepted or all rejected: judging more
+    items may bring the other side (reward.critic extends a budgeted round 0 on it)."""
 
 
 def reward_feedback(store: FeedbackStore, upto_round: int | None = None, kinds: Collection[str] | None = PEOPLE,
@@ -65,6 +71,8 @@ def preference_pairs(feedback: Feedback, examples_by_id: dict[str, Example],
     try:
         feedback.require_examples(examples_by_id)
         return feedback.usable_pairs(reference_explanations(examples_by_id) if include_reference_pairs else None)
+    except OneSidedFeedback as error:
+        raise OneSidedJudgments(f"preference learning: {error}") from error
     except FeedbackDataError as error:
         raise RewardDataError(f"preference learning: {error}") from error
 

@@ -6,10 +6,9 @@ held-out test split.
     python scripts/compare.py --quick --docs /tmp/q   # a tiny version of every step (a test runs it)
 
 What it does, in order:
-1. A small sweep per preference method (SWEEP: beta x learning rate for DPO and KTO) on seed 0 with fewer
-   rounds, picked by final val CIDEr (GRPO: the settings of its demo config, from an earlier sweep). The
-   sweep's points run first (in parallel with --jobs); the chosen settings are used for every seed and
-   written in the docs.
+1. A small sweep per preference method (SWEEP: beta x learning rate for DPO, KTO and GRPO) on seed 0 with
+   fewer rounds, picked by final val CIDEr. The sweep's points run first (in parallel with --jobs); the chosen
+   settings are used for every seed and written in the docs.
 2. Every variant of STUDY, SFT on one written rationale for each of k train questions (k in SUPERVISED_K),
    and the human-effort curve (EFFORT_SHARES, below), for seeds 0..n-1. Seed s changes the world's
    train/val/test questions (data.shapes.seed) and every sampling, training and reward seed; the pre-trained
@@ -22,14 +21,16 @@ What it does, in order:
    selection-SFT on the same seeds, the data-efficiency table (ILLUME round r ~ SFT on k questions) with the
    human effort of each (selection judgments vs rationales written), the human-effort curve, the chosen
    settings and wall times; docs/compare_cider.png (test CIDEr per variant with intervals),
-   docs/data_efficiency.png, docs/effort_curve.png, docs/study.json.
+   docs/data_efficiency.png, docs/effort_curve.png, docs/rl_reward_accept.png (online RL's reward against
+   people's acceptance, per round and seed), docs/study.json.
 
 The human-effort curve: the hybrid critic with people's budget set so that they judge a share of what people
 judge every round (illume-sft): `annotate.budget_per_round` = share x the round's items, from round 0 on
 (`reward.people_rounds=0`: people judge a seeded draw of round 0's budget and a reward model fitted on it
-decides the rest, reward/critic.py), `annotate.order=uncertainty` after round 0. The share reported is the
-one counted in the store (results.json's human_judgments / judgments), not the nominal budget; 100 % is
-illume-sft itself.
+decides the rest, reward/critic.py), `annotate.order=uncertainty` after round 0, the reward model's accepts
+withheld in rounds where its threshold missed the target precision (`reward.below_target=reject`). The share
+reported is the one counted in the store (results.json's human_judgments / judgments), not the nominal
+budget; 100 % is illume-sft itself.
 
 Workers: --jobs N (default 1) runs the runs in N spawned worker processes, each single-threaded
 (OMP/MKL/torch threads 1: the thread count changes the numbers, docs/study.md); a run is deterministic given
@@ -37,7 +38,8 @@ its seed, so the run folders and numbers do not depend on N (a test checks --job
 --quick). A base model not cached yet is pre-trained in a worker before any run starts.
 
 Resuming: each run directory is reused. A finished run (RUN_DIR/wall_seconds.json says complete) is not run
-again; an interrupted one continues from its finished rounds and its wall time is summed over invocations;
+again, if it ran with the study's settings (a changed config or sweep choice fails that run, naming the
+settings: delete its folder to run it again); an interrupted one continues from its finished rounds and its wall time is summed over invocations;
 test scores are cached per run (RUN_DIR/heldout_test.json). The study's own wall clock is summed over
 invocations in OUT/study_wall.json. --fresh starts everything over.
 """
@@ -73,6 +75,8 @@ STUDY = {
     "kto": ("iterative KTO on each round's accept/reject labels, answer rows", "configs/demo_kto.yaml", []),
     "grpo": ("online GRPO, reward model fitted on round 0's human judgments", "configs/demo_grpo.yaml", []),
     "rlaif": ("no people: AI judge -> reward model -> GRPO (VLM-RLAIF's row)", "configs/demo_rlaif.yaml", []),
+    "silkie": ("no people: a pool of earlier rounds, AI-judged pairs, DPO (Silkie's row)", "configs/demo_silkie.yaml",
+               []),
 }
 # More variants on demand (--only): not in the default study.
 EXTRA = {
@@ -80,25 +84,29 @@ EXTRA = {
                  ["policy.grpo.accepted_weight=1.0"]),
     "dpo-nll": ("iterative DPO + NLL on the chosen rationale (RPO)", "configs/demo_dpo.yaml",
                 ["policy.dpo.sft_weight=1.0"]),
-    "silkie": ("no people: a pool of earlier rounds, AI-judged pairs, DPO", "configs/demo_silkie.yaml", []),
     "sft-ref": ("SFT on all 3 reference explanations of every train question", "configs/demo.yaml", []),
     "dpo-all": ("iterative DPO on the pairs of every round so far", "configs/demo_dpo.yaml", ["policy.rounds=all"]),
     "kto-all": ("iterative KTO on the labels of every round so far", "configs/demo_kto.yaml", ["policy.rounds=all"]),
 }
 SUPERVISED_K = (25, 50, 100, 200, 400)
-# The human-effort curve: % of people-every-round's judgments that people make (the hybrid critic on a budget,
-# EFFORT_CONFIG + EFFORT_OVERRIDES); 100 % is illume-sft's runs (people judge every item of every round).
+# The human-effort curve: % of people-every-round's judgments that people make (the critic on a budget,
+# EFFORT_CONFIG + EFFORT_OVERRIDES); 100 % is illume-sft's runs (people judge every item of every round). The
+# critic is the hybrid on people's budget whose reward model's accepts count only in rounds where its threshold
+# reached the target precision on held-out judgments (`reward.below_target=reject`: docs/critique_order.md
+# measured it against the default `threshold`); CRITIC_SHARE's point is the study's "budget critic" row.
 EFFORT_SHARES = (5, 10, 15, 25, 50)
 EFFORT_CONFIG = "configs/demo_hybrid.yaml"
-EFFORT_OVERRIDES = ["reward.people_rounds=0", "annotate.order=uncertainty"]
+EFFORT_OVERRIDES = ["reward.people_rounds=0", "annotate.order=uncertainty", "reward.below_target=reject"]
+CRITIC_SHARE = 10
 SWEEP = {
     "dpo": {"policy.dpo.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
     "kto": {"policy.kto.beta": (0.1, 0.3), "policy.learning_rate": (1e-4, 3e-4)},
+    # Around configs/demo_grpo.yaml's setting (3e-4, beta 0.04, from an earlier sweep written in that file): a
+    # faster step, and a stronger pull towards the round's starting weights.
+    "grpo": {"policy.grpo.beta": (0.04, 0.2), "policy.learning_rate": (3e-4, 1e-3)},
 }
-# GRPO keeps configs/demo_grpo.yaml's settings, chosen on this demo's val by an earlier sweep (lr 1e-4 and beta
-# 0.1, 3e-4 and 0.04, 1e-3 and 0.04; written in that file): a GRPO run costs the most here, and another sweep
-# did not fit the study's time on 2 CPU cores.
-SHORT = {"policy.dpo.beta": "beta", "policy.kto.beta": "beta", "policy.learning_rate": "lr"}  # sweep run names
+SHORT = {"policy.dpo.beta": "beta", "policy.kto.beta": "beta", "policy.grpo.beta": "beta",
+         "policy.learning_rate": "lr"}  # sweep run names
 METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"),
            ("answer_accuracy", "VQA acc."), ("answer_contains", "Q/A acc. (ILLUME)"))
 # Rough minutes per run on 2 CPU cores, for the first ETA; replaced by measured times as runs finish.
@@ -191,6 +199,7 @@ def run_job(job: Job, out: Path, profile: Profile, fresh: bool, report_only: boo
     wall = json.loads(wall_path.read_text()) if wall_path.is_file() else {"seconds": 0.0}
     start = time.perf_counter()
     if wall.get("complete"):
+        check_reused(cfg)
         results = json.loads((cfg.run_dir / "results.json").read_text())
     elif report_only:
         return None
@@ -213,6 +222,25 @@ def run_job(job: Job, out: Path, profile: Profile, fresh: bool, report_only: boo
             wall_path.write_text(json.dumps(wall))
     return {"variant": job.variant, "seed": job.seed, "setting": job.setting, "results": results, "test": test,
             "seconds": wall["seconds"] + wall.get("test_seconds", 0.0)}
+
+
+def check_reused(cfg) -> None:
+    """A finished run is reported only if it ran with the settings the study would run it with now: a config
+    edited since, or a sweep that chose another setting, must not leave old numbers in the docs.
+
+    Raises:
+        ConfigError: the run's config.yaml differs in a setting that changes results; names each one.
+    """
+    from illume.config import ConfigError, load_run_config
+    from illume.resume import describe, finished_rounds, setting_changes
+
+    stored = cfg.run_dir / "config.yaml"
+    if not stored.is_file():
+        return
+    changes = setting_changes(load_run_config(stored), cfg, finished_rounds(cfg.run_dir))
+    if changes:
+        raise ConfigError(f"{cfg.run_dir} finished with other settings than the study's ({describe(changes)}); "
+                          "delete that folder to run it again with the study's settings (--fresh: every run)")
 
 
 def final_test(run: dict) -> dict:
@@ -497,7 +525,7 @@ def summarise(runs: list[dict], seeds: list[int], chosen: dict) -> dict:
             sweep_minutes[method] = sweep_minutes.get(method, 0.0) + run["seconds"] / 60
     return {"variants": variants, "comparisons": comparisons, "chosen": chosen, "sweep_minutes": sweep_minutes,
             "data_efficiency": data_efficiency(by_variant), "base_test_cider": base,
-            "effort": effort_curve(by_variant, variants, comparisons),
+            "effort": effort_curve(by_variant, variants, comparisons), "rl": rl_curves(by_variant),
             "descriptions": {**{k: v[0] for k, v in {**STUDY, **EXTRA}.items()}}}
 
 
@@ -527,6 +555,22 @@ def effort_curve(by_variant: dict[str, list[dict]], variants: dict, comparisons:
                        "cider": variants[name]["interval"]["cider"], "per_seed": variants[name]["test"]["cider"],
                        "vs_people": comparisons.get(name, {}).get("cider")})
     return points
+
+
+def rl_curves(by_variant: dict[str, list[dict]]) -> dict[str, dict[str, list[dict]]]:
+    """Per online-RL variant (its rounds report grpo_reward) and seed, each round's mean reward of the samples
+    it trained on and the simulated critic's acceptance of the same samples: a reward that rises while
+    acceptance does not is the reward model being gamed, not the policy getting better."""
+    curves = {}
+    for name, group in by_variant.items():
+        per_seed = {str(run["seed"]): [{"round": row["round"], "reward": row["grpo_reward"],
+                                        "accept": 100 * row["grpo_accept"]}
+                                       for row in run["results"][1:] if row.get("grpo_reward") is not None
+                                       and row.get("grpo_accept") is not None]
+                    for run in sorted(group, key=lambda r: r["seed"])}
+        if any(per_seed.values()):
+            curves[name] = per_seed
+    return curves
 
 
 def _interval(values: list[float]) -> dict:
@@ -645,6 +689,7 @@ def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], min
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _effort_lines(summary["effort"])
+    lines += _rl_lines(summary.get("rl", {}))
     eff = summary["data_efficiency"]
     if eff["rounds"] or eff["curve"]:
         lines += ["## Data efficiency: ILLUME's rounds against SFT on k written rationales", "",
@@ -686,9 +731,11 @@ def _effort_lines(points: list[dict]) -> list[str]:
              "The hybrid critic (`configs/demo_hybrid.yaml`) with `reward.people_rounds=0`, "
              "`annotate.order=uncertainty` and `annotate.budget_per_round` = the share x the round's items (its "
              "train questions): in round 0 people judge a seeded random draw of that many items and a reward model "
-             "fitted on those judgments decides the rest; from round 1 on people judge the items the reward model "
+             "fitted on those judgments decides the rest (when those are all rejected, people judge the draw's next "
+             "budget's worth until a model can be fitted); from round 1 on people judge the items the reward model "
              "(refitted on all of people's judgments so far) is least sure of (its ensemble's disagreement) and it "
-             "decides the others. *Share by people*: people's judgments / all judgments of the run up to its final "
+             "decides the others, its accepts counted only in rounds where its threshold reached the target "
+             "precision on held-out judgments (`reward.below_target=reject`). *Share by people*: people's judgments / all judgments of the run up to its final "
              "model, counted in its feedback store (mean over seeds, and per seed), not the nominal budget. "
              "100 %: illume-sft (people judge every item of every round). Test CIDEr x100, mean ± 95 % interval; "
              "Δ: paired against illume-sft on the same seeds (p of the paired t-test).", "",
@@ -706,10 +753,26 @@ def _effort_lines(points: list[dict]) -> list[str]:
     return lines + ["", "![human-effort curve](effort_curve.png)", ""]
 
 
+def _rl_lines(curves: dict[str, dict[str, list[dict]]]) -> list[str]:
+    if not curves:
+        return []
+    lines = ["## Online RL: the reward model's score against people's acceptance, per round and seed", "",
+             "Per GRPO round: the mean reward-model score of the samples it trained on (*reward*) and the share of "
+             "those samples the simulated critic (people) accepts (*accepted %*). Rising reward with flat or "
+             "falling acceptance is the policy gaming the reward model.", "",
+             "| variant | seed | reward per round | accepted % per round |", "|---|---:|---|---|"]
+    for name, per_seed in curves.items():
+        for seed, rows in per_seed.items():
+            lines.append(f"| {name} | {seed} | " + " / ".join(f"{r['reward']:+.2f}" for r in rows) + " | "
+                         + " / ".join(f"{r['accept']:.0f}" for r in rows) + " |")
+    return lines + ["", "![reward against acceptance](rl_reward_accept.png)", ""]
+
+
 def _generated_description(name: str) -> str:
     if name.startswith("effort-"):
-        return (f"hybrid critic, people judge {name[7:]} % of each round's items (round 0 too), the reward model "
-                "the rest")
+        critic = " — the study's budget critic" if name == f"effort-{CRITIC_SHARE}" else ""
+        return (f"people judge {name[7:]} % of each round's items (round 0 too; the ones the reward model is least "
+                f"sure of), the reward model the rest, its accepts only where it reached the target precision{critic}")
     return f"SFT on one written rationale for each of {name[4:]} train questions"
 
 
@@ -739,6 +802,8 @@ def write_plots(summary: dict, docs: Path) -> None:
 
     if summary["effort"]:
         _plot_effort(summary["effort"], docs / "effort_curve.png")
+    if summary.get("rl"):
+        _plot_rl(summary["rl"], docs / "rl_reward_accept.png")
     eff = summary["data_efficiency"]
     if not (eff["curve"] and eff["rounds"]):
         return
@@ -785,6 +850,26 @@ def _plot_effort(points: list[dict], path: Path) -> None:
     ax.set_title("Human-effort curve: mean, 95 % interval, each seed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_rl(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4.2), squeeze=False)
+    for ax, (name, per_seed) in zip(axes[0], curves.items()):
+        for seed, rows in per_seed.items():
+            ax.plot([r["reward"] for r in rows], [r["accept"] for r in rows], marker="o", label=f"seed {seed}")
+            if rows:
+                ax.annotate(f"r{rows[0]['round']}", (rows[0]["reward"], rows[0]["accept"]), fontsize=7)
+                ax.annotate(f"r{rows[-1]['round']}", (rows[-1]["reward"], rows[-1]["accept"]), fontsize=7)
+        ax.set_xlabel("mean reward-model score of the round's samples")
+        ax.set_ylabel("accepted by the simulated critic (%)")
+        ax.set_title(f"{name}: rounds, per seed")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -94,6 +94,20 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, capsys):
     assert "[study] FAILED broken seed 0" in capsys.readouterr().out
 
 
+def test_rl_curves_pair_each_rounds_reward_with_its_acceptance():
+    compare = _compare_module()
+    rows = [{"round": "base"}, {"round": 0, "grpo_reward": -2.0, "grpo_accept": 0.05},
+            {"round": 1, "grpo_reward": -1.0, "grpo_accept": 0.04}]
+    runs = {"grpo": [{"seed": 1, "results": rows}, {"seed": 0, "results": rows[:2]}],
+            "dpo": [{"seed": 0, "results": [{"round": "base"}, {"round": 0, "val": {}}]}]}
+    curves = compare.rl_curves(runs)
+    assert list(curves) == ["grpo"] and list(curves["grpo"]) == ["0", "1"]
+    assert curves["grpo"]["1"] == [{"round": 0, "reward": -2.0, "accept": 5.0},
+                                   {"round": 1, "reward": -1.0, "accept": 4.0}]
+    lines = compare._rl_lines(curves)
+    assert "| grpo | 1 | -2.00 / -1.00 | 5 / 4 |" in lines
+
+
 @pytest.mark.slow
 def test_heldout_scores_of_val_equal_what_the_run_recorded(finished_run_copy):
     """Scoring a finished run's folders again on val gives exactly the val scores the run recorded for its base
@@ -191,3 +205,10 @@ def test_compare_quick_end_to_end_and_resumes(tmp_path):
     assert {p: p.read_text() for p in out.glob("*/wall_seconds.json")} == walls  # nothing ran
     text = (report / "results.md").read_text()
     assert "Not finished when this was written" in text and "illume-sft__seed2" in text
+    # A finished run made with other settings than the study's is not reported: it fails, naming the setting,
+    # and is not run again over the old one.
+    assert compare.main([*args, "--only", "dpo", "--set", "policy.dpo.sft_weight=0.5", "--docs",
+                         str(tmp_path / "changed")]) == 1
+    assert {p: p.read_text() for p in out.glob("*/wall_seconds.json")} == walls
+    failed = json.loads((tmp_path / "changed" / "study.json").read_text())["failed"]
+    assert "dpo__seed0" in failed and "policy.dpo.sft_weight 0.0 -> 0.5" in failed["dpo__seed0"]

@@ -12,7 +12,7 @@ import torch
 
 from illume.cli import main
 from illume.config import ConfigError, RunConfig, load_config
-from illume.critics import CritiqueContext, WebCritic, left_for_people, order_items
+from illume.critics import Critique, CritiqueContext, WebCritic, left_for_people, order_items
 from illume.data.records import Candidate, CandidateSet, Example
 from illume.feedback.queue import AnnotationQueue
 from illume.feedback.store import FeedbackStore
@@ -26,6 +26,7 @@ from reward.critic import (
     check_first_round,
     first_round_draw,
 )
+from reward.pairs import OneSidedJudgments
 from reward.uncertainty import fit_ensemble, item_disagreement
 from tests.conftest import REPO, tiny_overrides
 
@@ -270,6 +271,60 @@ def test_round_0_on_a_budget_is_a_seeded_draw():
     assert len(drawn) == 3 and drawn == order_items("random", IDS, cfg.seed, 0)[:3]  # no model to doubt: random
     stored = load_config(REPO / "configs" / "demo_hybrid.yaml", ["annotate.budget_per_round=3"])
     assert first_round_draw(stored, IDS) == IDS[:3]
+
+
+def _first_round(tmp_path, monkeypatch, budget: int, accepted: set[str]):
+    """Round 0 of a hybrid critic on a budget over IDS, people simulated as accepting the first candidate of
+    `accepted` only, and a reward model fit that, like the real one, cannot be made on one-sided judgments.
+    Returns (the items people judged, in the order judged; what the critic said; the fits attempted)."""
+    cfg = _cfg(tmp_path, "reward.people_rounds=0", f"annotate.budget_per_round={budget}",
+               "annotate.order=uncertainty")
+    store = FeedbackStore(tmp_path / "feedback.db")
+    sets = _sets()
+    store.add_candidate_sets(0, "train", sets)
+    fits = []
+
+    def fit(cfg, upto_round, store, *_):
+        items = store.judged_items("train", round_idx=0)
+        labels = [accepted for item in items for j in item.judgments for accepted in j.decisions.values()]
+        fits.append(len(items))
+        if not any(labels):
+            raise OneSidedJudgments(f"all {len(labels)} rejected")
+        return None, {"threshold": 0.0, "heldout_precision": None, "heldout_recall": None, "heldout_roc_auc": None}
+
+    monkeypatch.setattr(reward_critic, "reward_model_on", fit)
+    monkeypatch.setattr(RewardDecider, "scores", lambda self, todo, _: [SCORES[cs.example_id] for cs in todo])
+    monkeypatch.setitem(uncertainty.UNCERTAINTY, "ensemble", lambda cfg, rm, threshold, store, round_idx, todo, *_:
+                        ([SCORES[cs.example_id] for cs in todo], [DOUBT[cs.example_id] for cs in todo]))
+    said, judged = [], []
+
+    def review(context, order=None):  # people: accept the first candidate of `accepted`'s items
+        rows = [(e, [f"{e} reason 0"] if e in accepted else [], e not in accepted, None)
+                for e in order or [] if e not in judged]
+        judged.extend(e for e, *_ in rows)
+        store.add_judgments(0, rows, "sim", "train", kind="simulated")
+        return Critique()
+
+    critic = HybridCritic(cfg)
+    critic.people = SimpleNamespace(review=review)
+    context = CritiqueContext(cfg, store, 0, {cs.example_id: cs for cs in sets}, _examples(), say=said.append)
+    critic.review(context)
+    return judged, said, fits
+
+
+def test_round_0_on_a_budget_draws_more_until_a_reward_model_can_be_fitted(tmp_path, monkeypatch):
+    draw = first_round_draw(_cfg(tmp_path, "annotate.budget_per_round=6", "annotate.order=uncertainty"), IDS)
+    # People accept only the 4th item of the draw: budgets of 1 judge 4 items before the fit succeeds.
+    judged, said, fits = _first_round(tmp_path, monkeypatch, budget=1, accepted={draw[3]})
+    assert judged[:4] == draw[:4] and fits == [1, 2, 3, 4]
+    assert len(said) == 3 and "people judge 1 more items of the draw (4 in all)" in said[-1]
+    items = FeedbackStore(tmp_path / "feedback.db").judged_items("train", round_idx=0)
+    assert sorted(len(item.judgments) for item in items) == [1] * len(IDS)  # the rest the model's, none twice
+    assert {item.example_id for item in items if item.judgments[0].annotator_kind == "reward"} == set(draw[4:])
+    # Nothing accepted anywhere: the draw runs out and the fit's error is raised.
+    (tmp_path / "feedback.db").unlink()
+    with pytest.raises(OneSidedJudgments):
+        _first_round(tmp_path, monkeypatch, budget=4, accepted=set())
 
 
 def test_a_negative_budget_or_an_empty_ensemble_fails_at_load():

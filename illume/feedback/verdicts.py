@@ -99,11 +99,15 @@ class FeedbackDataError(ValueError):
     Consumers re-raise it as their own error (RewardDataError, PolicyDataError) with what they needed it for."""
 
 
+class OneSidedFeedback(FeedbackDataError):
+    """Judged rationales that are all accepted or all rejected: more judgments may bring the other side."""
+
+
 def check_both_labels(labels: Sequence[bool], where: str) -> None:
-    """Preference learning needs accepted and rejected rationales both; FeedbackDataError otherwise."""
+    """Preference learning needs accepted and rejected rationales both; OneSidedFeedback otherwise."""
     if not any(labels) or all(labels):
         only = "contested" if not labels else "accepted" if all(labels) else "rejected"
-        raise FeedbackDataError(f"both accepted and rejected rationales are needed, but all {len(labels)} "
+        raise OneSidedFeedback(f"both accepted and rejected rationales are needed, but all {len(labels)} "
                                 f"in {where} are {only}")
 
 
