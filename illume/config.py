@@ -816,6 +816,11 @@ class GRPOPolicyConfig:
     accepted_weight: float = 0.0
     """Weight of an NLL term on every rationale accepted so far (selection-SFT's rows, an anchor as RPO adds to
     DPO); 0: none."""
+    trainer: Literal["auto", "illume", "trl"] = "auto"
+    """Who samples and optimises (policies.grpo.GRPO_TRAINERS): `illume`, our sampler once per round and our
+    loss (policies/grpo.py), for every backend; `trl`, TRL's GRPOTrainer, online (policies/grpo_trl.py),
+    model.kind=hf only; `auto`, TRL's for model.kind=hf and ours for the others. Both on one HF model show
+    whether a difference is the method or our implementation (scripts/compare_grpo_trainers.py)."""
     reward_sources: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
     """reward = sum of weight x source (keys of `policies.grpo.REWARDS`: reward_model, the reward model fitted
     on people's judgments of this round and earlier; simulated, ROUGE-L against the references). Set a weight

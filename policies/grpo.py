@@ -103,10 +103,20 @@ def _trl_grpo_round(context: RoundContext, **kwargs) -> PolicyResult:
     return trl_grpo_round(context, **kwargs)
 
 
-GRPO_TRAINERS: dict[str, Callable[..., PolicyResult]] = {"hf": _trl_grpo_round}
-"""model.kind -> the GRPO trainer of that backend, called as `trainer(context, sources=REWARDS,
-round_warning=previous_round_warning)`: hf, TRL's GRPOTrainer (policies/grpo_trl.py); any other kind: ours
-(the rest of `grpo_round`)."""
+GRPO_TRAINERS: dict[str, Callable[..., PolicyResult]] = {"trl": _trl_grpo_round}
+"""policy.grpo.trainer -> a GRPO trainer other than ours, called as `trainer(context, sources=REWARDS,
+round_warning=previous_round_warning)`: trl, TRL's GRPOTrainer (policies/grpo_trl.py); illume: ours (the rest
+of `grpo_round`)."""
+TRL_BACKENDS = ("hf",)
+"""The model kinds TRL's GRPOTrainer takes (a transformers model with a processor)."""
+
+
+def grpo_trainer(cfg: RunConfig) -> str:
+    """policy.grpo.trainer with `auto` resolved: TRL's for the backends it takes, ours for the others."""
+    choice = cfg.policy.grpo.trainer
+    if choice == "auto":
+        return "trl" if cfg.model.kind in TRL_BACKENDS else "illume"
+    return choice
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -121,10 +131,14 @@ def check_config(cfg: RunConfig) -> None:
     unknown = sorted(set(sources) - set(REWARDS))
     if unknown:
         raise ConfigError(f"policy.grpo.reward_sources: unknown source(s) {unknown}; known: {sorted(REWARDS)}")
-    if cfg.policy.grpo.accepted_weight and cfg.model.kind in GRPO_TRAINERS:
+    trainer = grpo_trainer(cfg)
+    if trainer == "trl" and cfg.model.kind not in TRL_BACKENDS:
+        raise ConfigError(f"policy.grpo.trainer=trl: TRL's GRPOTrainer takes model.kind {' or '.join(TRL_BACKENDS)}, "
+                          f"not model.kind={cfg.model.kind}; set policy.grpo.trainer=illume (or auto)")
+    if cfg.policy.grpo.accepted_weight and trainer == "trl":
         raise ConfigError(f"policy.grpo.accepted_weight={cfg.policy.grpo.accepted_weight:g}: GRPO's accepted-rationale "
-                          f"rows are not in the model.kind={cfg.model.kind} GRPO trainer (policies/grpo_trl.py) yet; "
-                          "set policy.grpo.accepted_weight=0")
+                          "rows are not in TRL's GRPO trainer (policies/grpo_trl.py) yet; set "
+                          "policy.grpo.accepted_weight=0, or policy.grpo.trainer=illume")
     if not any(sources.values()):
         raise ConfigError(f"policy.kind=grpo needs a reward: policy.grpo.reward_sources has no source with a non-zero "
                           f"weight ({dict(sources)})")
@@ -314,7 +328,7 @@ def grpo_round(context: RoundContext) -> PolicyResult:
     """policy.kind=grpo as a loop policy (see the module doc)."""
     cfg, p, vlm, out_dir = context.cfg, context.cfg.policy.grpo, context.vlm, context.out_dir
     check_config(cfg)
-    trainer = GRPO_TRAINERS.get(cfg.model.kind)
+    trainer = GRPO_TRAINERS.get(grpo_trainer(cfg))
     if trainer is not None:
         return trainer(context, sources=REWARDS, round_warning=previous_round_warning)
     sources = {name: weight for name, weight in p.reward_sources.items() if weight}

@@ -248,6 +248,37 @@ def test_the_loop_runs_trl_grpo_on_a_tiny_qwen2_vl(tmp_path):
 
 
 @pytest.mark.slow
+def test_our_grpo_trainer_runs_the_same_rounds_on_a_tiny_qwen2_vl(tmp_path):
+    """policy.grpo.trainer=illume on model.kind=hf: our sampler and loss train the same HF model (the comparison
+    with TRL's GRPOTrainer of scripts/compare_grpo_trainers.py), with the same report keys."""
+    run, results = _loop(tmp_path, "ours", "loop.num_rounds=2", "policy.grpo.trainer=illume",
+                         "policy.grpo.reward_sources.reward_model=0", "policy.grpo.reward_sources.simulated=1.0")
+    rows = [r for r in results[1:] if r["trained"]]
+    assert [r["round"] for r in rows] == [0, 1], results
+    for row in rows:
+        assert 0 <= row["grpo_reward"] <= 1 and 0 <= row["grpo_accept"] <= 1 and row["grpo_kl"] >= 0
+        training = json.loads((run / f"round_{row['round']:02d}" / "training.json").read_text())
+        assert training.get("trainer") != "trl.GRPOTrainer"
+
+
+def test_the_grpo_trainer_is_chosen_at_one_place():
+    from illume.config import ConfigError
+    from policies.grpo import check_config, grpo_trainer
+
+    def cfg(*overrides):
+        return load_config(REPO / "configs" / "demo_grpo.yaml", ["model.kind=hf", *overrides])
+
+    for kind, choice, chosen in [("hf", "auto", "trl"), ("magma", "auto", "illume"), ("hf", "illume", "illume"),
+                                 ("hf", "trl", "trl")]:
+        assert grpo_trainer(cfg(f"model.kind={kind}", f"policy.grpo.trainer={choice}")) == chosen
+    with pytest.raises(ConfigError, match="policy.grpo.trainer=trl: TRL's GRPOTrainer takes model.kind hf"):
+        check_config(cfg("model.kind=magma", "policy.grpo.trainer=trl"))
+    with pytest.raises(ConfigError, match="or policy.grpo.trainer=illume"):
+        check_config(cfg("policy.grpo.accepted_weight=1.0"))
+    check_config(cfg("policy.grpo.accepted_weight=1.0", "policy.grpo.trainer=illume"))
+
+
+@pytest.mark.slow
 def test_the_loop_runs_trl_grpo_with_an_ai_judge_and_no_people(tmp_path):
     """critic.kind=judge with the tiny Qwen2-VL as judge (the run's own base model, context-aware likelihood as
     demo_rlaif.yaml) and as policy, no people: the reward model learns from the judge's verdicts and is GRPO's
