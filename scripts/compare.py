@@ -39,7 +39,8 @@ its seed, so the run folders and numbers do not depend on N (a test checks --job
 
 Resuming: each run directory is reused. A finished run (RUN_DIR/wall_seconds.json says complete) is not run
 again, if it ran with the study's settings (a changed config or sweep choice fails that run, naming the
-settings: delete its folder to run it again); an interrupted one continues from its finished rounds and its wall time is summed over invocations;
+settings: delete its folder to run it again); an interrupted one continues from its finished rounds and its
+wall time is summed over invocations;
 test scores are cached per run (RUN_DIR/heldout_test.json). The study's own wall clock is summed over
 invocations in OUT/study_wall.json. --fresh starts everything over.
 """
@@ -73,6 +74,8 @@ STUDY = {
                []),
     "dpo": ("iterative DPO on each round's accepted vs rejected pairs, answer rows", "configs/demo_dpo.yaml", []),
     "kto": ("iterative KTO on each round's accept/reject labels, answer rows", "configs/demo_kto.yaml", []),
+    "dpo-rm": ("iterative DPO, people in round 0, then the reward model's verdicts (GRPO's judgments)",
+               "configs/demo_dpo.yaml", ["critic.kind=reward", "reward.target_precision=0.6"]),
     "grpo": ("online GRPO, reward model fitted on round 0's human judgments", "configs/demo_grpo.yaml", []),
     "rlaif": ("no people: AI judge -> reward model -> GRPO (VLM-RLAIF's row)", "configs/demo_rlaif.yaml", []),
     "silkie": ("no people: a pool of earlier rounds, AI-judged pairs, DPO (Silkie's row)", "configs/demo_silkie.yaml",
@@ -87,7 +90,20 @@ EXTRA = {
     "sft-ref": ("SFT on all 3 reference explanations of every train question", "configs/demo.yaml", []),
     "dpo-all": ("iterative DPO on the pairs of every round so far", "configs/demo_dpo.yaml", ["policy.rounds=all"]),
     "kto-all": ("iterative KTO on the labels of every round so far", "configs/demo_kto.yaml", ["policy.rounds=all"]),
+    # GRPO on the HF demo (a tiny Qwen2-VL), by our trainer and by TRL's GRPOTrainer, the same settings and
+    # round-0 judgments: whether GRPO's gap is the method or our implementation.
+    "hf-sft": ("the HF demo (tiny Qwen2-VL, chat format): selection-SFT, people every round", "configs/demo_hf.yaml",
+               []),
+    "hf-grpo": ("the HF demo: online GRPO by our trainer (sampled once per round)", "configs/demo_hf_grpo.yaml",
+                ["policy.grpo.trainer=illume"]),
+    "hf-grpo-trl": ("the HF demo: online GRPO by TRL's GRPOTrainer (sampled every step)",
+                    "configs/demo_hf_grpo.yaml", ["policy.grpo.trainer=trl"]),
 }
+# Paired comparisons besides every variant against illume-sft: (variant, against), where both ran.
+PAIRS = (("grpo", "dpo-rm"), ("grpo", "dpo"), ("dpo-rm", "illume-rm"), ("rlaif", "silkie"),
+         ("hf-grpo", "hf-sft"), ("hf-grpo-trl", "hf-sft"), ("hf-grpo-trl", "hf-grpo"))
+# Variants that take another's sweep choice (the same method on other judgments).
+SETTINGS_FROM = {"dpo-rm": "dpo"}
 SUPERVISED_K = (25, 50, 100, 200, 400)
 # The human-effort curve: % of people-every-round's judgments that people make (the critic on a budget,
 # EFFORT_CONFIG + EFFORT_OVERRIDES); 100 % is illume-sft's runs (people judge every item of every round). The
@@ -112,7 +128,8 @@ METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("ci
            ("answer_accuracy", "VQA acc."), ("answer_contains", "Q/A acc. (ILLUME)"))
 # Rough minutes per run on 2 CPU cores, for the first ETA; replaced by measured times as runs finish.
 GUESS_MINUTES = {"illume-sft": 1.5, "illume-rm": 1.5, "hybrid": 3.5, "dpo": 2, "kto": 3, "grpo": 4, "rlaif": 9,
-                 "grpo-sft": 4, "dpo-nll": 2, "silkie": 14, "sft-ref": 1, "sft-k": 0.8, "effort": 5}
+                 "grpo-sft": 4, "dpo-nll": 2, "dpo-rm": 3, "hf-sft": 3, "hf-grpo": 6, "hf-grpo-trl": 10, "silkie": 14,
+                 "sft-ref": 1, "sft-k": 0.8, "effort": 5}
 
 
 @dataclass
@@ -402,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                 if choice is not None:  # None: --report-only before any sweep point finished
                     chosen[name] = choice
         for name, job in rest:
-            if name in chosen:
-                job.overrides = job.overrides + chosen[name]["overrides"]
+            method = SETTINGS_FROM.get(name, name)
+            if method in chosen:
+                job.overrides = job.overrides + chosen[method]["overrides"]
         runs += study.run_all([(job, args.report_only or (args.run_seeds is not None and str(job.seed)
                                                           not in args.run_seeds.split(","))) for _, job in rest])
     finally:  # after a failed run: the others under way finish (they would resume anyway), no new one starts
@@ -500,25 +518,10 @@ def summarise(runs: list[dict], seeds: list[int], chosen: dict) -> dict:
         }
     first = sorted(next(iter(by_variant.values())), key=lambda r: r["seed"]) if by_variant else []
     base = [100 * r["test"]["base"].get("cider", math.nan) for r in first if r["test"]]
-    comparisons = {}
-    if "illume-sft" in variants:
-        reference = variants["illume-sft"]
-        for name, v in variants.items():
-            if name == "illume-sft":
-                continue
-            common = [seed for seed in v["seeds"] if seed in reference["seeds"]]  # pairs: the same seeds
-            if len(common) < 2:
-                continue
-            comparisons[name] = {}
-            for key in ("cider", "answer_accuracy"):
-                a = [v["test"][key][v["seeds"].index(seed)] for seed in common]
-                b = [reference["test"][key][reference["seeds"].index(seed)] for seed in common]
-                if any(math.isnan(x) for x in a + b):
-                    continue
-                c = paired_comparison(a, b)
-                comparisons[name][key] = {"difference": c.difference.mean, "half_width": c.difference.half_width,
-                                          "t": c.t, "p": c.p_value, "significant": c.significant(),
-                                          "seeds": common}
+    comparisons = ({name: _paired(v, variants["illume-sft"]) for name, v in variants.items() if name != "illume-sft"}
+                   if "illume-sft" in variants else {})
+    comparisons = {name: c for name, c in comparisons.items() if c is not None}
+    pairs = {f"{a} vs {b}": _paired(variants[a], variants[b]) for a, b in PAIRS if a in variants and b in variants}
     sweep_minutes = {}
     for run in runs:
         if "@" in run["variant"]:
@@ -527,7 +530,26 @@ def summarise(runs: list[dict], seeds: list[int], chosen: dict) -> dict:
     return {"variants": variants, "comparisons": comparisons, "chosen": chosen, "sweep_minutes": sweep_minutes,
             "data_efficiency": data_efficiency(by_variant), "base_test_cider": base,
             "effort": effort_curve(by_variant, variants, comparisons), "rl": rl_curves(by_variant),
+            "pairs": {name: c for name, c in pairs.items() if c is not None},
             "descriptions": {**{k: v[0] for k, v in {**STUDY, **EXTRA}.items()}}}
+
+
+def _paired(v: dict, reference: dict) -> dict | None:
+    """Test CIDEr and VQA accuracy of variant `v` minus `reference` on the seeds both ran (a summarised
+    variant each): mean difference, its 95 % interval, the paired t-test; None with fewer than 2 common seeds."""
+    common = [seed for seed in v["seeds"] if seed in reference["seeds"]]  # pairs: the same seeds
+    if len(common) < 2:
+        return None
+    out = {}
+    for key in ("cider", "answer_accuracy"):
+        a = [v["test"][key][v["seeds"].index(seed)] for seed in common]
+        b = [reference["test"][key][reference["seeds"].index(seed)] for seed in common]
+        if any(math.isnan(x) for x in a + b):
+            continue
+        c = paired_comparison(a, b)
+        out[key] = {"difference": c.difference.mean, "half_width": c.difference.half_width, "t": c.t,
+                    "p": c.p_value, "significant": c.significant(), "seeds": common}
+    return out
 
 
 def people_share(run: dict) -> float:
@@ -677,17 +699,21 @@ def write_markdown(summary: dict, path: Path, quick: bool, seeds: list[int], min
                   "Difference (variant − illume-sft) of test scores x100, mean over seeds ± 95 % interval, paired "
                   "t-test on the per-seed differences. *real* marks p < 0.05 (no correction for the number of "
                   "comparisons: with that many tests one false alarm in twenty is expected).", "",
-                  "| variant | Δ CIDEr | p | real? | Δ VQA acc. | p | real? |", "|---|---:|---:|:---:|---:|---:|:---:|"]
-        for name, by_key in comparisons.items():
-            if name.startswith("effort-"):
-                continue  # in the human-effort curve's table
-            cells = []
-            for key in ("cider", "answer_accuracy"):
-                c = by_key.get(key)
-                cells += (["-", "-", "-"] if c is None else
-                          [f"{c['difference']:+.1f} ± {c['half_width']:.1f}", f"{c['p']:.3f}",
-                           "yes" if c["significant"] else "no"])
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                  "| variant | Δ CIDEr | p | real? | Δ VQA acc. | p | real? |",
+                  "|---|---:|---:|:---:|---:|---:|:---:|"]
+        lines += [f"| {name} | " + " | ".join(_paired_cells(by_key)) + " |" for name, by_key in comparisons.items()
+                  if not name.startswith("effort-")]  # (the effort points: in the human-effort curve's table)
+        lines.append("")
+    if summary.get("pairs"):
+        lines += ["## Other paired comparisons (same seeds)", "",
+                  "As above, variant − the other: GRPO against DPO on the same judgments (dpo-rm: people in round 0, "
+                  "then the reward model, as GRPO's reward) and against DPO with people every round, the two "
+                  "AI-feedback rows, and on the HF demo GRPO by our trainer and by TRL's GRPOTrainer (same settings, "
+                  "same round-0 judgments) against each other and selection-SFT.", "",
+                  "| comparison | Δ CIDEr | p | real? | Δ VQA acc. | p | real? |",
+                  "|---|---:|---:|:---:|---:|---:|:---:|"]
+        lines += [f"| {name} | " + " | ".join(_paired_cells(by_key)) + " |"
+                  for name, by_key in summary["pairs"].items()]
         lines.append("")
     lines += _effort_lines(summary["effort"])
     lines += _rl_lines(summary.get("rl", {}))
@@ -736,8 +762,9 @@ def _effort_lines(points: list[dict]) -> list[str]:
              "budget's worth until a model can be fitted); from round 1 on people judge the items the reward model "
              "(refitted on all of people's judgments so far) is least sure of (its ensemble's disagreement) and it "
              "decides the others, its accepts counted only in rounds where its threshold reached the target "
-             "precision on held-out judgments (`reward.below_target=reject`). *Share by people*: people's judgments / all judgments of the run up to its final "
-             "model, counted in its feedback store (mean over seeds, and per seed), not the nominal budget. "
+             "precision on held-out judgments (`reward.below_target=reject`). *Share by people*: people's "
+             "judgments / all judgments of the run up to its final model, counted in its feedback store (mean "
+             "over seeds, and per seed), not the nominal budget. "
              "100 %: illume-sft (people judge every item of every round). Test CIDEr x100, mean ± 95 % interval; "
              "Δ: paired against illume-sft on the same seeds (p of the paired t-test).", "",
              "| nominal share | share by people (store) | per seed | people's judgments | test CIDEr | "
@@ -752,6 +779,16 @@ def _effort_lines(points: list[dict]) -> list[str]:
                      + " / ".join(f"{x:.1f}" for x in point["share_per_seed"])
                      + f" | {point['judgments']:.0f} | {_cell(point['cider'])} | " + " | ".join(versus) + " |")
     return lines + ["", "![human-effort curve](effort_curve.png)", ""]
+
+
+def _paired_cells(by_key: dict) -> list[str]:
+    cells = []
+    for key in ("cider", "answer_accuracy"):
+        c = by_key.get(key)
+        cells += (["-", "-", "-"] if c is None else
+                  [f"{c['difference']:+.1f} ± {c['half_width']:.1f}", f"{c['p']:.3f}",
+                   "yes" if c["significant"] else "no"])
+    return cells
 
 
 def _rl_lines(curves: dict[str, dict[str, list[dict]]]) -> list[str]:

@@ -108,6 +108,27 @@ def test_rl_curves_pair_each_rounds_reward_with_its_acceptance():
     assert "| grpo | 1 | -2.00 / -1.00 | 5 / 4 |" in lines
 
 
+def test_pairs_beside_illume_sft_are_paired_on_common_seeds(tmp_path):
+    """summarise's PAIRS: GRPO against DPO on the reward model's judgments, on the seeds both ran."""
+    compare = _compare_module()
+
+    def run(variant, seed, cider):
+        final = {"round": 0, "trained": True, "val": {"cider": cider}, "human_judgments": 400}
+        scores = {key: cider for key, _ in compare.METRICS}
+        return {"variant": variant, "seed": seed, "setting": [], "seconds": 60.0,
+                "results": [{"round": "base"}, final], "test": {"base": scores, "0": scores}}
+
+    runs = ([run("illume-sft", s, 0.9) for s in range(3)] + [run("dpo-rm", s, 0.8 + 0.01 * s) for s in range(3)]
+            + [run("grpo", s, 0.6 + 0.02 * s) for s in range(1, 3)])
+    summary = compare.summarise(runs, [0, 1, 2], {})
+    pair = summary["pairs"]["grpo vs dpo-rm"]["cider"]
+    assert pair["seeds"] == [1, 2] and pair["difference"] == pytest.approx(100 * (0.62 + 0.64 - 0.81 - 0.82) / 2)
+    assert "grpo vs dpo" not in summary["pairs"]  # dpo did not run
+    assert set(summary["comparisons"]) == {"dpo-rm", "grpo"}
+    compare.write_markdown(summary, tmp_path / "results.md", quick=True, seeds=[0, 1, 2], minutes=1.0, command="x")
+    assert "| grpo vs dpo-rm | -18.5 ± " in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.slow
 def test_heldout_scores_of_val_equal_what_the_run_recorded(finished_run_copy):
     """Scoring a finished run's folders again on val gives exactly the val scores the run recorded for its base
