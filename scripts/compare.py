@@ -276,11 +276,29 @@ def human_effort(run: dict) -> tuple[int, int]:
 
 
 def _single_threaded() -> None:
-    """A worker's start, before it imports torch (importing this module does not): one thread per run."""
+    """A worker's start, before it imports torch (importing this module does not): one thread per run; and the
+    worker ends when the study's process does (`_exit_with_parent`)."""
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     import torch
 
     torch.set_num_threads(1)
+    _exit_with_parent()
+
+
+def _exit_with_parent(poll_seconds: float = 2.0) -> None:
+    """End this worker when its parent is gone: a study stopped with kill (no `finally` runs) would otherwise
+    leave its workers training on, holding their runs' folders against the next invocation. The run they
+    were in continues from its finished rounds then."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # a dead parent's children are re-parented
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def worker_pool(jobs: int) -> ProcessPoolExecutor:

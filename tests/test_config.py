@@ -140,14 +140,16 @@ def test_a_missing_or_circular_base_names_the_files(tmp_path):
 
 @pytest.mark.parametrize("variant", sorted(p.name for p in CONFIGS.glob("demo_*.yaml")))
 def test_demo_variants_state_only_what_differs_from_demo_yaml(variant):
-    """Each demo variant names demo.yaml as its base and repeats none of the values it would get from it."""
+    """Each demo variant names demo.yaml (or another demo: demo_hf_grpo.yaml's is demo_hf.yaml) as its base and
+    repeats none of the values it would get from it."""
     from omegaconf import OmegaConf
 
     own = OmegaConf.to_container(OmegaConf.load(CONFIGS / variant))
-    assert own.pop("base") == "demo.yaml"
-    base = dotted_keys(asdict(load_config(CONFIGS / "demo.yaml")))
+    base_name = own.pop("base")
+    assert base_name == "demo.yaml" or variant == "demo_hf_grpo.yaml" and base_name == "demo_hf.yaml", base_name
+    base = dotted_keys(asdict(load_config(CONFIGS / base_name)))
     repeated = {key: value for key, value in dotted_keys(own).items() if base[key] == value}
-    assert not repeated, f"{variant} repeats what demo.yaml already resolves to: {repeated}"
+    assert not repeated, f"{variant} repeats what {base_name} already resolves to: {repeated}"
 
 
 # Every numeric setting is checked for its range when the config loads (illume.config.check_ranges), so a

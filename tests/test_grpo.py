@@ -247,7 +247,7 @@ def test_grpo_with_no_reward_source_fails_before_any_model_loads(tmp_path):
     check_config(load_config(REPO / "configs" / "demo_grpo.yaml"))  # the demo's is fine
     hf_with_anchor = load_config(REPO / "configs" / "demo_grpo.yaml",
                                  ["model.kind=hf", "model.path=/some/vlm", "policy.grpo.accepted_weight=1.0"])
-    with pytest.raises(ConfigError, match="accepted-rationale rows are not in the model.kind=hf GRPO trainer"):
+    with pytest.raises(ConfigError, match="accepted-rationale rows are not in TRL.s GRPO trainer"):
         check_config(hf_with_anchor)
 
 

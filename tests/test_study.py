@@ -129,6 +129,46 @@ def test_pairs_beside_illume_sft_are_paired_on_common_seeds(tmp_path):
     assert "| grpo vs dpo-rm | -18.5 ± " in (tmp_path / "results.md").read_text()
 
 
+def test_the_workers_end_when_the_study_is_killed(tmp_path):
+    """A study stopped with SIGKILL (no `finally` runs) leaves no worker training on: each ends within seconds
+    of its parent (compare._exit_with_parent)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "study.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
+        "import compare\n"
+        "if __name__ == '__main__':\n"
+        "    pool = compare.worker_pool(1)\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)\n"
+        "    time.sleep(600)\n")
+    study = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(study.stdout.readline())
+        os.kill(study.pid, signal.SIGKILL)
+        study.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            with open(f"/proc/{worker}/stat") as stat:  # a zombie waiting for init to reap it has ended too
+                if stat.read().split(") ")[1].startswith("Z"):
+                    break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived the killed study by 20 s")
+    finally:
+        study.kill()
+
+
 @pytest.mark.slow
 def test_heldout_scores_of_val_equal_what_the_run_recorded(finished_run_copy):
     """Scoring a finished run's folders again on val gives exactly the val scores the run recorded for its base
