@@ -820,7 +820,7 @@ class GRPOPolicyConfig:
     """Who samples and optimises (policies.grpo.GRPO_TRAINERS): `illume`, our sampler once per round and our
     loss (policies/grpo.py), for every backend; `trl`, TRL's GRPOTrainer, online (policies/grpo_trl.py),
     model.kind=hf only; `auto`, TRL's for model.kind=hf and ours for the others. Both on one HF model show
-    whether a difference is the method or our implementation (scripts/compare_grpo_trainers.py)."""
+    whether a difference is the method or our implementation (scripts/compare.py's hf-grpo and hf-grpo-trl)."""
     reward_sources: dict[str, float] = field(default_factory=lambda: {"reward_model": 1.0})
     """reward = sum of weight x source (keys of `policies.grpo.REWARDS`: reward_model, the reward model fitted
     on people's judgments of this round and earlier; simulated, ROUGE-L against the references). Set a weight

@@ -80,6 +80,14 @@ STUDY = {
     "rlaif": ("no people: AI judge -> reward model -> GRPO (VLM-RLAIF's row)", "configs/demo_rlaif.yaml", []),
     "silkie": ("no people: a pool of earlier rounds, AI-judged pairs, DPO (Silkie's row)", "configs/demo_silkie.yaml",
                []),
+    # GRPO on the HF demo (a tiny Qwen2-VL), by our trainer and by TRL's GRPOTrainer, the same settings and
+    # round-0 judgments: whether GRPO's gap is the method or our implementation.
+    "hf-sft": ("the HF demo (tiny Qwen2-VL, chat format): selection-SFT, people every round", "configs/demo_hf.yaml",
+               []),
+    "hf-grpo": ("the HF demo: online GRPO by our trainer (sampled once per round)", "configs/demo_hf_grpo.yaml",
+                ["policy.grpo.trainer=illume"]),
+    "hf-grpo-trl": ("the HF demo: online GRPO by TRL's GRPOTrainer (sampled every step)",
+                    "configs/demo_hf_grpo.yaml", ["policy.grpo.trainer=trl"]),
 }
 # More variants on demand (--only): not in the default study.
 EXTRA = {
@@ -90,18 +98,12 @@ EXTRA = {
     "sft-ref": ("SFT on all 3 reference explanations of every train question", "configs/demo.yaml", []),
     "dpo-all": ("iterative DPO on the pairs of every round so far", "configs/demo_dpo.yaml", ["policy.rounds=all"]),
     "kto-all": ("iterative KTO on the labels of every round so far", "configs/demo_kto.yaml", ["policy.rounds=all"]),
-    # GRPO on the HF demo (a tiny Qwen2-VL), by our trainer and by TRL's GRPOTrainer, the same settings and
-    # round-0 judgments: whether GRPO's gap is the method or our implementation.
-    "hf-sft": ("the HF demo (tiny Qwen2-VL, chat format): selection-SFT, people every round", "configs/demo_hf.yaml",
-               []),
-    "hf-grpo": ("the HF demo: online GRPO by our trainer (sampled once per round)", "configs/demo_hf_grpo.yaml",
-                ["policy.grpo.trainer=illume"]),
-    "hf-grpo-trl": ("the HF demo: online GRPO by TRL's GRPOTrainer (sampled every step)",
-                    "configs/demo_hf_grpo.yaml", ["policy.grpo.trainer=trl"]),
 }
 # Paired comparisons besides every variant against illume-sft: (variant, against), where both ran.
 PAIRS = (("grpo", "dpo-rm"), ("grpo", "dpo"), ("dpo-rm", "illume-rm"), ("rlaif", "silkie"),
          ("hf-grpo", "hf-sft"), ("hf-grpo-trl", "hf-sft"), ("hf-grpo-trl", "hf-grpo"))
+# Variants on another base model (the HF demo's): paired among themselves (PAIRS), not with illume-sft.
+ON_HF_DEMO = ("hf-sft", "hf-grpo", "hf-grpo-trl")
 # Variants that take another's sweep choice (the same method on other judgments).
 SETTINGS_FROM = {"dpo-rm": "dpo"}
 SUPERVISED_K = (25, 50, 100, 200, 400)
@@ -128,7 +130,7 @@ METRICS = (("bleu_4", "B-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("ci
            ("answer_accuracy", "VQA acc."), ("answer_contains", "Q/A acc. (ILLUME)"))
 # Rough minutes per run on 2 CPU cores, for the first ETA; replaced by measured times as runs finish.
 GUESS_MINUTES = {"illume-sft": 1.5, "illume-rm": 1.5, "hybrid": 3.5, "dpo": 2, "kto": 3, "grpo": 4, "rlaif": 9,
-                 "grpo-sft": 4, "dpo-nll": 2, "dpo-rm": 3, "hf-sft": 3, "hf-grpo": 6, "hf-grpo-trl": 10, "silkie": 14,
+                 "grpo-sft": 4, "dpo-nll": 2, "dpo-rm": 3, "hf-sft": 4, "hf-grpo": 8, "hf-grpo-trl": 16, "silkie": 14,
                  "sft-ref": 1, "sft-k": 0.8, "effort": 5}
 
 
@@ -536,8 +538,8 @@ def summarise(runs: list[dict], seeds: list[int], chosen: dict) -> dict:
         }
     first = sorted(next(iter(by_variant.values())), key=lambda r: r["seed"]) if by_variant else []
     base = [100 * r["test"]["base"].get("cider", math.nan) for r in first if r["test"]]
-    comparisons = ({name: _paired(v, variants["illume-sft"]) for name, v in variants.items() if name != "illume-sft"}
-                   if "illume-sft" in variants else {})
+    comparisons = ({name: _paired(v, variants["illume-sft"]) for name, v in variants.items()
+                    if name != "illume-sft" and name not in ON_HF_DEMO} if "illume-sft" in variants else {})
     comparisons = {name: c for name, c in comparisons.items() if c is not None}
     pairs = {f"{a} vs {b}": _paired(variants[a], variants[b]) for a, b in PAIRS if a in variants and b in variants}
     sweep_minutes = {}

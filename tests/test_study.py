@@ -119,12 +119,14 @@ def test_pairs_beside_illume_sft_are_paired_on_common_seeds(tmp_path):
                 "results": [{"round": "base"}, final], "test": {"base": scores, "0": scores}}
 
     runs = ([run("illume-sft", s, 0.9) for s in range(3)] + [run("dpo-rm", s, 0.8 + 0.01 * s) for s in range(3)]
-            + [run("grpo", s, 0.6 + 0.02 * s) for s in range(1, 3)])
+            + [run("grpo", s, 0.6 + 0.02 * s) for s in range(1, 3)] + [run("hf-sft", s, 0.3) for s in range(3)]
+            + [run("hf-grpo-trl", s, 0.25 + 0.01 * s) for s in range(3)])
     summary = compare.summarise(runs, [0, 1, 2], {})
     pair = summary["pairs"]["grpo vs dpo-rm"]["cider"]
     assert pair["seeds"] == [1, 2] and pair["difference"] == pytest.approx(100 * (0.62 + 0.64 - 0.81 - 0.82) / 2)
     assert "grpo vs dpo" not in summary["pairs"]  # dpo did not run
-    assert set(summary["comparisons"]) == {"dpo-rm", "grpo"}
+    assert set(summary["comparisons"]) == {"dpo-rm", "grpo"}  # the HF demo's: another base model
+    assert summary["pairs"]["hf-grpo-trl vs hf-sft"]["cider"]["difference"] == pytest.approx(-4.0)
     compare.write_markdown(summary, tmp_path / "results.md", quick=True, seeds=[0, 1, 2], minutes=1.0, command="x")
     assert "| grpo vs dpo-rm | -18.5 ± " in (tmp_path / "results.md").read_text()
 
