@@ -250,7 +250,7 @@ def test_the_loop_runs_trl_grpo_on_a_tiny_qwen2_vl(tmp_path):
 @pytest.mark.slow
 def test_our_grpo_trainer_runs_the_same_rounds_on_a_tiny_qwen2_vl(tmp_path):
     """policy.grpo.trainer=illume on model.kind=hf: our sampler and loss train the same HF model (the comparison
-    with TRL's GRPOTrainer of scripts/compare_grpo_trainers.py), with the same report keys."""
+    with TRL's GRPOTrainer: scripts/compare.py's hf-grpo and hf-grpo-trl), with the same report keys."""
     run, results = _loop(tmp_path, "ours", "loop.num_rounds=2", "policy.grpo.trainer=illume",
                          "policy.grpo.reward_sources.reward_model=0", "policy.grpo.reward_sources.simulated=1.0")
     rows = [r for r in results[1:] if r["trained"]]
