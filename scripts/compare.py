@@ -40,9 +40,10 @@ its seed, so the run folders and numbers do not depend on N (a test checks --job
 Resuming: each run directory is reused. A finished run (RUN_DIR/wall_seconds.json says complete) is not run
 again, if it ran with the study's settings (a changed config or sweep choice fails that run, naming the
 settings: delete its folder to run it again); an interrupted one continues from its finished rounds and its
-wall time is summed over invocations;
-test scores are cached per run (RUN_DIR/heldout_test.json). The study's own wall clock is summed over
-invocations in OUT/study_wall.json. --fresh starts everything over.
+wall time is summed over invocations (a failed or stopped run's time so far is saved, also when the study's
+process is killed: its workers save it as they end); test scores are cached per run (RUN_DIR/heldout_test.json).
+The study's own wall clock is summed over invocations in OUT/study_wall.json, saved as each run finishes.
+--fresh starts everything over.
 """
 
 from __future__ import annotations
@@ -224,10 +225,18 @@ def run_job(job: Job, out: Path, profile: Profile, fresh: bool, report_only: boo
     elif report_only:
         return None
     else:
-        if job.supervised_k is not None or job.all_reference:
-            results = run_supervised(cfg, num_questions=job.supervised_k)
-        else:
-            results = run(cfg)
+        # Until the run ends, its time so far is kept also if it fails or its worker is stopped: a resumed run's
+        # wall time is summed over invocations.
+        _RUNNING["wall"] = (wall_path, wall["seconds"], start)
+        try:
+            if job.supervised_k is not None or job.all_reference:
+                results = run_supervised(cfg, num_questions=job.supervised_k)
+            else:
+                results = run(cfg)
+        except BaseException:
+            _save_run_wall(*_RUNNING.pop("wall"))
+            raise
+        _RUNNING.pop("wall", None)
         wall = {"seconds": wall["seconds"] + time.perf_counter() - start, "complete": True}
         wall_path.write_text(json.dumps(wall))
     test = {}
@@ -242,6 +251,16 @@ def run_job(job: Job, out: Path, profile: Profile, fresh: bool, report_only: boo
             wall_path.write_text(json.dumps(wall))
     return {"variant": job.variant, "seed": job.seed, "setting": job.setting, "results": results, "test": test,
             "seconds": wall["seconds"] + wall.get("test_seconds", 0.0)}
+
+
+_RUNNING: dict = {}
+"""The run this worker is in: "wall" -> (its wall_seconds.json, seconds before this invocation, start)."""
+
+
+def _save_run_wall(path: Path, before: float, start: float) -> None:
+    """An unfinished run's wall time so far (not complete: it continues from its finished rounds)."""
+    if path.parent.is_dir():
+        path.write_text(json.dumps({"seconds": before + time.perf_counter() - start}))
 
 
 def check_reused(cfg) -> None:
@@ -298,6 +317,8 @@ def _exit_with_parent(poll_seconds: float = 2.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:  # a dead parent's children are re-parented
             time.sleep(poll_seconds)
+        if "wall" in _RUNNING:
+            _save_run_wall(*_RUNNING["wall"])
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
@@ -315,12 +336,25 @@ class Study:
     the times measured so far."""
 
     def __init__(self, out: Path, profile: Profile, fresh: bool, planned: list[Job], pool: ProcessPoolExecutor,
-                 jobs: int):
+                 jobs: int, record_wall: bool = True):
         self.out, self.profile, self.fresh, self.pool, self.jobs = out, profile, fresh, pool, jobs
+        # The study's wall clock over its invocations (OUT/study_wall.json), saved as runs finish, so that a
+        # stopped invocation's time is counted up to its last finished run.
+        self.wall_path = out / "study_wall.json" if record_wall else None
+        earlier = self.wall_path is not None and self.wall_path.is_file() and not fresh
+        self.wall_before = json.loads(self.wall_path.read_text())["minutes"] if earlier else 0.0
         self.total, self.done, self.start = len(planned), 0, time.perf_counter()
         self.left = {job.name: job.kind for job in planned}  # not finished yet, for the ETA
         self.measured: dict[str, list[float]] = {}
         self.failed: dict[str, str] = {}  # run name -> its error
+
+    def wall_minutes(self) -> float:
+        """The study's wall clock: earlier invocations' and this one's so far; saved unless report-only."""
+        minutes = self.wall_before + (time.perf_counter() - self.start) / 60
+        if self.wall_path is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.wall_path.write_text(json.dumps({"minutes": minutes, "jobs": self.jobs}))
+        return minutes
 
     def _minutes(self, kind: str) -> float:
         times = self.measured.get(kind)
@@ -333,6 +367,7 @@ class Study:
             return
         self.measured.setdefault(job.kind, []).append(result["seconds"])
         self.done += 1
+        self.wall_minutes()
         # The runs left share the workers: their minutes (measured so far, else guessed) over the workers.
         eta = sum(self._minutes(kind) for kind in self.left.values()) / min(self.jobs, max(1, len(self.left)))
         elapsed = (time.perf_counter() - self.start) / 60
@@ -426,10 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     rest = [(name, job) for name, job in plan if "@" not in job.variant]
     start = time.perf_counter()
     pool = worker_pool(args.jobs)
+    study = Study(out, profile, args.fresh, [job for _, job in plan], pool, args.jobs,
+                  record_wall=not args.report_only)
     try:
         if not args.report_only:
             ensure_base_models([job for _, job in plan], out, profile, pool)
-        study = Study(out, profile, args.fresh, [job for _, job in plan], pool, args.jobs)
         runs = study.run_all([(job, args.report_only) for job in sweep])
         chosen = {}
         for name in dict.fromkeys(name for name, _ in rest):
@@ -453,19 +489,14 @@ def main(argv: list[str] | None = None) -> int:
     # the study's wall clock, summed over its invocations (less than the runs' sum with several workers).
     minutes = sum(run["seconds"] for run in runs) / 60
     invocation = (time.perf_counter() - start) / 60
-    wall_path = out / "study_wall.json"
-    wall = json.loads(wall_path.read_text()) if wall_path.is_file() and not args.fresh else {"minutes": 0.0}
-    if not args.report_only:
-        out.mkdir(parents=True, exist_ok=True)
-        wall = {"minutes": wall["minutes"] + invocation, "jobs": args.jobs}
-        wall_path.write_text(json.dumps(wall))
+    study_minutes = study.wall_minutes()
     print(f"this invocation: {invocation:.1f} min")
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, seeds, chosen)
     summary["missing"] = missing
     summary["failed"] = study.failed
-    summary["study_wall_minutes"] = wall["minutes"]
+    summary["study_wall_minutes"] = study_minutes
     (docs / "study.json").write_text(json.dumps(summary, indent=2))
     write_plots(summary, docs)
     write_markdown(summary, docs / "results.md", quick=args.quick, seeds=seeds, minutes=minutes,

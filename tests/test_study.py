@@ -131,6 +131,30 @@ def test_pairs_beside_illume_sft_are_paired_on_common_seeds(tmp_path):
     assert "| grpo vs dpo-rm | -18.5 ± " in (tmp_path / "results.md").read_text()
 
 
+def test_a_stopped_runs_time_so_far_is_kept_and_summed_when_it_resumes(tmp_path, monkeypatch):
+    import time
+
+    import illume.loop
+
+    compare = _compare_module()
+    job = compare.Job("illume-sft", 0, "configs/demo.yaml", [], score_test=False)
+
+    def stopped(cfg):
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(illume.loop, "run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_job(job, tmp_path, compare.QUICK, fresh=False)
+    wall_path = tmp_path / job.name / "wall_seconds.json"
+    first = json.loads(wall_path.read_text())
+    assert first["seconds"] >= 0.2 and "complete" not in first
+    monkeypatch.setattr(illume.loop, "run", lambda cfg: time.sleep(0.1) or [{"round": "base", "val": {}}])
+    result = compare.run_job(job, tmp_path, compare.QUICK, fresh=False)
+    assert json.loads(wall_path.read_text())["complete"] and result["seconds"] >= first["seconds"] + 0.1
+
+
 def test_the_workers_end_when_the_study_is_killed(tmp_path):
     """A study stopped with SIGKILL (no `finally` runs) leaves no worker training on: each ends within seconds
     of its parent (compare._exit_with_parent)."""
