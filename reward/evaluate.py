@@ -376,6 +376,19 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def check_heldout_labels(judged_heldout: Sequence[tuple]) -> None:
+    """A threshold is calibrated on held-out candidates of both kinds.
+
+    Raises:
+        OneSidedJudgments: the held-out judgments (`labelled_candidates` rows) lack accepted or rejected ones.
+    """
+    labels = [bool(row[3]) for row in judged_heldout]
+    if not any(labels) or all(labels):
+        raise OneSidedJudgments(
+            f"the held-out judgments ({len(labels)} candidates, {sum(labels)} accepted) need both accepted and "
+            "rejected candidates to calibrate a threshold: judge more items or raise reward.heldout_fraction")
+
+
 def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePair],
                           judged_heldout: Sequence[tuple[str, str, str, bool]],
                           examples_by_id: dict[str, Example], target_precision: float,
@@ -394,11 +407,8 @@ def evaluate_reward_model(rm: RewardModel, pairs_heldout: Sequence[PreferencePai
     Raises:
         OneSidedJudgments: the held-out judgments lack accepted or rejected candidates.
     """
+    check_heldout_labels(judged_heldout)
     labels = [bool(row[3]) for row in judged_heldout]
-    if not any(labels) or all(labels):
-        raise OneSidedJudgments(
-            f"the held-out judgments ({len(labels)} candidates, {sum(labels)} accepted) need both accepted and "
-            "rejected candidates to calibrate a threshold: judge more items or raise reward.heldout_fraction")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     margins = pair_margins(rm, pairs_heldout, examples_by_id, batch_size)

@@ -32,8 +32,8 @@ from illume.feedback.verdicts import (
     reference_explanations,
 )
 
-__all__ = ["PreferencePair", "OneSidedJudgments", "RewardDataError", "judged_candidates", "judged_example_ids", "reward_feedback",
-           "split_by_example", "to_preference_pairs"]
+__all__ = ["OneSidedJudgments", "PreferencePair", "RewardDataError", "judged_candidates", "judged_example_ids",
+           "reward_feedback", "split_by_example", "to_preference_pairs"]
 
 
 class RewardDataError(ValueError):

@@ -227,7 +227,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     Returns:
         (the model, {"training": fit metrics, "eval": held-out report}).
     """
-    from reward.evaluate import evaluate_reward_model
+    from reward.evaluate import check_heldout_labels, evaluate_reward_model
 
     out_dir = Path(out_dir)
     feedback = reward_feedback(store, upto_round=upto_round, kinds=kinds, aggregate=aggregate)
@@ -238,6 +238,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     pairs_train = [p for p in pairs if p.example_id not in heldout]
     pairs_heldout = [p for p in pairs if p.example_id in heldout]
     judged_heldout = labelled_candidates(feedback, example_ids=heldout)
+    check_heldout_labels(judged_heldout)  # before the fit: a threshold could not be calibrated after it
     rm, training = fit_reward(base, pairs_train, pairs_heldout, examples_by_id, cfg, out_dir, train=train,
                               pooling=pooling, backbone_id=backbone_id, report=report)
     if distributed.is_main():

@@ -379,3 +379,22 @@ def test_round_0_on_a_budget_people_judge_a_draw_and_its_reward_model_the_rest(t
     cfg = load_config(run_dir / "config.yaml")
     assert people == set(first_round_draw(cfg, [s for s in store.unjudged_items(0, "nobody", "train")]))
     assert [p.name for p in sorted((run_dir / "reward").glob("round_*"))] == ["round_01"]  # fitted once
+
+
+@pytest.mark.slow
+def test_round_0_on_a_budget_of_one_judges_on_until_a_reward_model_can_be_fitted(tmp_path, capsys):
+    """Tiny models, a budget of 1 item and half of the judged items held out: one judged item leaves nothing to
+    calibrate on, so people judge a second item of the draw before the reward model decides the other 10; a run
+    that stopped with an error before."""
+    from tests.test_loop import LOOP
+
+    args = ["run", str(REPO / "configs" / "demo.yaml"), *tiny_overrides(tmp_path), *LOOP, "name=budget1",
+            "loop.num_rounds=1", "critic.kind=hybrid", "reward.people_rounds=0", "reward.num_epochs=1",
+            "reward.batch_size=8", "annotate.budget_per_round=1", "annotate.order=uncertainty",
+            "reward.heldout_fraction=0.5"]
+    assert main(args) == 0
+    results = json.loads((Path(tmp_path) / "runs" / "budget1" / "results.json").read_text())
+    assert (results[1]["human_judgments"], results[1]["judgments"], results[1]["rm_decided_items"]) == (2, 12, 10)
+    said = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "people judge 1 more items of the draw (2 in all)" in said
+

@@ -108,7 +108,7 @@ def check_both_labels(labels: Sequence[bool], where: str) -> None:
     if not any(labels) or all(labels):
         only = "contested" if not labels else "accepted" if all(labels) else "rejected"
         raise OneSidedFeedback(f"both accepted and rejected rationales are needed, but all {len(labels)} "
-                                f"in {where} are {only}")
+                               f"in {where} are {only}")
 
 
 def reference_explanations(examples_by_id: Mapping[str, object]) -> dict[str, list[str]]:
