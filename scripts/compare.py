@@ -340,8 +340,9 @@ class Study:
         self.out, self.profile, self.fresh, self.pool, self.jobs = out, profile, fresh, pool, jobs
         # The study's wall clock over its invocations (OUT/study_wall.json), saved as runs finish, so that a
         # stopped invocation's time is counted up to its last finished run.
-        self.wall_path = out / "study_wall.json" if record_wall else None
-        earlier = self.wall_path is not None and self.wall_path.is_file() and not fresh
+        # A report-only invocation reads it (the study's time so far) and adds nothing: it runs nothing.
+        self.wall_path, self.record_wall = out / "study_wall.json", record_wall
+        earlier = self.wall_path.is_file() and not fresh
         self.wall_before = json.loads(self.wall_path.read_text())["minutes"] if earlier else 0.0
         self.total, self.done, self.start = len(planned), 0, time.perf_counter()
         self.left = {job.name: job.kind for job in planned}  # not finished yet, for the ETA
@@ -349,11 +350,12 @@ class Study:
         self.failed: dict[str, str] = {}  # run name -> its error
 
     def wall_minutes(self) -> float:
-        """The study's wall clock: earlier invocations' and this one's so far; saved unless report-only."""
+        """The study's wall clock: earlier invocations' and this one's so far, saved; report-only: the saved one."""
+        if not self.record_wall:
+            return self.wall_before
         minutes = self.wall_before + (time.perf_counter() - self.start) / 60
-        if self.wall_path is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.wall_path.write_text(json.dumps({"minutes": minutes, "jobs": self.jobs}))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.wall_path.write_text(json.dumps({"minutes": minutes, "jobs": self.jobs}))
         return minutes
 
     def _minutes(self, kind: str) -> float:

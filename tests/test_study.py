@@ -288,8 +288,13 @@ def test_compare_quick_end_to_end_and_resumes(tmp_path):
         assert serial_summary["variants"][name]["test"] == summary["variants"][name]["test"]
     # --report-only writes the docs from finished runs and says which are missing (here: a third seed).
     report = tmp_path / "report"
+    wall = (out / "study_wall.json").read_text()
     assert compare.main([*args[:-4], "--seeds", "3", "--docs", str(report), "--report-only", *args[-2:]]) == 0
     assert {p: p.read_text() for p in out.glob("*/wall_seconds.json")} == walls  # nothing ran
+    # ... and it states the study's wall clock so far, adding nothing to it.
+    assert (out / "study_wall.json").read_text() == wall
+    reported = json.loads((report / "study.json").read_text())["study_wall_minutes"]
+    assert reported == json.loads(wall)["minutes"] > 0
     text = (report / "results.md").read_text()
     assert "Not finished when this was written" in text and "illume-sft__seed2" in text
     # A finished run made with other settings than the study's is not reported: it fails, naming the setting,
