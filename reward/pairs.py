@@ -9,7 +9,8 @@ adds what is the reward model's own:
   reference explanations (chosen) with its rejected candidates.
 - The held-out split is by example, never by pair: `split_by_example` holds out the ids with the smallest
   seeded hash, so the split ignores the order ids come in, and later rounds over the same examples (the
-  loop re-samples the same train split) hold out the same examples.
+  loop re-samples the same train split) hold out the same examples. `calibration_split` (what the fits use)
+  swaps one example in when that split would hold out no accepted (or no rejected) candidate.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from illume.feedback.verdicts import (
     reference_explanations,
 )
 
-__all__ = ["OneSidedJudgments", "PreferencePair", "RewardDataError", "judged_candidates", "judged_example_ids",
-           "reward_feedback", "split_by_example", "to_preference_pairs"]
+__all__ = ["OneSidedJudgments", "PreferencePair", "RewardDataError", "calibration_split", "judged_candidates",
+           "judged_example_ids", "reward_feedback", "split_by_example", "to_preference_pairs"]
 
 
 class RewardDataError(ValueError):
@@ -157,3 +158,36 @@ def split_by_example(example_ids: Sequence[str], heldout_fraction: float,
         num_heldout = min(max(num_heldout, 1), len(ids) - 1)
     heldout = set(sorted(ids, key=lambda example_id: _rank(seed, example_id))[:num_heldout])
     return [i for i in ids if i not in heldout], [i for i in ids if i in heldout]
+
+
+def calibration_split(feedback: Feedback, heldout_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """`split_by_example` of the judged examples, repaired so that the held-out side holds both labels where the
+    judgments allow it: a threshold is calibrated on held-out candidates of both kinds.
+
+    When the seeded split holds out no example with an accepted (or a rejected) candidate while the train side
+    has two or more, the train example of that kind with the smallest seeded hash swaps with the held-out
+    example with the largest whose leaving keeps the other label held out. The sizes stay; a split that held
+    out both labels is `split_by_example`'s unchanged. A model whose round 0 accepts one rationale in a hundred
+    (the HF demo's) would otherwise hold none out in about one seed in four, and could not calibrate.
+
+    Returns:
+        (train_ids, heldout_ids), each sorted.
+    """
+    train, heldout = split_by_example(judged_example_ids(feedback), heldout_fraction, seed)
+    if not heldout:
+        return train, heldout
+    rows = labelled_candidates(feedback)
+    holders = {label: {row[0] for row in rows if row[3] == label} for label in (True, False)}
+    for label in (True, False):
+        train_side, held = set(train), set(heldout)
+        if held & holders[label] or len(train_side & holders[label]) < 2:
+            continue
+        incoming = min(train_side & holders[label], key=lambda example_id: _rank(seed, example_id))
+        other = holders[not label]
+        leaving = [e for e in sorted(held, key=lambda example_id: _rank(seed, example_id), reverse=True)
+                   if e not in other or incoming in other or len(held & other) >= 2]
+        if leaving:
+            held = held - {leaving[0]} | {incoming}
+            train = sorted(train_side - {incoming} | {leaving[0]})
+            heldout = sorted(held)
+    return train, heldout

@@ -46,11 +46,10 @@ from illume.training import trainer_arguments
 from reward.model import RewardModel, encode_scored_rows
 from reward.pairs import (
     RewardDataError,
-    judged_example_ids,
+    calibration_split,
     labelled_candidates,
     preference_pairs,
     reward_feedback,
-    split_by_example,
 )
 
 TRAINING_FILE = "training.json"
@@ -232,8 +231,7 @@ def fit_reward_from_store(store: FeedbackStore, examples_by_id: dict[str, Exampl
     out_dir = Path(out_dir)
     feedback = reward_feedback(store, upto_round=upto_round, kinds=kinds, aggregate=aggregate)
     pairs = preference_pairs(feedback, examples_by_id, cfg.include_reference_pairs)
-    example_ids = judged_example_ids(feedback)
-    train_ids, heldout_ids = split_by_example(example_ids, cfg.heldout_fraction, cfg.seed)
+    train_ids, heldout_ids = calibration_split(feedback, cfg.heldout_fraction, cfg.seed)
     heldout = set(heldout_ids)
     pairs_train = [p for p in pairs if p.example_id not in heldout]
     pairs_heldout = [p for p in pairs if p.example_id in heldout]

@@ -105,18 +105,17 @@ def fit_heads(cfg: RunConfig, rm, store: FeedbackStore, round_idx: int, examples
     from reward.model import score_with_features
     from reward.pairs import (
         RewardDataError,
-        judged_example_ids,
+        calibration_split,
         labelled_candidates,
         preference_pairs,
         reward_feedback,
-        split_by_example,
     )
 
     rcfg = cfg.reward
     feedback = reward_feedback(store, upto_round=round_idx - 1, kinds=kinds,
                                aggregate=cfg.feedback.aggregate)
     pairs = preference_pairs(feedback, examples_by_id, rcfg.include_reference_pairs)
-    _, heldout_ids = split_by_example(judged_example_ids(feedback), rcfg.heldout_fraction, rcfg.seed)
+    _, heldout_ids = calibration_split(feedback, rcfg.heldout_fraction, rcfg.seed)
     heldout = set(heldout_ids)
     pairs = [p for p in pairs if p.example_id not in heldout]
     judged = labelled_candidates(feedback, example_ids=heldout)

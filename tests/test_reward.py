@@ -31,7 +31,9 @@ from reward.model import RewardModel, accept_probability, score
 from reward.pairs import (
     PreferencePair,
     RewardDataError,
+    calibration_split,
     judged_candidates,
+    reward_feedback,
     split_by_example,
     to_preference_pairs,
 )
@@ -126,6 +128,39 @@ def test_split_is_by_example_deterministic_and_independent_of_order():
     assert split_by_example(ids, 0.2, seed=4) != (train, heldout)
     assert split_by_example(["a", "b"], 0.01)[1] != [] and split_by_example(["a", "b"], 0.9)[0] != []
     assert split_by_example(ids, 0.0) == (sorted(ids), [])
+
+
+def _feedback_accepting_in(tmp_path, ids: list[str], accepted_in: set[str]):
+    """One round over `ids` ([A, B] each): alice accepts A where the example is in `accepted_in`, else none fits."""
+    with FeedbackStore(tmp_path / f"split-{len(accepted_in)}-{min(accepted_in)}.db") as store:
+        store.add_candidate_sets(0, "train", [candidate_set(i, ["A", "B"]) for i in ids])
+        store.add_judgments(0, [(i, ["A"], False, None) if i in accepted_in else (i, [], True, None) for i in ids],
+                            "alice")
+        return reward_feedback(store)
+
+
+def test_calibration_split_holds_out_an_accepted_example_when_the_seeded_split_holds_none(tmp_path):
+    ids = [f"x{i:02d}" for i in range(20)]
+    train, heldout = split_by_example(ids, 0.2, seed=3)
+    assert len(heldout) == 4
+    three = set(train[:3])  # accepts only in train examples: the seeded split holds out rejects alone
+    repaired_train, repaired_heldout = calibration_split(_feedback_accepting_in(tmp_path, ids, three), 0.2, seed=3)
+    assert len(repaired_heldout) == 4 and sorted(repaired_train + repaired_heldout) == ids
+    moved_in, moved_out = set(repaired_heldout) - set(heldout), set(heldout) - set(repaired_heldout)
+    assert len(moved_in) == 1 and moved_in <= three and len(moved_out) == 1  # one swap, one accepted example in
+    # The swap is the seeded order's: the accepted example held out first as the fraction grows comes in.
+    grows = [split_by_example(ids, f / 20, seed=3)[1] for f in range(4, 20)]
+    first_in = next(set(h) & three for h in grows if set(h) & three)
+    assert moved_in == first_in
+    assert moved_out == set(heldout) - set(split_by_example(ids, 3 / 20, seed=3)[1])  # the last held out leaves
+    # Deterministic, and a split that held out an accepted example already is the seeded one.
+    assert calibration_split(_feedback_accepting_in(tmp_path, ids, three), 0.2, seed=3) == (repaired_train,
+                                                                                             repaired_heldout)
+    held_one = {heldout[0], train[0]}
+    assert calibration_split(_feedback_accepting_in(tmp_path, ids, held_one), 0.2, seed=3) == (train, heldout)
+    # With one accepted example in all, holding it out would leave none to train on: the seeded split stays
+    # (and the fit's label check says so).
+    assert calibration_split(_feedback_accepting_in(tmp_path, ids, {train[0]}), 0.2, seed=3) == (train, heldout)
 
 
 def test_no_judgments_only_accepts_or_only_rejects_are_clear_errors(tmp_path):
